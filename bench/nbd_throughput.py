@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""Compare NBD servers (qemu-nbd, nbdkit, virtman, virtman relay) on one raw file.
+
+Thin wrapper around :mod:`virtman.bench.nbd`; see ``--help``.  Example:
+
+    bench/nbd_throughput.py --size 256M --seconds 3 --servers qemu-nbd,nbdkit
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from virtman.bench.nbd import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1029 @@
+"""Benchmark NBD servers against each other on the same raw file.
+
+Servers (select with ``--servers``):
+
+* ``qemu-nbd``      -- qemu-nbd, read-only, persistent, up to 8 clients, cache=writeback.
+* ``nbdkit``        -- ``nbdkit file``, read-only.
+* ``virtman``       -- ``python -m virtman serve FILE --read-only``.
+* ``virtman-relay`` -- a virtman origin as above plus a virtman caching relay in front of it
+  (``serve --upstream ... --cache-dir ...``); the relay is warmed with one full sequential read
+  before it is measured.
+
+Every server listens on a Unix socket in a private temp dir; no network traffic is generated.
+
+Measurements, per server:
+
+1. Sequential read throughput: ``nbdcopy URI null:`` over the whole export, nbdcopy defaults
+   (multi-conn if the server advertises it, up to 4 connections capped at the core count, 64
+   requests in flight per connection).  One (verbose) warm-up run -- which also tells us how many
+   connections nbdcopy opened -- then ``--repeat`` timed runs; ``--stat`` picks median or best.
+   The same is repeated with ``--connections=1`` to show whether multi-conn matters.
+2. 4 KiB random-read IOPS: fio with the libnbd engine (``ioengine=nbd``), ``rw=randread bs=4k
+   iodepth=64``, time based, for each ``--numjobs`` value (each fio job is one NBD connection).
+   If fio lacks the nbd engine, falls back to ``nbdcopy --request-size=4096 URI null:`` over the
+   whole export and reports that as "4k sequential-request IOPS".
+
+MB/s means 10**6 bytes per second.  Ratios are relative to qemu-nbd measured in the same run.
+
+Run as ``python -m virtman.bench.nbd`` or ``bench/nbd_throughput.py``.  Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
+BASELINE = "qemu-nbd"
+EXPORT_NAME = "bench"
+MIB = 1 << 20
+READY_TIMEOUT_S = 20.0
+READY_POLL_S = 0.1
+TERM_GRACE_S = 5.0
+STDERR_TAIL_CHARS = 4000
+_PR_SET_PDEATHSIG = 1
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+class BenchError(RuntimeError):
+    """A benchmark step failed (server didn't come up, client command failed, ...)."""
+
+
+class CommandLog:
+    """Every distinct command line the harness ran, in order of first use."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self.commands: list[str] = []
+
+    def add(self, argv: Sequence[str]) -> str:
+        line = shlex.join(argv)
+        if line not in self._seen:
+            self._seen.add(line)
+            self.commands.append(line)
+        return line
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1G``, ``256M``, ``512MiB``, ``4096`` (binary units) into bytes."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try e.g. 256M, 1G, 4096)")
+    value = int(m.group(1)) << _SIZE_SHIFT[(m.group(2) or "").lower()]
+    if value < MIB or value % 4096:
+        raise argparse.ArgumentTypeError(f"size must be >= 1 MiB and a multiple of 4096: {text!r}")
+    return value
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
+
+
+def parse_servers(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in ALL_SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown server(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {','.join(ALL_SERVERS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
+    sock = urllib.parse.quote(str(socket_path), safe="/")
+    return f"nbd+unix:///{urllib.parse.quote(export, safe='')}?socket={sock}"
+
+
+def human_bytes(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def _tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _run_capture(argv: Sequence[str], timeout: float = 10.0) -> str | None:
+    """Run a short informational command; return stdout+stderr, or None if it can't run."""
+    try:
+        cp = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (cp.stdout or "") + (cp.stderr or "")
+
+
+def run_checked(argv: Sequence[str], log: CommandLog, timeout: float, what: str) -> float:
+    """Run a client command, return wall-clock seconds; raise BenchError on failure."""
+    log.add(argv)
+    t0 = time.perf_counter()
+    try:
+        cp = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{what}: timed out after {timeout:.0f}s: {shlex.join(argv)}") from exc
+    elapsed = time.perf_counter() - t0
+    if cp.returncode != 0:
+        err = cp.stderr.decode(errors="replace")
+        raise BenchError(f"{what}: exit status {cp.returncode}: {shlex.join(argv)}\n{_tail(err)}")
+    return elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# machine description
+
+
+def _first_line(text: str | None) -> str | None:
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def tool_version(argv: Sequence[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    return _first_line(_run_capture(argv))
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "mem_total_bytes": mem_total_bytes(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "python_executable": sys.executable,
+        "versions": {
+            "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+            "nbdkit": tool_version(["nbdkit", "--version"]),
+            "nbdcopy": tool_version(["nbdcopy", "--version"]),
+            "nbdinfo": tool_version(["nbdinfo", "--version"]),
+            "fio": tool_version(["fio", "--version"]),
+        },
+    }
+
+
+def fio_has_nbd_engine() -> bool:
+    """True if this fio build lists the libnbd ``nbd`` ioengine in ``fio --enghelp``."""
+    if shutil.which("fio") is None:
+        return False
+    out = _run_capture(["fio", "--enghelp"])
+    if out is None:
+        return False
+    engines = {line.strip() for line in out.splitlines()[1:]}
+    return "nbd" in engines
+
+
+# ---------------------------------------------------------------------------------------------
+# test data
+
+
+def create_test_file(path: Path, size: int) -> None:
+    """Write ``size`` bytes of incompressible, non-zero, fully allocated data, quickly.
+
+    One 1 MiB ``os.urandom`` block is reused, rotated by a different odd amount (i * 4099) for
+    every MiB, so no two 4 KiB-aligned blocks repeat within 4 GiB (defeats dedup/zero detection
+    in any cache under test).  fsync'd so writeback doesn't disturb the measurements.
+    """
+    base = os.urandom(MIB)
+    doubled = memoryview(base + base)
+    written = 0
+    i = 0
+    with open(path, "wb") as f:
+        while written < size:
+            k = (i * 4099) % MIB
+            n = min(MIB, size - written)
+            f.write(doubled[k : k + n])
+            written += n
+            i += 1
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_whole_file(path: Path) -> None:
+    """Pull the file into the page cache so every server starts from the same cache state."""
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * MIB)
+        while f.readinto(buf):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# server process management
+
+
+_libc: Any = None
+
+
+def _load_libc() -> None:
+    """Resolve prctl in the parent (not in the fork child, where that would be unsafe)."""
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _ = _libc.prctl
+        except (OSError, AttributeError):
+            _libc = False
+
+
+def _child_setup() -> None:
+    # Runs in the child between fork and exec: make the kernel SIGTERM the server if the
+    # harness dies without running its finally blocks (e.g. SIGKILL).
+    if _libc:
+        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+@dataclass
+class Server:
+    label: str
+    argv: list[str]
+    socket: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def uri(self) -> str:
+        return nbd_uri(self.socket)
+
+    def output(self) -> str:
+        try:
+            return _tail(self.log_path.read_text(errors="replace"))
+        except OSError:
+            return ""
+
+    def describe_death(self) -> str | None:
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        out = self.output() or "(empty)"
+        return f"server {self.label} exited with status {rc}; its stderr:\n{out}"
+
+
+def start_server(
+    label: str,
+    argv: list[str],
+    socket_path: Path,
+    workdir: Path,
+    log: CommandLog,
+    env: dict[str, str] | None = None,
+) -> Server:
+    log.add(argv)
+    log_path = workdir / (re.sub(r"[^A-Za-z0-9._-]", "_", label) + ".stderr")
+    _load_libc()
+    with open(log_path, "wb") as log_file:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: we can signal it and its children
+                preexec_fn=_child_setup,
+                env=env,
+                cwd=workdir,
+            )
+        except OSError as exc:
+            raise BenchError(f"server {label}: cannot start {shlex.join(argv)}: {exc}") from exc
+    return Server(label, argv, socket_path, log_path, proc)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def stop_server(server: Server, grace: float = TERM_GRACE_S) -> None:
+    """SIGTERM the server's process group, SIGKILL after ``grace`` seconds, reap it."""
+    proc = server.proc
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    # Stragglers the server forked into its (our) process group, if any.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        server.socket.unlink()
+
+
+def wait_ready(
+    server: Server, expected_size: int, log: CommandLog, timeout: float = READY_TIMEOUT_S
+) -> None:
+    """Poll ``nbdinfo --size URI`` until the server answers with the expected size."""
+    argv = ["nbdinfo", "--size", server.uri]
+    log.add(argv)
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        death = server.describe_death()
+        if death is not None:
+            raise BenchError(f"{death}\n(command: {shlex.join(server.argv)})")
+        if server.socket.exists():
+            try:
+                cp = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                    check=False,
+                )
+                if cp.returncode == 0:
+                    size = int(cp.stdout.strip())
+                    if size != expected_size:
+                        raise BenchError(
+                            f"server {server.label}: export size {size} != file size "
+                            f"{expected_size}"
+                        )
+                    return
+                last = cp.stderr.strip()
+            except subprocess.TimeoutExpired:
+                last = "nbdinfo timed out"
+            except ValueError:
+                last = f"nbdinfo printed {cp.stdout.strip()!r}"
+        else:
+            last = f"socket {server.socket} not created yet"
+        if time.monotonic() >= deadline:
+            raise BenchError(
+                f"server {server.label} not ready after {timeout:.0f}s (last: {last})\n"
+                f"command: {shlex.join(server.argv)}\n"
+                f"its stderr:\n{server.output() or '(empty)'}"
+            )
+        time.sleep(READY_POLL_S)
+
+
+# ---------------------------------------------------------------------------------------------
+# server configurations
+
+
+@dataclass
+class BenchContext:
+    file: Path
+    file_size: int
+    workdir: Path
+    python: str
+    log: CommandLog
+    timeout: float
+    virtman_env: dict[str, str] = field(default_factory=dict)
+
+
+def qemu_nbd_argv(file: Path, socket_path: Path) -> list[str]:
+    return [
+        "qemu-nbd",
+        "--read-only",
+        "--persistent",
+        "--shared=8",
+        "--format=raw",
+        "--cache=writeback",
+        "-k",
+        str(socket_path),
+        "-x",
+        EXPORT_NAME,
+        str(file),
+    ]
+
+
+def nbdkit_argv(file: Path, socket_path: Path) -> list[str]:
+    return [
+        "nbdkit",
+        "--readonly",
+        "--foreground",
+        "-U",
+        str(socket_path),
+        "--exportname",
+        EXPORT_NAME,
+        "file",
+        f"file={file}",
+    ]
+
+
+def virtman_origin_argv(python: str, file: Path, socket_path: Path) -> list[str]:
+    return [
+        python,
+        "-m",
+        "virtman",
+        "serve",
+        str(file),
+        "--socket",
+        str(socket_path),
+        "--export",
+        EXPORT_NAME,
+        "--read-only",
+    ]
+
+
+def virtman_relay_argv(python: str, upstream: str, cache_dir: Path, socket_path: Path) -> list[str]:
+    return [
+        python,
+        "-m",
+        "virtman",
+        "serve",
+        "--upstream",
+        upstream,
+        "--cache-dir",
+        str(cache_dir),
+        "--socket",
+        str(socket_path),
+        "--export",
+        EXPORT_NAME,
+    ]
+
+
+@dataclass
+class Running:
+    name: str
+    uri: str
+    servers: list[Server]
+
+    def deaths(self) -> list[str]:
+        return [d for s in self.servers if (d := s.describe_death()) is not None]
+
+
+@contextlib.contextmanager
+def running(name: str, ctx: BenchContext) -> Iterator[Running]:
+    """Start the server configuration ``name``, wait until ready, always tear it down."""
+    with contextlib.ExitStack() as stack:
+        servers: list[Server] = []
+
+        def launch(label: str, argv: list[str], sock: Path, env: dict[str, str] | None) -> Server:
+            srv = start_server(label, argv, sock, ctx.workdir, ctx.log, env)
+            stack.callback(stop_server, srv)  # registered before waiting: always cleaned up
+            servers.append(srv)
+            wait_ready(srv, ctx.file_size, ctx.log)
+            return srv
+
+        sock = ctx.workdir / f"{name}.sock"
+        if name == "qemu-nbd":
+            srv = launch(name, qemu_nbd_argv(ctx.file, sock), sock, None)
+        elif name == "nbdkit":
+            srv = launch(name, nbdkit_argv(ctx.file, sock), sock, None)
+        elif name == "virtman":
+            srv = launch(
+                name, virtman_origin_argv(ctx.python, ctx.file, sock), sock, ctx.virtman_env
+            )
+        elif name == "virtman-relay":
+            origin_sock = ctx.workdir / "virtman-origin.sock"
+            origin = launch(
+                "virtman-relay/origin",
+                virtman_origin_argv(ctx.python, ctx.file, origin_sock),
+                origin_sock,
+                ctx.virtman_env,
+            )
+            cache_dir = ctx.workdir / "relay-cache"
+            cache_dir.mkdir(exist_ok=True)
+            stack.callback(shutil.rmtree, cache_dir, True)
+            srv = launch(
+                "virtman-relay/relay",
+                virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock),
+                sock,
+                ctx.virtman_env,
+            )
+            # Warm the relay cache: one full sequential read through it (not measured).
+            t = run_checked(
+                ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, "virtman-relay cache warm-up"
+            )
+            print(
+                f"  relay cold read (cache fill): {ctx.file_size / t / 1e6:,.0f} MB/s", flush=True
+            )
+        else:  # pragma: no cover - guarded by argument parsing
+            raise BenchError(f"unknown server {name!r}")
+        yield Running(name, srv.uri, servers)
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+_CONN_RE = re.compile(r"connections=(\d+)\s+requests=(\d+)\s+threads=(\d+)")
+
+
+def nbdcopy_warmup(uri: str, log: CommandLog, timeout: float) -> dict[str, int] | None:
+    """One full verbose ``nbdcopy URI null:`` run (the warm-up); return what nbdcopy reports
+    about its parallelism (connections, requests in flight, threads)."""
+    argv = ["nbdcopy", "--verbose", uri, "null:"]
+    log.add(argv)
+    found: dict[str, int] | None = None
+    tail: list[str] = []
+    with subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    ) as proc:
+        assert proc.stderr is not None
+        watchdog = threading.Timer(timeout, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stderr:  # drained line by line: -v output is large
+                if found is None and (m := _CONN_RE.search(line)):
+                    found = {
+                        "connections": int(m.group(1)),
+                        "requests": int(m.group(2)),
+                        "threads": int(m.group(3)),
+                    }
+                if not line.startswith("libnbd: debug"):
+                    tail = [*tail[-20:], line]
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            timed_out = not watchdog.is_alive() and proc.returncode == -signal.SIGKILL
+            watchdog.cancel()
+    if timed_out:
+        raise BenchError(f"nbdcopy warm-up timed out after {timeout:.0f}s: {shlex.join(argv)}")
+    if rc != 0:
+        raise BenchError(f"nbdcopy warm-up failed ({rc}): {shlex.join(argv)}\n{''.join(tail)}")
+    return found
+
+
+def measure_seq(
+    uri: str,
+    size: int,
+    repeat: int,
+    log: CommandLog,
+    timeout: float,
+    connections: int | None = None,
+) -> list[float]:
+    """``repeat`` timed full reads with ``nbdcopy [--connections=N] URI null:``; MB/s samples."""
+    argv = ["nbdcopy"]
+    if connections is not None:
+        argv.append(f"--connections={connections}")
+    argv += [uri, "null:"]
+    return [size / run_checked(argv, log, timeout, "nbdcopy") / 1e6 for _ in range(repeat)]
+
+
+def fio_argv(uri: str, numjobs: int, seconds: int, ramp: int, output: Path) -> list[str]:
+    return [
+        "fio",
+        "--name=randread-4k",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=64",
+        f"--numjobs={numjobs}",
+        "--group_reporting",
+        "--time_based",
+        f"--runtime={seconds}",
+        f"--ramp_time={ramp}",
+        "--output-format=json",
+        f"--output={output}",
+    ]
+
+
+def parse_fio_read_iops(report: dict[str, Any]) -> float:
+    jobs = report.get("jobs")
+    if not isinstance(jobs, list) or not jobs:
+        raise BenchError("fio JSON has no jobs")
+    total = 0.0
+    for job in jobs:
+        if job.get("error"):
+            raise BenchError(f"fio job {job.get('jobname')} reported error {job['error']}")
+        total += float(job["read"]["iops"])
+    return total
+
+
+def measure_fio_iops(
+    uri: str, numjobs: int, seconds: int, ramp: int, workdir: Path, log: CommandLog
+) -> float:
+    out = workdir / f"fio-{os.getpid()}-{numjobs}.json"
+    argv = fio_argv(uri, numjobs, seconds, ramp, out)
+    try:
+        run_checked(argv, log, seconds + ramp + 60.0, "fio")
+        try:
+            report = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"cannot read fio JSON output {out}: {exc}") from exc
+        return parse_fio_read_iops(report)
+    finally:
+        with contextlib.suppress(OSError):
+            out.unlink()
+
+
+def measure_nbdcopy_4k(uri: str, size: int, log: CommandLog, timeout: float) -> float:
+    """Fallback when fio has no nbd engine: whole-export read in 4 KiB requests.  nbdcopy has
+    no offset/length option, so the "region" is the whole export."""
+    argv = ["nbdcopy", "--request-size=4096", uri, "null:"]
+    elapsed = run_checked(argv, log, timeout, "nbdcopy 4k")
+    return math.ceil(size / 4096) / elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def pick(samples: Sequence[float], stat: str) -> float:
+    return max(samples) if stat == "best" else statistics.median(samples)
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base <= 0:
+        return None
+    return value / base
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_machine(info: dict[str, Any]) -> None:
+    print("machine:")
+    mem = info.get("mem_total_bytes")
+    print(
+        f"  cpu:      {info['cpu_model']} ({info['cpu_count']} cpus, {info['cpu_usable']} usable)"
+    )
+    if mem:
+        print(f"  memory:   {mem / (1 << 30):.1f} GiB")
+    print(f"  kernel:   {info['kernel']}")
+    print(f"  python:   {info['python']}")
+    for tool, ver in info["versions"].items():
+        print(f"  {tool + ':':9} {ver or 'not found'}")
+
+
+def print_table(
+    results: dict[str, dict[str, Any]], numjobs: Sequence[int], iops_label: str, stat: str
+) -> None:
+    headers = ["server", f"seq MB/s ({stat})", "ratio", "seq 1-conn MB/s", "conns"]
+    if iops_label == "fio":
+        headers += [f"4k IOPS j={n}" for n in numjobs]
+    headers += ["4k IOPS", "ratio"]
+    rows: list[list[str]] = []
+    for name, r in results.items():
+        if r.get("error"):
+            rows.append([name, "FAILED", "", "", "", *([""] * (len(headers) - 5))])
+            continue
+        par = r.get("nbdcopy") or {}
+        row = [
+            name,
+            _fmt(r["seq_mb_s"], ",.0f"),
+            _fmt(r["seq_ratio"], ".2f"),
+            _fmt(r.get("seq_mb_s_1conn"), ",.0f"),
+            str(par.get("connections", "?")),
+        ]
+        if iops_label == "fio":
+            by = r.get("iops_4k_by_numjobs") or {}
+            row += [_fmt(by.get(str(n)), ",.0f") for n in numjobs]
+        row += [_fmt(r["iops_4k"], ",.0f"), _fmt(r["iops_ratio"], ".2f")]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
+        )
+    )
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    for name, r in results.items():
+        if r.get("error"):
+            print(f"\n{name} FAILED:\n{r['error']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m virtman.bench.nbd",
+        description="Compare NBD servers (qemu-nbd, nbdkit, virtman, virtman relay) serving the "
+        "same raw file: sequential read MB/s (nbdcopy) and 4 KiB random-read IOPS (fio).",
+    )
+    p.add_argument(
+        "--servers",
+        type=parse_servers,
+        default=list(ALL_SERVERS),
+        help=f"comma-separated subset of {','.join(ALL_SERVERS)} (default: all)",
+    )
+    p.add_argument(
+        "--size", type=parse_size, default=1 << 30, help="test file size, binary units (default 1G)"
+    )
+    p.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help="use this existing raw file instead of generating one (not deleted)",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="timed nbdcopy runs per server (3)")
+    p.add_argument(
+        "--stat",
+        choices=("median", "best"),
+        default="median",
+        help="how to combine the --repeat runs (median)",
+    )
+    p.add_argument("--seconds", type=int, default=5, help="fio time-based runtime (5)")
+    p.add_argument("--ramp-seconds", type=int, default=1, help="fio ramp_time, not counted (1)")
+    p.add_argument(
+        "--numjobs",
+        type=parse_int_list,
+        default=[1, 4],
+        help="fio numjobs values to try, one NBD connection per job (1,4); "
+        "4k IOPS is the best of them",
+    )
+    p.add_argument(
+        "--iops-tool",
+        choices=("auto", "fio", "nbdcopy"),
+        default="auto",
+        help="auto: fio if it has the nbd engine, else nbdcopy 4k requests",
+    )
+    p.add_argument(
+        "--no-single-conn",
+        dest="single_conn",
+        action="store_false",
+        help="skip the nbdcopy --connections=1 comparison",
+    )
+    p.add_argument(
+        "--json", type=Path, default=None, help="write results here (default ./bench-nbd.json)"
+    )
+    p.add_argument(
+        "--tmpdir",
+        type=Path,
+        default=None,
+        help="where to create the temp dir (test file, sockets, relay cache)",
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter used for `python -m virtman serve` (this one)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="per client command timeout in seconds (600)"
+    )
+    return p
+
+
+def _required_tools(servers: Sequence[str], iops_tool: str) -> list[str]:
+    tools = ["nbdinfo", "nbdcopy"]
+    if "qemu-nbd" in servers:
+        tools.append("qemu-nbd")
+    if "nbdkit" in servers:
+        tools.append("nbdkit")
+    if iops_tool == "fio":
+        tools.append("fio")
+    return tools
+
+
+def _virtman_env() -> dict[str, str]:
+    """Environment for ``python -m virtman``: make this source tree importable."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # .../src
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def bench_server(
+    name: str, ctx: BenchContext, args: argparse.Namespace, iops_method: str
+) -> dict[str, Any]:
+    r: dict[str, Any] = {"seq_mb_s": None, "iops_4k": None, "seq_ratio": None, "iops_ratio": None}
+    print(f"\n== {name}", flush=True)
+    with running(name, ctx) as run:
+        try:
+            r["uri"] = run.uri
+            r["nbdcopy"] = nbdcopy_warmup(run.uri, ctx.log, ctx.timeout)
+            samples = measure_seq(run.uri, ctx.file_size, args.repeat, ctx.log, ctx.timeout)
+            r["seq_mb_s_samples"] = samples
+            r["seq_mb_s"] = pick(samples, args.stat)
+            print(
+                f"  seq read: {r['seq_mb_s']:,.0f} MB/s  (runs: "
+                f"{', '.join(f'{s:,.0f}' for s in samples)}; nbdcopy {r['nbdcopy']})",
+                flush=True,
+            )
+            if args.single_conn:
+                one = measure_seq(run.uri, ctx.file_size, args.repeat, ctx.log, ctx.timeout, 1)
+                r["seq_mb_s_1conn_samples"] = one
+                r["seq_mb_s_1conn"] = pick(one, args.stat)
+                print(f"  seq read, 1 connection: {r['seq_mb_s_1conn']:,.0f} MB/s", flush=True)
+            if iops_method == "fio":
+                by: dict[str, float] = {}
+                for n in args.numjobs:
+                    by[str(n)] = measure_fio_iops(
+                        run.uri, n, args.seconds, args.ramp_seconds, ctx.workdir, ctx.log
+                    )
+                    print(
+                        f"  4k randread, iodepth 64, numjobs {n}: {by[str(n)]:,.0f} IOPS",
+                        flush=True,
+                    )
+                r["iops_4k_by_numjobs"] = by
+                r["iops_4k"] = max(by.values())
+            else:
+                r["iops_4k"] = measure_nbdcopy_4k(run.uri, ctx.file_size, ctx.log, ctx.timeout)
+                print(f"  4k sequential-request IOPS (nbdcopy): {r['iops_4k']:,.0f}", flush=True)
+        except BenchError as exc:
+            deaths = run.deaths()
+            raise BenchError("\n".join([str(exc), *deaths])) from exc
+        deaths = run.deaths()
+        if deaths:
+            raise BenchError("server died during the measurements:\n" + "\n".join(deaths))
+    return r
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop servers
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeat < 1 or args.seconds < 1 or args.ramp_seconds < 0:
+        print("error: --repeat and --seconds must be >= 1, --ramp-seconds >= 0", file=sys.stderr)
+        return 2
+    servers: list[str] = args.servers
+    json_path: Path = args.json if args.json is not None else Path.cwd() / "bench-nbd.json"
+
+    has_fio_nbd = fio_has_nbd_engine()
+    if args.iops_tool == "fio" and not has_fio_nbd:
+        print("error: fio is missing or lacks the nbd (libnbd) ioengine", file=sys.stderr)
+        return 2
+    iops_method = (
+        "fio"
+        if args.iops_tool == "fio" or (args.iops_tool == "auto" and has_fio_nbd)
+        else "nbdcopy"
+    )
+    missing = [t for t in _required_tools(servers, iops_method) if shutil.which(t) is None]
+    if missing:
+        print(f"error: required tool(s) not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+
+    info = machine_info()
+    info["fio_nbd_engine"] = has_fio_nbd
+    print_machine(info)
+    iops_desc = (
+        f"fio ioengine=nbd rw=randread bs=4k iodepth=64, {args.seconds}s (+{args.ramp_seconds}s "
+        f"ramp), numjobs {','.join(map(str, args.numjobs))}; 4k IOPS = best numjobs"
+        if iops_method == "fio"
+        else "4k sequential-request IOPS: nbdcopy --request-size=4096 over the whole export "
+        "(fio has no nbd engine, so this is NOT random-read IOPS)"
+    )
+    print(f"  fio nbd engine: {'yes' if has_fio_nbd else 'no'}")
+    print(f"iops method: {iops_desc}")
+
+    log = CommandLog()
+    results: dict[str, dict[str, Any]] = {}
+    prev_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    workdir = Path(tempfile.mkdtemp(prefix="vmbench-", dir=args.tmpdir))
+    file_size = 0
+    try:
+        if args.file is not None:
+            test_file = args.file.resolve()
+            file_size = test_file.stat().st_size
+            print(f"test file: {test_file} ({human_bytes(file_size)}, existing)")
+        else:
+            test_file = workdir / "disk.raw"
+            t0 = time.perf_counter()
+            create_test_file(test_file, args.size)
+            file_size = args.size
+            print(
+                f"test file: {test_file} ({human_bytes(file_size)}, generated in "
+                f"{time.perf_counter() - t0:.1f}s)"
+            )
+        read_whole_file(test_file)
+        ctx = BenchContext(
+            test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env()
+        )
+        for name in servers:
+            try:
+                results[name] = bench_server(name, ctx, args, iops_method)
+            except BenchError as exc:
+                print(f"  FAILED: {exc}", flush=True)
+                results[name] = {
+                    "seq_mb_s": None,
+                    "iops_4k": None,
+                    "seq_ratio": None,
+                    "iops_ratio": None,
+                    "error": str(exc),
+                }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, prev_handler)
+
+    base = results.get(BASELINE, {})
+    for r in results.values():
+        r["seq_ratio"] = ratio(r["seq_mb_s"], base.get("seq_mb_s"))
+        r["iops_ratio"] = ratio(r["iops_4k"], base.get("iops_4k"))
+        if "seq_mb_s_1conn" in r:
+            r["seq_1conn_ratio"] = ratio(r["seq_mb_s_1conn"], base.get("seq_mb_s_1conn"))
+
+    print(
+        f"\nresults ({human_bytes(file_size)} file; MB = 10^6 bytes; ratios vs {BASELINE}"
+        f"{'' if BASELINE in results else ' (not measured: n/a)'}):"
+    )
+    print_table(results, args.numjobs, iops_method, args.stat)
+
+    doc: dict[str, Any] = {
+        "machine": info,
+        "file_size": file_size,
+        "results": results,
+        "commands": log.commands,
+        "settings": {
+            "servers": servers,
+            "repeat": args.repeat,
+            "stat": args.stat,
+            "seconds": args.seconds,
+            "ramp_seconds": args.ramp_seconds,
+            "numjobs": args.numjobs,
+            "iops_method": iops_method,
+            "iops_description": iops_desc,
+            "baseline": BASELINE,
+        },
+    }
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {json_path}")
+    return 1 if any(r.get("error") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""CachedDevice: a persistent chunk cache over an upstream device (read-only).
+
+Theory of operation
+-------------------
+The device is cut into chunks (256 KiB by default). A read whose chunks are all present
+is one ``pread`` of the local store, answered without waiting. A read that misses
+fetches each missing chunk whole from upstream, once: concurrent readers of one chunk
+wait on the same fetch (a task, so one reader giving up does not cancel it for the
+others). A fetched chunk is checked against the digest manifest when there is one; a
+chunk that does not match is fetched again (the next attempt goes to the next upstream
+path) and is never served; after ``max_digest_retries`` failures the read fails with EIO.
+Only then is the chunk written to the store and marked present: no reader ever sees a
+chunk before all of its bytes are in place.
+
+Crash consistency is the store's (see ``store.py``): a background task syncs every
+``sync_interval`` seconds, making fetched chunks durable in the map; after a crash the
+cache is reused and chunks fetched since the last sync are fetched again, never served
+torn. A store made for another image (other size, chunk size or manifest) is discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+
+from virtman.blockdev.base import BlockDevice, DeviceState
+from virtman.blockdev.manifest import Manifest
+from virtman.blockdev.store import StoreFile, StoreHeader
+from virtman.errors import ConfigError, DeviceError
+from virtman.limits import (
+    CACHE_SYNC_INTERVAL_SECONDS,
+    DEFAULT_CHUNK_SIZE,
+    MAX_CONCURRENT_FETCHES,
+    MAX_DIGEST_RETRIES,
+)
+from virtman.protocol.nbd.constants import Errno
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "cache.vmstore"
+
+
+class CachedDevice(BlockDevice):
+    """Caches ``upstream`` in ``<cache_dir>/cache.vmstore`` (or ``path`` if given)."""
+
+    def __init__(
+        self,
+        upstream: BlockDevice,
+        cache_dir: str | os.PathLike[str],
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        manifest: Manifest | None = None,
+        path: str | None = None,
+        max_digest_retries: int = MAX_DIGEST_RETRIES,
+        max_concurrent_fetches: int = MAX_CONCURRENT_FETCHES,
+        sync_interval: float = CACHE_SYNC_INTERVAL_SECONDS,
+    ) -> None:
+        super().__init__()
+        if chunk_size < 4096 or chunk_size & (chunk_size - 1):
+            raise ConfigError(f"chunk size {chunk_size} must be a power of two of at least 4096")
+        if manifest is not None and manifest.chunk_size != chunk_size:
+            raise ConfigError(
+                f"manifest chunk size {manifest.chunk_size} differs from the cache's {chunk_size}"
+            )
+        self.upstream = upstream
+        self.cache_dir = os.fspath(cache_dir)
+        self.path = path or os.path.join(self.cache_dir, CACHE_FILE)
+        self.chunk_size = chunk_size
+        self.manifest = manifest
+        self.max_digest_retries = max_digest_retries
+        self.sync_interval = sync_interval
+        self.read_only = True
+        self._store: StoreFile | None = None
+        self._fetches: dict[int, asyncio.Task[None]] = {}
+        self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        self._syncer: asyncio.Task[None] | None = None
+
+    def describe(self) -> str:
+        return f"cache {self.path} over {self.upstream.describe()}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.state is DeviceState.OPEN:
+            return
+        await self.upstream.open()
+        self.size = self.upstream.size
+        if self.manifest is not None and self.manifest.size != self.size:
+            raise ConfigError(
+                f"manifest is for {self.manifest.size} bytes; upstream has {self.size}"
+            )
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self._store = self._open_store()
+        held = sum(self._store.present)
+        if held:
+            log.info(
+                "cache %s reused: %d of %d chunks held", self.path, held, self._store.header.units
+            )
+        self._syncer = asyncio.get_running_loop().create_task(self._sync_loop())
+        self.state = DeviceState.OPEN
+
+    def _wanted_header(self) -> StoreHeader:
+        identity = self.manifest.fingerprint() if self.manifest is not None else ""
+        return StoreHeader("cache", self.size, self.chunk_size, {"image": identity})
+
+    def _open_store(self) -> StoreFile:
+        wanted = self._wanted_header()
+        if os.path.exists(self.path):
+            try:
+                store = StoreFile.open(self.path)
+            except ConfigError as err:
+                log.warning("cache %s unusable (%s); starting a new one", self.path, err)
+            else:
+                if store.header == wanted:
+                    return store
+                log.warning(
+                    "cache %s holds another image (%s); starting a new one", self.path, store.header
+                )
+                os.close(store.fd)
+        return StoreFile.create(self.path, wanted)
+
+    async def close(self) -> None:
+        if self._syncer is not None:
+            self._syncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._syncer
+            self._syncer = None
+        for task in list(self._fetches.values()):
+            task.cancel()
+        if self._fetches:
+            await asyncio.gather(*self._fetches.values(), return_exceptions=True)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None
+        await self.upstream.close()
+        self.state = DeviceState.CLOSED
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            store = self._store
+            if store is not None and store.pending:
+                try:
+                    await asyncio.to_thread(store.sync)
+                except DeviceError as err:
+                    log.error("cache sync failed: %s", err)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    @property
+    def chunks(self) -> int:
+        return self._store.header.units if self._store else 0
+
+    @property
+    def chunks_present(self) -> int:
+        return sum(self._store.present) if self._store else 0
+
+    def is_present(self, index: int) -> bool:
+        return bool(self._store and self._store.present[index])
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        store = self._store
+        if store is None:
+            raise DeviceError(f"{self.describe()} is not open", errno=Errno.EIO)
+        if length:
+            cs = self.chunk_size
+            first, last = offset // cs, (offset + length - 1) // cs
+            present = store.present
+            if present.find(0, first, last + 1) >= 0:
+                missing = [i for i in range(first, last + 1) if not present[i]]
+                await asyncio.gather(*(self._ensure(i) for i in missing))
+                self.stats.bump("misses", len(missing))
+            else:
+                self.stats.bump("hits")
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return store.pread(offset, length)
+
+    async def prefetch(self, offset: int, length: int) -> None:
+        """Bring a range into the cache (NBD_CMD_CACHE, warming)."""
+        self.check_range(offset, length)
+        if not length or self._store is None:
+            return
+        cs = self.chunk_size
+        present = self._store.present
+        await asyncio.gather(
+            *(
+                self._ensure(i)
+                for i in range(offset // cs, (offset + length - 1) // cs + 1)
+                if not present[i]
+            )
+        )
+
+    async def _ensure(self, index: int) -> None:
+        task = self._fetches.get(index)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(index))
+            self._fetches[index] = task
+            task.add_done_callback(functools.partial(self._fetch_done, index))
+        await asyncio.shield(task)
+
+    def _fetch_done(self, index: int, task: asyncio.Task[None]) -> None:
+        if self._fetches.get(index) is task:
+            del self._fetches[index]
+        if not task.cancelled():
+            task.exception()  # retrieved here; every waiter re-raises it through shield
+
+    async def _fetch(self, index: int) -> None:
+        store = self._store
+        assert store is not None
+        start = index * self.chunk_size
+        length = min(self.chunk_size, self.size - start)
+        async with self._fetch_slots:
+            for attempt in range(1, self.max_digest_retries + 1):
+                data = await self.upstream.read(start, length)
+                if self.manifest is None or self.manifest.matches(index, data):
+                    break
+                self.stats.bump("digest_mismatches")
+                log.warning(
+                    "chunk %d of %s failed its digest (attempt %d of %d); refetching",
+                    index,
+                    self.path,
+                    attempt,
+                    self.max_digest_retries,
+                )
+            else:
+                raise DeviceError(
+                    f"chunk {index} failed its digest {self.max_digest_retries} times; not served",
+                    errno=Errno.EIO,
+                )
+        if self._store is not store:
+            return  # closed while fetching
+        store.pwrite(start, data)
+        store.mark_present(index, index)
+        self.stats.bump("fetched_bytes", length)
+
+    async def flush(self) -> None:
+        self.stats.flushes += 1

@@ -1,0 +1,1 @@
+"""The ``virtman`` command line: one module per subcommand."""

@@ -1,0 +1,22 @@
+"""``virtman bench``: benchmarks that print figures (see ``bench/`` and docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run a benchmark")
+    kinds = p.add_subparsers(dest="bench", required=True, parser_class=type(p))
+    nbd = kinds.add_parser(
+        "nbd", help="NBD server throughput against qemu-nbd and nbdkit", add_help=False
+    )
+    nbd.add_argument("rest", nargs=argparse.REMAINDER)
+    nbd.set_defaults(run=_run_nbd)
+
+
+def _run_nbd(args: argparse.Namespace) -> int:
+    from virtman.bench.nbd import main
+
+    return main(list(args.rest))

@@ -1,0 +1,168 @@
+"""``virtman serve``: export a file, a caching relay of upstreams, or a COW overlay.
+
+    virtman serve FILE --socket PATH [--export NAME] [--read-only]
+    virtman serve --upstream URI [--upstream URI ...] --cache-dir DIR --socket PATH
+    virtman serve --base URI --overlay FILE --socket PATH
+
+``--listen HOST:PORT`` may replace or accompany ``--socket``. SIGTERM and SIGINT stop
+the server cleanly: requests in flight finish, writes are flushed, sockets removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from typing import Any
+
+from virtman.blockdev.base import BlockDevice
+from virtman.errors import ConfigError
+from virtman.limits import DEFAULT_CHUNK_SIZE, DEFAULT_COW_BLOCK_SIZE
+from virtman.protocol.uri import parse_listen, parse_nbd_uri
+from virtman.sizes import parse_size
+
+log = logging.getLogger("virtman.serve")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a block device over NBD",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", nargs="?", metavar="FILE", help="raw image file to export")
+    p.add_argument(
+        "--upstream",
+        action="append",
+        metavar="URI",
+        default=[],
+        help="NBD URI of an upstream (repeat for several paths; last is the fallback)",
+    )
+    p.add_argument("--cache-dir", metavar="DIR", help="cache directory of a relay")
+    p.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="cache chunk size of a relay (default 256K)",
+    )
+    p.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="digest manifest (virtman digest) that every fetched chunk must match",
+    )
+    p.add_argument("--base", metavar="URI", help="NBD URI of the read-only base of an overlay")
+    p.add_argument(
+        "--overlay", metavar="FILE", help="copy-on-write overlay file (created if missing)"
+    )
+    p.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=DEFAULT_COW_BLOCK_SIZE,
+        metavar="SIZE",
+        help="overlay allocation block (default 4K)",
+    )
+    p.add_argument(
+        "--socket", action="append", default=[], metavar="PATH", help="Unix socket to listen on"
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="TCP address to listen on",
+    )
+    p.add_argument(
+        "--export", metavar="NAME", help="export name (default: derived from the source)"
+    )
+    p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.set_defaults(run=run)
+
+
+def _mode(args: argparse.Namespace) -> str:
+    modes = [
+        m
+        for m, on in (
+            ("file", args.file),
+            ("relay", args.upstream),
+            ("overlay", args.base or args.overlay),
+        )
+        if on
+    ]
+    if len(modes) != 1:
+        raise ConfigError("give exactly one of FILE, --upstream URI, or --base URI --overlay FILE")
+    mode = modes[0]
+    if mode == "relay" and not args.cache_dir:
+        raise ConfigError("--upstream needs --cache-dir DIR")
+    if mode != "relay" and (args.cache_dir or args.manifest):
+        raise ConfigError("--cache-dir and --manifest only go with --upstream")
+    if mode == "overlay" and not (args.base and args.overlay):
+        raise ConfigError("an overlay needs both --base URI and --overlay FILE")
+    if not args.socket and not args.listen:
+        raise ConfigError("give --socket PATH or --listen HOST:PORT")
+    return mode
+
+
+def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
+    """The device the arguments describe, and its default export name."""
+    from virtman.blockdev.cached import CachedDevice
+    from virtman.blockdev.cow import CowDevice
+    from virtman.blockdev.file import FileDevice
+    from virtman.blockdev.manifest import load_manifest
+    from virtman.blockdev.remote import RemoteDevice
+
+    mode = _mode(args)
+    if mode == "file":
+        if not os.path.exists(args.file):
+            raise ConfigError(f"FILE {args.file!r} does not exist")
+        return FileDevice(args.file, read_only=args.read_only), os.path.basename(args.file)
+    if mode == "relay":
+        addresses = [parse_nbd_uri(u) for u in args.upstream]
+        manifest = load_manifest(args.manifest) if args.manifest else None
+        remote = RemoteDevice(addresses)
+        device = CachedDevice(remote, args.cache_dir, chunk_size=args.chunk_size, manifest=manifest)
+        return device, addresses[0].export
+    base_address = parse_nbd_uri(args.base)
+    base = RemoteDevice([base_address])
+    cow = CowDevice(base, args.overlay, block_size=args.block_size, read_only=args.read_only)
+    return cow, os.path.splitext(os.path.basename(args.overlay))[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    device, default_name = build_device(args)
+    listens = [parse_listen(text) for text in args.listen]
+    from virtman.runtime import configure_logging, run_async
+
+    configure_logging(args.log_level)
+    return run_async(_serve(device, args.export or default_name, args.socket, listens))
+
+
+async def _serve(
+    device: BlockDevice, name: str, sockets: list[str], listens: list[tuple[str, int]]
+) -> int:
+    from virtman.nbd.server import NbdServer
+
+    await device.open()
+    server = NbdServer({name: device})
+    try:
+        for path in sockets:
+            await server.listen_unix(path)
+        for host, port in listens:
+            await server.listen_tcp(host, port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _stop, server, sig)
+        print(f"serving {device.describe()} as export {name!r}", flush=True)
+        await server.wait_stopped()
+    finally:
+        await server.stop()
+        await device.close()
+    return 0
+
+
+def _stop(server: Any, sig: signal.Signals) -> None:
+    log.info("received %s, shutting down", sig.name)
+    asyncio.get_running_loop().create_task(server.stop())

@@ -1,0 +1,78 @@
+"""One root exception with families, each carrying the facts an operator needs.
+
+- ``ProtocolError``: a protocol rule was broken, by us (``LocalProtocolError``) or by
+  the peer (``PeerProtocolError``).
+- ``NbdRequestError``: the peer answered an NBD request with an error number.
+- ``NetworkError``: a connection could not be made or was lost.
+- ``InvalidRequest``: a caller asked for something impossible (out of range, read-only).
+- ``ConfigError``: bad settings or command-line input.
+- ``DeviceError``: a storage device failed (I/O error, digest mismatch, corruption).
+"""
+
+from __future__ import annotations
+
+
+class VirtmanError(Exception):
+    """Root of every error virtman raises on purpose."""
+
+
+class ProtocolError(VirtmanError):
+    """A protocol rule was broken."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol forbids (a bug on our side)."""
+
+
+class PeerProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids.
+
+    ``errno`` is the NBD error number the specification names for it, when the
+    violation can be answered rather than only closed on.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class NbdRequestError(VirtmanError):
+    """An NBD request was answered with an error."""
+
+    def __init__(self, message: str, *, errno: int, command: str, offset: int, length: int) -> None:
+        super().__init__(f"{message} ({command} offset={offset} length={length} errno={errno})")
+        self.errno = errno
+        self.command = command
+        self.offset = offset
+        self.length = length
+
+
+class NetworkError(VirtmanError):
+    """A connection could not be made, or broke."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        super().__init__(f"{message} [{address}]" if address else message)
+        self.address = address
+
+
+class InvalidRequest(VirtmanError):
+    """A request that cannot be served as asked: wrong range, read-only target, bad size.
+
+    ``errno`` is the NBD error number a server answers with.
+    """
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class ConfigError(VirtmanError):
+    """Settings or command-line input that cannot work."""
+
+
+class DeviceError(VirtmanError):
+    """A device failed to do what it should: I/O error, corruption, digest mismatch."""
+
+    def __init__(self, message: str, *, errno: int = 5) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -1,0 +1,60 @@
+"""Every buffer, request size, queue and timeout of the data plane, named once.
+
+These are the defaults; the classes that use them take them as arguments so a
+deployment (or a test) can change one without editing code.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# --- NBD protocol --------------------------------------------------------------------
+#: Largest option payload a server accepts during the handshake. The specification
+#: caps strings at 4096 bytes; a GO/INFO carries one name plus a few info requests.
+MAX_OPTION_LENGTH = 64 * KiB
+#: Largest READ/WRITE payload a server accepts and advertises as the maximum block
+#: size. 32 MiB is the specification's default maximum payload.
+MAX_REQUEST_PAYLOAD = 32 * MiB
+#: Preferred block size advertised to clients.
+PREFERRED_BLOCK_SIZE = 4 * KiB
+#: Largest structured-reply chunk or simple reply a client accepts beyond the
+#: requested length (error messages).
+MAX_ERROR_MESSAGE = 4096
+#: Largest number of option exchanges a server accepts on one connection before it
+#: gives up on the client (defends against a client looping forever in the handshake).
+MAX_OPTIONS_PER_CONNECTION = 1024
+
+# --- NBD server ------------------------------------------------------------------------
+#: Requests a server runs at once per connection before it stops reading from it.
+MAX_INFLIGHT_PER_CONNECTION = 128
+#: Seconds a stopping server waits for requests in flight before it closes anyway.
+SHUTDOWN_GRACE_SECONDS = 10.0
+#: Seconds a client has to finish the handshake.
+HANDSHAKE_TIMEOUT_SECONDS = 30.0
+
+# --- NBD client / RemoteDevice ---------------------------------------------------------
+#: Seconds to connect and finish the handshake with one upstream.
+CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds one request may take on one path before that path is given up on.
+REQUEST_TIMEOUT_SECONDS = 30.0
+#: Seconds to wait before reconnecting a failed path (doubles up to the maximum).
+RECONNECT_DELAY_SECONDS = 0.2
+RECONNECT_DELAY_MAX_SECONDS = 5.0
+#: Rounds over all paths a RemoteDevice tries for one request before it fails it.
+MAX_REQUEST_ROUNDS = 3
+
+# --- Caching ----------------------------------------------------------------------------
+#: Default cache chunk: the unit fetched on a miss and verified against the manifest.
+DEFAULT_CHUNK_SIZE = 256 * KiB
+#: Fetches of one chunk that fail their digest before the read fails with EIO.
+MAX_DIGEST_RETRIES = 3
+#: Chunks fetched from upstream at once by one CachedDevice.
+MAX_CONCURRENT_FETCHES = 64
+#: Seconds between background syncs that make fetched chunks durable in the chunk map.
+CACHE_SYNC_INTERVAL_SECONDS = 1.0
+
+# --- Copy-on-write ----------------------------------------------------------------------
+#: Default overlay block: the unit of allocation and of read-modify-write.
+DEFAULT_COW_BLOCK_SIZE = 4 * KiB

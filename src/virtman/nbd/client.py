@@ -1,0 +1,280 @@
+"""asyncio NBD client: one connection to one export, many requests in flight.
+
+``await NbdClient.connect(uri)`` opens the socket and runs the handshake; each request
+method sends one request (split at the server's maximum payload) and waits for its
+reply, so callers get concurrency by running several at once. When the connection
+breaks, every request waiting on it fails with ``NetworkError`` and the client is
+``closed``: the caller (``RemoteDevice``) decides whether to reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import cast
+
+from virtman.errors import NbdRequestError, NetworkError, PeerProtocolError, VirtmanError
+from virtman.limits import CONNECT_TIMEOUT_SECONDS
+from virtman.protocol.nbd import NEED_DATA, ClientConnection, Command, CommandFlag, ExportInfo
+from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyReceived, errno_name
+from virtman.protocol.nbd.constants import TransmissionFlag
+from virtman.protocol.uri import NbdAddress, parse_nbd_uri
+
+log = logging.getLogger(__name__)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, codec: ClientConnection, address: NbdAddress) -> None:
+        self.codec = codec
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[HandshakeDone | ExportsListed] = loop.create_future()
+        self.waiters: dict[int, asyncio.Future[ReplyReceived]] = {}
+        self.closed = loop.create_future()
+        self.error: VirtmanError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        codec = self.codec
+        codec.receive_data(data)
+        try:
+            while True:
+                event = codec.next_event()
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, ReplyReceived):
+                    waiter = self.waiters.pop(event.cookie, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(event)
+                elif not self.handshake.done():
+                    self.handshake.set_result(event)  # type: ignore[arg-type]
+        except PeerProtocolError as err:
+            self._fail(NetworkError(f"server broke the protocol: {err}", address=str(self.address)))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        out = codec.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed by server"
+        self._fail(NetworkError(reason, address=str(self.address)))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail(self, err: VirtmanError) -> None:
+        if self.error is None:
+            self.error = err
+        if not self.handshake.done():
+            self.handshake.set_exception(err)
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_exception(err)
+        self.waiters.clear()
+
+
+async def _open(
+    address: NbdAddress, codec: ClientConnection, timeout: float
+) -> tuple[asyncio.Transport, _ClientProtocol]:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            if address.socket is not None:
+                transport, protocol = await loop.create_unix_connection(
+                    lambda: _ClientProtocol(codec, address), address.socket
+                )
+            else:
+                assert address.host is not None
+                transport, protocol = await loop.create_connection(
+                    lambda: _ClientProtocol(codec, address), address.host, address.port
+                )
+    except TimeoutError as err:
+        raise NetworkError(f"connect timed out after {timeout} s", address=str(address)) from err
+    except OSError as err:
+        raise NetworkError(f"cannot connect: {err.strerror or err}", address=str(address)) from err
+    return transport, protocol
+
+
+class NbdClient:
+    """A connected client. Use ``NbdClient.connect``; close with ``close()``."""
+
+    def __init__(
+        self,
+        address: NbdAddress,
+        transport: asyncio.Transport,
+        protocol: _ClientProtocol,
+        export: ExportInfo,
+    ) -> None:
+        self.address = address
+        self.export = export
+        self._transport = transport
+        self._protocol = protocol
+        self._codec = protocol.codec
+        #: Seconds a request may wait for its reply (None: forever).
+        self.request_timeout: float | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        target: str | NbdAddress,
+        *,
+        timeout: float = CONNECT_TIMEOUT_SECONDS,
+        structured_replies: bool = True,
+    ) -> NbdClient:
+        address = parse_nbd_uri(target) if isinstance(target, str) else target
+        codec = ClientConnection(address.export, structured_replies=structured_replies)
+        transport, protocol = await _open(address, codec, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                done = await protocol.handshake
+        except TimeoutError as err:
+            transport.abort()
+            raise NetworkError(
+                f"handshake timed out after {timeout} s", address=str(address)
+            ) from err
+        except BaseException:
+            transport.abort()
+            raise
+        assert isinstance(done, HandshakeDone)
+        return cls(address, transport, protocol, done.export)
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.export.size
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.export.flags & TransmissionFlag.READ_ONLY)
+
+    @property
+    def closed(self) -> bool:
+        return self._protocol.error is not None or self._transport.is_closing()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._protocol.waiters)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes | None = None,
+    ) -> ReplyReceived:
+        # The timeout is a timer on the reply future, not asyncio.timeout(): callers may
+        # run outside a task (the server steps device coroutines by hand).
+        protocol = self._protocol
+        if protocol.error is not None:
+            raise protocol.error
+        cookie, header = self._codec.request(command, offset, length, flags, data)
+        waiter: asyncio.Future[ReplyReceived] = asyncio.get_running_loop().create_future()
+        protocol.waiters[cookie] = waiter
+        if data is None:
+            self._transport.write(header)
+        else:
+            self._transport.writelines((header, data))
+        timer = None
+        if self.request_timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.request_timeout, self._expire, cookie, waiter
+            )
+        try:
+            reply = await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if reply.error:
+            raise NbdRequestError(
+                reply.message or f"server answered {errno_name(reply.error)}",
+                errno=reply.error,
+                command=command.name,
+                offset=offset,
+                length=length,
+            )
+        return reply
+
+    def _expire(self, cookie: int, waiter: asyncio.Future[ReplyReceived]) -> None:
+        if not waiter.done():
+            self._protocol.waiters.pop(cookie, None)
+            waiter.set_exception(
+                TimeoutError(f"no reply from {self.address} in {self.request_timeout} s")
+            )
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        step = self.export.block_sizes.maximum
+        return [
+            (pos, min(step, offset + length - pos)) for pos in range(offset, offset + length, step)
+        ]
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length <= self.export.block_sizes.maximum:
+            return (await self._request(Command.READ, offset, length)).data
+        parts = await asyncio.gather(
+            *(self._request(Command.READ, o, n) for o, n in self._pieces(offset, length))
+        )
+        return b"".join(p.data for p in parts)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = CommandFlag.FUA if fua else 0
+        view = memoryview(data)
+        await asyncio.gather(
+            *(
+                self._request(Command.WRITE, o, n, flags, bytes(view[o - offset : o - offset + n]))
+                for o, n in self._pieces(offset, len(data))
+            )
+        )
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._request(Command.WRITE_ZEROES, offset, length, CommandFlag.FUA if fua else 0)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._request(Command.TRIM, offset, length, CommandFlag.FUA if fua else 0)
+
+    async def flush(self) -> None:
+        await self._request(Command.FLUSH)
+
+    async def close(self) -> None:
+        """Wait for requests in flight, send DISC and close. Idempotent."""
+        protocol = self._protocol
+        if protocol.waiters and protocol.error is None:
+            await asyncio.gather(*protocol.waiters.values(), return_exceptions=True)
+        if protocol.error is None and not self._transport.is_closing():
+            with contextlib.suppress(VirtmanError):
+                _, header = self._codec.request(Command.DISC)
+                self._transport.write(header)
+            self._transport.close()
+        else:
+            self._transport.abort()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await protocol.closed
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+
+async def list_exports(
+    target: str | NbdAddress, *, timeout: float = CONNECT_TIMEOUT_SECONDS
+) -> list[str]:
+    """The export names a server lists (``NBD_OPT_LIST``)."""
+    address = parse_nbd_uri(target) if isinstance(target, str) else target
+    codec = ClientConnection(list_exports=True)
+    transport, protocol = await _open(address, codec, timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            done = await protocol.handshake
+    finally:
+        transport.close()
+    assert isinstance(done, ExportsListed)
+    return done.names

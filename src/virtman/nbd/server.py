@@ -1,0 +1,535 @@
+"""asyncio NBD server: moves bytes between sockets and ``ServerConnection``.
+
+Theory of operation
+-------------------
+Each accepted connection is an ``asyncio.Protocol``. Received bytes go into the pure
+codec; each ``RequestReceived`` runs the device call and writes the reply when it
+completes, so many requests run at once and replies leave in completion order.
+Backpressure: when ``max_inflight`` requests are running, or the socket's write buffer
+is full, the connection stops reading until that clears.
+
+A request that completes without waiting (a page-cache hit on a file, a warm cache)
+is answered before the next request is parsed, without creating a task: the device's
+coroutine is stepped once by hand and only handed to a task if it suspends.
+
+Lifecycle: ``CREATED → SERVING → STOPPING → STOPPED``. ``stop()`` closes the listeners,
+lets every request in flight finish (up to a grace period), flushes every writable
+export and closes the connections, so a write that was acknowledged is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno as os_errno
+import logging
+import os
+from collections.abc import Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from virtman.blockdev.base import BlockDevice
+from virtman.errors import (
+    DeviceError,
+    InvalidRequest,
+    NbdRequestError,
+    PeerProtocolError,
+    VirtmanError,
+)
+from virtman.limits import (
+    HANDSHAKE_TIMEOUT_SECONDS,
+    MAX_INFLIGHT_PER_CONNECTION,
+    MAX_REQUEST_PAYLOAD,
+    PREFERRED_BLOCK_SIZE,
+    SHUTDOWN_GRACE_SECONDS,
+)
+from virtman.protocol.nbd import (
+    NEED_DATA,
+    BlockSizes,
+    ClientDisconnected,
+    Command,
+    CommandFlag,
+    Errno,
+    ExportInfo,
+    ExportSelected,
+    OptionRefused,
+    Request,
+    RequestReceived,
+    RequestRefused,
+    ServerConnection,
+    TransmissionFlag,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServerStatus(enum.Enum):
+    CREATED = "created"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Export:
+    """A device published under a name."""
+
+    name: str
+    device: BlockDevice
+    description: str = ""
+
+    def info(self, max_payload: int) -> ExportInfo:
+        flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
+        # Every connection to an export shares one device object in this process, so a
+        # flush on any connection covers writes made on all of them: multi-conn is safe.
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+        if self.device.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        else:
+            flags |= (
+                TransmissionFlag.SEND_FUA
+                | TransmissionFlag.SEND_TRIM
+                | TransmissionFlag.SEND_WRITE_ZEROES
+            )
+        sizes = BlockSizes(1, PREFERRED_BLOCK_SIZE, max_payload)
+        return ExportInfo(self.name, self.device.size, flags, self.description, sizes)
+
+
+@dataclass
+class ServerStats:
+    connections: int = 0
+    requests: int = 0
+    refused: int = 0
+    errors: int = 0
+    bytes_read: int = 0  # payload sent in READ replies
+    bytes_written: int = 0
+
+
+class NbdServer:
+    """Serves a set of exports over any number of Unix and TCP listeners.
+
+    ``default_export`` is what a client gets when it asks for the empty name (QEMU and
+    ``nbd://host`` URIs without a path do); by default the only export, if there is one.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, BlockDevice] | list[Export],
+        *,
+        default_export: str | None = None,
+        max_payload: int = MAX_REQUEST_PAYLOAD,
+        max_inflight: int = MAX_INFLIGHT_PER_CONNECTION,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
+        shutdown_grace: float = SHUTDOWN_GRACE_SECONDS,
+    ) -> None:
+        if isinstance(exports, Mapping):
+            items = [Export(name, dev) for name, dev in exports.items()]
+        else:
+            items = list(exports)
+        self.exports: dict[str, Export] = {e.name: e for e in items}
+        if default_export is None and len(self.exports) == 1:
+            default_export = next(iter(self.exports))
+        self.default_export = default_export
+        self.max_payload = max_payload
+        self.max_inflight = max_inflight
+        self.handshake_timeout = handshake_timeout
+        self.shutdown_grace = shutdown_grace
+        self.status = ServerStatus.CREATED
+        self.stats = ServerStats()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[_Connection] = set()
+        self._unix_paths: list[str] = []
+        self._stopped = asyncio.Event()
+
+    # --- exports --------------------------------------------------------------------------
+
+    def add_export(self, export: Export) -> None:
+        """Publish a device; new connections see it at once."""
+        self.exports[export.name] = export
+
+    def remove_export(self, name: str) -> Export | None:
+        """Unpublish; connections already using it keep it until they close."""
+        return self.exports.pop(name, None)
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        if (
+            name == ""
+            and self.default_export is not None
+            and self.default_export not in self.exports
+        ):
+            return None
+        export = self.exports.get(
+            name if name or self.default_export is None else self.default_export
+        )
+        if export is None:
+            return None
+        return export.info(self.max_payload)
+
+    def _names(self) -> list[str]:
+        return sorted(self.exports)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def listen_unix(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._unix_paths.append(path)
+        self._started(server, f"unix:{path}")
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on TCP; return the port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        bound = int(server.sockets[0].getsockname()[1])
+        self._started(server, f"tcp:{host}:{bound}")
+        return bound
+
+    def _started(self, server: asyncio.AbstractServer, where: str) -> None:
+        self._servers.append(server)
+        self.status = ServerStatus.SERVING
+        log.info("nbd server listening on %s, exports %s", where, ", ".join(self._names()))
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish requests in flight, flush, close. Idempotent."""
+        if self.status in (ServerStatus.STOPPING, ServerStatus.STOPPED):
+            await self._stopped.wait()
+            return
+        self.status = ServerStatus.STOPPING
+        for server in self._servers:
+            server.close()
+        conns = list(self._connections)
+        for conn in conns:
+            conn.drain()
+        if conns:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(c.finished.wait()) for c in conns],
+                timeout=self.shutdown_grace,
+            )
+            for fut in pending:
+                fut.cancel()
+        for conn in list(self._connections):
+            conn.abort_now()
+        for export in self.exports.values():
+            if not export.device.read_only:
+                try:
+                    await export.device.flush()
+                except VirtmanError as err:
+                    log.error("flush of export %r at shutdown failed: %s", export.name, err)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.status = ServerStatus.STOPPED
+        self._stopped.set()
+        log.info("nbd server stopped")
+
+
+def _errno_of(err: BaseException) -> int:
+    if isinstance(err, (InvalidRequest, DeviceError, NbdRequestError)):
+        return int(err.errno) or Errno.EIO
+    if isinstance(err, OSError):
+        if err.errno in (os_errno.ENOSPC, os_errno.EDQUOT, os_errno.EFBIG):
+            return Errno.ENOSPC
+        if err.errno in (os_errno.EPERM, os_errno.EACCES, os_errno.EROFS):
+            return Errno.EPERM
+    return Errno.EIO
+
+
+class _Step:
+    """Continue, inside a task, a coroutine that was stepped once by hand and suspended.
+
+    The first ``send(None)`` already ran it to its first await, which yielded the future
+    it waits on; this yields that same future to the task, then delegates the rest.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, None, None]:
+        coro = self._coro
+        try:
+            yield self._first
+        except BaseException as exc:  # cancellation goes to the coroutine, as in a task
+            try:
+                nxt = coro.throw(exc)
+            except StopIteration:
+                return
+            yield from _Step(coro, nxt).__await__()
+            return
+        yield from coro.__await__()
+
+
+async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Step(coro, first)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.codec = ServerConnection(server._lookup, server._names)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.export: Export | None = None
+        self.inflight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.finished = asyncio.Event()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._draining = False  # no new requests: DISC received or server stopping
+        self._closed = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.server._connections.add(self)
+        self.server.stats.connections += 1
+        if self.server.status is not ServerStatus.SERVING:
+            self.transport.abort()
+            return
+        self.transport.write(self.codec.initiate())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_expired
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.server._connections.discard(self)
+        if not self.tasks:
+            self.finished.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.codec.receive_data(data)
+        self._process()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self._draining = True
+        self._maybe_close()
+        return True  # keep the transport open until replies in flight are written
+
+    # --- request flow ---------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        if self.export is None and self.transport is not None:
+            log.warning(
+                "nbd client %s did not finish the handshake in %.0f s; closing",
+                self.peer,
+                self.server.handshake_timeout,
+            )
+            self.transport.abort()
+
+    def _process(self) -> None:
+        codec = self.codec
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        while (
+            not self._draining
+            and self.inflight < self.server.max_inflight
+            and not self._writing_paused
+        ):
+            try:
+                event = codec.next_event()
+            except PeerProtocolError as err:
+                log.warning("nbd client %s broke the protocol: %s; closing", self.peer, err)
+                out = codec.data_to_send()
+                if out:
+                    transport.write(out)
+                transport.close()
+                self._closed = True
+                return
+            if event is NEED_DATA:
+                break
+            if isinstance(event, RequestReceived):
+                self._dispatch(event.request)
+            elif isinstance(event, RequestRefused):
+                self.server.stats.refused += 1
+                log.warning(
+                    "nbd client %s: refused %s: %s (%s)",
+                    self.peer,
+                    event.request.name,
+                    event.reason,
+                    event.errno.name,
+                )
+            elif isinstance(event, OptionRefused):
+                log.warning(
+                    "nbd client %s: option refused: %s (%s)",
+                    self.peer,
+                    event.reason,
+                    event.reply.name,
+                )
+            elif isinstance(event, ExportSelected):
+                self.export = self.server.exports.get(event.export.name) or self.server.exports.get(
+                    self.server.default_export or ""
+                )
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
+                log.debug("nbd client %s attached to %r", self.peer, event.export.name)
+            elif isinstance(event, ClientDisconnected):
+                self._draining = True
+        out = codec.data_to_send()
+        if out:
+            transport.write(out)
+        self._update_reading()
+        self._maybe_close()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        want_pause = self.inflight >= self.server.max_inflight or self._writing_paused
+        if want_pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def _dispatch(self, request: Request) -> None:
+        self.server.stats.requests += 1
+        self.inflight += 1
+        coro = self._run(request)
+        try:
+            first = coro.send(None)
+        except StopIteration:
+            return  # finished without waiting: already answered
+        except BaseException:
+            coro.close()
+            raise
+        task = asyncio.get_running_loop().create_task(_finish(coro, first))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("nbd request task failed", exc_info=task.exception())
+        self._process()
+        if self._closed and not self.tasks:
+            self.finished.set()
+
+    async def _run(self, request: Request) -> None:
+        try:
+            payload, header = await self._execute(request)
+        except asyncio.CancelledError:
+            self.inflight -= 1
+            raise
+        except Exception as err:
+            self.inflight -= 1
+            self._reply_error(request, err)
+            return
+        self.inflight -= 1
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        if payload is None:
+            transport.write(header)
+        else:
+            transport.writelines((header, payload))
+        if self.inflight == self.server.max_inflight - 1 or self._reading_paused:
+            self._update_reading()
+
+    async def _execute(self, request: Request) -> tuple[bytes | None, bytes]:
+        export = self.export
+        assert export is not None
+        device = export.device
+        command = request.command
+        fua = bool(request.flags & CommandFlag.FUA)
+        if command == Command.READ:
+            data = await device.read(request.offset, request.length)
+            self.server.stats.bytes_read += len(data)
+            return data, self.codec.reply(request, data)
+        if command == Command.WRITE:
+            await device.write(request.offset, request.data, fua=fua)
+            self.server.stats.bytes_written += len(request.data)
+        elif command == Command.FLUSH:
+            await device.flush()
+        elif command == Command.WRITE_ZEROES:
+            await device.write_zeroes(request.offset, request.length, fua=fua)
+        elif command == Command.TRIM:
+            await device.trim(request.offset, request.length, fua=fua)
+        elif command == Command.CACHE:
+            pass  # a hint; answering it is enough
+        elif command == Command.BLOCK_STATUS:
+            if not request.length:
+                raise InvalidRequest("BLOCK_STATUS of zero length", errno=Errno.EINVAL)
+            extents = await device.block_status(request.offset, request.length)
+            return None, self.codec.block_status_reply(request, extents)
+        else:
+            raise InvalidRequest(f"{request.name} is not supported", errno=Errno.EINVAL)
+        return None, self.codec.reply(request)
+
+    def _reply_error(self, request: Request, err: Exception) -> None:
+        errno = _errno_of(err)
+        self.server.stats.errors += 1
+        name = self.export.name if self.export else "?"
+        if isinstance(err, VirtmanError):
+            log.warning(
+                "nbd %s %s offset=%d length=%d on %r failed: %s",
+                self.peer,
+                request.name,
+                request.offset,
+                request.length,
+                name,
+                err,
+            )
+        else:
+            log.error(
+                "nbd %s %s offset=%d length=%d on %r failed unexpectedly",
+                self.peer,
+                request.name,
+                request.offset,
+                request.length,
+                name,
+                exc_info=err,
+            )
+        if self.transport is not None and not self._closed:
+            self.transport.write(self.codec.error_reply(request, errno, str(err)))
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Take no new requests; close once those in flight are answered."""
+        self._draining = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._draining and self.inflight == 0 and not self.tasks and not self._closed:
+            if self.transport is not None:
+                self.transport.close()
+            self._closed = True
+            self.finished.set()
+
+    def abort_now(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+        self._closed = True
+        self.finished.set()

@@ -1,0 +1,459 @@
+"""Client side of the NBD protocol, fixed newstyle, as a pure state machine.
+
+Theory of operation
+-------------------
+``ClientConnection(export_name)`` drives the handshake by itself: fed the server's
+bytes, it answers with the next option (STRUCTURED_REPLY when wanted, then GO asking
+for block sizes; EXPORT_NAME if the server does not know GO) and finally returns
+``HandshakeDone`` with the export's description. With ``list_exports=True`` it asks
+for the export list instead and returns ``ExportsListed``.
+
+In transmission, ``request()`` returns the cookie and the bytes to send; replies come
+back from ``next_event`` as ``ReplyReceived`` in whatever order the server sends them.
+The client remembers what each cookie asked for, so it can frame simple READ replies
+(whose length the wire does not carry) and assemble structured chunks into one reply.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+
+from virtman.errors import LocalProtocolError, PeerProtocolError
+from virtman.limits import MAX_ERROR_MESSAGE
+from virtman.protocol.nbd.constants import (
+    EXPORT_NAME_PADDING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ChunkType,
+    ClientFlag,
+    Command,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    Reply,
+    ReplyFlag,
+    TransmissionFlag,
+)
+from virtman.protocol.nbd.messages import (
+    NEED_DATA,
+    OPTION_REPLY_HEADER,
+    REQUEST_HEADER,
+    U16,
+    U32,
+    U64,
+    BlockSizes,
+    ExportInfo,
+    NeedData,
+    ReceiveBuffer,
+    decode_string,
+    encode_name_and_infos,
+    encode_option,
+    encode_string,
+)
+
+#: Largest option reply payload a client accepts (a name plus a description).
+MAX_OPTION_REPLY = 64 * 1024
+
+
+class ClientState(enum.Enum):
+    AWAIT_GREETING = "await-greeting"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    export: ExportInfo
+    structured_replies: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ExportsListed:
+    names: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyReceived:
+    """A whole reply. ``error`` is 0 on success; ``data`` holds READ bytes."""
+
+    cookie: int
+    error: int
+    data: bytes = b""
+    message: str = ""
+    extents: list[tuple[int, int]] = field(default_factory=list)
+
+
+ClientEvent = HandshakeDone | ExportsListed | ReplyReceived
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    command: int
+    offset: int
+    length: int
+    data: bytearray | None = None
+    error: int = 0
+    message: str = ""
+    extents: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ClientConnection:
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        structured_replies: bool = True,
+        list_exports: bool = False,
+    ) -> None:
+        encode_string(export_name)  # validates the length
+        self.export_name = export_name
+        self._want_structured = structured_replies
+        self._list = list_exports
+        self._buf = ReceiveBuffer()
+        self._out: list[bytes] = []
+        self.state = ClientState.AWAIT_GREETING
+        self.structured_replies = False
+        self.no_zeroes = False
+        self.export: ExportInfo | None = None
+        self._option: int | None = None  # the option awaiting its reply
+        self._infos: dict[int, bytes] = {}
+        self._names: list[str] = []
+        self._pending_option_reply: tuple[int, int, int] | None = None
+        self._awaiting_export_name_reply = False
+        self._next_cookie = 1
+        self._outstanding: dict[int, _Outstanding] = {}
+        self._pending_reply: tuple[str, tuple[int, ...]] | None = None
+
+    # --- bytes in and out ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf.feed(data)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._outstanding)
+
+    def next_event(self) -> ClientEvent | NeedData:
+        while True:
+            if self.state is ClientState.TRANSMISSION:
+                return self._next_reply()
+            if self.state is ClientState.OPTIONS:
+                event = self._next_option_reply()
+                if event is None:
+                    continue
+                return event
+            if self.state is ClientState.AWAIT_GREETING:
+                if not self._greeting():
+                    return NEED_DATA
+                continue
+            return NEED_DATA
+
+    # --- handshake ----------------------------------------------------------------------
+
+    def _fail(self, message: str) -> PeerProtocolError:
+        self.state = ClientState.CLOSED
+        return PeerProtocolError(message)
+
+    def _greeting(self) -> bool:
+        values = self._buf.unpack(struct.Struct(">QQH"))
+        if values is None:
+            return False
+        magic, opt_magic, flags = values
+        if magic != NBDMAGIC:
+            raise self._fail(f"server greeting magic {magic:#x} is not NBDMAGIC")
+        if opt_magic != IHAVEOPT:
+            raise self._fail(f"server is not newstyle (magic {opt_magic:#x})")
+        if not flags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise self._fail("server does not speak fixed newstyle")
+        client = ClientFlag.FIXED_NEWSTYLE
+        if flags & HandshakeFlag.NO_ZEROES:
+            client |= ClientFlag.NO_ZEROES
+            self.no_zeroes = True
+        self._out.append(U32.pack(client))
+        self.state = ClientState.OPTIONS
+        if self._list:
+            self._send_option(Option.LIST)
+        elif self._want_structured:
+            self._send_option(Option.STRUCTURED_REPLY)
+        else:
+            self._send_go()
+        return True
+
+    def _send_option(self, option: int, data: bytes = b"") -> None:
+        self._option = option
+        self._out.append(encode_option(option, data))
+
+    def _send_go(self) -> None:
+        self._infos.clear()
+        self._send_option(Option.GO, encode_name_and_infos(self.export_name, (Info.BLOCK_SIZE,)))
+
+    def _next_option_reply(self) -> ClientEvent | NeedData | None:
+        if self._awaiting_export_name_reply:
+            return self._export_name_reply()
+        if self._pending_option_reply is None:
+            header = self._buf.unpack(OPTION_REPLY_HEADER)
+            if header is None:
+                return NEED_DATA
+            magic, option, reply, length = header
+            if magic != OPTION_REPLY_MAGIC:
+                raise self._fail(f"option reply magic {magic:#x} is wrong")
+            if option != self._option:
+                raise self._fail(f"reply to option {option} while {self._option} was asked")
+            if length > MAX_OPTION_REPLY:
+                raise self._fail(f"option reply of {length} bytes exceeds {MAX_OPTION_REPLY}")
+            self._pending_option_reply = (option, reply, length)
+        option, reply, length = self._pending_option_reply
+        data = self._buf.take(length)
+        if data is None:
+            return NEED_DATA
+        self._pending_option_reply = None
+        return self._handle_option_reply(option, reply, data)
+
+    def _handle_option_reply(self, option: int, reply: int, data: bytes) -> ClientEvent | None:
+        if reply & (1 << 31):
+            message = data.decode(errors="replace")
+            try:
+                label = Reply(reply).name
+            except ValueError:
+                label = f"error {reply:#x}"
+            if option == Option.STRUCTURED_REPLY:
+                self._send_go()  # the server only speaks simple replies
+                return None
+            if option == Option.GO and reply == Reply.ERR_UNSUP:
+                self._awaiting_export_name_reply = True
+                self._option = Option.EXPORT_NAME
+                self._out.append(encode_option(Option.EXPORT_NAME, self.export_name.encode()))
+                return None
+            raise self._fail(f"server refused {Option(option).name}: {label} {message}".strip())
+        if option == Option.LIST:
+            if reply == Reply.SERVER:
+                if len(data) < 4:
+                    raise self._fail("LIST reply too short")
+                (n,) = U32.unpack_from(data, 0)
+                if 4 + n > len(data):
+                    raise self._fail("LIST reply name runs past its data")
+                self._names.append(decode_string(data[4 : 4 + n], "export name"))
+                return None
+            if reply == Reply.ACK:
+                self._send_option(Option.ABORT)
+                self.state = ClientState.CLOSED
+                return ExportsListed(list(self._names))
+            raise self._fail(f"unexpected reply {reply} to LIST")
+        if option == Option.STRUCTURED_REPLY:
+            if reply != Reply.ACK:
+                raise self._fail(f"unexpected reply {reply} to STRUCTURED_REPLY")
+            self.structured_replies = True
+            self._send_go()
+            return None
+        if option == Option.GO:
+            if reply == Reply.INFO:
+                if len(data) < 2:
+                    raise self._fail("INFO reply too short")
+                (kind,) = U16.unpack_from(data, 0)
+                self._infos[kind] = data[2:]
+                return None
+            if reply == Reply.ACK:
+                return self._go_done()
+            raise self._fail(f"unexpected reply {reply} to GO")
+        raise self._fail(f"reply {reply} to option {option} that was not asked")
+
+    def _go_done(self) -> HandshakeDone:
+        raw = self._infos.get(Info.EXPORT)
+        if raw is None or len(raw) != 10:
+            raise self._fail("GO finished without a valid NBD_INFO_EXPORT")
+        size, flags = struct.unpack(">QH", raw)
+        sizes = BlockSizes()
+        bs = self._infos.get(Info.BLOCK_SIZE)
+        if bs is not None:
+            if len(bs) != 12:
+                raise self._fail("NBD_INFO_BLOCK_SIZE of wrong length")
+            try:
+                sizes = BlockSizes(*struct.unpack(">III", bs))
+            except ValueError as err:
+                raise self._fail(f"server sent invalid block sizes: {err}") from err
+        return self._ready(size, flags, sizes)
+
+    def _export_name_reply(self) -> ClientEvent | NeedData:
+        need = 10 if self.no_zeroes else 10 + EXPORT_NAME_PADDING
+        data = self._buf.take(need)
+        if data is None:
+            return NEED_DATA
+        size, flags = struct.unpack_from(">QH", data)
+        self._awaiting_export_name_reply = False
+        self.structured_replies = False
+        return self._ready(size, flags, BlockSizes())
+
+    def _ready(self, size: int, flags: int, sizes: BlockSizes) -> HandshakeDone:
+        self.export = ExportInfo(self.export_name, size, TransmissionFlag(flags), block_sizes=sizes)
+        self.state = ClientState.TRANSMISSION
+        self._option = None
+        return HandshakeDone(self.export, self.structured_replies)
+
+    # --- transmission -------------------------------------------------------------------
+
+    def request(
+        self,
+        command: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> tuple[int, bytes]:
+        """Register a request; return its cookie and header (the caller sends ``data``)."""
+        if self.state is not ClientState.TRANSMISSION:
+            raise LocalProtocolError(f"request in state {self.state.value}")
+        if command == Command.WRITE:
+            if data is None or len(data) != length:
+                raise LocalProtocolError("WRITE needs exactly `length` bytes of data")
+        elif data is not None:
+            raise LocalProtocolError(f"{Command(command).name} carries no data")
+        cookie = self._next_cookie
+        self._next_cookie = (cookie + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        if command != Command.DISC:
+            self._outstanding[cookie] = _Outstanding(command, offset, length)
+        else:
+            self.state = ClientState.CLOSED
+        return cookie, REQUEST_HEADER.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+
+    def _next_reply(self) -> ClientEvent | NeedData:
+        while True:
+            if self._pending_reply is None:
+                if len(self._buf) < 4:
+                    return NEED_DATA
+                magic = self._buf.unpack(U32)
+                assert magic is not None
+                if magic[0] == SIMPLE_REPLY_MAGIC:
+                    header = self._buf.unpack(struct.Struct(">IQ"))
+                    if header is None:
+                        self._rewind_magic(magic[0])
+                        return NEED_DATA
+                    self._pending_reply = ("simple", header)
+                elif magic[0] == STRUCTURED_REPLY_MAGIC:
+                    header = self._buf.unpack(struct.Struct(">HHQI"))
+                    if header is None:
+                        self._rewind_magic(magic[0])
+                        return NEED_DATA
+                    self._pending_reply = ("chunk", header)
+                else:
+                    raise self._fail(f"reply magic {magic[0]:#x} is not a reply")
+            kind, header = self._pending_reply
+            if kind == "simple":
+                event = self._simple(*header)
+            else:
+                event = self._chunk(*header)
+            if event is NEED_DATA:
+                return NEED_DATA
+            self._pending_reply = None
+            if event is not None:
+                return event
+
+    def _rewind_magic(self, magic: int) -> None:
+        # Put a consumed magic back in front; rare (header split across reads).
+        rest = self._buf.take(len(self._buf)) or b""
+        self._buf = ReceiveBuffer()
+        self._buf.feed(U32.pack(magic) + rest)
+
+    def _lookup(self, cookie: int) -> _Outstanding:
+        out = self._outstanding.get(cookie)
+        if out is None:
+            raise self._fail(f"reply for unknown cookie {cookie}")
+        return out
+
+    def _simple(self, error: int, cookie: int) -> ClientEvent | NeedData | None:
+        out = self._lookup(cookie)
+        data = b""
+        if out.command == Command.READ and error == 0:
+            got = self._buf.take(out.length)
+            if got is None:
+                return NEED_DATA
+            data = got
+        del self._outstanding[cookie]
+        return ReplyReceived(cookie, error, data)
+
+    def _chunk(
+        self, flags: int, kind: int, cookie: int, length: int
+    ) -> ClientEvent | NeedData | None:
+        out = self._lookup(cookie)
+        limit = out.length + 8 if kind == ChunkType.OFFSET_DATA else MAX_ERROR_MESSAGE + 16
+        if kind == ChunkType.BLOCK_STATUS:
+            limit = 4 + 8 * 65536
+        if length > limit:
+            raise self._fail(f"reply chunk of {length} bytes for a request of {out.length}")
+        payload = self._buf.take(length)
+        if payload is None:
+            return NEED_DATA
+        if kind == ChunkType.OFFSET_DATA:
+            self._place(out, payload[8:], payload, cookie)
+        elif kind == ChunkType.OFFSET_HOLE:
+            if length != 12:
+                raise self._fail("OFFSET_HOLE chunk of wrong length")
+            (offset, size) = struct.unpack(">QI", payload)
+            self._check_range(out, offset, size, cookie)
+            # Holes read as zeros, which a fresh buffer already holds.
+            if out.data is None:
+                out.data = bytearray(out.length)
+        elif kind == ChunkType.NONE:
+            if length != 0 or not flags & ReplyFlag.DONE:
+                raise self._fail("NONE chunk must be empty and final")
+        elif kind == ChunkType.BLOCK_STATUS:
+            if length < 12 or (length - 4) % 8:
+                raise self._fail("BLOCK_STATUS chunk of wrong length")
+            out.extents.extend(
+                struct.unpack_from(">II", payload, 4 + 8 * i) for i in range((length - 4) // 8)
+            )
+        elif kind in (ChunkType.ERROR, ChunkType.ERROR_OFFSET) or kind & (1 << 15):
+            if length < 6:
+                raise self._fail("error chunk too short")
+            error, mlen = struct.unpack_from(">IH", payload)
+            if error == 0:
+                raise self._fail("error chunk with error 0")
+            out.error = out.error or error
+            out.message = payload[6 : 6 + mlen].decode(errors="replace")
+        else:
+            raise self._fail(f"unknown reply chunk type {kind}")
+        if not flags & ReplyFlag.DONE:
+            return None
+        del self._outstanding[cookie]
+        data = b""
+        if out.command == Command.READ and not out.error:
+            data = bytes(out.data) if out.data is not None else bytes(out.length)
+        return ReplyReceived(cookie, out.error, data, out.message, out.extents)
+
+    def _check_range(self, out: _Outstanding, offset: int, size: int, cookie: int) -> None:
+        if out.command != Command.READ:
+            raise self._fail(f"data chunk in reply to {Command(out.command).name}")
+        if offset < out.offset or offset + size > out.offset + out.length:
+            raise self._fail(f"chunk {offset}+{size} outside request {out.offset}+{out.length}")
+
+    def _place(self, out: _Outstanding, data: bytes, payload: bytes, cookie: int) -> None:
+        if len(payload) < 8:
+            raise self._fail("OFFSET_DATA chunk too short")
+        (offset,) = U64.unpack_from(payload)
+        self._check_range(out, offset, len(data), cookie)
+        if out.data is None and offset == out.offset and len(data) == out.length:
+            out.data = bytearray(data)  # the common case: one chunk holds everything
+            return
+        if out.data is None:
+            out.data = bytearray(out.length)
+        start = offset - out.offset
+        out.data[start : start + len(data)] = data
+
+
+def errno_name(errno: int) -> str:
+    try:
+        return Errno(errno).name
+    except ValueError:
+        return str(errno)
