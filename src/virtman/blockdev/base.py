@@ -102,7 +102,7 @@ class BlockDevice(abc.ABC):
     def describe(self) -> str:
         return type(self).__name__
 
-    # --- checks shared by every device -------------------------------------------------
+    # --- checks shared by every device ----------------------------------------------------
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -81,7 +81,7 @@ class CachedDevice(BlockDevice):
     def describe(self) -> str:
         return f"cache {self.path} over {self.upstream.describe()}"
 
-    # --- lifecycle ------------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
         if self.state is DeviceState.OPEN:
@@ -148,7 +148,7 @@ class CachedDevice(BlockDevice):
                 except DeviceError as err:
                     log.error("cache sync failed: %s", err)
 
-    # --- status ---------------------------------------------------------------------------------
+    # --- status ---------------------------------------------------------------------------
 
     @property
     def chunks(self) -> int:
@@ -161,7 +161,7 @@ class CachedDevice(BlockDevice):
     def is_present(self, index: int) -> bool:
         return bool(self._store and self._store.present[index])
 
-    # --- reads ------------------------------------------------------------------------------------
+    # --- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)

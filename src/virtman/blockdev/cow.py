@@ -66,7 +66,7 @@ class CowDevice(BlockDevice):
     def describe(self) -> str:
         return f"overlay {self.path} over {self.base.describe()}"
 
-    # --- lifecycle ------------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
         if self.state is DeviceState.OPEN:
@@ -140,7 +140,7 @@ class CowDevice(BlockDevice):
             i = present.find(1, j) if j < n else -1
         return runs
 
-    # --- reads ------------------------------------------------------------------------------------
+    # --- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
@@ -179,7 +179,7 @@ class CowDevice(BlockDevice):
             raise
         return b"".join(p if isinstance(p, bytes) else p.result() for p in pieces)
 
-    # --- writes ------------------------------------------------------------------------------------
+    # --- writes ---------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.check_write(offset, len(data))

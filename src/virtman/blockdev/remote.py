@@ -140,7 +140,7 @@ class RemoteDevice(BlockDevice):
     def describe(self) -> str:
         return "remote " + ", ".join(p.key for p in self._paths)
 
-    # --- lifecycle ----------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
         if self.state is DeviceState.OPEN:
@@ -268,7 +268,7 @@ class RemoteDevice(BlockDevice):
             asyncio.get_running_loop().create_task(client.close())
         self._retired.append(path)
 
-    # --- status -------------------------------------------------------------------------------
+    # --- status ---------------------------------------------------------------------------
 
     def path_status(self) -> list[dict[str, object]]:
         return [
@@ -290,7 +290,7 @@ class RemoteDevice(BlockDevice):
             totals[p.key] = totals.get(p.key, 0) + p.stats.bytes_received
         return totals
 
-    # --- path choice --------------------------------------------------------------------------
+    # --- path choice ----------------------------------------------------------------------
 
     def _pick(self, tried: set[int]) -> _Path | None:
         up = [p for p in self._paths if p.state is PathState.UP and id(p) not in tried]
@@ -369,7 +369,7 @@ class RemoteDevice(BlockDevice):
             await asyncio.wait_for(self._changed.wait(), self.connect_timeout)
         return any(p.state is PathState.UP for p in self._paths)
 
-    # --- the block device interface -----------------------------------------------------------
+    # --- the block device interface -------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)

@@ -105,7 +105,7 @@ class StoreFile:
         #: Units present but whose map byte is not yet durable.
         self.pending: set[int] = set()
 
-    # --- opening ------------------------------------------------------------------------------
+    # --- opening --------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str, header: StoreHeader) -> StoreFile:
@@ -151,7 +151,7 @@ class StoreFile:
             os.close(self.fd)
             self.fd = -1
 
-    # --- units --------------------------------------------------------------------------------
+    # --- units ----------------------------------------------------------------------------
 
     def mark_present(self, first: int, last: int) -> None:
         """Units first..last (inclusive) now hold their data in the file."""
@@ -187,7 +187,7 @@ class StoreFile:
         self.pending.difference_update(batch)
         return len(batch)
 
-    # --- data -----------------------------------------------------------------------------------
+    # --- data -----------------------------------------------------------------------------
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, self.data_offset + offset)

@@ -144,7 +144,7 @@ class NbdClient:
         assert isinstance(done, HandshakeDone)
         return cls(address, transport, protocol, done.export)
 
-    # --- state ------------------------------------------------------------------------------
+    # --- state ----------------------------------------------------------------------------
 
     @property
     def size(self) -> int:
@@ -162,7 +162,7 @@ class NbdClient:
     def in_flight(self) -> int:
         return len(self._protocol.waiters)
 
-    # --- requests -----------------------------------------------------------------------------
+    # --- requests -------------------------------------------------------------------------
 
     async def _request(
         self,

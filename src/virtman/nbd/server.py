@@ -512,7 +512,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self._closed:
             self.transport.write(self.codec.error_reply(request, errno, str(err)))
 
-    # --- shutdown ---------------------------------------------------------------------------
+    # --- shutdown -------------------------------------------------------------------------
 
     def drain(self) -> None:
         """Take no new requests; close once those in flight are answered."""

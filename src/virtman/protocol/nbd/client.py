@@ -132,7 +132,7 @@ class ClientConnection:
         self._outstanding: dict[int, _Outstanding] = {}
         self._pending_reply: tuple[str, tuple[int, ...]] | None = None
 
-    # --- bytes in and out ---------------------------------------------------------------
+    # --- bytes in and out -----------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buf.feed(data)
@@ -161,7 +161,7 @@ class ClientConnection:
                 continue
             return NEED_DATA
 
-    # --- handshake ----------------------------------------------------------------------
+    # --- handshake ------------------------------------------------------------------------
 
     def _fail(self, message: str) -> PeerProtocolError:
         self.state = ClientState.CLOSED
@@ -302,7 +302,7 @@ class ClientConnection:
         self._option = None
         return HandshakeDone(self.export, self.structured_replies)
 
-    # --- transmission -------------------------------------------------------------------
+    # --- transmission ---------------------------------------------------------------------
 
     def request(
         self,

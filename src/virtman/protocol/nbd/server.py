@@ -193,7 +193,7 @@ class ServerConnection:
         self._discarding = 0  # payload bytes of a refused WRITE still to drop
         self._discard_event: RequestRefused | None = None
 
-    # --- bytes in and out ---------------------------------------------------------------
+    # --- bytes in and out -----------------------------------------------------------------
 
     def initiate(self) -> bytes:
         """The greeting, to be sent once the connection is accepted."""
@@ -231,7 +231,7 @@ class ServerConnection:
                 continue
             return NEED_DATA
 
-    # --- handshake ----------------------------------------------------------------------
+    # --- handshake ------------------------------------------------------------------------
 
     def _accept_client_flags(self, flags: int) -> None:
         known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
@@ -437,7 +437,7 @@ class ServerConnection:
         self.state = ServerState.TRANSMISSION
         return ExportSelected(export, self.structured_replies)
 
-    # --- transmission -------------------------------------------------------------------
+    # --- transmission ---------------------------------------------------------------------
 
     def _next_request(self) -> ServerEvent | NeedData:
         if self._discarding:
@@ -523,7 +523,7 @@ class ServerConnection:
         # Zero-length requests are left unspecified by the protocol; they succeed as no-ops.
         return None
 
-    # --- replies ------------------------------------------------------------------------
+    # --- replies --------------------------------------------------------------------------
 
     def reply(self, request: Request, data: bytes | bytearray | memoryview | None = None) -> bytes:
         """The header of a successful reply; the caller sends ``data`` (READ) after it."""
