@@ -158,12 +158,12 @@ class RemoteDevice(BlockDevice):
 
     async def close(self) -> None:
         for path in self._paths + self._retired:
+            path.state = PathState.RETIRED
             if path.reconnect_task is not None:
                 path.reconnect_task.cancel()
-            if path.client is not None:
-                await path.client.close()
-                path.client = None
-            path.state = PathState.RETIRED
+            client, path.client = path.client, None
+            if client is not None:
+                await client.close()
         self.state = DeviceState.CLOSED
 
     async def _connect(self, path: _Path) -> None:
@@ -186,12 +186,18 @@ class RemoteDevice(BlockDevice):
             await client.close()
             return
         path.client = client
+        client.on_close(lambda c: self._lost(path, c))
         path.state = PathState.UP
         path.stats.connects += 1
         if path.stats.connects > 1:
             log.info("upstream %s is back up", path.key)
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _lost(self, path: _Path, client: NbdClient) -> None:
+        # The connection went away by itself: do not wait for a request to notice.
+        if path.client is client:
+            self._mark_down(path, "connection closed")
 
     def _mark_down(self, path: _Path, reason: str) -> None:
         if path.state is PathState.RETIRED:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import cast
 
 from virtman.errors import NbdRequestError, NetworkError, PeerProtocolError, VirtmanError
@@ -262,6 +263,10 @@ class NbdClient:
 
     def abort(self) -> None:
         self._transport.abort()
+
+    def on_close(self, callback: Callable[[NbdClient], object]) -> None:
+        """Call ``callback(self)`` once the connection is gone, for whatever reason."""
+        self._protocol.closed.add_done_callback(lambda _: callback(self))
 
 
 async def list_exports(
