@@ -135,6 +135,8 @@ def crash(device: object) -> None:
             task = getattr(dev, attr, None)
             if task is not None:
                 task.cancel()
+        if isinstance(dev, RemoteDevice):
+            dev.abort()
         store = getattr(dev, "_store", None)
         if store is not None and store.fd >= 0:
             os.close(store.fd)

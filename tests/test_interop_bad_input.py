@@ -73,13 +73,17 @@ class RawNbd:
             buf += chunk
         return bytes(buf)
 
-    def closed_by_server(self) -> bool:
-        """True once the server closes the connection (after any bytes it still sends)."""
+    def closed_by_server(self, timeout: float = 10) -> bool:
+        """True once the server closes the connection (after any bytes it still sends);
+        False if it is still open after `timeout` seconds."""
+        self.sock.settimeout(timeout)
         try:
             while self.sock.recv(65536):
                 pass
         except ConnectionResetError:
             pass
+        except TimeoutError:
+            return False
         return True
 
     # handshake
@@ -212,6 +216,24 @@ def test_garbage_client_flags_close_only_that_connection(ro_server) -> None:
         errno, data = bystander.read(0, 4096)
         assert errno == 0 and len(data) == 4096
     assert_still_serving(ro_server)
+    assert_one_warning(ro_server, "broke the protocol")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: unknown client flag bits are accepted: `flags & ~known` is always 0 "
+    "because ~ of an enum.IntFlag only keeps the enum's own bits (server.py "
+    "_accept_client_flags); the spec says the server MUST close the connection",
+)
+def test_unknown_client_flag_bits_close_the_connection(ro_server) -> None:
+    require("nbdinfo")
+    with RawNbd(ro_server.socket) as bad:
+        bad.greeting()
+        flags = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES | (1 << 31)
+        bad.sock.sendall(struct.pack(">I", flags))
+        assert bad.closed_by_server(timeout=2), "server went on with unknown client flags"
+    assert_still_serving(ro_server)
     assert_one_warning(ro_server, "broke the protocol", "client flags")
 
 
@@ -293,6 +315,23 @@ def test_oversized_write_payload_is_discarded(rw_server, image) -> None:
     assert path.read_bytes() == data
     assert rw_server.proc.poll() is None
     assert_one_warning(rw_server, "refused WRITE", "exceeds the maximum", "EINVAL")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: command flag bits the protocol does not define (bits 6-15) are accepted "
+    "on READ/WRITE/TRIM/WRITE_ZEROES/BLOCK_STATUS: `flags & ~allowed` with an IntFlag "
+    "`allowed` drops undefined bits (server.py _check); the spec says SHOULD be EINVAL",
+)
+def test_unknown_command_flag_is_einval(ro_server, image) -> None:
+    with connect(ro_server) as nbd:
+        cookie = nbd.request(Command.READ, 0, 512, flags=1 << 15)
+        errno, _ = nbd.reply(cookie, 512)
+        assert errno == Errno.EINVAL
+        assert nbd.read(0, 512) == (0, image[1][:512])
+    assert ro_server.proc.poll() is None
+    assert_one_warning(ro_server, "refused READ", "EINVAL")
 
 
 def test_bad_request_magic_closes_only_that_connection(ro_server) -> None:

@@ -166,6 +166,17 @@ class RemoteDevice(BlockDevice):
                 await client.close()
         self.state = DeviceState.CLOSED
 
+    def abort(self) -> None:
+        """Drop every connection now, waiting for nothing (the process is going away)."""
+        for path in self._paths + self._retired:
+            path.state = PathState.RETIRED
+            if path.reconnect_task is not None:
+                path.reconnect_task.cancel()
+            client, path.client = path.client, None
+            if client is not None:
+                client.abort()
+        self.state = DeviceState.CLOSED
+
     async def _connect(self, path: _Path) -> None:
         try:
             client = await NbdClient.connect(path.address, timeout=self.connect_timeout)
