@@ -75,7 +75,8 @@ class Served:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[object]:
-    """Factory: serve(*args, name=...) starts `virtman serve ... --socket S` and returns it."""
+    """Factory: serve("serve", ..., export=NAME) runs `virtman serve ... --socket S --export
+    NAME` and returns it once it serves; every process it started is killed at teardown."""
     started: list[Served] = []
     counter = iter(range(1000))
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from devices import image_bytes
+
 from virtman.blockdev import FaultyDevice, MemoryDevice, PathPolicy, RemoteDevice
 from virtman.errors import DeviceError, InvalidRequest
 from virtman.nbd.server import NbdServer

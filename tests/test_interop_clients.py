@@ -177,8 +177,8 @@ def test_qemu_io_zeroes_and_fua_through_overlay(serve, tmp_path: Path) -> None:
         ("write -z 100 50", (0x00, 100, 50)),  # inside one block
         ("write -z 5000 20000", (0x00, 5000, 20000)),  # partial edges, whole blocks inside
         ("write -f -P 0x77 30000 3000", (0x77, 30000, 3000)),  # FUA
-        ("write -P 0x42 %d 1500" % (size - 1500), (0x42, size - 1500, 1500)),  # last block
-        ("write -z %d 4000" % (size - 4000), (0x00, size - 4000, 4000)),  # zeroes to the end
+        (f"write -P 0x42 {size - 1500} 1500", (0x42, size - 1500, 1500)),  # last block
+        (f"write -z {size - 4000} 4000", (0x00, size - 4000, 4000)),  # zeroes to the end
     ]
     qemu_io(ov.uri, *[cmd for cmd, _ in ops])
     writes = [w for _, w in ops]
@@ -248,12 +248,6 @@ def test_relay_restart_reuses_cache(serve, tmp_path: Path) -> None:
     assert nbdcopy(relay.uri, tmp_path / "second.img") == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: a relay cannot start while its upstream is down, even with a full cache: "
-    "CachedDevice.open() awaits RemoteDevice.open(), which raises NetworkError",
-)
 def test_relay_restart_with_origin_down_serves_warm_cache(serve, tmp_path: Path) -> None:
     require("nbdcopy", "qemu-img")
     img = tmp_path / "disk.img"
@@ -272,12 +266,7 @@ def test_relay_restart_with_origin_down_serves_warm_cache(serve, tmp_path: Path)
     assert nbdcopy(relay.uri, tmp_path / "second.img") == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `--upstream` help says the last URI is the fallback, but build_device() "
-    "makes every URI a primary path, so reads are spread over the fallback too",
-)
-def test_last_upstream_is_only_a_fallback(serve, tmp_path: Path) -> None:
+def test_fallback_is_used_only_while_no_upstream_is_up(serve, tmp_path: Path) -> None:
     require("nbdcopy")
     # Two origins of the same size but different bytes show which one served each chunk.
     primary_img, fallback_img = tmp_path / "primary.img", tmp_path / "fallback.img"
@@ -285,7 +274,7 @@ def test_last_upstream_is_only_a_fallback(serve, tmp_path: Path) -> None:
     make_image(fallback_img, 2 * MiB, seed=2)
     primary = serve("serve", str(primary_img), "--read-only", export="disk")
     fallback = serve("serve", str(fallback_img), "--read-only", export="disk")
-    relay = _relay(serve, [primary.uri, fallback.uri], tmp_path / "cache")
+    relay = _relay(serve, [primary.uri], tmp_path / "cache", "--fallback", fallback.uri)
     assert nbdcopy(relay.uri, tmp_path / "copy.img") == primary_data
 
 

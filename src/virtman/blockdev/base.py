@@ -55,6 +55,14 @@ class BlockDevice(abc.ABC):
         """Make the device usable. Idempotent."""
         self.state = DeviceState.OPEN
 
+    async def open_offline(self, size: int) -> bool:
+        """Open without reaching the device's source, trusting a size known from before.
+
+        Only devices whose source may come back later (a remote) can; they return True
+        and keep trying to reach it. The default cannot and returns False.
+        """
+        return False
+
     async def close(self) -> None:
         """Flush what is pending and release resources. Idempotent."""
         self.state = DeviceState.CLOSED

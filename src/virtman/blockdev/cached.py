@@ -29,7 +29,7 @@ import os
 from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.blockdev.manifest import Manifest
 from virtman.blockdev.store import StoreFile, StoreHeader
-from virtman.errors import ConfigError, DeviceError
+from virtman.errors import ConfigError, DeviceError, NetworkError
 from virtman.limits import (
     CACHE_SYNC_INTERVAL_SECONDS,
     DEFAULT_CHUNK_SIZE,
@@ -86,7 +86,15 @@ class CachedDevice(BlockDevice):
     async def open(self) -> None:
         if self.state is DeviceState.OPEN:
             return
-        await self.upstream.open()
+        try:
+            await self.upstream.open()
+        except NetworkError:
+            # A cache made earlier for this image serves what it holds while the
+            # upstream is away, and fetches the rest once it is back.
+            size = self._size_of_existing_store()
+            if size is None or not await self.upstream.open_offline(size):
+                raise
+            log.warning("upstream of %s unreachable; serving from the cache", self.path)
         self.size = self.upstream.size
         if self.manifest is not None and self.manifest.size != self.size:
             raise ConfigError(
@@ -102,9 +110,26 @@ class CachedDevice(BlockDevice):
         self._syncer = asyncio.get_running_loop().create_task(self._sync_loop())
         self.state = DeviceState.OPEN
 
+    def _size_of_existing_store(self) -> int | None:
+        """The device size an existing store of this image records, if there is one."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            store = StoreFile.open(self.path)
+        except (ConfigError, DeviceError):
+            return None
+        os.close(store.fd)
+        header = store.header
+        if header.kind != "cache" or header.unit != self.chunk_size or \
+                header.meta != self._identity():
+            return None
+        return header.size
+
+    def _identity(self) -> dict[str, str]:
+        return {"image": self.manifest.fingerprint() if self.manifest is not None else ""}
+
     def _wanted_header(self) -> StoreHeader:
-        identity = self.manifest.fingerprint() if self.manifest is not None else ""
-        return StoreHeader("cache", self.size, self.chunk_size, {"image": identity})
+        return StoreHeader("cache", self.size, self.chunk_size, self._identity())
 
     def _open_store(self) -> StoreFile:
         wanted = self._wanted_header()

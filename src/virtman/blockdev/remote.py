@@ -166,6 +166,17 @@ class RemoteDevice(BlockDevice):
                 await client.close()
         self.state = DeviceState.CLOSED
 
+    async def open_offline(self, size: int) -> bool:
+        """Open with no path up: requests wait for a path while they reconnect."""
+        self.size = size
+        for path in self._paths:
+            if path.state is not PathState.UP:
+                self._mark_down(path, path.last_error or "not connected yet")
+        self.state = DeviceState.OPEN
+        log.warning("%s opened with no upstream path up; reconnecting in the background",
+                    self.describe())
+        return True
+
     def abort(self) -> None:
         """Drop every connection now, waiting for nothing (the process is going away)."""
         for path in self._paths + self._retired:

@@ -18,6 +18,7 @@ import signal
 from typing import Any
 
 from virtman.blockdev.base import BlockDevice
+from virtman.blockdev.remote import PathPolicy
 from virtman.errors import ConfigError
 from virtman.limits import DEFAULT_CHUNK_SIZE, DEFAULT_COW_BLOCK_SIZE
 from virtman.protocol.uri import parse_listen, parse_nbd_uri
@@ -39,7 +40,20 @@ def add_parser(sub: Any) -> None:
         action="append",
         metavar="URI",
         default=[],
-        help="NBD URI of an upstream (repeat for several paths; last is the fallback)",
+        help="NBD URI of an upstream; repeat for several paths, which share the load",
+    )
+    p.add_argument(
+        "--fallback",
+        action="append",
+        metavar="URI",
+        default=[],
+        help="NBD URI used only while no --upstream path is up (e.g. the origin)",
+    )
+    p.add_argument(
+        "--path-policy",
+        choices=[policy.value for policy in PathPolicy],
+        default=PathPolicy.ROUND_ROBIN.value,
+        help="how each request picks among the --upstream paths (default round-robin)",
     )
     p.add_argument("--cache-dir", metavar="DIR", help="cache directory of a relay")
     p.add_argument(
@@ -97,8 +111,8 @@ def _mode(args: argparse.Namespace) -> str:
     mode = modes[0]
     if mode == "relay" and not args.cache_dir:
         raise ConfigError("--upstream needs --cache-dir DIR")
-    if mode != "relay" and (args.cache_dir or args.manifest):
-        raise ConfigError("--cache-dir and --manifest only go with --upstream")
+    if mode != "relay" and (args.cache_dir or args.manifest or args.fallback):
+        raise ConfigError("--cache-dir, --fallback and --manifest only go with --upstream")
     if mode == "overlay" and not (args.base and args.overlay):
         raise ConfigError("an overlay needs both --base URI and --overlay FILE")
     if not args.socket and not args.listen:
@@ -121,8 +135,9 @@ def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
         return FileDevice(args.file, read_only=args.read_only), os.path.basename(args.file)
     if mode == "relay":
         addresses = [parse_nbd_uri(u) for u in args.upstream]
+        fallbacks = [parse_nbd_uri(u) for u in args.fallback]
         manifest = load_manifest(args.manifest) if args.manifest else None
-        remote = RemoteDevice(addresses)
+        remote = RemoteDevice(addresses, fallbacks=fallbacks, policy=PathPolicy(args.path_policy))
         device = CachedDevice(remote, args.cache_dir, chunk_size=args.chunk_size, manifest=manifest)
         return device, addresses[0].export
     base_address = parse_nbd_uri(args.base)

@@ -59,7 +59,8 @@ def parse_nbd_uri(uri: str) -> NbdAddress:
         raise ConfigError(f"NBD URI {uri!r}: scheme must be nbd:// or nbd+unix://")
     path = parts.path
     export = unquote(path[1:] if path.startswith("/") else path)
-    query = parse_qs(parts.query, keep_blank_values=True)
+    # parse_qs decodes '+' as a space (form encoding); in a URI it is a literal '+'.
+    query = parse_qs(parts.query.replace("+", "%2B"), keep_blank_values=True)
     if scheme == "nbd+unix":
         if parts.netloc:
             raise ConfigError(f"NBD URI {uri!r}: nbd+unix:// takes no host (use ?socket=PATH)")

@@ -293,7 +293,6 @@ class ClientConnection:
             return NEED_DATA
         size, flags = struct.unpack_from(">QH", data)
         self._awaiting_export_name_reply = False
-        self.structured_replies = False
         return self._ready(size, flags, BlockSizes())
 
     def _ready(self, size: int, flags: int, sizes: BlockSizes) -> HandshakeDone:

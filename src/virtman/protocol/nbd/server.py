@@ -189,6 +189,7 @@ class ServerConnection:
         self._options_seen = 0
         # A parsed option or request header whose payload has not fully arrived.
         self._pending_option: tuple[int, int] | None = None
+        self._option_discarded = 0  # payload bytes of an oversized option dropped so far
         self._pending_request: tuple[int, int, int, int, int] | None = None
         self._discarding = 0  # payload bytes of a refused WRITE still to drop
         self._discard_event: RequestRefused | None = None
@@ -235,7 +236,7 @@ class ServerConnection:
 
     def _accept_client_flags(self, flags: int) -> None:
         known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
-        if flags & ~known:
+        if flags & ~int(known):
             self.state = ServerState.CLOSED
             raise PeerProtocolError(f"client flags {flags:#x} include unknown bits")
         self.client_flags = ClientFlag(flags)
@@ -258,10 +259,11 @@ class ServerConnection:
         option, length = self._pending_option
         if length > self._max_option_length:
             # Drop the payload as it streams in, then refuse the option.
-            self._pending_option = (option, length - self._buf.discard(length))
-            if self._pending_option[1]:
+            self._option_discarded += self._buf.discard(length - self._option_discarded)
+            if self._option_discarded < length:
                 return NEED_DATA
             self._pending_option = None
+            self._option_discarded = 0
             if option == Option.EXPORT_NAME:
                 self.state = ServerState.CLOSED
                 raise PeerProtocolError(f"EXPORT_NAME of {length} bytes is too long")
@@ -386,6 +388,8 @@ class ServerConnection:
     def _meta_context(self, option: int, data: bytes) -> ServerEvent | None:
         # Layout: export name (u32 len + bytes), u32 query count, queries (u32 len + bytes).
         label = Option(option).name
+        if option == Option.SET_META_CONTEXT:
+            self.base_allocation = False  # replaced even when this option fails
         if not self.structured_replies:
             return self._refuse(
                 option, Reply.ERR_INVALID, f"{label} before STRUCTURED_REPLY was negotiated"
@@ -440,7 +444,7 @@ class ServerConnection:
     # --- transmission ---------------------------------------------------------------------
 
     def _next_request(self) -> ServerEvent | NeedData:
-        if self._discarding:
+        if self._discard_event is not None:
             self._discarding -= self._buf.discard(self._discarding)
             if self._discarding:
                 return NEED_DATA
@@ -494,9 +498,11 @@ class ServerConnection:
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             return Errno.EINVAL, f"{label} is not supported"
+        if export.flags & TransmissionFlag.SEND_FUA:
+            allowed |= CommandFlag.FUA  # the spec: accept FUA on every command
         if command == Command.WRITE_ZEROES and not export.flags & TransmissionFlag.SEND_FAST_ZERO:
             allowed &= ~CommandFlag.FAST_ZERO
-        if flags & ~allowed:
+        if flags & ~int(allowed):  # ~IntFlag only covers the defined bits
             return Errno.EINVAL, f"{label} with flags {flags:#x} not valid for it"
         if command == Command.READ and flags & CommandFlag.DF and not self.structured_replies:
             return Errno.EINVAL, "READ with DF flag without structured replies"
@@ -534,6 +540,7 @@ class ServerConnection:
                     raise LocalProtocolError(
                         f"READ reply of {len(data)} bytes for {request.length} requested"
                     )
+            if request.command == Command.READ and request.length:
                 return STRUCTURED_HEADER.pack(
                     STRUCTURED_REPLY_MAGIC,
                     ReplyFlag.DONE,
