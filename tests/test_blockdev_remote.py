@@ -190,3 +190,18 @@ async def test_caller_errors_are_not_retried(origins: Origins) -> None:
         await dev.read(SIZE - 1, 2)
     assert info.value.errno == 22
     await dev.close()
+
+
+async def test_bad_data_is_refetched_from_another_path(origins: Origins) -> None:
+    good = image_bytes(SIZE)
+    bad_uri = await origins.start("bad", data=bytes(SIZE))  # same size, wrong bytes
+    origin = await origins.start("origin")
+    dev = RemoteDevice([bad_uri], fallbacks=[origin])
+    await dev.open()
+    data = await dev.read_verified(0, 4096, lambda d: d == good[:4096], attempts=3)
+    assert data == good[:4096]
+    assert dev.stats.extra["bad_data"] == 1
+    assert dev.bytes_received_by_path()[origin] == 4096
+    with pytest.raises(DeviceError):
+        await dev.read_verified(0, 4096, lambda d: False, attempts=3)
+    await dev.close()

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -311,3 +312,21 @@ def test_relay_fails_over_when_an_upstream_is_killed_mid_read(serve, tmp_path: P
     assert out.read_bytes() == data
     assert "is down" in relay.log.read_text()
     assert relay.proc.poll() is None and o2.proc.poll() is None
+
+
+def test_manifest_rejects_a_parent_serving_wrong_bytes(serve, tmp_path: Path) -> None:
+    require("nbdcopy")
+    good_img, bad_img = tmp_path / "good.img", tmp_path / "bad.img"
+    good = make_image(good_img, 2 * MiB, seed=1)
+    make_image(bad_img, 2 * MiB, seed=2)
+    manifest = tmp_path / "disk.manifest"
+    digest = subprocess.run(
+        [sys.executable, "-m", "virtman", "digest", str(good_img), "--chunk-size", "64K",
+         "-o", str(manifest)], capture_output=True, text=True, check=False)
+    assert digest.returncode == 0, digest.stderr
+    bad = serve("serve", str(bad_img), "--read-only", export="disk")
+    origin = serve("serve", str(good_img), "--read-only", export="disk")
+    relay = _relay(serve, [bad.uri], tmp_path / "cache", "--fallback", origin.uri,
+                   "--chunk-size", "64K", "--manifest", str(manifest))
+    assert nbdcopy(relay.uri, tmp_path / "copy.img") == good
+    assert relay.log.read_text().count("failed its digest") == 32  # every chunk, once

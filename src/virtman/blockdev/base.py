@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from virtman.errors import InvalidRequest
+from virtman.errors import DeviceError, InvalidRequest
 from virtman.protocol.nbd.constants import Errno
 
 
@@ -77,6 +78,22 @@ class BlockDevice(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes at ``offset``."""
+
+    async def read_verified(
+        self, offset: int, length: int, check: Callable[[bytes], bool], attempts: int
+    ) -> bytes:
+        """Read until the data passes ``check``, at most ``attempts`` times.
+
+        Devices with several sources (``RemoteDevice``) take each attempt from another
+        one; raise ``DeviceError`` (EIO) when no attempt passes.
+        """
+        for _ in range(attempts):
+            data = await self.read(offset, length)
+            if check(data):
+                return data
+            self.stats.bump("bad_data")
+        raise DeviceError(f"{self.describe()}: READ offset={offset} length={length} failed "
+                          f"its check {attempts} times", errno=Errno.EIO)
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         """Write ``data`` at ``offset``; durable on return when ``fua``."""

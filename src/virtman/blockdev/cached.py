@@ -242,23 +242,31 @@ class CachedDevice(BlockDevice):
         start = index * self.chunk_size
         length = min(self.chunk_size, self.size - start)
         async with self._fetch_slots:
-            for attempt in range(1, self.max_digest_retries + 1):
+            if self.manifest is None:
                 data = await self.upstream.read(start, length)
-                if self.manifest is None or self.manifest.matches(index, data):
-                    break
-                self.stats.bump("digest_mismatches")
-                log.warning(
-                    "chunk %d of %s failed its digest (attempt %d of %d); refetching",
-                    index,
-                    self.path,
-                    attempt,
-                    self.max_digest_retries,
-                )
             else:
-                raise DeviceError(
-                    f"chunk {index} failed its digest {self.max_digest_retries} times; not served",
-                    errno=Errno.EIO,
-                )
+                manifest = self.manifest
+                mismatches = 0
+
+                def check(data: bytes) -> bool:
+                    nonlocal mismatches
+                    if manifest.matches(index, data):
+                        return True
+                    mismatches += 1
+                    log.warning("chunk %d of %s failed its digest; refetching", index, self.path)
+                    return False
+
+                try:
+                    data = await self.upstream.read_verified(
+                        start, length, check, self.max_digest_retries)
+                except DeviceError as err:
+                    if not mismatches:
+                        raise
+                    raise DeviceError(f"chunk {index} failed its digest {mismatches} times; "
+                                      f"not served ({err})", errno=Errno.EIO) from err
+                finally:
+                    if mismatches:
+                        self.stats.bump("digest_mismatches", mismatches)
         if self._store is not store:
             return  # closed while fetching
         store.pwrite(start, data)

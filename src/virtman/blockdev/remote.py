@@ -339,9 +339,28 @@ class RemoteDevice(BlockDevice):
         received: int = 0,
         sent: int = 0,
     ) -> T:
+        result, _ = await self._call_path(what, offset, length, op, received=received, sent=sent)
+        return result
+
+    async def _call_path(
+        self,
+        what: str,
+        offset: int,
+        length: int,
+        op: Callable[[NbdClient], Awaitable[T]],
+        *,
+        received: int = 0,
+        sent: int = 0,
+        avoid: frozenset[str] = frozenset(),
+    ) -> tuple[T, _Path]:
+        """Run ``op`` on one path after another until one succeeds; return it and the path.
+
+        Paths whose key is in ``avoid`` are not used at all.
+        """
         failures: list[str] = []
+        avoided = {id(p) for p in self._paths if p.key in avoid}
         for _ in range(self.max_rounds):
-            tried: set[int] = set()
+            tried: set[int] = set(avoided)
             while True:
                 path = self._pick(tried)
                 if path is None:
@@ -376,7 +395,7 @@ class RemoteDevice(BlockDevice):
                 path.stats.bytes_sent += sent
                 if failures:
                     self.stats.bump("failovers")
-                return result
+                return result, path
             # Every path that is up has failed this request in this round; wait for a
             # path to (re)connect before the next round.
             if not await self._wait_for_path():
@@ -407,6 +426,39 @@ class RemoteDevice(BlockDevice):
         self.stats.reads += 1
         self.stats.bytes_read += length
         return data
+
+    async def read_verified(
+        self, offset: int, length: int, check: Callable[[bytes], bool], attempts: int
+    ) -> bytes:
+        """Read, and on data failing ``check`` read again from another path each time.
+
+        A path that sent bad data is not asked again for this range: the next attempt
+        goes to another primary, then to the fallbacks.
+        """
+        self.check_range(offset, length)
+        bad: set[str] = set()
+        for attempt in range(1, attempts + 1):
+            try:
+                data, path = await self._call_path(
+                    "READ", offset, length, lambda c: c.read(offset, length),
+                    received=length, avoid=frozenset(bad))
+            except DeviceError:
+                if not bad:
+                    raise
+                bad.clear()  # every path has sent bad data once: try them all again
+                continue
+            if check(data):
+                self.stats.reads += 1
+                self.stats.bytes_read += length
+                return data
+            path.stats.errors += 1
+            self.stats.bump("bad_data")
+            log.warning("upstream %s sent data failing its check at offset %d (attempt %d of %d)",
+                        path.key, offset, attempt, attempts)
+            bad.add(path.key)
+        raise DeviceError(f"READ offset={offset} length={length}: data failed its check "
+                          f"{attempts} times, from {', '.join(sorted(bad)) or 'every path'}",
+                          errno=Errno.EIO)
 
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.check_write(offset, len(data))

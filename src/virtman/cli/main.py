@@ -36,9 +36,10 @@ def build_parser() -> ArgumentParser:
         help="logging threshold",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    from virtman.cli import bench, serve
+    from virtman.cli import bench, digest, serve
 
     serve.add_parser(sub)
+    digest.add_parser(sub)
     bench.add_parser(sub)
     return parser
 
