@@ -17,6 +17,7 @@ from typing import cast
 
 from virtman.errors import NbdRequestError, NetworkError, PeerProtocolError, VirtmanError
 from virtman.limits import CONNECT_TIMEOUT_SECONDS
+from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import NEED_DATA, ClientConnection, Command, CommandFlag, ExportInfo
 from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyReceived, errno_name
 from virtman.protocol.nbd.constants import TransmissionFlag
@@ -39,6 +40,7 @@ class _ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
+        set_socket_buffers(self.transport)
 
     def data_received(self, data: bytes) -> None:
         codec = self.codec

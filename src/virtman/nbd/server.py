@@ -44,6 +44,7 @@ from virtman.limits import (
     PREFERRED_BLOCK_SIZE,
     SHUTDOWN_GRACE_SECONDS,
 )
+from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import (
     NEED_DATA,
     BlockSizes,
@@ -295,6 +296,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
+        set_socket_buffers(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.server._connections.add(self)
