@@ -12,7 +12,7 @@ def add_parser(sub: Any) -> None:
     nbd = kinds.add_parser(
         "nbd", help="NBD server throughput against qemu-nbd and nbdkit", add_help=False
     )
-    nbd.add_argument("rest", nargs=argparse.REMAINDER)
+    nbd.add_argument("rest", nargs="*", help="options of the benchmark (see --help)")
     nbd.set_defaults(run=_run_nbd)
 
 

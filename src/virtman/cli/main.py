@@ -45,6 +45,12 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Benchmarks parse their own options: hand them everything after their name.
+    if argv[:2] == ["bench", "nbd"]:
+        from virtman.bench.nbd import main as bench_nbd
+
+        return bench_nbd(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
