@@ -7,7 +7,6 @@ same files), so the same tests run against all of them.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.memory import MemoryDevice
 from virtman.blockdev.remote import RemoteDevice
+from virtman.blockdev.store import StoreFile
 from virtman.nbd.server import NbdServer
 
 KINDS = ["memory", "file", "remote", "cached", "cow", "cow-over-cached-remote"]
@@ -129,18 +129,13 @@ async def build(kind: str, tmp: Path, size: int = 1 << 20, *, chunk_size: int = 
 
 
 def crash(device: object) -> None:
-    """Abandon a device as a SIGKILL would: stop its tasks, close its fds, sync nothing."""
+    """Abandon a device as a SIGKILL would: drop connections, close fds, sync nothing."""
     for dev in _stack(device):
-        for attr in ("_syncer",):
-            task = getattr(dev, attr, None)
-            if task is not None:
-                task.cancel()
         if isinstance(dev, RemoteDevice):
             dev.abort()
         store = getattr(dev, "_store", None)
-        if store is not None and store.fd >= 0:
-            os.close(store.fd)
-            store.fd = -1
+        if isinstance(store, StoreFile):
+            store.abandon()
 
 
 def _stack(device: object) -> list[object]:

@@ -21,7 +21,6 @@ torn. A store made for another image (other size, chunk size or manifest) is dis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -76,7 +75,6 @@ class CachedDevice(BlockDevice):
         self._store: StoreFile | None = None
         self._fetches: dict[int, asyncio.Task[None]] = {}
         self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
-        self._syncer: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         return f"cache {self.path} over {self.upstream.describe()}"
@@ -107,7 +105,7 @@ class CachedDevice(BlockDevice):
             log.info(
                 "cache %s reused: %d of %d chunks held", self.path, held, self._store.header.units
             )
-        self._syncer = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._store.start_syncing(self.sync_interval)
         self.state = DeviceState.OPEN
 
     def _size_of_existing_store(self) -> int | None:
@@ -148,30 +146,16 @@ class CachedDevice(BlockDevice):
         return StoreFile.create(self.path, wanted)
 
     async def close(self) -> None:
-        if self._syncer is not None:
-            self._syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._syncer
-            self._syncer = None
         for task in list(self._fetches.values()):
             task.cancel()
         if self._fetches:
             await asyncio.gather(*self._fetches.values(), return_exceptions=True)
         if self._store is not None:
-            await asyncio.to_thread(self._store.close)
+            await self._store.aclose()
             self._store = None
         await self.upstream.close()
         self.state = DeviceState.CLOSED
 
-    async def _sync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.sync_interval)
-            store = self._store
-            if store is not None and store.pending:
-                try:
-                    await asyncio.to_thread(store.sync)
-                except DeviceError as err:
-                    log.error("cache sync failed: %s", err)
 
     # --- status ---------------------------------------------------------------------------
 

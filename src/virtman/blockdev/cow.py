@@ -25,7 +25,6 @@ in the overlay and marks the blocks allocated (they read as zeros, not the base)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 
@@ -61,7 +60,6 @@ class CowDevice(BlockDevice):
         self.sync_interval = sync_interval
         self.meta = dict(meta or {})
         self._store: StoreFile | None = None
-        self._syncer: asyncio.Task[None] | None = None
 
     def describe(self) -> str:
         return f"overlay {self.path} over {self.base.describe()}"
@@ -92,31 +90,16 @@ class CowDevice(BlockDevice):
             )
         self._store = store
         if not self.read_only:
-            self._syncer = asyncio.get_running_loop().create_task(self._sync_loop())
+            self._store.start_syncing(self.sync_interval)
         self.state = DeviceState.OPEN
 
     async def close(self) -> None:
-        if self._syncer is not None:
-            self._syncer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._syncer
-            self._syncer = None
         if self._store is not None:
-            await asyncio.to_thread(self._store.close)
+            await self._store.aclose()
             self._store = None
         await self.base.close()
         self.state = DeviceState.CLOSED
 
-    async def _sync_loop(self) -> None:
-        # Bounds what a crash without any FLUSH can lose to about one interval.
-        while True:
-            await asyncio.sleep(self.sync_interval)
-            store = self._store
-            if store is not None and store.pending:
-                try:
-                    await asyncio.to_thread(store.sync)
-                except DeviceError as err:
-                    log.error("overlay sync failed: %s", err)
 
     def _open_store(self) -> StoreFile:
         if self._store is None:
@@ -256,5 +239,5 @@ class CowDevice(BlockDevice):
         if self.read_only:
             return
         store = self._open_store()
-        await asyncio.to_thread(store.sync)
+        await store.sync_async()
         self.stats.flushes += 1

@@ -29,12 +29,17 @@ so a half-made store is never opened.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from virtman.errors import ConfigError, DeviceError
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"VIRTMAN\0"
 VERSION = 1
@@ -104,6 +109,7 @@ class StoreFile:
         self.present = bytearray(durable)
         #: Units present but whose map byte is not yet durable.
         self.pending: set[int] = set()
+        self._sync_task: asyncio.Task[None] | None = None
 
     # --- opening --------------------------------------------------------------------------
 
@@ -148,6 +154,49 @@ class StoreFile:
     def close(self) -> None:
         if self.fd >= 0:
             self.sync()
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- in an event loop -----------------------------------------------------------------
+
+    def start_syncing(self, interval: float) -> None:
+        """Sync in the background every ``interval`` seconds while units are pending.
+
+        This bounds what a crash with no FLUSH loses (overlay) or must refetch (cache).
+        """
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop(interval))
+
+    async def _sync_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.pending and self.fd >= 0:
+                try:
+                    await asyncio.to_thread(self.sync)
+                except DeviceError as err:
+                    log.error("%s", err)
+
+    async def sync_async(self) -> int:
+        """``sync()`` on a worker thread, so the event loop keeps serving meanwhile."""
+        return await asyncio.to_thread(self.sync)
+
+    async def aclose(self) -> None:
+        """Stop background syncing, sync and close."""
+        await self._stop_syncing()
+        await asyncio.to_thread(self.close)
+
+    async def _stop_syncing(self) -> None:
+        task, self._sync_task = self._sync_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def abandon(self) -> None:
+        """Close without syncing, as a killed process would (for crash drills and tests)."""
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            self._sync_task = None
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
