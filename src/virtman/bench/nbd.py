@@ -47,12 +47,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from virtman import sizes
+from virtman.errors import ConfigError
+from virtman.protocol.uri import NbdAddress
 
 ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
 BASELINE = "qemu-nbd"
@@ -87,16 +90,12 @@ class CommandLog:
         return line
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
-_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-
-
 def parse_size(text: str) -> int:
-    """Parse ``1G``, ``256M``, ``512MiB``, ``4096`` (binary units) into bytes."""
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try e.g. 256M, 1G, 4096)")
-    value = int(m.group(1)) << _SIZE_SHIFT[(m.group(2) or "").lower()]
+    """``1G``, ``256M``, ``4096``: at least 1 MiB and a multiple of 4096."""
+    try:
+        value = sizes.parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
     if value < MIB or value % 4096:
         raise argparse.ArgumentTypeError(f"size must be >= 1 MiB and a multiple of 4096: {text!r}")
     return value
@@ -124,8 +123,7 @@ def parse_servers(text: str) -> list[str]:
 
 
 def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
-    sock = urllib.parse.quote(str(socket_path), safe="/")
-    return f"nbd+unix:///{urllib.parse.quote(export, safe='')}?socket={sock}"
+    return NbdAddress(export=export, socket=str(socket_path)).uri()
 
 
 def human_bytes(n: int) -> str:
@@ -780,7 +778,7 @@ def print_table(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m virtman.bench.nbd",
+        prog="virtman bench nbd",
         description="Compare NBD servers (qemu-nbd, nbdkit, virtman, virtman relay) serving the "
         "same raw file: sequential read MB/s (nbdcopy) and 4 KiB random-read IOPS (fio).",
     )

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures and write JSON (see docs and README)."""
