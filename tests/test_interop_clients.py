@@ -330,3 +330,17 @@ def test_manifest_rejects_a_parent_serving_wrong_bytes(serve, tmp_path: Path) ->
                    "--chunk-size", "64K", "--manifest", str(manifest))
     assert nbdcopy(relay.uri, tmp_path / "copy.img") == good
     assert relay.log.read_text().count("failed its digest") == 32  # every chunk, once
+
+
+def test_flushed_writes_survive_sigkill_of_the_overlay_server(serve, tmp_path: Path) -> None:
+    require("qemu-io", "nbdcopy")
+    img = tmp_path / "base.img"
+    base_data = make_image(img, 2 * MiB)
+    base = serve("serve", str(img), "--read-only", export="base")
+    overlay_file = tmp_path / "vm.overlay"
+    ov = serve("serve", "--base", base.uri, "--overlay", str(overlay_file), export="vm")
+    flushed = [(0x3C, 4095, 9000), (0x71, MiB, 65536)]
+    qemu_io(ov.uri, *_write_cmds(flushed), "flush")
+    ov.stop(signal.SIGKILL)  # no clean shutdown: only what FLUSH made durable counts
+    ov2 = serve("serve", "--base", base.uri, "--overlay", str(overlay_file), export="vm")
+    assert nbdcopy(ov2.uri, tmp_path / "after.img") == _apply(base_data, flushed)
