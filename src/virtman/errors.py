@@ -7,6 +7,8 @@
 - ``InvalidRequest``: a caller asked for something impossible (out of range, read-only).
 - ``ConfigError``: bad settings or command-line input.
 - ``DeviceError``: a storage device failed (I/O error, digest mismatch, corruption).
+- ``ApiError``: a virtman service answered an HTTP request with an error.
+- ``NotFound``, ``Conflict``: a named thing is unknown, or its name is taken.
 """
 
 from __future__ import annotations
@@ -76,3 +78,21 @@ class DeviceError(VirtmanError):
     def __init__(self, message: str, *, errno: int = 5) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class ApiError(VirtmanError):
+    """A virtman service answered an HTTP request with an error."""
+
+    def __init__(self, message: str, *, status: int, url: str) -> None:
+        super().__init__(f"{message} (HTTP {status} from {url})")
+        self.status = status
+        self.detail = message
+        self.url = url
+
+
+class NotFound(VirtmanError):
+    """A named thing (image, agent, VM, snapshot) that does not exist."""
+
+
+class Conflict(VirtmanError):
+    """A name already in use, or an operation the current state does not allow."""

@@ -62,3 +62,20 @@ CACHE_SYNC_INTERVAL_SECONDS = 1.0
 # --- Copy-on-write ----------------------------------------------------------------------
 #: Default overlay block: the unit of allocation and of read-modify-write.
 DEFAULT_COW_BLOCK_SIZE = 4 * KiB
+
+# --- Coordinator (Volt) and agents ---------------------------------------------------------
+#: Seconds between an agent's heartbeats.
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+#: Seconds of silence after which Volt removes an agent from every tree.
+HEARTBEAT_TIMEOUT_SECONDS = 6.0
+#: Children per node and parents per node of the relay trees (the paper: binary tree).
+TREE_FANOUT = 2
+TREE_PARENTS_PER_NODE = 2
+#: Seconds an HTTP call between virtman services may take.
+HTTP_TIMEOUT_SECONDS = 30.0
+#: Longest image, VM, snapshot and agent name.
+MAX_NAME_LENGTH = 64
+#: Bytes of a VM's written data sent per record when a VM is cloned or migrated.
+COPY_RECORD_BYTES = 1 * MiB
+#: Default capacity of an agent's cache group.
+DEFAULT_CACHE_CAPACITY = 64 * GiB

@@ -49,6 +49,7 @@ class CowDevice(BlockDevice):
         read_only: bool = False,
         sync_interval: float = CACHE_SYNC_INTERVAL_SECONDS,
         meta: dict[str, str] | None = None,
+        owns_base: bool = True,
     ) -> None:
         super().__init__()
         if block_size < 512 or block_size & (block_size - 1):
@@ -59,6 +60,8 @@ class CowDevice(BlockDevice):
         self.read_only = read_only
         self.sync_interval = sync_interval
         self.meta = dict(meta or {})
+        #: Whether close() closes the base too (not when VMs share one image cache).
+        self.owns_base = owns_base
         self._store: StoreFile | None = None
 
     def describe(self) -> str:
@@ -97,7 +100,8 @@ class CowDevice(BlockDevice):
         if self._store is not None:
             await self._store.aclose()
             self._store = None
-        await self.base.close()
+        if self.owns_base:
+            await self.base.close()
         self.state = DeviceState.CLOSED
 
 

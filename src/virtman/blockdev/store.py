@@ -249,6 +249,28 @@ class StoreFile:
             raise DeviceError(f"short write to store {self.path} at {offset}")
 
 
+def copy_sparse(src: str, dst: str) -> None:
+    """Copy a store file, skipping its holes (a store is mostly holes), then fsync it."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        os.ftruncate(fout.fileno(), size)
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+            while data < hole:
+                chunk = os.pread(fin.fileno(), min(hole - data, 1 << 20), data)
+                os.pwrite(fout.fileno(), chunk, data)
+                data += len(chunk)
+            pos = hole
+        os.fsync(fout.fileno())
+    os.rename(tmp, dst)
+
+
 def _runs(sorted_indices: list[int]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     for i in sorted_indices:

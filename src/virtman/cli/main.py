@@ -36,10 +36,14 @@ def build_parser() -> ArgumentParser:
         help="logging threshold",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    from virtman.cli import bench, digest, serve
+    from virtman.cli import agent, bench, digest, image, serve, vm, volt
 
     serve.add_parser(sub)
     digest.add_parser(sub)
+    volt.add_parser(sub)
+    image.add_parser(sub)
+    agent.add_parser(sub)
+    vm.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

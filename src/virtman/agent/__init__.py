@@ -1,0 +1,1 @@
+"""The compute agent (VirtMan Compute): cache group, image relays, VMs, VM API."""

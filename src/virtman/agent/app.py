@@ -1,0 +1,120 @@
+"""The agent's HTTP + JSON API: the VM operations of the paper's Table 2.
+
+    POST   /vms                      {name, image | from_snapshot}  -> the VM and its NBD URI
+    GET    /vms, /vms/{name}
+    DELETE /vms/{name}[?instance_only=true]
+    POST   /vms/{name}/snapshots     {name}
+    POST   /vms/{name}/clone         {destination: agent name or URL}
+    POST   /vms/{name}/migrate       {destination}
+    POST   /vms/import?name=&image=  body: the VM's written data (agent to agent)
+    GET    /status, /health
+
+Errors: 404 unknown VM, image, snapshot or agent; 409 a name in use; 422 malformed
+requests; 502 a failure further away (Volt, another agent). Nothing changes on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from pydantic import BaseModel, Field, model_validator
+
+from virtman import __version__
+from virtman.agent.agent import Agent
+from virtman.coordinator.models import NAME_PATTERN, Name
+from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
+
+QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
+
+
+class VmCreate(BaseModel):
+    name: Name
+    image: Name | None = None
+    from_snapshot: str | None = Field(
+        None,
+        pattern=NAME_PATTERN.rstrip("$") + "/" + NAME_PATTERN.lstrip("^"),
+        description="VM/SNAPSHOT on this agent",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VmCreate:
+        if self.image is None and self.from_snapshot is None:
+            raise ValueError("give image or from_snapshot")
+        return self
+
+
+class SnapshotCreate(BaseModel):
+    name: Name
+
+
+class CopyRequest(BaseModel):
+    destination: str = Field(min_length=1, description="agent name, or its URL")
+
+
+class VmInfo(BaseModel):
+    name: str
+    image: str
+    state: str
+    uri: str | None
+    snapshots: list[str]
+    layers: int
+    written_bytes: int
+
+
+def create_app(agent: Agent) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await agent.start()
+        yield
+        await agent.stop()
+
+    app = FastAPI(title=f"virtman agent {agent.name}", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    errors = ERROR_RESPONSES
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": agent.state.value, "name": agent.name}
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return agent.status()
+
+    @app.post("/vms", status_code=201, responses=errors)
+    async def create(body: VmCreate) -> VmInfo:
+        vm = await agent.create_vm(body.name, body.image, body.from_snapshot)
+        return VmInfo.model_validate(vm.info())
+
+    @app.get("/vms")
+    async def list_vms() -> list[VmInfo]:
+        return [VmInfo.model_validate(vm.info()) for vm in agent.vms.values()]
+
+    @app.get("/vms/{name}", responses=errors)
+    async def get_vm(name: Name) -> VmInfo:
+        return VmInfo.model_validate(agent.vm(name).info())
+
+    @app.delete("/vms/{name}", status_code=204, responses=errors)
+    async def destroy(name: Name, instance_only: bool = False) -> None:
+        await agent.destroy_vm(name, instance_only=instance_only)
+
+    @app.post("/vms/{name}/snapshots", status_code=201, responses=errors)
+    async def snapshot(name: Name, body: SnapshotCreate) -> VmInfo:
+        return VmInfo.model_validate((await agent.snapshot_vm(name, body.name)).info())
+
+    @app.post("/vms/{name}/clone", responses=errors)
+    async def clone(name: Name, body: CopyRequest) -> dict[str, Any]:
+        return await agent.copy_vm(name, body.destination, move=False)
+
+    @app.post("/vms/{name}/migrate", responses=errors)
+    async def migrate(name: Name, body: CopyRequest) -> dict[str, Any]:
+        return await agent.copy_vm(name, body.destination, move=True)
+
+    @app.post("/vms/import", status_code=201, responses=errors)
+    async def import_vm(request: Request, name: QueryName, image: QueryName) -> VmInfo:
+        vm = await agent.import_vm(name, image, request.stream())
+        return VmInfo.model_validate(vm.info())
+
+    return app

@@ -1,0 +1,200 @@
+"""One image on one host: remote paths → chunk cache → relay export; and the cache group.
+
+Theory of operation
+-------------------
+``ImageRelay`` is the per-image stack of DESIGN.md: a ``RemoteDevice`` whose primaries
+are the tree parents Volt hands out and whose fallbacks are the origin(s), under a
+``CachedDevice`` (checked against the image's digest manifest), exported at once on the
+agent's NBD server so children can attach before this host holds any data. Volt's
+answers change the paths in place (``apply``), never disturbing requests in flight.
+
+``CacheGroup`` holds every image relay of the host in one directory with a capacity.
+When the bytes held exceed it, images that no VM uses are evicted, least recently used
+first; an image in use is never evicted (its VMs must not see I/O errors), so a group
+can stay over capacity until VMs go away, and says so in its status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from virtman.blockdev.cached import CachedDevice
+from virtman.blockdev.manifest import Manifest
+from virtman.blockdev.remote import RemoteDevice
+from virtman.coordinator.models import Paths
+from virtman.errors import ConfigError
+from virtman.nbd.server import Export, NbdServer
+from virtman.planner.tree import ORIGIN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an agent keeps of Volt's image record, so it restarts without Volt."""
+
+    name: str
+    origins: list[str]
+    size: int
+    chunk_size: int
+    manifest_json: str
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.manifest_json, source=f"image {self.name}")
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.__dict__, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> ImageSpec:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        return cls(**doc)
+
+
+class ImageRelay:
+    def __init__(self, spec: ImageSpec, cache_dir: str, server: NbdServer, relay_uri: str) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.cache_dir = cache_dir
+        self.server = server
+        self.relay_uri = relay_uri
+        self.remote = RemoteDevice([], fallbacks=spec.origins)
+        self.cache = CachedDevice(
+            self.remote, cache_dir, chunk_size=spec.chunk_size, manifest=spec.manifest()
+        )
+        self.users: set[str] = set()
+        self.last_used = time.monotonic()
+        self.paths: Paths | None = None
+        #: NBD URI -> host name ("origin" for the origin), for byte accounting.
+        self.source_names: dict[str, str] = {u: ORIGIN for u in spec.origins}
+
+    async def open(self) -> None:
+        await self.cache.open()
+        if self.cache.size != self.spec.size:
+            raise ConfigError(
+                f"image {self.name!r}: origin has {self.cache.size} bytes, "
+                f"the registry says {self.spec.size}"
+            )
+        self.server.add_export(Export(self.name, self.cache, f"virtman relay of {self.name}"))
+
+    async def close(self) -> None:
+        self.server.remove_export(self.name)
+        await self.cache.close()
+
+    def apply(self, paths: Paths) -> None:
+        """Follow Volt's answer: new parents (best first), origin last."""
+        if (
+            self.paths is not None
+            and paths.parents == self.paths.parents
+            and paths.origins == self.paths.origins
+        ):
+            return
+        for uri, name in zip(paths.parents, paths.parent_names, strict=True):
+            self.source_names[uri] = name
+        for uri in paths.origins:
+            self.source_names[uri] = ORIGIN
+        self.remote.set_paths(paths.parents, fallbacks=paths.origins)
+        log.info(
+            "image %r: position %d, level %d, parents %s",
+            self.name,
+            paths.position,
+            paths.level,
+            paths.parent_names or [ORIGIN],
+        )
+        self.paths = paths
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    @property
+    def bytes_held(self) -> int:
+        return self.cache.chunks_present * self.spec.chunk_size
+
+    def bytes_received(self) -> dict[str, int]:
+        """Bytes fetched per source host name."""
+        out: dict[str, int] = {}
+        for uri, n in self.remote.bytes_received_by_path().items():
+            name = self.source_names.get(uri, uri)
+            out[name] = out.get(name, 0) + n
+        return out
+
+    def status(self) -> dict[str, object]:
+        return {
+            "relay_uri": self.relay_uri,
+            "size": self.spec.size,
+            "chunks": self.cache.chunks,
+            "chunks_present": self.cache.chunks_present,
+            "users": sorted(self.users),
+            "parents": self.paths.parent_names if self.paths else [],
+            "level": self.paths.level if self.paths else None,
+            "bytes_received": self.bytes_received(),
+            "paths": self.remote.path_status(),
+            "cache_stats": dict(self.cache.stats.extra),
+            "remote_stats": dict(self.remote.stats.extra),
+        }
+
+
+class CacheGroup:
+    """Every image relay of this host, in one directory, within one capacity."""
+
+    def __init__(self, root: str, capacity: int) -> None:
+        self.root = root
+        self.capacity = capacity
+        self.relays: dict[str, ImageRelay] = {}
+        os.makedirs(root, exist_ok=True)
+
+    def image_dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def spec_path(self, name: str) -> str:
+        return os.path.join(self.image_dir(name), "image.json")
+
+    def known_specs(self) -> list[ImageSpec]:
+        specs = []
+        for name in sorted(os.listdir(self.root)):
+            path = self.spec_path(name)
+            if os.path.exists(path):
+                specs.append(ImageSpec.load(path))
+        return specs
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(r.bytes_held for r in self.relays.values())
+
+    async def evict(self) -> list[str]:
+        """Evict unused images, least recently used first, until within capacity."""
+        evicted = []
+        idle = sorted((r for r in self.relays.values() if not r.users), key=lambda r: r.last_used)
+        for relay in idle:
+            if self.bytes_held <= self.capacity:
+                break
+            log.info(
+                "cache group over capacity (%d > %d bytes): evicting image %r",
+                self.bytes_held,
+                self.capacity,
+                relay.name,
+            )
+            await relay.close()
+            del self.relays[relay.name]
+            shutil.rmtree(self.image_dir(relay.name), ignore_errors=True)
+            evicted.append(relay.name)
+        return evicted
+
+    def status(self) -> dict[str, object]:
+        return {
+            "capacity": self.capacity,
+            "bytes_held": self.bytes_held,
+            "over_capacity": self.bytes_held > self.capacity,
+            "images": sorted(self.relays),
+        }

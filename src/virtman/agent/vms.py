@@ -1,0 +1,248 @@
+"""VMs on one host: a chain of copy-on-write layers over the image cache, exported on a
+Unix socket for the local hypervisor.
+
+Theory of operation
+-------------------
+A VM's disk is a chain: image cache ← layer 1 ← … ← layer n (active). Only the active
+layer is written; ``snapshot`` flushes it, freezes it under a name and puts a new
+active layer on top, switching the VM's export to it between two requests. A new VM
+``--from-snapshot VM/SNAP`` gets its own sparse copies of the frozen layers up to SNAP.
+
+Every VM lives in ``<data>/vms/<name>/``: ``vm.json`` (image, layers, state) written
+atomically, and its layer files. A restarted agent reopens them all. ``detached`` VMs
+(``destroy --instance-only``) keep their disk and have no export.
+
+Clone and migrate send only the VM's written data: the union of the blocks its layers
+hold, read through the top of the chain, as records of (offset, length, bytes). The
+destination writes them into a new overlay under ``<data>/imports/`` and moves it into
+place only when every byte has arrived and is flushed; a copy cut off midway leaves
+nothing behind, and an agent restarting removes unfinished imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+
+from virtman.blockdev.base import BlockDevice
+from virtman.blockdev.cow import CowDevice
+from virtman.blockdev.store import copy_sparse
+from virtman.errors import ConfigError, DeviceError, VirtmanError
+from virtman.limits import COPY_RECORD_BYTES
+from virtman.nbd.server import Export, NbdServer
+
+log = logging.getLogger(__name__)
+
+RECORD_HEADER = struct.Struct(">QI")  # offset, length; then `length` bytes
+#: Unix socket paths are limited to 107 bytes by the kernel.
+MAX_SOCKET_PATH = 107
+
+
+class VmState(enum.Enum):
+    RUNNING = "running"
+    DETACHED = "detached"
+
+
+@dataclass
+class Layer:
+    file: str
+    snapshot: str | None = None  # the name it was frozen under; None: the active layer
+
+
+@dataclass
+class VmRecord:
+    name: str
+    image: str
+    layers: list[Layer]
+    state: str = VmState.RUNNING.value
+    created: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(cls, path: str) -> VmRecord:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        doc["layers"] = [Layer(**layer) for layer in doc["layers"]]
+        return cls(**doc)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @property
+    def snapshots(self) -> list[str]:
+        return [layer.snapshot for layer in self.layers if layer.snapshot]
+
+
+class Vm:
+    """An open VM: its layer devices and its export."""
+
+    def __init__(self, record: VmRecord, directory: str, socket_path: str) -> None:
+        self.record = record
+        self.directory = directory
+        self.socket_path = socket_path
+        self.devices: list[CowDevice] = []
+        self.server: NbdServer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def top(self) -> CowDevice:
+        return self.devices[-1]
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///{self.name}?socket={self.socket_path}"
+
+    def save(self) -> None:
+        self.record.save(os.path.join(self.directory, "vm.json"))
+
+    async def open_layers(self, base: BlockDevice) -> None:
+        below: BlockDevice = base
+        for i, layer in enumerate(self.record.layers):
+            frozen = layer.snapshot is not None
+            dev = CowDevice(
+                below,
+                os.path.join(self.directory, layer.file),
+                read_only=frozen,
+                owns_base=i > 0,
+                meta={"vm": self.name, "image": self.record.image},
+            )
+            await dev.open()
+            self.devices.append(dev)
+            below = dev
+
+    async def export(self) -> None:
+        self.server = NbdServer([Export(self.name, self.top, f"virtman VM {self.name}")])
+        await self.server.listen_unix(self.socket_path)
+
+    async def unexport(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+
+    async def close(self) -> None:
+        await self.unexport()
+        if self.devices:
+            await self.top.close()  # each layer closes the one below, down to the cache
+            self.devices = []
+
+    def written_runs(self) -> list[tuple[int, int]]:
+        """The union of every layer's allocated ranges: all the VM ever wrote."""
+        marks: list[tuple[int, int]] = []
+        for dev in self.devices:
+            marks += dev.allocated_runs()
+        marks.sort()
+        merged: list[tuple[int, int]] = []
+        for off, length in marks:
+            if merged and off <= merged[-1][0] + merged[-1][1]:
+                last_off, last_len = merged[-1]
+                merged[-1] = (last_off, max(last_len, off + length - last_off))
+            else:
+                merged.append((off, length))
+        return merged
+
+    def info(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "image": self.record.image,
+            "state": self.record.state,
+            "uri": self.uri if self.record.state == VmState.RUNNING.value else None,
+            "snapshots": self.record.snapshots,
+            "layers": len(self.record.layers),
+            "written_bytes": sum(n for _, n in self.written_runs()) if self.devices else 0,
+        }
+
+
+async def written_data(vm: Vm) -> AsyncIterator[bytes]:
+    """The VM's written data as a stream of records, for clone and migrate."""
+    for offset, length in vm.written_runs():
+        pos = offset
+        while pos < offset + length:
+            n = min(COPY_RECORD_BYTES, offset + length - pos)
+            data = await vm.top.read(pos, n)
+            yield RECORD_HEADER.pack(pos, n) + data
+            pos += n
+
+
+class RecordReader:
+    """Parses the record stream of ``written_data`` as it arrives, in any pieces."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._buf = bytearray()
+        self.records = 0
+        self.bytes = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= RECORD_HEADER.size:
+            offset, length = RECORD_HEADER.unpack_from(self._buf)
+            if length > COPY_RECORD_BYTES or offset + length > self.size:
+                raise ConfigError(
+                    f"copy record offset={offset} length={length} is invalid "
+                    f"for a {self.size}-byte image"
+                )
+            end = RECORD_HEADER.size + length
+            if len(self._buf) < end:
+                break
+            out.append((offset, bytes(self._buf[RECORD_HEADER.size : end])))
+            del self._buf[:end]
+            self.records += 1
+            self.bytes += length
+        return out
+
+    def finish(self) -> None:
+        if self._buf:
+            raise DeviceError(f"copy stream ended inside a record ({len(self._buf)} bytes left)")
+
+
+def check_socket_path(path: str) -> None:
+    if len(path.encode()) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes; "
+            f"give the agent a shorter --socket-dir"
+        )
+
+
+def layer_file(index: int) -> str:
+    return f"layer-{index:04d}.overlay"
+
+
+def copy_layers(src: Vm, upto_snapshot: str, dest_dir: str) -> list[Layer]:
+    """Sparse copies of ``src``'s frozen layers up to and including ``upto_snapshot``."""
+    names = [layer.snapshot for layer in src.record.layers]
+    if upto_snapshot not in names:
+        raise KeyError(upto_snapshot)
+    layers = []
+    for i, layer in enumerate(src.record.layers[: names.index(upto_snapshot) + 1]):
+        target = layer_file(i + 1)
+        copy_sparse(os.path.join(src.directory, layer.file), os.path.join(dest_dir, target))
+        layers.append(Layer(target, layer.snapshot))
+    return layers
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def cancel_quietly(task: asyncio.Task[object]) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, VirtmanError):
+        pass

@@ -1,0 +1,93 @@
+"""``virtman agent``: run the compute agent of one host.
+
+    virtman agent --volt URL --name HOST --listen HOST:PORT --data-dir DIR
+                  [--cache-size SIZE] [--nbd-listen HOST:PORT] [--socket-dir DIR]
+
+The agent relays images to its children over NBD on ``--nbd-listen`` (default: the
+``--listen`` host, any free port), exports each VM's disk on a Unix socket in
+``--socket-dir`` (default ``DIR/sock``) and serves the VM API over HTTP on ``--listen``.
+Its VMs, snapshots and cache live in ``DIR`` and survive a restart. SIGTERM or SIGINT
+stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
+from virtman.coordinator.models import NAME_PATTERN
+from virtman.errors import ConfigError
+from virtman.limits import DEFAULT_CACHE_CAPACITY
+from virtman.protocol.uri import parse_listen
+from virtman.sizes import format_size, parse_size
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "agent",
+        help="run the compute agent of this host",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_volt_option(p)
+    p.add_argument("--name", required=True, metavar="HOST", help="this host's name in Volt")
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_AGENT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"HTTP address of the VM API (default {DEFAULT_AGENT_LISTEN})",
+    )
+    p.add_argument("--data-dir", required=True, metavar="DIR")
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=DEFAULT_CACHE_CAPACITY,
+        metavar="SIZE",
+        help=f"capacity of the cache group (default {format_size(DEFAULT_CACHE_CAPACITY)})",
+    )
+    p.add_argument(
+        "--nbd-listen",
+        metavar="HOST:PORT",
+        help="NBD address of the relay exports (default: --listen host, any port)",
+    )
+    p.add_argument("--socket-dir", metavar="DIR", help="where VM sockets go (default DIR/sock)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import re
+
+    from virtman.agent.agent import Agent
+    from virtman.agent.app import create_app
+    from virtman.httpapi import HttpService, bind
+    from virtman.runtime import configure_logging, run_async
+
+    if not re.match(NAME_PATTERN, args.name):
+        raise ConfigError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
+    host, port = parse_listen(args.listen)
+    nbd_host, nbd_port = parse_listen(args.nbd_listen) if args.nbd_listen else (host, 0)
+    configure_logging(args.log_level)
+
+    async def main() -> int:
+        agent = Agent(
+            args.name,
+            args.data_dir,
+            args.volt,
+            nbd_host=nbd_host,
+            nbd_port=nbd_port,
+            socket_dir=args.socket_dir,
+            cache_capacity=args.cache_size,
+        )
+        service = HttpService(create_app(agent), bind(host, port))
+        agent.url = service.url
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        print(f"agent {args.name} serving on {service.url}", flush=True)
+        await service.run()
+        return 0
+
+    return run_async(main())

@@ -1,0 +1,1 @@
+"""Volt, the coordinator: image registry, relay trees, heartbeats and repair."""

@@ -1,0 +1,89 @@
+"""The JSON documents of Volt's HTTP API (also used by agents and the CLI)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+
+from virtman.limits import DEFAULT_CHUNK_SIZE, MAX_NAME_LENGTH
+
+#: Names of images, agents, VMs and snapshots: safe as file names and URI parts.
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="letters, digits, . _ -")]
+
+
+class ImageCreate(BaseModel):
+    name: Name
+    origins: list[str] = Field(min_length=1, description="NBD URIs of the image's origin(s)")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=4096, le=64 * 1024 * 1024)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"chunk_size {v} is not a power of two")
+        return v
+
+
+class Image(BaseModel):
+    name: str
+    origins: list[str]
+    size: int
+    chunk_size: int
+    fingerprint: str = Field(description="SHA-256 over the manifest: names the content")
+    created: float
+
+
+class Heartbeat(BaseModel):
+    url: str = Field(description="the agent's HTTP base URL")
+    relays: dict[str, str] = Field(
+        default_factory=dict, description="image name -> NBD URI of this agent's relay export"
+    )
+    stats: dict[str, object] = Field(default_factory=dict)
+
+
+class Paths(BaseModel):
+    """Where one agent fetches one image from: its parents, then the origin(s)."""
+
+    image: str
+    position: int
+    level: int
+    parents: list[str] = Field(description="NBD URIs of the parents, best first")
+    parent_names: list[str]
+    origins: list[str] = Field(description="NBD URIs of the origin: every node's last path")
+
+
+class HeartbeatReply(BaseModel):
+    interval: float
+    timeout: float
+    paths: dict[str, Paths]
+
+
+class JoinRequest(BaseModel):
+    agent: Name
+    relay_uri: str
+    url: str | None = None
+
+
+class TreeNode(BaseModel):
+    agent: str
+    position: int
+    level: int
+    parents: list[str]
+    relay_uri: str
+
+
+class TreeView(BaseModel):
+    image: str
+    fanout: int
+    parents_per_node: int
+    depth: int
+    nodes: list[TreeNode]
+
+
+class AgentInfo(BaseModel):
+    name: str
+    url: str
+    seconds_since_heartbeat: float
+    images: list[str]

@@ -1,0 +1,135 @@
+"""Volt's durable state in embedded SQLite: images, agents, tree positions.
+
+Every change is one transaction, so a Volt killed at any instant restarts on a
+consistent state: the trees come back with the same positions, and agents that keep
+heartbeating keep their parents.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from virtman.blockdev.manifest import Manifest
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    origins TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS members (
+    image TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+    agent TEXT NOT NULL,
+    relay_uri TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (image, agent),
+    UNIQUE (image, position)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    name: str
+    origins: list[str]
+    size: int
+    chunk_size: int
+    manifest_json: str
+    fingerprint: str
+    created: float
+
+    def manifest(self) -> Manifest:
+        return Manifest.from_json(self.manifest_json, source=f"image {self.name}")
+
+
+@dataclass(frozen=True)
+class Member:
+    image: str
+    agent: str
+    relay_uri: str
+    position: int
+
+
+class VoltState:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        # Default isolation: each `with self._db:` block is one transaction.
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- images -----------------------------------------------------------------------------
+
+    def add_image(self, record: ImageRecord) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.name,
+                    json.dumps(record.origins),
+                    record.size,
+                    record.chunk_size,
+                    record.manifest_json,
+                    record.fingerprint,
+                    record.created,
+                ),
+            )
+
+    def remove_image(self, name: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM members WHERE image = ?", (name,))
+            self._db.execute("DELETE FROM images WHERE name = ?", (name,))
+
+    def images(self) -> list[ImageRecord]:
+        rows = self._db.execute(
+            "SELECT name, origins, size, chunk_size, manifest, fingerprint, created "
+            "FROM images ORDER BY name"
+        ).fetchall()
+        return [ImageRecord(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    # --- agents -------------------------------------------------------------------------------
+
+    def upsert_agent(self, name: str, url: str) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO agents VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET url = excluded.url",
+                (name, url),
+            )
+
+    def agents(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, url FROM agents").fetchall())
+
+    # --- tree membership -----------------------------------------------------------------------
+
+    def members(self, image: str | None = None) -> list[Member]:
+        query = "SELECT image, agent, relay_uri, position FROM members"
+        args: tuple[str, ...] = ()
+        if image is not None:
+            query += " WHERE image = ?"
+            args = (image,)
+        return [Member(*row) for row in self._db.execute(query + " ORDER BY image, position", args)]
+
+    def save_tree(self, image: str, positions: dict[str, int], relays: dict[str, str]) -> None:
+        """Replace an image's membership by these positions, in one transaction."""
+        with self._db:
+            self._db.execute("DELETE FROM members WHERE image = ?", (image,))
+            self._db.executemany(
+                "INSERT INTO members VALUES (?, ?, ?, ?)",
+                [(image, agent, relays[agent], pos) for agent, pos in positions.items()],
+            )

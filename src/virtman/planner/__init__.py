@@ -1,0 +1,7 @@
+"""Pure planning code (no I/O): the relay tree of each image."""
+
+from __future__ import annotations
+
+from virtman.planner.tree import ORIGIN, Change, PlannerError, RelayTree, TreeSettings
+
+__all__ = ["ORIGIN", "Change", "PlannerError", "RelayTree", "TreeSettings"]
