@@ -460,6 +460,11 @@ class RemoteDevice(BlockDevice):
                           f"{attempts} times, from {', '.join(sorted(bad)) or 'every path'}",
                           errno=Errno.EIO)
 
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        self.check_range(offset, length)
+        return await self._call("BLOCK_STATUS", offset, length,
+                                lambda c: c.block_status(offset, length))
+
     async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
         self.check_write(offset, len(data))
         await self._call(

@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
         help="logging threshold",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    from virtman.cli import agent, bench, digest, image, serve, vm, volt
+    from virtman.cli import agent, bench, digest, image, replay, serve, up, vm, volt
 
     serve.add_parser(sub)
     digest.add_parser(sub)
@@ -44,6 +44,8 @@ def build_parser() -> ArgumentParser:
     image.add_parser(sub)
     agent.add_parser(sub)
     vm.add_parser(sub)
+    up.add_parser(sub)
+    replay.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

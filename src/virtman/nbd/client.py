@@ -129,9 +129,12 @@ class NbdClient:
         *,
         timeout: float = CONNECT_TIMEOUT_SECONDS,
         structured_replies: bool = True,
+        block_status: bool = True,
     ) -> NbdClient:
         address = parse_nbd_uri(target) if isinstance(target, str) else target
-        codec = ClientConnection(address.export, structured_replies=structured_replies)
+        codec = ClientConnection(
+            address.export, structured_replies=structured_replies, block_status=block_status
+        )
         transport, protocol = await _open(address, codec, timeout)
         try:
             async with asyncio.timeout(timeout):
@@ -246,6 +249,14 @@ class NbdClient:
 
     async def flush(self) -> None:
         await self._request(Command.FLUSH)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents (length, flags) from ``offset``; they may cover less
+        than ``length``. Without the context negotiated: one extent saying "data"."""
+        if self._codec.base_allocation_id is None or not length:
+            return [(length, 0)]
+        reply = await self._request(Command.BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
+        return reply.extents or [(length, 0)]
 
     async def close(self) -> None:
         """Wait for requests in flight, send DISC and close. Idempotent."""

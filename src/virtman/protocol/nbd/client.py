@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.limits import MAX_ERROR_MESSAGE
 from virtman.protocol.nbd.constants import (
+    BASE_ALLOCATION,
     EXPORT_NAME_PADDING,
     IHAVEOPT,
     NBDMAGIC,
@@ -73,6 +74,7 @@ class ClientState(enum.Enum):
 class HandshakeDone:
     export: ExportInfo
     structured_replies: bool
+    base_allocation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +114,14 @@ class ClientConnection:
         *,
         structured_replies: bool = True,
         list_exports: bool = False,
+        block_status: bool = False,
     ) -> None:
         encode_string(export_name)  # validates the length
         self.export_name = export_name
         self._want_structured = structured_replies
+        self._want_block_status = block_status and structured_replies
+        #: The server's id for ``base:allocation`` once negotiated (BLOCK_STATUS works).
+        self.base_allocation_id: int | None = None
         self._list = list_exports
         self._buf = ReceiveBuffer()
         self._out: list[bytes] = []
@@ -229,8 +235,8 @@ class ClientConnection:
                 label = Reply(reply).name
             except ValueError:
                 label = f"error {reply:#x}"
-            if option == Option.STRUCTURED_REPLY:
-                self._send_go()  # the server only speaks simple replies
+            if option in (Option.STRUCTURED_REPLY, Option.SET_META_CONTEXT):
+                self._send_go()  # go on without what the server does not offer
                 return None
             if option == Option.GO and reply == Reply.ERR_UNSUP:
                 self._awaiting_export_name_reply = True
@@ -256,8 +262,25 @@ class ClientConnection:
             if reply != Reply.ACK:
                 raise self._fail(f"unexpected reply {reply} to STRUCTURED_REPLY")
             self.structured_replies = True
-            self._send_go()
+            if self._want_block_status:
+                raw = encode_string(self.export_name)
+                query = BASE_ALLOCATION.encode()
+                self._send_option(Option.SET_META_CONTEXT, U32.pack(len(raw)) + raw + U32.pack(1)
+                                  + U32.pack(len(query)) + query)
+            else:
+                self._send_go()
             return None
+        if option == Option.SET_META_CONTEXT:
+            if reply == Reply.META_CONTEXT:
+                if len(data) < 4:
+                    raise self._fail("META_CONTEXT reply too short")
+                if data[4:].decode(errors="replace") == BASE_ALLOCATION:
+                    (self.base_allocation_id,) = U32.unpack_from(data, 0)
+                return None
+            if reply == Reply.ACK:
+                self._send_go()
+                return None
+            raise self._fail(f"unexpected reply {reply} to SET_META_CONTEXT")
         if option == Option.GO:
             if reply == Reply.INFO:
                 if len(data) < 2:
@@ -299,7 +322,8 @@ class ClientConnection:
         self.export = ExportInfo(self.export_name, size, TransmissionFlag(flags), block_sizes=sizes)
         self.state = ClientState.TRANSMISSION
         self._option = None
-        return HandshakeDone(self.export, self.structured_replies)
+        return HandshakeDone(self.export, self.structured_replies,
+                             self.base_allocation_id is not None)
 
     # --- transmission ---------------------------------------------------------------------
 

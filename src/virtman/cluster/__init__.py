@@ -1,0 +1,1 @@
+"""Whole clusters on one machine: ``LocalCluster`` and ``virtman up``."""

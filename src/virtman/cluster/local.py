@@ -1,0 +1,287 @@
+"""A whole virtman cluster on one machine: origin, Volt and agents as real processes.
+
+Used by ``virtman up`` and by the tests. Volt and every agent are separate processes
+(so an agent can be SIGKILLed like a dead host, and Volt restarted); the origin is an
+NBD server inside the calling process, so the bytes it sends can be counted exactly.
+Everything listens on loopback or on Unix sockets in directories this cluster made;
+``stop()`` ends every process it started, even after a failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtman.blockdev.file import FileDevice
+from virtman.errors import NetworkError, VirtmanError
+from virtman.httpapi import ApiClient, wait_for
+from virtman.limits import (
+    DEFAULT_CACHE_CAPACITY,
+    DEFAULT_CHUNK_SIZE,
+    HEARTBEAT_INTERVAL_SECONDS,
+    HEARTBEAT_TIMEOUT_SECONDS,
+    TREE_FANOUT,
+    TREE_PARENTS_PER_NODE,
+)
+from virtman.nbd.server import Export, NbdServer
+
+log = logging.getLogger(__name__)
+
+#: Seconds a started process has to say where it serves.
+START_TIMEOUT_SECONDS = 30.0
+_SERVING = re.compile(rb"serving on (http://\S+)")
+
+
+@dataclass
+class ClusterSettings:
+    hosts: int = 8
+    fanout: int = TREE_FANOUT
+    parents: int = TREE_PARENTS_PER_NODE
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    cache_size: int = DEFAULT_CACHE_CAPACITY
+    log_level: str = "info"
+
+
+@dataclass
+class Service:
+    """A running virtman process and where it serves."""
+
+    name: str
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen[bytes]
+    url: str = ""
+    killed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class LocalCluster:
+    def __init__(self, workdir: str, settings: ClusterSettings | None = None) -> None:
+        self.workdir = os.path.abspath(workdir)
+        self.settings = settings or ClusterSettings()
+        # Unix socket paths must stay short: keep them out of a deep work directory.
+        self.socket_root = tempfile.mkdtemp(prefix="vm-")
+        self.origin: NbdServer | None = None
+        self.origin_device: FileDevice | None = None
+        self.origin_uri = ""
+        self.volt: Service | None = None
+        self.volt_port = 0
+        self.agents: dict[str, Service] = {}
+        os.makedirs(self.workdir, exist_ok=True)
+
+    # --- processes ------------------------------------------------------------------------------
+
+    async def _spawn(self, name: str, args: list[str]) -> Service:
+        argv = [sys.executable, "-m", "virtman", "--log-level", self.settings.log_level, *args]
+        log_path = os.path.join(self.workdir, f"{name}.log")
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        service = Service(name, argv, log_path, proc)
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise VirtmanError(
+                    f"{name} exited with status {proc.returncode}: {_tail(log_path)}"
+                )
+            with open(log_path, "rb") as f:
+                f.seek(max(0, offset - 4096))
+                match = _SERVING.search(f.read())
+            if match:
+                service.url = match.group(1).decode()
+                await wait_for(service.url)
+                return service
+            await asyncio.sleep(0.05)
+        _stop_process(proc)
+        raise VirtmanError(f"{name} did not start in {START_TIMEOUT_SECONDS} s: {_tail(log_path)}")
+
+    # --- origin -----------------------------------------------------------------------------------
+
+    async def start_origin(self, image_path: str, export: str = "image") -> str:
+        self.origin_device = FileDevice(image_path, read_only=True)
+        await self.origin_device.open()
+        self.origin = NbdServer([Export(export, self.origin_device, "virtman origin")])
+        port = await self.origin.listen_tcp("127.0.0.1", 0)
+        self.origin_uri = f"nbd://127.0.0.1:{port}/{export}"
+        return self.origin_uri
+
+    @property
+    def origin_bytes_sent(self) -> int:
+        return self.origin.stats.bytes_read if self.origin else 0
+
+    # --- Volt -------------------------------------------------------------------------------------
+
+    @property
+    def volt_url(self) -> str:
+        return f"http://127.0.0.1:{self.volt_port}"
+
+    async def start_volt(self) -> Service:
+        s = self.settings
+        self.volt = await self._spawn(
+            "volt",
+            [
+                "volt",
+                "--listen",
+                f"127.0.0.1:{self.volt_port}",
+                "--db",
+                os.path.join(self.workdir, "volt.db"),
+                "--fanout",
+                str(s.fanout),
+                "--parents",
+                str(s.parents),
+                "--heartbeat-interval",
+                str(s.heartbeat_interval),
+                "--heartbeat-timeout",
+                str(s.heartbeat_timeout),
+            ],
+        )
+        self.volt_port = int(self.volt.url.rsplit(":", 1)[1])
+        return self.volt
+
+    def kill_volt(self) -> None:
+        if self.volt is not None:
+            self.volt.proc.send_signal(signal.SIGKILL)
+            self.volt.proc.wait()
+            self.volt.killed = True
+
+    # --- agents -----------------------------------------------------------------------------------
+
+    def host_names(self) -> list[str]:
+        return [f"host{i + 1}" for i in range(self.settings.hosts)]
+
+    async def start_agent(self, name: str) -> Service:
+        previous = self.agents.get(name)
+        listen = "127.0.0.1:0"
+        nbd_listen = "127.0.0.1:0"
+        if previous is not None:  # a restart keeps the addresses it had
+            listen = previous.url.removeprefix("http://")
+            nbd_listen = previous.extra.get("nbd", nbd_listen)
+        socket_dir = os.path.join(self.socket_root, name)
+        service = await self._spawn(
+            name,
+            [
+                "agent",
+                "--volt",
+                self.volt_url,
+                "--name",
+                name,
+                "--listen",
+                listen,
+                "--nbd-listen",
+                nbd_listen,
+                "--data-dir",
+                os.path.join(self.workdir, name),
+                "--socket-dir",
+                socket_dir,
+                "--cache-size",
+                str(self.settings.cache_size),
+            ],
+        )
+        async with ApiClient(service.url) as api:
+            status = await api.get("/status")
+        service.extra["nbd"] = status["relay_nbd"]
+        self.agents[name] = service
+        return service
+
+    async def start_agents(self) -> None:
+        await asyncio.gather(*(self.start_agent(n) for n in self.host_names()))
+
+    def kill_agent(self, name: str) -> None:
+        agent = self.agents[name]
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait()
+        agent.killed = True
+        log.info("killed agent %s (SIGKILL)", name)
+
+    async def stop_agent(self, name: str) -> int:
+        agent = self.agents[name]
+        return await asyncio.to_thread(_stop_process, agent.proc)
+
+    # --- API helpers ------------------------------------------------------------------------------
+
+    async def register_image(self, name: str, origins: list[str] | None = None) -> Any:
+        async with ApiClient(self.volt_url, timeout=3600) as api:
+            return await api.post(
+                "/images",
+                json={
+                    "name": name,
+                    "origins": origins or [self.origin_uri],
+                    "chunk_size": self.settings.chunk_size,
+                },
+            )
+
+    async def create_vm(self, host: str, name: str, image: str) -> str:
+        async with ApiClient(self.agents[host].url, timeout=120) as api:
+            doc = await api.post("/vms", json={"name": name, "image": image})
+        return str(doc["uri"])
+
+    async def tree(self, image: str) -> Any:
+        async with ApiClient(self.volt_url) as api:
+            return await api.get(f"/images/{image}/tree")
+
+    async def agent_status(self, host: str) -> Any:
+        agent = self.agents[host]
+        if not agent.alive:
+            return None
+        try:
+            async with ApiClient(agent.url, timeout=10) as api:
+                return await api.get("/status")
+        except NetworkError:
+            return None
+
+    # --- teardown ---------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        procs = [a.proc for a in self.agents.values()]
+        if self.volt is not None:
+            procs.append(self.volt.proc)
+        await asyncio.gather(*(asyncio.to_thread(_stop_process, p) for p in procs))
+        if self.origin is not None:
+            await self.origin.stop()
+        if self.origin_device is not None:
+            await self.origin_device.close()
+        shutil.rmtree(self.socket_root, ignore_errors=True)
+
+
+def _stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).strip()
+    except OSError:
+        return ""

@@ -1,0 +1,286 @@
+"""``virtman up``: boot many replaying VMs through the relay tree on one machine.
+
+Starts an origin (a generated test image, or ``--image``), Volt and ``--hosts`` agents;
+registers the image; measures one VM booting alone from a local copy; then creates
+``--vms-per-host`` VMs on every host and replays the boot trace through all of them at
+once, SIGKILLing agents as ``--kill HOST@SECONDS`` says. Prints the tree and a summary
+and returns the result document (``--json``). Everything it started is stopped at the
+end, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtman.blockdev.file import FileDevice
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.errors import ConfigError
+from virtman.nbd.server import Export, NbdServer
+from virtman.planner.tree import ORIGIN
+from virtman.replay.replayer import ReplayResult, replay
+from virtman.replay.trace import Trace
+from virtman.sizes import format_size
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "test-image"
+#: Smallest generated test image.
+MIN_IMAGE_SIZE = 64 * 1024 * 1024
+
+
+@dataclass
+class UpOptions:
+    trace: Trace
+    vms_per_host: int = 4
+    speed: float = 1.0
+    image: str | None = None
+    kills: list[tuple[str, float]] = field(default_factory=list)
+    workdir: str | None = None
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+
+def parse_kill(text: str) -> tuple[str, float]:
+    host, sep, when = text.partition("@")
+    try:
+        seconds = float(when)
+    except ValueError:
+        seconds = -1.0
+    if not sep or not host or seconds < 0:
+        raise ConfigError(f"--kill {text!r}: expected HOST@SECONDS, e.g. host3@5")
+    return host, seconds
+
+
+def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42) -> int:
+    """A sparse test image big enough for the trace, with random bytes where it reads."""
+    size = max(trace.end_offset, MIN_IMAGE_SIZE)
+    size = -(-size // chunk_size) * chunk_size
+    rng = random.Random(seed)
+    chunks = sorted(
+        {
+            c
+            for r in trace.reads
+            if r.length
+            for c in range(r.offset // chunk_size, (r.offset + r.length - 1) // chunk_size + 1)
+        }
+    )
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for c in chunks:
+            f.seek(c * chunk_size)
+            f.write(rng.randbytes(chunk_size))
+    return size
+
+
+async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str) -> float:
+    """One VM booting alone from a local copy of the image (the baseline)."""
+    device = FileDevice(image, read_only=False)
+    scratch = os.path.join(workdir, "alone.raw")
+    # Writes must not touch the image: boot from a private copy-on-write of nothing but
+    # the file itself is what "a local copy" means, so copy the sparse file first.
+    from virtman.blockdev.store import copy_sparse
+
+    await asyncio.to_thread(copy_sparse, image, scratch)
+    device = FileDevice(scratch)
+    await device.open()
+    server = NbdServer([Export("alone", device)])
+    sock = os.path.join(tempfile.mkdtemp(prefix="vm-"), "alone.sock")
+    await server.listen_unix(sock)
+    try:
+        result = await replay(f"nbd+unix:///alone?socket={sock}", trace, speed=speed)
+    finally:
+        await server.stop()
+        await device.close()
+        os.unlink(scratch)
+        os.rmdir(os.path.dirname(sock))
+    return result.boot_seconds
+
+
+async def run_up(options: UpOptions) -> dict[str, Any]:
+    settings = options.cluster
+    workdir = options.workdir or tempfile.mkdtemp(prefix="virtman-up-")
+    os.makedirs(workdir, exist_ok=True)
+    trace = options.trace
+    hosts = [f"host{i + 1}" for i in range(settings.hosts)]
+    for host, _ in options.kills:
+        if host not in hosts:
+            raise ConfigError(
+                f"--kill {host}: no such host (hosts are host1..host{settings.hosts})"
+            )
+    image = options.image
+    if image is None:
+        image = os.path.join(workdir, "test-image.raw")
+        size = generate_image(image, trace, settings.chunk_size)
+        print(f"generated test image {image}: {format_size(size)}, data where the trace reads")
+    elif not os.path.isfile(image):
+        raise ConfigError(f"--image {image!r} is not a file")
+    alone = await single_vm_seconds(image, trace, options.speed, workdir)
+    print(f"one VM alone from a local copy: {alone:.2f} s")
+
+    cluster = LocalCluster(workdir, settings)
+    try:
+        await cluster.start_origin(image)
+        await cluster.start_volt()
+        await cluster.start_agents()
+        started = time.monotonic()
+        await cluster.register_image(IMAGE_NAME)
+        print(
+            f"cluster up: origin, volt, {len(hosts)} agents; image registered in "
+            f"{time.monotonic() - started:.1f} s"
+        )
+        names = [(h, f"{h}-vm{j + 1}") for h in hosts for j in range(options.vms_per_host)]
+        uris = await asyncio.gather(*(cluster.create_vm(h, n, IMAGE_NAME) for h, n in names))
+        killers = [asyncio.ensure_future(_kill_later(cluster, h, t)) for h, t in options.kills]
+        origin_before = cluster.origin_bytes_sent  # registration read the image once
+        t0 = time.monotonic()
+        results: list[ReplayResult] = await asyncio.gather(
+            *(replay(uri, trace, speed=options.speed) for uri in uris)
+        )
+        for k in killers:
+            k.cancel()
+        doc = await _report(
+            cluster,
+            names,
+            results,
+            trace,
+            alone,
+            options,
+            cluster.origin_bytes_sent - origin_before,
+        )
+    finally:
+        await cluster.stop()
+    _print_summary(doc)
+    return doc
+
+
+async def _kill_later(cluster: LocalCluster, host: str, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    cluster.kill_agent(host)
+    print(f"killed {host} at {seconds:.1f} s")
+
+
+async def _report(
+    cluster: LocalCluster,
+    names: list[tuple[str, str]],
+    results: list[ReplayResult],
+    trace: Trace,
+    alone: float,
+    options: UpOptions,
+    origin_bytes: int,
+) -> dict[str, Any]:
+    # Let one more heartbeat round pass so the tree reflects any repair.
+    if options.kills:
+        await asyncio.sleep(
+            cluster.settings.heartbeat_timeout + cluster.settings.heartbeat_interval
+        )
+    tree = await cluster.tree(IMAGE_NAME)
+    parents = {n["agent"]: n["parents"] for n in tree["nodes"]}
+    levels = {n["agent"]: n["level"] for n in tree["nodes"]}
+    positions = {n["agent"]: n["position"] for n in tree["nodes"]}
+    vms: list[dict[str, Any]] = []
+    for (host, name), r in zip(names, results, strict=True):
+        vms.append(
+            {
+                "name": name,
+                "host": host,
+                "boot_seconds": round(r.boot_seconds, 3),
+                "errors": r.errors,
+                "killed_host": cluster.agents[host].killed,
+                "messages": r.messages,
+            }
+        )
+    survivors = [v for v in vms if not v["killed_host"]]
+    boots = sorted(
+        r.boot_seconds
+        for (host, _), r in zip(names, results, strict=True)
+        if not cluster.agents[host].killed
+    )
+    hosts = []
+    order = sorted(cluster.agents, key=lambda h: (positions.get(h, 1 << 30), h))
+    for host in order:
+        agent = cluster.agents[host]
+        status = await cluster.agent_status(host)
+        received: dict[str, int] = {}
+        if status is not None:
+            received = status["images"].get(IMAGE_NAME, {}).get("bytes_received", {})
+        hosts.append(
+            {
+                "name": host,
+                "parents": parents.get(host, []),
+                "level": levels.get(host),
+                "bytes_received": received,
+                "killed": agent.killed,
+            }
+        )
+    return {
+        "vms": vms,
+        "all_booted_seconds": round(max(boots), 3) if boots else None,
+        "mean_boot_seconds": round(statistics.fmean(boots), 3) if boots else None,
+        "p99_boot_seconds": round(boots[min(len(boots) - 1, int(0.99 * len(boots)))], 3)
+        if boots
+        else None,
+        "single_vm_seconds": round(alone, 3),
+        "origin_bytes_sent": origin_bytes,
+        "working_set_bytes": trace.working_set(cluster.settings.chunk_size),
+        "errors_on_surviving_hosts": sum(v["errors"] for v in survivors),
+        "tree": {
+            "depth": tree["depth"],
+            "fanout": tree["fanout"],
+            "parents_per_node": tree["parents_per_node"],
+            "roots": cluster.settings.fanout,
+        },
+        "hosts": hosts,
+        "settings": {
+            "hosts": cluster.settings.hosts,
+            "vms_per_host": options.vms_per_host,
+            "speed": options.speed,
+            "trace": trace.name,
+            "chunk_size": cluster.settings.chunk_size,
+            "kills": [f"{h}@{t:g}" for h, t in options.kills],
+        },
+    }
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    hosts = doc["hosts"]
+    print(
+        f"\nrelay tree (depth {doc['tree']['depth']}, fan-out {doc['tree']['fanout']}, "
+        f"{doc['tree']['parents_per_node']} parents per node):"
+    )
+    by_level: dict[int, list[dict[str, Any]]] = {}
+    for h in hosts:
+        by_level.setdefault(h["level"] or 0, []).append(h)
+    for level in sorted(by_level):
+        label = f"level {level}" if level else "not in tree"
+        row = ", ".join(
+            f"{h['name']}<-{'+'.join(h['parents'])}" + (" (killed)" if h["killed"] else "")
+            for h in by_level[level]
+        )
+        print(f"  {label}: {row}")
+    print(f"\n{'host':<8} {'level':>5} {'from parents':>13} {'from origin':>12}  killed")
+    for h in hosts:
+        from_origin = h["bytes_received"].get(ORIGIN, 0)
+        from_parents = sum(v for k, v in h["bytes_received"].items() if k != ORIGIN)
+        print(
+            f"{h['name']:<8} {h['level'] or '-':>5} {format_size(from_parents):>13} "
+            f"{format_size(from_origin):>12}  {'yes' if h['killed'] else ''}"
+        )
+    survivors = [v for v in doc["vms"] if not v["killed_host"]]
+    print(
+        f"\n{len(survivors)} VMs on surviving hosts: all booted in {doc['all_booted_seconds']} s "
+        f"(mean {doc['mean_boot_seconds']} s, p99 {doc['p99_boot_seconds']} s); "
+        f"one VM alone from a local copy: {doc['single_vm_seconds']} s"
+    )
+    print(f"I/O errors seen by VMs on surviving hosts: {doc['errors_on_surviving_hosts']}")
+    ws = doc["working_set_bytes"]
+    print(
+        f"origin sent {format_size(doc['origin_bytes_sent'])}; working set {format_size(ws)} "
+        f"({doc['origin_bytes_sent'] / ws:.2f}x; {doc['tree']['roots']} tree roots)"
+    )
