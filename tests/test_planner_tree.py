@@ -92,7 +92,9 @@ ops = st.lists(st.tuples(st.sampled_from(["join", "leave"]), st.integers(0, 60))
 
 @settings(max_examples=400, deadline=None)
 @given(d=st.integers(1, 4), k=st.integers(1, 4), sequence=ops)
-def test_random_sequences_keep_every_invariant(d: int, k: int, sequence: list[tuple[str, int]]) -> None:
+def test_random_sequences_keep_every_invariant(
+    d: int, k: int, sequence: list[tuple[str, int]]
+) -> None:
     tree = RelayTree(TreeSettings(d, k))
     present: set[str] = set()
     for op, n in sequence:

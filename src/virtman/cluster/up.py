@@ -139,7 +139,7 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
         uris = await asyncio.gather(*(cluster.create_vm(h, n, IMAGE_NAME) for h, n in names))
         killers = [asyncio.ensure_future(_kill_later(cluster, h, t)) for h, t in options.kills]
         origin_before = cluster.origin_bytes_sent  # registration read the image once
-        t0 = time.monotonic()
+
         results: list[ReplayResult] = await asyncio.gather(
             *(replay(uri, trace, speed=options.speed) for uri in uris)
         )
@@ -215,6 +215,7 @@ async def _report(
                 "name": host,
                 "parents": parents.get(host, []),
                 "level": levels.get(host),
+                "position": positions.get(host),
                 "bytes_received": received,
                 "killed": agent.killed,
             }
