@@ -59,7 +59,7 @@ def test_depth_is_the_minimum() -> None:
             total = 0
             while total < n:
                 expected += 1
-                total += d ** expected
+                total += d**expected
             assert min_depth(n, d) == expected
     assert level_of(0, 2) == 1 and level_of(2, 2) == 2 and level_of(6, 2) == 3
 
@@ -116,8 +116,11 @@ def test_random_sequences_keep_every_invariant(
         tree.check()
         assert set(tree.hosts) == present
         if present:
-            assert tree.depth <= math.ceil(math.log(len(present) * (d - 1) + 1, d)) if d > 1 \
+            assert (
+                tree.depth <= math.ceil(math.log(len(present) * (d - 1) + 1, d))
+                if d > 1
                 else tree.depth == len(present)
+            )
             # No host carries more than k*d children's parent links.
             load: dict[str, int] = {}
             for parents in tree.parent_map().values():

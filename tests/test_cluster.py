@@ -1,0 +1,217 @@
+"""A whole cluster on loopback: relay tree, failures of hosts and of Volt, virtman up."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import make_image, require
+
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.replay.replayer import replay
+from virtman.replay.trace import Trace, TraceRequest
+
+MiB = 1024 * 1024
+SIZE = 16 * MiB
+INTERVAL, TIMEOUT = 0.3, 1.2
+
+
+def synthetic_trace(seconds: float = 2.5, requests: int = 500, seed: int = 3) -> Trace:
+    """Reads spread over the image and over time, with a few writes and flushes."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(requests):
+        t = seconds * i / requests
+        op = "read" if i % 25 else ("write" if i % 50 else "flush")
+        offset = rng.randrange(0, SIZE - 65536) // 4096 * 4096
+        length = 0 if op == "flush" else rng.choice([4096, 16384, 65536])
+        reqs.append(TraceRequest(t, op, offset, length))
+    return Trace("synthetic", tuple(reqs))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    settings = ClusterSettings(
+        hosts=4, heartbeat_interval=INTERVAL, heartbeat_timeout=TIMEOUT, chunk_size=64 * 1024
+    )
+    c = LocalCluster(str(tmp_path / "cluster"), settings)
+    image = tmp_path / "image.raw"
+    make_image(image, SIZE)
+    try:
+        await c.start_origin(str(image))
+        await c.start_volt()
+        await c.start_agents()
+        await c.register_image("img")
+        yield c
+    finally:
+        await c.stop()
+
+
+async def create_in_order(cluster: LocalCluster, per_host: int = 1) -> dict[str, list[str]]:
+    """VMs host by host, so tree positions follow host numbers (host1 at position 0...)."""
+    uris: dict[str, list[str]] = {}
+    for host in cluster.host_names():
+        uris[host] = [
+            await cluster.create_vm(host, f"{host}-vm{j}", "img") for j in range(per_host)
+        ]
+    return uris
+
+
+async def run(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return await asyncio.to_thread(subprocess.run, list(argv), capture_output=True, timeout=60)
+
+
+async def test_vms_on_every_host_read_the_image_and_keep_writes_private(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    require("qemu-img", "qemu-io", "nbdcopy")
+    image = tmp_path / "image.raw"
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    uris = await create_in_order(cluster, per_host=2)
+    tree = await cluster.tree("img")
+    assert [n["agent"] for n in tree["nodes"]] == ["host1", "host2", "host3", "host4"]
+    assert tree["nodes"][2]["parents"] == ["host1", "host2"] and tree["depth"] == 2
+    for host_uris in uris.values():
+        for uri in host_uris:
+            r = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), uri)
+            assert r.returncode == 0, r.stdout + r.stderr
+    writer = uris["host3"][0]
+    r = await run("qemu-io", "-f", "raw", "-c", "write -P 0xe7 1000 100000", writer)
+    assert r.returncode == 0, r.stderr
+    r = await run("qemu-io", "-f", "raw", "-c", "read -P 0xe7 1000 100000", writer)
+    assert b"Pattern verification failed" not in r.stdout
+    for uri in (uris["host3"][1], uris["host1"][0], uris["host4"][0]):
+        r = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), uri)
+        assert r.returncode == 0, f"{uri} saw another VM's write: {r.stdout!r}"
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+    # Level-2 hosts got their data from their parents, not from the origin.
+    status = await cluster.agent_status("host3")
+    received = status["images"]["img"]["bytes_received"]
+    assert (
+        received.get("origin", 0) == 0 and received.get("host1", 0) + received.get("host2", 0) > 0
+    )
+
+
+async def test_sigkill_of_a_parent_mid_boot_is_invisible_to_its_children(
+    cluster: LocalCluster,
+) -> None:
+    uris = await create_in_order(cluster)
+    trace = synthetic_trace()
+    children = ["host3", "host4"]  # both have host1 and host2 as parents
+    boots = [asyncio.ensure_future(replay(uris[h][0], trace)) for h in ["host2", *children]]
+    await asyncio.sleep(0.8)
+    cluster.kill_agent("host1")
+    killed_at = time.monotonic()
+    results = await asyncio.gather(*boots)
+    for r in results:
+        assert r.errors == 0, r.messages
+        assert r.requests == len(trace.requests)
+    # Volt notices within the heartbeat timeout and hands out new parents.
+    deadline = killed_at + TIMEOUT + 3 * INTERVAL + 2.0
+    while True:
+        tree = await cluster.tree("img")
+        agents = [n["agent"] for n in tree["nodes"]]
+        statuses = {h: await cluster.agent_status(h) for h in ("host2", *children)}
+        parents_now = {h: s["images"]["img"]["parents"] for h, s in statuses.items()}
+        repaired = "host1" not in agents and all("host1" not in p for p in parents_now.values())
+        if repaired or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert repaired, f"tree not repaired in time: {tree}, agents see {parents_now}"
+    repaired_in = time.monotonic() - killed_at
+    assert repaired_in < TIMEOUT + 3 * INTERVAL + 2.0
+    assert tree["depth"] == 2 and sorted(agents) == ["host2", "host3", "host4"]
+    # The kill happened mid-boot, while the children were reading through host1.
+    assert all(r.boot_seconds > 1.0 for r in results)
+    for h in children:
+        assert statuses[h]["images"]["img"]["bytes_received"].get("host1", 0) > 0
+    expected = {n["agent"]: [p for p in n["parents"] if p != "origin"] for n in tree["nodes"]}
+    assert parents_now == expected
+
+
+async def test_volt_killed_and_restarted_mid_run(cluster: LocalCluster) -> None:
+    uris = await create_in_order(cluster)
+    before = await cluster.tree("img")
+    trace = synthetic_trace(seconds=3.0)
+    boots = [asyncio.ensure_future(replay(u[0], trace)) for u in uris.values()]
+    await asyncio.sleep(0.5)
+    cluster.kill_volt()
+    await asyncio.sleep(1.5)  # longer than the heartbeat timeout: agents keep serving
+    await cluster.start_volt()
+    results = await asyncio.gather(*boots)
+    assert all(r.errors == 0 for r in results), [r.messages for r in results]
+    after = await cluster.tree("img")
+    assert after["nodes"] == before["nodes"]
+    await asyncio.sleep(TIMEOUT + INTERVAL)  # every agent heartbeats the new Volt
+    assert (await cluster.tree("img"))["nodes"] == before["nodes"]
+
+
+def test_virtman_up_small_run_is_complete_and_consistent(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    rows = ["t,op,offset,length"]
+    rng = random.Random(9)
+    for i in range(300):
+        rows.append(
+            f"{i * 0.01:.3f},read,{rng.randrange(0, 4096) * 4096},{rng.choice([4096, 65536])}"
+        )
+    rows.append("3.0,write,0,4096")
+    rows.append("3.01,flush,0,0")
+    trace.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "up.json"
+    run_ = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "virtman",
+            "up",
+            "--hosts",
+            "3",
+            "--vms-per-host",
+            "2",
+            "--trace",
+            str(trace),
+            "--speed",
+            "4",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--heartbeat-interval",
+            "0.3",
+            "--heartbeat-timeout",
+            "1.2",
+            "--kill",
+            "host1@0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    doc = json.loads(out.read_text())
+    assert {"vms", "all_booted_seconds", "origin_bytes_sent", "working_set_bytes", "hosts"} <= set(
+        doc
+    )
+    assert len(doc["vms"]) == 6
+    assert {v["host"] for v in doc["vms"]} == {"host1", "host2", "host3"}
+    survivors = [v for v in doc["vms"] if v["host"] != "host1"]
+    assert all(v["errors"] == 0 for v in survivors)
+    assert doc["all_booted_seconds"] == max(v["boot_seconds"] for v in survivors)
+    killed = {h["name"]: h["killed"] for h in doc["hosts"]}
+    assert killed == {"host1": True, "host2": False, "host3": False}
+    for h in doc["hosts"]:
+        if not h["killed"]:
+            assert h["parents"] and all(p in ("origin", "host2", "host3") for p in h["parents"])
+    # Every byte a surviving host received came from the origin or from a host.
+    assert doc["origin_bytes_sent"] >= doc["working_set_bytes"] // 2
+    assert "relay tree" in run_.stdout and "origin sent" in run_.stdout
+    assert not list((tmp_path / "work").glob("*.sock"))
