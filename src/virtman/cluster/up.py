@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtman.blockdev.file import FileDevice
+from virtman.blockdev.store import copy_sparse
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.errors import ConfigError
 from virtman.nbd.server import Export, NbdServer
@@ -81,12 +82,8 @@ def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42) -> 
 
 async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str) -> float:
     """One VM booting alone from a local copy of the image (the baseline)."""
-    device = FileDevice(image, read_only=False)
+    # A local copy: the VM's writes must not touch the image itself.
     scratch = os.path.join(workdir, "alone.raw")
-    # Writes must not touch the image: boot from a private copy-on-write of nothing but
-    # the file itself is what "a local copy" means, so copy the sparse file first.
-    from virtman.blockdev.store import copy_sparse
-
     await asyncio.to_thread(copy_sparse, image, scratch)
     device = FileDevice(scratch)
     await device.open()
