@@ -314,10 +314,6 @@ async def test_volt_api_rejects_bad_input_and_changes_nothing(start_cluster) -> 
     assert_bytes(await env.read(vm["uri"]), env.image, "a VM of the registered image")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a clone/migrate destination that is neither an agent name nor a URL (e.g. 'a b') "
-    "is passed to Volt as GET /agents/a b; Volt's 422 comes back as ApiError, which the "
-    "agent's error handler maps to 502 instead of rejecting the request with 422"))
 async def test_clone_to_malformed_destination_answers_422(start_cluster) -> None:
     env = await start_cluster(1)
     await env.create("host1", "vm", image="img")
@@ -567,10 +563,6 @@ async def test_clone_then_migrate_copy_every_written_byte(start_cluster) -> None
     assert_bytes(await env.read(clone["uri"], "clone"), want_clone, "host2's clone at the end")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: clone/migrate onto a VM name the destination already has answers 502: the "
-    "destination's 409 reaches Agent.copy_vm as ApiError, which install_error_handlers "
-    "maps to 502 (only NotFound/Conflict/ConfigError/InvalidRequest get 4xx)"))
 async def test_copy_onto_a_taken_name_answers_409(start_cluster) -> None:
     env = await start_cluster(2)
     await env.create("host1", "vm", image="img")

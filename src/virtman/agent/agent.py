@@ -400,9 +400,11 @@ class Agent:
                     content=written_data(vm),
                     headers={"content-type": "application/octet-stream"},
                 )
-        except VirtmanError:
+        except VirtmanError as err:
             if move and vm.record.state == VmState.RUNNING.value:
                 await vm.export()  # untouched: serve it again here
+            if isinstance(err, ApiError) and err.status == 409:
+                raise Conflict(f"destination {destination!r}: {err.detail}") from err
             raise
         if move:
             await self.destroy_vm(name)

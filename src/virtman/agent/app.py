@@ -15,12 +15,13 @@ requests; 502 a failure further away (Volt, another agent). Nothing changes on e
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from virtman import __version__
 from virtman.agent.agent import Agent
@@ -52,6 +53,13 @@ class SnapshotCreate(BaseModel):
 
 class CopyRequest(BaseModel):
     destination: str = Field(min_length=1, description="agent name, or its URL")
+
+    @field_validator("destination")
+    @classmethod
+    def _name_or_url(cls, v: str) -> str:
+        if v.startswith(("http://", "https://")) or re.match(NAME_PATTERN, v):
+            return v
+        raise ValueError("give an agent name (letters, digits, '.', '_', '-') or its http:// URL")
 
 
 class VmInfo(BaseModel):
