@@ -5,6 +5,18 @@ from __future__ import annotations
 import struct
 
 import pytest
+from nbdwire import (
+    DONE,
+    OPT_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_MAGIC,
+    chunk,
+    opt,
+    opt_reply,
+    u16,
+    u32,
+    u64,
+)
 
 from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.protocol.nbd import (
@@ -21,43 +33,17 @@ from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyRecei
 
 # --- wire helpers (independent of the codec's encoders) ------------------------------------
 
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
-STRUCTURED_MAGIC = 0x668E33EF
 
 EXPORT_NAME, ABORT, LIST, GO, STRUCTURED_REPLY = 1, 2, 3, 7, 8
 ACK, SERVER, INFO = 1, 2, 3
 ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_UNKNOWN = 0x80000001, 0x80000002, 0x80000003, 0x80000006
-DONE = 1
 T_NONE, T_DATA, T_HOLE, T_BLOCK_STATUS = 0, 1, 2, 5
 T_ERROR, T_ERROR_OFFSET = 0x8001, 0x8002
 EIO, EINVAL, ENOSPC = 5, 22, 28
 
 
-def u16(v: int) -> bytes:
-    return struct.pack(">H", v)
-
-
-def u32(v: int) -> bytes:
-    return struct.pack(">I", v)
-
-
-def u64(v: int) -> bytes:
-    return struct.pack(">Q", v)
-
-
 def greeting(flags: int = 3) -> bytes:
     return b"NBDMAGIC" + b"IHAVEOPT" + u16(flags)
-
-
-def opt(option: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
-
-
-def opt_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QIII", OPT_REPLY_MAGIC, option, reply, len(data)) + data
 
 
 def go_data(name: str, infos: tuple[int, ...]) -> bytes:
@@ -79,10 +65,6 @@ def req(command: int, cookie: int, offset: int = 0, length: int = 0, flags: int 
 
 def simple(error: int, cookie: int, data: bytes = b"") -> bytes:
     return struct.pack(">IIQ", SIMPLE_MAGIC, error, cookie) + data
-
-
-def chunk(flags: int, kind: int, cookie: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQI", STRUCTURED_MAGIC, flags, kind, cookie, len(payload)) + payload
 
 
 def data_chunk(cookie: int, offset: int, data: bytes, flags: int = 0) -> bytes:
@@ -138,7 +120,7 @@ def test_greeting_answered_with_flags_and_structured_reply() -> None:
     assert client.next_event() is NEED_DATA
     events, out = feed(client, greeting(3))
     assert events == []
-    assert out == bytes.fromhex("00000003" "49484156454f5054" "00000008" "00000000")
+    assert out == bytes.fromhex("0000000349484156454f50540000000800000000")
     assert client.state is ClientState.OPTIONS
     assert client.no_zeroes is True
 
@@ -191,9 +173,7 @@ def test_full_handshake_structured_go() -> None:
     assert events == []
     # GO naming the export and asking for block sizes (info type 3).
     assert out == opt(GO, go_data("disk", (3,)))
-    assert out == bytes.fromhex(
-        "49484156454f5054" "00000007" "0000000c" "00000004" "6469736b" "0001" "0003"
-    )
+    assert out == bytes.fromhex("49484156454f5054000000070000000c000000046469736b00010003")
     replies = (
         opt_reply(GO, INFO, u16(1) + b"disk")  # NAME: not asked for, ignored
         + info_block_size(512, 4096, 1 << 20)
@@ -254,7 +234,7 @@ def test_go_unsupported_falls_back_to_export_name_with_no_zeroes() -> None:
     events, out = feed(client, opt_reply(GO, ERR_UNSUP))
     assert events == []
     assert out == opt(EXPORT_NAME, b"disk")
-    assert out == bytes.fromhex("49484156454f5054" "00000001" "00000004" "6469736b")
+    assert out == bytes.fromhex("49484156454f505400000001000000046469736b")
     assert feed(client, u64(SIZE)) == ([], b"")
     events, out = feed(client, u16(FLAGS))
     assert events == [HandshakeDone(ExportInfo("disk", SIZE, TransmissionFlag(FLAGS)), False)]
@@ -314,9 +294,11 @@ BAD_GO = {
     "export info too short": opt_reply(GO, INFO, u16(0) + u64(SIZE)) + opt_reply(GO, ACK),
     "info too short": opt_reply(GO, INFO, b"\x00"),
     "block size wrong length": (
-        info_export(SIZE, FLAGS) + opt_reply(GO, INFO, u16(3) + u32(1)) + opt_reply(GO, ACK)),
+        info_export(SIZE, FLAGS) + opt_reply(GO, INFO, u16(3) + u32(1)) + opt_reply(GO, ACK)
+    ),
     "block size not power of two": (
-        info_export(SIZE, FLAGS) + info_block_size(3, 4096, 65536) + opt_reply(GO, ACK)),
+        info_export(SIZE, FLAGS) + info_block_size(3, 4096, 65536) + opt_reply(GO, ACK)
+    ),
     "unexpected reply type": opt_reply(GO, SERVER, u32(0)),
     "reply to another option": opt_reply(LIST, ACK),
     "bad reply magic": struct.pack(">QIII", 0x0003E889045565AA, GO, ACK, 0),
@@ -345,7 +327,13 @@ def test_unexpected_reply_to_structured_reply() -> None:
 
 def test_errno_name() -> None:
     assert [errno_name(e) for e in (0, 1, 5, 22, 28, 108, 999)] == [
-        "OK", "EPERM", "EIO", "EINVAL", "ENOSPC", "ESHUTDOWN", "999"
+        "OK",
+        "EPERM",
+        "EIO",
+        "EINVAL",
+        "ENOSPC",
+        "ESHUTDOWN",
+        "999",
     ]
 
 
@@ -371,7 +359,7 @@ def test_list_exports() -> None:
     events, out = feed(client, opt_reply(LIST, ACK))
     assert events == [ExportsListed(["disk", "ro", ""])]
     assert out == opt(ABORT)
-    assert out == bytes.fromhex("49484156454f5054" "00000002" "00000000")
+    assert out == bytes.fromhex("49484156454f50540000000200000000")
     assert client.state is ClientState.CLOSED
 
 
@@ -406,9 +394,7 @@ def test_request_headers_exact() -> None:
     client = in_transmission()
     cookie, header = client.request(Command.READ, 0x1000, 512)
     assert cookie == 1
-    assert header == bytes.fromhex(
-        "25609513" "0000" "0000" "0000000000000001" "0000000000001000" "00000200"
-    )
+    assert header == bytes.fromhex("25609513000000000000000000000001000000000000100000000200")
     cookie, header = client.request(Command.WRITE, 0, 4, CommandFlag.FUA, data=b"abcd")
     assert cookie == 2
     assert header == req(Command.WRITE, 2, 0, 4, CommandFlag.FUA)  # the data is sent by the caller
@@ -537,9 +523,7 @@ def test_structured_read_assembled_from_data_and_hole_chunks(final: str) -> None
 def test_structured_read_only_holes_reads_zeros() -> None:
     client = in_transmission()
     cookie, _ = client.request(Command.READ, 0, 1024)
-    events, _ = feed(
-        client, hole_chunk(cookie, 512, 512) + hole_chunk(cookie, 0, 512, DONE)
-    )
+    events, _ = feed(client, hole_chunk(cookie, 512, 512) + hole_chunk(cookie, 0, 512, DONE))
     assert events == [ReplyReceived(cookie, 0, bytes(1024))]
 
 
@@ -657,11 +641,23 @@ BAD_CHUNKS = {
     "error chunk too short": (Command.FLUSH, 0, 0, chunk(DONE, T_ERROR, 1, u32(EIO))),
     "error chunk with errno 0": (Command.FLUSH, 0, 0, chunk(DONE, T_ERROR, 1, u32(0) + u16(0))),
     "block status too short": (
-        Command.BLOCK_STATUS, 0, 512, chunk(DONE, T_BLOCK_STATUS, 1, u32(1) + u32(512))),
+        Command.BLOCK_STATUS,
+        0,
+        512,
+        chunk(DONE, T_BLOCK_STATUS, 1, u32(1) + u32(512)),
+    ),
     "block status ragged": (
-        Command.BLOCK_STATUS, 0, 512, chunk(DONE, T_BLOCK_STATUS, 1, u32(1) + bytes(12))),
+        Command.BLOCK_STATUS,
+        0,
+        512,
+        chunk(DONE, T_BLOCK_STATUS, 1, u32(1) + bytes(12)),
+    ),
     "error chunk over the size limit": (
-        Command.FLUSH, 0, 0, chunk(DONE, T_ERROR, 1, u32(EIO) + u16(0) + bytes(5000))),
+        Command.FLUSH,
+        0,
+        0,
+        chunk(DONE, T_ERROR, 1, u32(EIO) + u16(0) + bytes(5000)),
+    ),
 }
 
 

@@ -9,6 +9,19 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nbdwire import (
+    IHAVEOPT,
+    OPT_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_MAGIC,
+    chunk,
+    meta_data,
+    opt,
+    opt_reply,
+    u16,
+    u32,
+    u64,
+)
 
 from virtman.errors import PeerProtocolError
 from virtman.protocol.nbd import (
@@ -35,57 +48,20 @@ from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyRecei
 
 # --- wire helpers --------------------------------------------------------------------------
 
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
-STRUCTURED_MAGIC = 0x668E33EF
-
-
-def u16(v: int) -> bytes:
-    return struct.pack(">H", v)
-
-
-def u32(v: int) -> bytes:
-    return struct.pack(">I", v)
-
-
-def u64(v: int) -> bytes:
-    return struct.pack(">Q", v)
-
-
-def opt(option: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
-
-
-def opt_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QIII", OPT_REPLY_MAGIC, option, reply, len(data)) + data
-
 
 def go_data(name: str, infos: tuple[int, ...] = ()) -> bytes:
     raw = name.encode()
     return u32(len(raw)) + raw + u16(len(infos)) + b"".join(u16(i) for i in infos)
 
 
-def meta_data(name: str, queries: list[str]) -> bytes:
-    raw = name.encode()
-    out = u32(len(raw)) + raw + u32(len(queries))
-    for q in queries:
-        out += u32(len(q.encode())) + q.encode()
-    return out
-
-
-def req(command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
-        data: bytes = b"") -> bytes:
+def req(
+    command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b""
+) -> bytes:
     return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset, length) + data
 
 
 def simple(error: int, cookie: int, data: bytes = b"") -> bytes:
     return struct.pack(">IIQ", SIMPLE_MAGIC, error, cookie) + data
-
-
-def chunk(flags: int, kind: int, cookie: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQI", STRUCTURED_MAGIC, flags, kind, cookie, len(payload)) + payload
 
 
 # --- exports and a tiny in-memory backend ------------------------------------------------
@@ -189,7 +165,10 @@ HANDSHAKES = {
     "default export, structured": ({"export_name": ""}, "", True),
     "named export, structured": ({"export_name": "disk"}, "disk", True),
     "named export, simple replies": (
-        {"export_name": "disk", "structured_replies": False}, "disk", False),
+        {"export_name": "disk", "structured_replies": False},
+        "disk",
+        False,
+    ),
     "read-only export": ({"export_name": "ro"}, "ro", True),
 }
 
@@ -256,8 +235,11 @@ SCENARIOS: dict[str, tuple[str, list[Step], list[Expect]]] = {
     ),
     "trim, flush, cache": (
         "disk",
-        [(Command.TRIM, 0, 512, 0, None), (Command.FLUSH, 0, 0, 0, None),
-         (Command.CACHE, 0, 65536, 0, None)],
+        [
+            (Command.TRIM, 0, 512, 0, None),
+            (Command.FLUSH, 0, 0, 0, None),
+            (Command.CACHE, 0, 65536, 0, None),
+        ],
         [(0, b""), (0, b""), (0, b"")],
     ),
     "zero-length write": ("disk", [(W, 0, 0, 0, b"")], [(0, b"")]),
@@ -268,11 +250,18 @@ SCENARIOS: dict[str, tuple[str, list[Step], list[Expect]]] = {
         [(Errno.ENOSPC, b""), (0, pattern(SIZE - 2, 2))],
     ),
     "write zeroes past the end": (
-        "disk", [(Command.WRITE_ZEROES, SIZE, 1, 0, None)], [(Errno.ENOSPC, b"")]),
+        "disk",
+        [(Command.WRITE_ZEROES, SIZE, 1, 0, None)],
+        [(Errno.ENOSPC, b"")],
+    ),
     "read-only export": (
         "ro",
-        [(W, 0, 1, 0, b"x"), (Command.TRIM, 0, 512, 0, None),
-         (Command.WRITE_ZEROES, 0, 512, 0, None), (R, 0, 4, 0, None)],
+        [
+            (W, 0, 1, 0, b"x"),
+            (Command.TRIM, 0, 512, 0, None),
+            (Command.WRITE_ZEROES, 0, 512, 0, None),
+            (R, 0, 4, 0, None),
+        ],
         [(Errno.EPERM, b""), (Errno.EPERM, b""), (Errno.EPERM, b""), (0, pattern(0, 4))],
     ),
     "oversized write then read": (
@@ -284,7 +273,10 @@ SCENARIOS: dict[str, tuple[str, list[Step], list[Expect]]] = {
     "unknown command": ("disk", [(9, 0, 0, 0, None)], [(Errno.EINVAL, b"")]),
     "bad flags": ("disk", [(R, 0, 512, CommandFlag.REQ_ONE, None)], [(Errno.EINVAL, b"")]),
     "block status without meta context": (
-        "disk", [(Command.BLOCK_STATUS, 0, 4096, 0, None)], [(Errno.EINVAL, b"")]),
+        "disk",
+        [(Command.BLOCK_STATUS, 0, 4096, 0, None)],
+        [(Errno.EINVAL, b"")],
+    ),
 }
 
 
@@ -425,7 +417,10 @@ def test_server_feeding_modes() -> None:
         + [["RequestReceived"], ["ClientDisconnected"]]
     )
     assert [e.errno for events, _ in whole[15:19] for e in events] == [
-        Errno.EINVAL, Errno.EINVAL, Errno.ENOSPC, Errno.EINVAL
+        Errno.EINVAL,
+        Errno.EINVAL,
+        Errno.ENOSPC,
+        Errno.EINVAL,
     ]
     assert whole[9][0][0].request.data == b"W" * 16
     assert whole[19][0][0].request.data == b"end"
@@ -495,8 +490,7 @@ def test_client_feeding_modes() -> None:
 # Pure noise rarely gets past the first magic number, so besides raw bytes the strategies
 # build well-framed messages with arbitrary contents, followed by a tail of raw noise.
 
-SERVER_EVENTS = (ExportSelected, RequestReceived, RequestRefused, OptionRefused,
-                 ClientDisconnected)
+SERVER_EVENTS = (ExportSelected, RequestReceived, RequestRefused, OptionRefused, ClientDisconnected)
 CLIENT_EVENTS = (HandshakeDone, ExportsListed, ReplyReceived)
 
 noise = st.binary(max_size=32)
@@ -504,8 +498,9 @@ splits = st.lists(st.integers(0, 48), max_size=6)
 names = st.sampled_from(["", "disk", "ro", "nope", "\u00e9", "a\x00b"])
 client_flags = st.sampled_from([u32(3), u32(3), u32(1), u32(0), u32(2), u32(7), b"\xff" * 4])
 option_messages = st.one_of(
-    st.builds(opt, st.sampled_from([*range(13), 0x99, 0xFFFFFFFF]),
-              st.just(b"") | st.binary(max_size=12)),
+    st.builds(
+        opt, st.sampled_from([*range(13), 0x99, 0xFFFFFFFF]), st.just(b"") | st.binary(max_size=12)
+    ),
     st.builds(
         lambda o, n, i, extra: opt(o, go_data(n, tuple(i)) + extra),
         st.sampled_from([Option.INFO, Option.GO]),
@@ -585,7 +580,11 @@ def test_fresh_server_arbitrary_options(
     splits,
 )
 def test_server_in_transmission_arbitrary_bytes(
-    export: str, structured: bool, meta: bool, messages: list[bytes], tail: bytes,
+    export: str,
+    structured: bool,
+    meta: bool,
+    messages: list[bytes],
+    tail: bytes,
     sizes: list[int],
 ) -> None:
     server = make_server()
@@ -604,14 +603,20 @@ def test_server_in_transmission_arbitrary_bytes(
 GREETINGS = [b"NBDMAGICIHAVEOPT" + u16(f) for f in (3, 3, 3, 1, 1, 0xFFFF, 0)]
 reply_payloads = st.one_of(
     st.binary(max_size=16),
-    st.builds(lambda s, f: u16(0) + u64(s) + u16(f), st.integers(0, 2**64 - 1),
-              st.integers(0, 0xFFFF)),
-    st.builds(lambda a, b, c: u16(3) + u32(a) + u32(b) + u32(c),
-              st.sampled_from([0, 1, 3, 512, 1 << 17]),
-              st.sampled_from([0, 512, 4096, 3000]),
-              st.sampled_from([0, 1, 4096, 0xFFFFFFFF])),
-    st.builds(lambda n, d: u32(len(n)) + n + d, names.map(str.encode) | st.binary(max_size=8),
-              st.binary(max_size=8)),
+    st.builds(
+        lambda s, f: u16(0) + u64(s) + u16(f), st.integers(0, 2**64 - 1), st.integers(0, 0xFFFF)
+    ),
+    st.builds(
+        lambda a, b, c: u16(3) + u32(a) + u32(b) + u32(c),
+        st.sampled_from([0, 1, 3, 512, 1 << 17]),
+        st.sampled_from([0, 512, 4096, 3000]),
+        st.sampled_from([0, 1, 4096, 0xFFFFFFFF]),
+    ),
+    st.builds(
+        lambda n, d: u32(len(n)) + n + d,
+        names.map(str.encode) | st.binary(max_size=8),
+        st.binary(max_size=8),
+    ),
     st.builds(u32, st.integers(0, 2**32 - 1)),
 )
 # (True, reply, payload): an option reply to the option the client asked last;
@@ -620,18 +625,24 @@ server_handshake_messages = st.one_of(
     st.tuples(
         st.just(True),
         st.sampled_from(
-            [1] * 4 + [2] * 4 + [3] * 6 + [0x80000001] * 4
+            [1] * 4
+            + [2] * 4
+            + [3] * 6
+            + [0x80000001] * 4
             + [4, *range(0x80000002, 0x8000000B), 0x80001234, 77]
         ),
         reply_payloads,
     ),
-    st.tuples(st.just(False), st.sampled_from([1, 2, 9, 0xFFFFFFFF]), st.integers(1, 3),
-              reply_payloads),
-    st.sampled_from([
-        u64(1 << 20) + u16(3),  # an EXPORT_NAME reply
-        bytes(124),  # its padding
-        struct.pack(">QIII", OPT_REPLY_MAGIC, 8, 1, 65537),  # a reply too long
-    ]),
+    st.tuples(
+        st.just(False), st.sampled_from([1, 2, 9, 0xFFFFFFFF]), st.integers(1, 3), reply_payloads
+    ),
+    st.sampled_from(
+        [
+            u64(1 << 20) + u16(3),  # an EXPORT_NAME reply
+            bytes(124),  # its padding
+            struct.pack(">QIII", OPT_REPLY_MAGIC, 8, 1, 65537),  # a reply too long
+        ]
+    ),
 )
 
 
@@ -681,24 +692,41 @@ def test_fresh_client_arbitrary_option_replies(
 cookies = st.sampled_from([1, 2, 3, 4, 99])
 reply_messages = st.one_of(
     st.builds(simple, st.sampled_from([0, 5, 22]), cookies, st.binary(max_size=70)),
-    st.builds(chunk, st.integers(0, 3), st.sampled_from([0, 1, 2, 3, 5, 0x8001, 0x8002, 0xFFFF]),
-              cookies, st.binary(max_size=80)),
+    st.builds(
+        chunk,
+        st.integers(0, 3),
+        st.sampled_from([0, 1, 2, 3, 5, 0x8001, 0x8002, 0xFFFF]),
+        cookies,
+        st.binary(max_size=80),
+    ),
     st.builds(
         lambda f, k, o, d: chunk(f, 1, k, u64(o) + d),
-        st.integers(0, 1), cookies, st.integers(0, 80), st.binary(max_size=70),
+        st.integers(0, 1),
+        cookies,
+        st.integers(0, 80),
+        st.binary(max_size=70),
     ),
     st.builds(
         lambda f, k, o, n: chunk(f, 2, k, u64(o) + u32(n)),
-        st.integers(0, 1), cookies, st.integers(0, 80), st.integers(0, 80),
+        st.integers(0, 1),
+        cookies,
+        st.integers(0, 80),
+        st.integers(0, 80),
     ),
     st.builds(
         lambda f, t, k, e, m, x: chunk(f, t, k, u32(e) + u16(m) + x),
-        st.integers(0, 1), st.sampled_from([0x8001, 0x8002, 0x8009]), cookies,
-        st.integers(0, 30), st.integers(0, 0xFFFF), st.binary(max_size=20),
+        st.integers(0, 1),
+        st.sampled_from([0x8001, 0x8002, 0x8009]),
+        cookies,
+        st.integers(0, 30),
+        st.integers(0, 0xFFFF),
+        st.binary(max_size=20),
     ),
     st.builds(
         lambda k, n, x: chunk(1, 5, k, u32(1) + bytes(8 * n) + x),
-        cookies, st.integers(0, 3), st.binary(max_size=5),
+        cookies,
+        st.integers(0, 3),
+        st.binary(max_size=5),
     ),
 )
 

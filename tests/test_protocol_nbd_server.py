@@ -9,6 +9,21 @@ from __future__ import annotations
 import struct
 
 import pytest
+from nbdwire import (
+    DONE,
+    IHAVEOPT,
+    OPT_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    SIMPLE_MAGIC,
+    STRUCTURED_MAGIC,
+    chunk,
+    meta_data,
+    opt,
+    opt_reply,
+    u16,
+    u32,
+    u64,
+)
 
 from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.protocol.nbd import (
@@ -45,36 +60,10 @@ from virtman.protocol.nbd.messages import (
 
 # --- wire helpers (independent of the codec's encoders) ------------------------------------
 
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY_MAGIC = 0x0003E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_MAGIC = 0x67446698
-STRUCTURED_MAGIC = 0x668E33EF
 
 ACK, SERVER, INFO, META_CONTEXT = 1, 2, 3, 4
 ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN, ERR_TOO_BIG = 0x80000001, 0x80000003, 0x80000006, 0x80000009
-DONE = 1
 T_NONE, T_DATA, T_BLOCK_STATUS, T_ERROR = 0, 1, 5, 0x8001
-
-
-def u16(v: int) -> bytes:
-    return struct.pack(">H", v)
-
-
-def u32(v: int) -> bytes:
-    return struct.pack(">I", v)
-
-
-def u64(v: int) -> bytes:
-    return struct.pack(">Q", v)
-
-
-def opt(option: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QII", IHAVEOPT, option, len(data)) + data
-
-
-def opt_reply(option: int, reply: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QIII", OPT_REPLY_MAGIC, option, reply, len(data)) + data
 
 
 def go_data(name: str | bytes, infos: tuple[int, ...] = ()) -> bytes:
@@ -82,25 +71,14 @@ def go_data(name: str | bytes, infos: tuple[int, ...] = ()) -> bytes:
     return u32(len(raw)) + raw + u16(len(infos)) + b"".join(u16(i) for i in infos)
 
 
-def meta_data(name: str, queries: list[str]) -> bytes:
-    raw = name.encode()
-    out = u32(len(raw)) + raw + u32(len(queries))
-    for q in queries:
-        out += u32(len(q.encode())) + q.encode()
-    return out
-
-
-def req(command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
-        data: bytes = b"") -> bytes:
+def req(
+    command: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b""
+) -> bytes:
     return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, command, cookie, offset, length) + data
 
 
 def simple(error: int, cookie: int) -> bytes:
     return struct.pack(">IIQ", SIMPLE_MAGIC, error, cookie)
-
-
-def chunk(flags: int, kind: int, cookie: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQI", STRUCTURED_MAGIC, flags, kind, cookie, len(payload)) + payload
 
 
 def info_export(size: int, flags: int) -> bytes:
@@ -210,7 +188,7 @@ def go_replies(option: int, export: ExportInfo, flags: int) -> bytes:
 
 def test_greeting_bytes_exact() -> None:
     server = make_server()
-    assert server.initiate() == bytes.fromhex("4e42444d41474943" "49484156454f5054" "0003")
+    assert server.initiate() == bytes.fromhex("4e42444d4147494349484156454f50540003")
     assert server.initiate() == b"NBDMAGICIHAVEOPT\x00\x03"
     assert server.state is ServerState.AWAIT_CLIENT_FLAGS
     assert server.next_event() is NEED_DATA
@@ -300,9 +278,25 @@ def test_info_without_requests_exact_bytes_and_stays_in_options() -> None:
     assert events == []
     assert out == go_replies(6, DISK, 0x6D)
     assert out == bytes.fromhex(
-        "0003e889045565a9" "00000006" "00000003" "0000000e" "0003" "00000001" "00001000" "00010000"
-        "0003e889045565a9" "00000006" "00000003" "0000000c" "0000" "0000000000100000" "006d"
-        "0003e889045565a9" "00000006" "00000001" "00000000"
+        "0003e889045565a9"
+        "00000006"
+        "00000003"
+        "0000000e"
+        "0003"
+        "00000001"
+        "00001000"
+        "00010000"
+        "0003e889045565a9"
+        "00000006"
+        "00000003"
+        "0000000c"
+        "0000"
+        "0000000000100000"
+        "006d"
+        "0003e889045565a9"
+        "00000006"
+        "00000001"
+        "00000000"
     )
     assert server.state is ServerState.OPTIONS
     assert server.export is None
@@ -337,9 +331,7 @@ def test_go_default_export_enters_transmission() -> None:
 
 def test_go_with_block_size_request_and_structured_replies() -> None:
     server = in_options()
-    events, out = feed(
-        server, opt(Option.STRUCTURED_REPLY) + opt(Option.GO, go_data("disk", (3,)))
-    )
+    events, out = feed(server, opt(Option.STRUCTURED_REPLY) + opt(Option.GO, go_data("disk", (3,))))
     assert events == [ExportSelected(DISK, True)]
     # SEND_DF (0x80) is added once structured replies are on.
     assert out == opt_reply(8, ACK) + go_replies(7, DISK, 0x6D | 0x80)
@@ -405,7 +397,7 @@ def test_export_name_with_no_zeroes_is_10_bytes() -> None:
     server = in_options(client_flags=3)
     events, out = feed(server, opt(Option.EXPORT_NAME, b"disk"))
     assert events == [ExportSelected(DISK, False)]
-    assert out == bytes.fromhex("0000000000100000" "006d")
+    assert out == bytes.fromhex("0000000000100000006d")
     assert server.state is ServerState.TRANSMISSION
 
 
@@ -657,8 +649,9 @@ VALID_REQUESTS = {
 
 
 @pytest.mark.parametrize("structured", [False, True])
-@pytest.mark.parametrize("command,flags,offset,length", VALID_REQUESTS.values(),
-                         ids=VALID_REQUESTS.keys())
+@pytest.mark.parametrize(
+    "command,flags,offset,length", VALID_REQUESTS.values(), ids=VALID_REQUESTS.keys()
+)
 def test_valid_request_received(
     structured: bool, command: int, flags: int, offset: int, length: int
 ) -> None:
@@ -751,7 +744,13 @@ REFUSED = {
     "flush with no-hole": ("disk", Command.FLUSH, CommandFlag.NO_HOLE, 0, 0, Errno.EINVAL),
     "trim with payload-len": ("disk", Command.TRIM, CommandFlag.PAYLOAD_LEN, 0, 1, Errno.EINVAL),
     "fast zero not advertised": (
-        "disk", Command.WRITE_ZEROES, CommandFlag.FAST_ZERO, 0, 512, Errno.EINVAL),
+        "disk",
+        Command.WRITE_ZEROES,
+        CommandFlag.FAST_ZERO,
+        0,
+        512,
+        Errno.EINVAL,
+    ),
     "block status without meta context": ("disk", Command.BLOCK_STATUS, 0, 0, 512, Errno.EINVAL),
 }
 
@@ -763,8 +762,9 @@ def test_refused_request_simple(
     export: str, command: int, flags: int, offset: int, length: int, errno: Errno
 ) -> None:
     server = in_transmission(export)
-    events, out = feed(server, req(command, 0x0102030405060708, offset, length, flags)
-                       + req(Command.FLUSH, 2))
+    events, out = feed(
+        server, req(command, 0x0102030405060708, offset, length, flags) + req(Command.FLUSH, 2)
+    )
     assert len(events) == 2
     refused = events[0]
     assert isinstance(refused, RequestRefused)
@@ -805,8 +805,9 @@ WRITE_REFUSED = {
 
 
 @pytest.mark.parametrize("mode", ["whole", "byte by byte", "header then payload"])
-@pytest.mark.parametrize("export,offset,length,flags,errno", WRITE_REFUSED.values(),
-                         ids=WRITE_REFUSED.keys())
+@pytest.mark.parametrize(
+    "export,offset,length,flags,errno", WRITE_REFUSED.values(), ids=WRITE_REFUSED.keys()
+)
 def test_refused_write_discards_payload(
     mode: str, export: str, offset: int, length: int, flags: int, errno: Errno
 ) -> None:
@@ -848,8 +849,9 @@ def test_unknown_command_flag_bits_refused(flags: int) -> None:
     assert out == simple(Errno.EINVAL, 1)
 
 
-@pytest.mark.parametrize("command", [Command.READ, Command.FLUSH, Command.CACHE,
-                                     Command.BLOCK_STATUS])
+@pytest.mark.parametrize(
+    "command", [Command.READ, Command.FLUSH, Command.CACHE, Command.BLOCK_STATUS]
+)
 def test_fua_accepted_on_every_command_when_advertised(command: Command) -> None:
     server = in_transmission("disk", structured=True, meta=True)  # disk has SEND_FUA
     length = 0 if command == Command.FLUSH else 512
@@ -893,12 +895,12 @@ def test_partial_request_header_needs_data() -> None:
 def test_simple_replies_exact() -> None:
     server = in_transmission()
     read = Request(Command.READ, 0, 0x1122334455667788, 0, 4)
-    assert server.reply(read, b"abcd") == bytes.fromhex("67446698" "00000000" "1122334455667788")
+    assert server.reply(read, b"abcd") == bytes.fromhex("67446698000000001122334455667788")
     write = Request(Command.WRITE, 0, 3, 0, 4, b"abcd")
     assert server.reply(write) == simple(0, 3)
     assert server.reply(Request(Command.FLUSH, 0, 4, 0, 0)) == simple(0, 4)
     assert server.error_reply(read, Errno.EIO, "ignored in simple mode") == bytes.fromhex(
-        "67446698" "00000005" "1122334455667788"
+        "67446698000000051122334455667788"
     )
 
 
@@ -915,10 +917,10 @@ def test_structured_replies_exact() -> None:
     server = in_transmission(structured=True)
     read = Request(Command.READ, 0, 0x1122334455667788, 0x1000, 4)
     assert server.reply(read, b"abcd") == bytes.fromhex(
-        "668e33ef" "0001" "0001" "1122334455667788" "0000000c" "0000000000001000"
+        "668e33ef0001000111223344556677880000000c0000000000001000"
     )
     assert server.reply(Request(Command.WRITE, 0, 2, 0, 1, b"x")) == bytes.fromhex(
-        "668e33ef" "0001" "0000" "0000000000000002" "00000000"
+        "668e33ef00010000000000000000000200000000"
     )
     assert server.reply(Request(Command.FLUSH, 0, 3, 0, 0)) == chunk(DONE, T_NONE, 3)
     with pytest.raises(LocalProtocolError):
@@ -928,9 +930,10 @@ def test_structured_replies_exact() -> None:
 def test_structured_error_reply_exact() -> None:
     server = in_transmission(structured=True)
     request = Request(Command.WRITE, 0, 5, 0, 512)
-    assert server.error_reply(request, Errno.ENOSPC, "full") == bytes.fromhex(
-        "668e33ef" "0001" "8001" "0000000000000005" "0000000a" "0000001c" "0004"
-    ) + b"full"
+    assert (
+        server.error_reply(request, Errno.ENOSPC, "full")
+        == bytes.fromhex("668e33ef0001800100000000000000050000000a0000001c0004") + b"full"
+    )
     assert server.error_reply(request, Errno.EIO) == chunk(DONE, T_ERROR, 5, u32(5) + u16(0))
     long = server.error_reply(request, Errno.EIO, "m" * 5000)
     assert parse_structured_error(long)[4] == "m" * 4096
@@ -950,8 +953,18 @@ def test_block_status_reply_exact() -> None:
     request = Request(Command.BLOCK_STATUS, 0, 9, 0, 1 << 20)
     extents = [(4096, 0), (8192, 3), (1 << 19, 2)]
     assert server.block_status_reply(request, extents) == bytes.fromhex(
-        "668e33ef" "0001" "0005" "0000000000000009" "0000001c" "00000001"
-        "00001000" "00000000" "00002000" "00000003" "00080000" "00000002"
+        "668e33ef"
+        "0001"
+        "0005"
+        "0000000000000009"
+        "0000001c"
+        "00000001"
+        "00001000"
+        "00000000"
+        "00002000"
+        "00000003"
+        "00080000"
+        "00000002"
     )
     one = Request(Command.BLOCK_STATUS, CommandFlag.REQ_ONE, 10, 0, 4096)
     assert server.block_status_reply(one, extents) == chunk(
@@ -972,42 +985,43 @@ def test_structured_zero_length_read_reply_is_none_chunk() -> None:
 MESSAGES = {
     "option request header": (
         OPTION_HEADER.pack(IHAVEOPT, Option.GO, 10),
-        "49484156454f5054" "00000007" "0000000a",
+        "49484156454f5054000000070000000a",
     ),
     "option request with data": (
         encode_option(Option.EXPORT_NAME, b"disk"),
-        "49484156454f5054" "00000001" "00000004" "6469736b",
+        "49484156454f505400000001000000046469736b",
     ),
     "option reply header": (
         OPTION_REPLY_HEADER.pack(OPT_REPLY_MAGIC, Option.LIST, Reply.SERVER, 8),
-        "0003e889045565a9" "00000003" "00000002" "00000008",
+        "0003e889045565a9000000030000000200000008",
     ),
     "option reply error": (
         encode_option_reply(Option.GO, Reply.ERR_UNKNOWN, b"no"),
-        "0003e889045565a9" "00000007" "80000006" "00000002" "6e6f",
+        "0003e889045565a90000000780000006000000026e6f",
     ),
     "request header": (
-        REQUEST_HEADER.pack(REQUEST_MAGIC, CommandFlag.FUA, Command.WRITE, 0x0102030405060708,
-                            0x1000, 0x200),
-        "25609513" "0001" "0001" "0102030405060708" "0000000000001000" "00000200",
+        REQUEST_HEADER.pack(
+            REQUEST_MAGIC, CommandFlag.FUA, Command.WRITE, 0x0102030405060708, 0x1000, 0x200
+        ),
+        "25609513000100010102030405060708000000000000100000000200",
     ),
     "simple reply": (
         SIMPLE_REPLY_HEADER.pack(SIMPLE_MAGIC, Errno.EPERM, 42),
-        "67446698" "00000001" "000000000000002a",
+        "6744669800000001000000000000002a",
     ),
     "structured chunk header": (
         STRUCTURED_HEADER.pack(STRUCTURED_MAGIC, 1, 2, 42, 12),
-        "668e33ef" "0001" "0002" "000000000000002a" "0000000c",
+        "668e33ef00010002000000000000002a0000000c",
     ),
-    "block sizes": (
-        BlockSizes(512, 4096, 1 << 25).encode(), "0003" "00000200" "00001000" "02000000"),
-    "block sizes default": (BlockSizes().encode(), "0003" "00000001" "00001000" "02000000"),
+    "block sizes": (BlockSizes(512, 4096, 1 << 25).encode(), "0003000002000000100002000000"),
+    "block sizes default": (BlockSizes().encode(), "0003000000010000100002000000"),
     "block sizes no limit": (
-        BlockSizes(1, 512, 0xFFFFFFFF).encode(), "0003" "00000001" "00000200" "ffffffff"),
-    "info export": (encode_info_export(1 << 30, 0x6D), "0000" "0000000040000000" "006d"),
-    "name and infos": (
-        encode_name_and_infos("ab", (3, 1)), "00000002" "6162" "0002" "0003" "0001"),
-    "name and no infos": (encode_name_and_infos("", ()), "00000000" "0000"),
+        BlockSizes(1, 512, 0xFFFFFFFF).encode(),
+        "00030000000100000200ffffffff",
+    ),
+    "info export": (encode_info_export(1 << 30, 0x6D), "00000000000040000000006d"),
+    "name and infos": (encode_name_and_infos("ab", (3, 1)), "000000026162000200030001"),
+    "name and no infos": (encode_name_and_infos("", ()), "000000000000"),
 }
 
 
@@ -1018,8 +1032,14 @@ def test_message_bytes(encoded: bytes, hex_bytes: str) -> None:
 
 @pytest.mark.parametrize(
     "sizes",
-    [(3, 4096, 65536), (1, 3000, 65536), (0, 4096, 65536), (1 << 17, 1 << 17, 1 << 20),
-     (4096, 512, 65536), (512, 4096, 256)],
+    [
+        (3, 4096, 65536),
+        (1, 3000, 65536),
+        (0, 4096, 65536),
+        (1 << 17, 1 << 17, 1 << 20),
+        (4096, 512, 65536),
+        (512, 4096, 256),
+    ],
 )
 def test_block_sizes_rejects_invalid(sizes: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError):
@@ -1035,6 +1055,13 @@ def test_protocol_numbers() -> None:
     assert [int(f) for f in CommandFlag] == [1, 2, 4, 8, 16, 32]
     assert [int(f) for f in TransmissionFlag] == [1 << i for i in range(13)]
     assert {e.name: int(e) for e in Errno} == {
-        "OK": 0, "EPERM": 1, "EIO": 5, "ENOMEM": 12, "EINVAL": 22, "ENOSPC": 28,
-        "EOVERFLOW": 75, "ENOTSUP": 95, "ESHUTDOWN": 108,
+        "OK": 0,
+        "EPERM": 1,
+        "EIO": 5,
+        "ENOMEM": 12,
+        "EINVAL": 22,
+        "ENOSPC": 28,
+        "EOVERFLOW": 75,
+        "ENOTSUP": 95,
+        "ESHUTDOWN": 108,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 from typing import Any
 
@@ -97,6 +98,15 @@ class HttpService:
 
     async def run(self) -> None:
         await self.server.serve(sockets=[self.sock])
+
+    async def run_until_signalled(self, banner: str) -> int:
+        """Serve until SIGTERM or SIGINT, then stop cleanly (the commands' main loop)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        print(f"{banner} serving on {self.url}", flush=True)
+        await self.run()
+        return 0
 
     def stop(self) -> None:
         self.server.should_exit = True

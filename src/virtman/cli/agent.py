@@ -13,8 +13,6 @@ stops it cleanly.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 from typing import Any
 
 from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
@@ -83,11 +81,6 @@ def run(args: argparse.Namespace) -> int:
         )
         service = HttpService(create_app(agent), bind(host, port))
         agent.url = service.url
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
-        print(f"agent {args.name} serving on {service.url}", flush=True)
-        await service.run()
-        return 0
+        return await service.run_until_signalled(f"agent {args.name}")
 
     return run_async(main())

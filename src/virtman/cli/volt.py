@@ -10,9 +10,7 @@ SIGTERM or SIGINT stops it cleanly.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from typing import Any
 
 from virtman.cli.common import DEFAULT_VOLT_LISTEN
@@ -78,11 +76,6 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         service = HttpService(create_app(volt), bind(host, port))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
-        print(f"volt serving on {service.url}", flush=True)
-        await service.run()
-        return 0
+        return await service.run_until_signalled("volt")
 
     return run_async(main())
