@@ -23,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from virtman.agent.images import CacheGroup, ImageRelay, ImageSpec
+from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
 from virtman.agent.vms import (
     Layer,
     RecordReader,
@@ -70,6 +70,8 @@ class Agent:
         socket_dir: str | None = None,
         cache_capacity: int = DEFAULT_CACHE_CAPACITY,
         heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
+        mode: DeliveryMode = DeliveryMode.VIRTMAN,
+        attach_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.data_dir = os.path.abspath(data_dir)
@@ -79,6 +81,10 @@ class Agent:
         self.nbd_port = nbd_port
         self.socket_dir = os.path.abspath(socket_dir or os.path.join(self.data_dir, "sock"))
         self.heartbeat_interval = heartbeat_interval
+        #: How images reach this host (benchmarks compare the alternatives).
+        self.mode = mode
+        #: PAPER mode: seconds one tree level takes to attach (the paper: 10 s of iSCSI).
+        self.attach_delay = attach_delay
         self.state = AgentState.CREATED
         self.cache = CacheGroup(os.path.join(self.data_dir, "cache"), cache_capacity)
         self.relay_server = NbdServer([])
@@ -158,7 +164,7 @@ class Agent:
     async def heartbeat(self) -> None:
         body = {
             "url": self.url,
-            "relays": {n: r.relay_uri for n, r in self.cache.relays.items()},
+            "relays": {n: r.relay_uri for n, r in self.cache.relays.items() if r.mode.in_tree},
             "stats": {"vms": len(self.vms)},
         }
         try:
@@ -186,7 +192,11 @@ class Agent:
 
     async def _open_relay(self, spec: ImageSpec) -> ImageRelay:
         relay = ImageRelay(
-            spec, self.cache.image_dir(spec.name), self.relay_server, self.relay_uri(spec.name)
+            spec,
+            self.cache.image_dir(spec.name),
+            self.relay_server,
+            self.relay_uri(spec.name),
+            self.mode,
         )
         await relay.open()
         self.cache.relays[spec.name] = relay
@@ -215,13 +225,19 @@ class Agent:
             os.makedirs(self.cache.image_dir(name), exist_ok=True)
             spec.save(self.cache.spec_path(name))
             relay = await self._open_relay(spec)
+            if not relay.mode.in_tree:
+                return relay
             # The relay export is up: join now, so parents come before any data.
             try:
-                paths = await self.volt.post(
+                doc = await self.volt.post(
                     f"/images/{name}/members",
                     json={"agent": self.name, "relay_uri": relay.relay_uri, "url": self.url},
                 )
-                relay.apply(Paths.model_validate(paths))
+                paths = Paths.model_validate(doc)
+                relay.apply(paths)
+                if self.mode is DeliveryMode.PAPER and self.attach_delay:
+                    # A host attaches only after its parent finished attaching.
+                    await asyncio.sleep(paths.level * self.attach_delay)
                 await self._wait_parents(relay)
             except (NetworkError, ApiError) as err:
                 log.warning(
@@ -260,7 +276,7 @@ class Agent:
         relay = self.cache.relays.get(record.image)
         if relay is None:
             relay = await self.image(record.image)
-        await vm.open_layers(relay.cache)
+        await vm.open_layers(relay.base)
         relay.users.add(vm.name)
         relay.touch()
         if record.state == VmState.RUNNING.value:
@@ -422,7 +438,7 @@ class Agent:
         tmp = os.path.join(self.imports_dir, f"import-{name}-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
         try:
-            overlay = CowDevice(relay.cache, os.path.join(tmp, layer_file(1)), owns_base=False)
+            overlay = CowDevice(relay.base, os.path.join(tmp, layer_file(1)), owns_base=False)
             await overlay.open()
             reader = RecordReader(relay.spec.size)
             try:
@@ -454,6 +470,8 @@ class Agent:
             "state": self.state.value,
             "volt_reachable": self._volt_down_since is None,
             "relay_nbd": f"{self.nbd_host}:{self.nbd_port}",
+            "mode": self.mode.value,
+            "relay_bytes_sent": self.relay_server.stats.bytes_read,
             "cache": self.cache.status(),
             "images": {n: r.status() for n, r in self.cache.relays.items()},
             "vms": [vm.info() for vm in self.vms.values()],

@@ -16,6 +16,8 @@ can stay over capacity until VMs go away, and says so in its status.
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import json
 import logging
 import os
@@ -23,7 +25,9 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cached import CachedDevice
+from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import Manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
@@ -62,17 +66,49 @@ class ImageSpec:
         return cls(**doc)
 
 
+class DeliveryMode(enum.Enum):
+    """How a host gets an image. Only ``virtman`` is for use; the others are the
+    alternatives the scale benchmark compares it with."""
+
+    VIRTMAN = "virtman"  # relay tree, k parents, origin fallback, cache, no attach delay
+    PAPER = "paper"  # VirtMan as published: tree, one parent, no origin path below level 1
+    STAR = "star"  # every read goes to the origin, no cache (a multi-attached volume)
+    COPY = "copy"  # copy the whole image from the origin first, then boot locally
+
+    @property
+    def in_tree(self) -> bool:
+        return self in (DeliveryMode.VIRTMAN, DeliveryMode.PAPER)
+
+
+#: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
+COPY_READ_BYTES = 4 * 1024 * 1024
+COPY_READS_IN_FLIGHT = 8
+
+
 class ImageRelay:
-    def __init__(self, spec: ImageSpec, cache_dir: str, server: NbdServer, relay_uri: str) -> None:
+    def __init__(
+        self,
+        spec: ImageSpec,
+        cache_dir: str,
+        server: NbdServer,
+        relay_uri: str,
+        mode: DeliveryMode = DeliveryMode.VIRTMAN,
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.cache_dir = cache_dir
         self.server = server
         self.relay_uri = relay_uri
-        self.remote = RemoteDevice([], fallbacks=spec.origins)
+        self.mode = mode
+        if mode is DeliveryMode.STAR or mode is DeliveryMode.COPY:
+            self.remote = RemoteDevice(spec.origins)
+        else:
+            self.remote = RemoteDevice([], fallbacks=spec.origins)
         self.cache = CachedDevice(
             self.remote, cache_dir, chunk_size=spec.chunk_size, manifest=spec.manifest()
         )
+        #: What the VMs of this host sit on (the cache, unless the mode says otherwise).
+        self.base: BlockDevice = self.cache
         self.users: set[str] = set()
         self.last_used = time.monotonic()
         self.paths: Paths | None = None
@@ -80,17 +116,57 @@ class ImageRelay:
         self.source_names: dict[str, str] = {u: ORIGIN for u in spec.origins}
 
     async def open(self) -> None:
-        await self.cache.open()
-        if self.cache.size != self.spec.size:
+        if self.mode is DeliveryMode.STAR:
+            self.base = self.remote
+        elif self.mode is DeliveryMode.COPY:
+            self.base = await self._download()
+        else:
+            self.base = self.cache
+        await self.base.open()
+        if self.base.size != self.spec.size:
             raise ConfigError(
-                f"image {self.name!r}: origin has {self.cache.size} bytes, "
+                f"image {self.name!r}: origin has {self.base.size} bytes, "
                 f"the registry says {self.spec.size}"
             )
-        self.server.add_export(Export(self.name, self.cache, f"virtman relay of {self.name}"))
+        if self.mode.in_tree:
+            self.server.add_export(Export(self.name, self.cache, f"virtman relay of {self.name}"))
+
+    async def _download(self) -> BlockDevice:
+        """COPY mode: the whole image from the origin into a local file, then that file."""
+        path = os.path.join(self.cache_dir, "image.raw")
+        if not os.path.exists(path):
+            await self.remote.open()
+            tmp = f"{path}.tmp"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, self.remote.size)
+                slots = asyncio.Semaphore(COPY_READS_IN_FLIGHT)
+
+                async def piece(offset: int) -> None:
+                    async with slots:
+                        data = await self.remote.read(
+                            offset, min(COPY_READ_BYTES, self.remote.size - offset)
+                        )
+                    os.pwrite(fd, data, offset)
+
+                await asyncio.gather(
+                    *(piece(o) for o in range(0, self.remote.size, COPY_READ_BYTES))
+                )
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            log.info(
+                "image %r copied whole from the origin (%d bytes)", self.name, self.remote.size
+            )
+        return FileDevice(path, read_only=True)
 
     async def close(self) -> None:
-        self.server.remove_export(self.name)
-        await self.cache.close()
+        if self.mode.in_tree:
+            self.server.remove_export(self.name)
+        await self.base.close()
+        if self.base is not self.remote:
+            await self.remote.close()
 
     def apply(self, paths: Paths) -> None:
         """Follow Volt's answer: new parents (best first), origin last."""
@@ -104,7 +180,9 @@ class ImageRelay:
             self.source_names[uri] = name
         for uri in paths.origins:
             self.source_names[uri] = ORIGIN
-        self.remote.set_paths(paths.parents, fallbacks=paths.origins)
+        # The paper's hosts attach only to their parents: the origin is a path of level 1.
+        fallbacks = paths.origins if self.mode is DeliveryMode.VIRTMAN or not paths.parents else []
+        self.remote.set_paths(paths.parents, fallbacks=fallbacks)
         log.info(
             "image %r: position %d, level %d, parents %s",
             self.name,
@@ -119,6 +197,8 @@ class ImageRelay:
 
     @property
     def bytes_held(self) -> int:
+        if self.mode is DeliveryMode.COPY:
+            return self.spec.size
         return self.cache.chunks_present * self.spec.chunk_size
 
     def bytes_received(self) -> dict[str, int]:
@@ -131,7 +211,9 @@ class ImageRelay:
 
     def status(self) -> dict[str, object]:
         return {
-            "relay_uri": self.relay_uri,
+            "mode": self.mode.value,
+            "relay_uri": self.relay_uri if self.mode.in_tree else None,
+            "relay_bytes_sent": self.server.exports_bytes_sent().get(self.name, 0),
             "size": self.spec.size,
             "chunks": self.cache.chunks,
             "chunks_present": self.cache.chunks_present,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from virtman.agent.images import DeliveryMode
 from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
 from virtman.coordinator.models import NAME_PATTERN
 from virtman.errors import ConfigError
@@ -52,6 +53,20 @@ def add_parser(sub: Any) -> None:
         help="NBD address of the relay exports (default: --listen host, any port)",
     )
     p.add_argument("--socket-dir", metavar="DIR", help="where VM sockets go (default DIR/sock)")
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in DeliveryMode],
+        default=DeliveryMode.VIRTMAN.value,
+        help="how images reach this host; only 'virtman' is for production, the others "
+        "are the alternatives the scale benchmark compares (default virtman)",
+    )
+    p.add_argument(
+        "--attach-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="paper mode: seconds each tree level takes to attach",
+    )
     p.set_defaults(run=run)
 
 
@@ -78,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             nbd_port=nbd_port,
             socket_dir=args.socket_dir,
             cache_capacity=args.cache_size,
+            mode=DeliveryMode(args.mode),
+            attach_delay=args.attach_delay,
         )
         service = HttpService(create_app(agent), bind(host, port))
         agent.url = service.url

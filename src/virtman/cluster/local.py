@@ -43,6 +43,18 @@ START_TIMEOUT_SECONDS = 30.0
 _SERVING = re.compile(rb"serving on (http://\S+)")
 
 
+class Placement:
+    """Where each service runs: this machine's loopback (the default)."""
+
+    def command_prefix(self, service: str) -> list[str]:
+        """What to run a service's command under (e.g. ``ip netns exec NS``)."""
+        return []
+
+    def address(self, service: str) -> str:
+        """The IP address a service listens on ("origin", "volt", "host1", ...)."""
+        return "127.0.0.1"
+
+
 @dataclass
 class ClusterSettings:
     hosts: int = 8
@@ -53,6 +65,10 @@ class ClusterSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     cache_size: int = DEFAULT_CACHE_CAPACITY
     log_level: str = "info"
+    #: Delivery mode of every agent (see ``virtman.agent.images.DeliveryMode``).
+    mode: str = "virtman"
+    #: PAPER mode: seconds per tree level to attach.
+    attach_delay: float = 0.0
 
 
 @dataclass
@@ -73,9 +89,11 @@ class Service:
 
 
 class LocalCluster:
-    def __init__(self, workdir: str, settings: ClusterSettings | None = None) -> None:
+    def __init__(self, workdir: str, settings: ClusterSettings | None = None,
+                 placement: Placement | None = None) -> None:
         self.workdir = os.path.abspath(workdir)
         self.settings = settings or ClusterSettings()
+        self.placement = placement or Placement()
         # Unix socket paths must stay short: keep them out of a deep work directory.
         self.socket_root = tempfile.mkdtemp(prefix="vm-")
         self.origin: NbdServer | None = None
@@ -89,7 +107,8 @@ class LocalCluster:
     # --- processes ------------------------------------------------------------------------------
 
     async def _spawn(self, name: str, args: list[str]) -> Service:
-        argv = [sys.executable, "-m", "virtman", "--log-level", self.settings.log_level, *args]
+        argv = [*self.placement.command_prefix(name), sys.executable, "-m", "virtman",
+                "--log-level", self.settings.log_level, *args]
         log_path = os.path.join(self.workdir, f"{name}.log")
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
@@ -124,8 +143,9 @@ class LocalCluster:
         self.origin_device = FileDevice(image_path, read_only=True)
         await self.origin_device.open()
         self.origin = NbdServer([Export(export, self.origin_device, "virtman origin")])
-        port = await self.origin.listen_tcp("127.0.0.1", 0)
-        self.origin_uri = f"nbd://127.0.0.1:{port}/{export}"
+        host = self.placement.address("origin")
+        port = await self.origin.listen_tcp(host, 0)
+        self.origin_uri = f"nbd://{host}:{port}/{export}"
         return self.origin_uri
 
     @property
@@ -136,7 +156,7 @@ class LocalCluster:
 
     @property
     def volt_url(self) -> str:
-        return f"http://127.0.0.1:{self.volt_port}"
+        return f"http://{self.placement.address('volt')}:{self.volt_port}"
 
     async def start_volt(self) -> Service:
         s = self.settings
@@ -145,7 +165,7 @@ class LocalCluster:
             [
                 "volt",
                 "--listen",
-                f"127.0.0.1:{self.volt_port}",
+                f"{self.placement.address('volt')}:{self.volt_port}",
                 "--db",
                 os.path.join(self.workdir, "volt.db"),
                 "--fanout",
@@ -174,8 +194,8 @@ class LocalCluster:
 
     async def start_agent(self, name: str) -> Service:
         previous = self.agents.get(name)
-        listen = "127.0.0.1:0"
-        nbd_listen = "127.0.0.1:0"
+        listen = f"{self.placement.address(name)}:0"
+        nbd_listen = listen
         if previous is not None:  # a restart keeps the addresses it had
             listen = previous.url.removeprefix("http://")
             nbd_listen = previous.extra.get("nbd", nbd_listen)
@@ -198,6 +218,10 @@ class LocalCluster:
                 socket_dir,
                 "--cache-size",
                 str(self.settings.cache_size),
+                "--mode",
+                self.settings.mode,
+                "--attach-delay",
+                str(self.settings.attach_delay),
             ],
         )
         async with ApiClient(service.url) as api:

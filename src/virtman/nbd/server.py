@@ -26,7 +26,7 @@ import errno as os_errno
 import logging
 import os
 from collections.abc import Coroutine, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from virtman.blockdev.base import BlockDevice
@@ -104,6 +104,7 @@ class ServerStats:
     refused: int = 0
     errors: int = 0
     bytes_read: int = 0  # payload sent in READ replies
+    bytes_read_by_export: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
 
 
@@ -152,6 +153,10 @@ class NbdServer:
     def remove_export(self, name: str) -> Export | None:
         """Unpublish; connections already using it keep it until they close."""
         return self.exports.pop(name, None)
+
+    def exports_bytes_sent(self) -> dict[str, int]:
+        """READ payload sent per export name since the server started."""
+        return dict(self.stats.bytes_read_by_export)
 
     def _lookup(self, name: str) -> ExportInfo | None:
         if (
@@ -465,7 +470,11 @@ class _Connection(asyncio.Protocol):
         fua = bool(request.flags & CommandFlag.FUA)
         if command == Command.READ:
             data = await device.read(request.offset, request.length)
-            self.server.stats.bytes_read += len(data)
+            stats = self.server.stats
+            stats.bytes_read += len(data)
+            stats.bytes_read_by_export[export.name] = stats.bytes_read_by_export.get(
+                export.name, 0
+            ) + len(data)
             return data, self.codec.reply(request, data)
         if command == Command.WRITE:
             await device.write(request.offset, request.data, fua=fua)
