@@ -15,6 +15,14 @@ def add_parser(sub: Any) -> None:
     nbd.add_argument("rest", nargs="*", help="options of the benchmark (see --help)")
     nbd.set_defaults(run=_run_nbd)
 
+    from virtman.bench import scale
+
+    sc = kinds.add_parser("scale", help="boot time vs hosts per mode, on emulated hosts (root)",
+                          description=scale.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    scale.add_arguments(sc)
+    sc.set_defaults(run=scale.run)
+
 
 def _run_nbd(args: argparse.Namespace) -> int:
     from virtman.bench.nbd import main

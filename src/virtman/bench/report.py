@@ -1,0 +1,805 @@
+"""``virtman bench report``: plots and a Markdown page from scale and simulation results.
+
+Reads the JSON documents of ``virtman bench scale`` (kind ``testbed``) and ``virtman bench
+simulate`` (kind ``simulation``), in the format of :mod:`virtman.bench.results`, and writes
+
+* per result kind, PNG figures (900 px wide) named ``<prefix>-boot.png``,
+  ``<prefix>-origin.png`` and ``<prefix>-hostbytes.png``, where the prefix is ``scale``
+  for a testbed and ``sim`` for a simulation:
+
+  1. time until all VMs booted against the host count, one line per mode, with the time
+     of one VM booting from a local copy (dashed) and the simulator's floor (dotted);
+  2. bytes the origin sent against the host count, with the working set times the
+     number of roots (hosts the origin feeds directly) as a reference;
+  3. the most bytes any one host sent against the host count;
+
+* one Markdown page that names every input (kind, exact command line, machine, settings),
+  tabulates every mode and embeds the figures with links relative to the page.
+
+Runs with missing or ``null`` values (a mode that failed) are left out of the plots, and
+the page says which points were left out and why. Several variants of one mode (the
+paper's mode with different attach delays, key ``attach_delay``) are separate lines.
+Plots use matplotlib's Agg canvas directly, so no display and no pyplot state is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from virtman.bench.results import MODES
+from virtman.errors import ConfigError, VirtmanError
+from virtman.limits import TREE_FANOUT
+
+DEFAULT_OUT_DIR = "docs/figures"
+DEFAULT_MARKDOWN = "docs/scaling.md"
+DEFAULT_TITLE = "Scaling: booting many VMs from one base image"
+
+#: File name prefix and heading of each result kind.
+KIND_PREFIX = {"testbed": "scale", "simulation": "sim"}
+KIND_NAME = {"testbed": "Testbed", "simulation": "Simulation"}
+
+#: 9 x 6 inches at 100 dpi: 900 x 600 pixels.
+FIG_SIZE = (9.0, 6.0)
+DPI = 100
+
+#: Colours and markers per mode; variants of one mode (attach delays) take the next ones.
+_MODE_STYLE: dict[str, tuple[list[str], list[str]]] = {
+    "star": (["#d62728", "#ff9896"], ["s", "s"]),
+    "copy": (["#ff7f0e", "#bcbd22"], ["^", "v"]),
+    "paper": (["#1f77b4", "#9467bd", "#17becf", "#aec7e8"], ["o", "D", "v", "<"]),
+    "virtman": (["#2ca02c", "#98df8a"], ["P", "X"]),
+}
+_OTHER_STYLE = (["#8c564b", "#e377c2", "#7f7f7f"], ["h", "p", "8"])
+
+MIB = 1 << 20
+MISSING = "—"
+
+Doc = dict[str, Any]
+Run = dict[str, Any]
+
+
+# --- input ---------------------------------------------------------------------------------
+
+
+def load(paths: Iterable[str]) -> list[Doc]:
+    """Read result documents; each gets a ``source`` key (the path) if it has none."""
+    docs: list[Doc] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except OSError as err:
+            raise VirtmanError(f"cannot read {path}: {err.strerror or err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path} is not JSON: {err}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+            raise ConfigError(f"{path} is not a benchmark result (no list of runs)")
+        doc.setdefault("source", path)
+        docs.append(doc)
+    return docs
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(run: Run, key: str) -> float | None:
+    """The run's value for ``key`` if it is a finite number, else None."""
+    value = run.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _hosts(run: Run) -> int | None:
+    value = _number(run, "hosts")
+    return int(value) if value is not None and value >= 1 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def _median(values: Iterable[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _plain(value: float) -> str:
+    """A number without trailing zeros: 10 -> "10", 0.5 -> "0.5"."""
+    return f"{value:g}"
+
+
+# --- series: one line per (document, mode, attach delay) -------------------------------------
+
+
+@dataclass
+class Series:
+    label: str  # in figures: with "[doc N]" when several documents of a kind are plotted
+    name: str  # in the document's own tables: without it
+    mode: str
+    color: str
+    marker: str
+    doc_number: int
+    runs: list[Run] = field(default_factory=list)
+
+    def points(self, key: str) -> list[tuple[int, float]]:
+        """(hosts, value) of the runs that have both, by host count (median of repeats)."""
+        by_hosts: dict[int, list[float]] = {}
+        for run in self.runs:
+            hosts, value = _hosts(run), _number(run, key)
+            if hosts is not None and value is not None:
+                by_hosts.setdefault(hosts, []).append(value)
+        return [(h, _median(v)) for h, v in sorted(by_hosts.items())]
+
+    def missing(self, key: str) -> list[int]:
+        """Host counts with runs but no value for ``key`` (a failed or unmeasured point)."""
+        have = {h for h, _ in self.points(key)}
+        return sorted({h for r in self.runs if (h := _hosts(r)) is not None} - have)
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    return (MODES.index(mode) if mode in MODES else len(MODES), mode)
+
+
+def _variant_key(run: Run) -> tuple[str, float | None]:
+    mode = run.get("mode")
+    return (mode if isinstance(mode, str) and mode else "unknown", _number(run, "attach_delay"))
+
+
+def _variant_label(mode: str, attach: float | None) -> str:
+    return mode if attach is None else f"{mode} ({_plain(attach)} s attach)"
+
+
+def _series(docs: Sequence[tuple[int, Doc]]) -> list[Series]:
+    """The lines of one kind's figures, in a fixed order: by document, mode, attach delay."""
+    several = len(docs) > 1
+    used: dict[str, int] = {}
+    out: list[Series] = []
+    for number, doc in docs:
+        groups: dict[tuple[str, float | None], list[Run]] = {}
+        for run in doc["runs"]:
+            if isinstance(run, dict):
+                groups.setdefault(_variant_key(run), []).append(run)
+
+        def order(key: tuple[str, float | None]) -> tuple[tuple[int, str], float]:
+            # Longest attach delay first: "paper (10 s attach)" before "paper (0 s attach)".
+            return (_mode_order(key[0]), -key[1] if key[1] is not None else -math.inf)
+
+        for mode, attach in sorted(groups, key=order):
+            colors, markers = _MODE_STYLE.get(mode, _OTHER_STYLE)
+            i = used.get(mode, 0)
+            used[mode] = i + 1
+            name = _variant_label(mode, attach)
+            label = f"{name} [doc {number}]" if several else name
+            out.append(Series(label, name, mode, colors[i % len(colors)], markers[i % len(markers)],
+                              number, groups[(mode, attach)]))
+    return out
+
+
+# --- settings in words -----------------------------------------------------------------------
+
+_SUFFIX_UNITS = (
+    ("_gbit_per_second", "Gbit/s"), ("_mbit_per_second", "Mbit/s"), ("_gbps", "Gbit/s"),
+    ("_mbps", "Mbit/s"), ("_gbit", "Gbit/s"), ("_mbit", "Mbit/s"), ("_ms", "ms"),
+    ("_us", "us"), ("_seconds", "s"), ("_bytes", "bytes"),
+)
+
+
+def _setting_words(key: str, value: Any) -> str:
+    """``link_mbps: 1000`` -> ``link 1000 Mbit/s``; ``link: "10G"`` -> ``link 10G``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key.replace('_', ' ')} {value}"
+    if key.endswith("_bytes_per_second"):
+        bits = float(value) * 8
+        text = f"{_plain(bits / 1e9)} Gbit/s" if bits >= 1e9 else f"{_plain(bits / 1e6)} Mbit/s"
+        return f"{key.removesuffix('_bytes_per_second').replace('_', ' ')} {text}"
+    for suffix, unit in _SUFFIX_UNITS:
+        if key.endswith(suffix):
+            return f"{key.removesuffix(suffix).replace('_', ' ')} {_plain(float(value))} {unit}"
+    return f"{key.replace('_', ' ')} {_plain(float(value))}"
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v is not None and v not in out:
+            out.append(v)
+    return out
+
+
+def _link_words(settings: dict[str, Any]) -> list[str]:
+    """The link in words: the testbed's tc ``rate`` and ``delay``, or ``link_*`` keys."""
+    words = []
+    for key, value in settings.items():
+        if value is None or isinstance(value, dict | list):
+            continue
+        if key == "rate":
+            words.append(f"link {value}")
+        elif key == "delay":
+            applied = settings.get("delay_applied")
+            words.append(f"delay {value}{' (not applied)' if applied is False else ''}")
+        elif "link" in key or "bandwidth" in key:
+            words.append(_setting_words(key, value))
+    return words
+
+
+def _settings_summary(docs: Sequence[Doc]) -> str:
+    """VMs per host, link and trace of the documents, for figure titles."""
+    runs = [r for d in docs for r in d["runs"] if isinstance(r, dict)]
+    settings = [_dict(d.get("settings")) for d in docs]
+    parts: list[str] = []
+    vms = _unique([_number(r, "vms_per_host") for r in runs]
+                  + [_number(s, "vms_per_host") for s in settings])
+    if vms:
+        count = "/".join(_plain(v) for v in vms)
+        parts.append(f"{count} VM{'s' if vms != [1.0] else ''} per host")
+    parts.extend(_unique(w for s in settings for w in _link_words(s)))
+    if not any("link" in p for p in parts):
+        parts.extend(_unique(f"link {r['rate']}" for r in runs if r.get("rate") is not None))
+    # A run names the trace it replayed; the settings may only hold a path, or nothing.
+    traces = _unique(r.get("trace") for r in runs) or _unique(s.get("trace") for s in settings)
+    if traces:
+        parts.append(f"trace {', '.join(os.path.basename(str(t)) for t in traces)}")
+    speeds = _unique(_number(s, "speed") for s in settings)
+    if speeds and speeds != [1.0]:
+        parts.append(f"replay speed \u00d7{'/'.join(_plain(v) for v in speeds)}")
+    return ", ".join(parts)
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+
+def _tick_text(value: float, _pos: object = None) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e+0", "e").replace("e-0", "e-")
+    return f"{value:g}"
+
+
+def _spans(values: Sequence[float], decades: float) -> bool:
+    positive = [v for v in values if v > 0]
+    return len(positive) >= 2 and max(positive) / min(positive) >= 10**decades
+
+
+def _new_figure() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=FIG_SIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, which="major", alpha=0.35)
+    ax.tick_params(labelsize=10)
+    return fig, ax
+
+
+def _x_axis(ax: Axes, hosts: Sequence[int]) -> None:
+    """Host counts: log scale when they span two decades; tick every count if few."""
+    unique = sorted(set(hosts))
+    if _spans([float(h) for h in unique], 2):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick_text))
+    if 0 < len(unique) <= 12:
+        ax.set_xticks(unique, [str(h) for h in unique])
+    ax.set_xlabel("hosts", fontsize=11)
+
+
+def _y_axis(ax: Axes, values: Sequence[float], decades: float, label: str) -> bool:
+    """Log scale when the values span ``decades`` decades; returns whether it is log."""
+    log = _spans(values, decades)
+    if log:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_tick_text))
+        if not _spans(values, 2):
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_tick_text))
+        else:
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(bottom=0, top=max(values, default=1.0) * 1.08 or 1.0)
+    ax.set_ylabel(label, fontsize=11)
+    return log
+
+
+def _title(ax: Axes, kind: str, what: str, summary: str) -> None:
+    head = f"{KIND_NAME.get(kind, kind.capitalize())}: {what}"
+    ax.set_title("\n".join([head, *textwrap.wrap(summary, 100)]) if summary else head,
+                 fontsize=12)
+
+
+def _legend(fig: Figure, ax: Axes) -> None:
+    """Below the plot, where it cannot hide a line."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=9.5, loc="outside lower center",
+                   ncols=3 if len(handles) > 4 else 2, frameon=False)
+
+
+def _save(fig: Figure, path: str) -> None:
+    # No "Software" entry: the same results give the same bytes with any matplotlib.
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+
+
+def _per_host(runs: Iterable[Run], value: Callable[[Run], float | None]) -> list[tuple[int, float]]:
+    by_hosts: dict[int, list[float]] = {}
+    for run in runs:
+        hosts, v = _hosts(run), value(run)
+        if hosts is not None and v is not None:
+            by_hosts.setdefault(hosts, []).append(v)
+    return [(h, _median(vs)) for h, vs in sorted(by_hosts.items())]
+
+
+def _plot_line(ax: Axes, points: Sequence[tuple[int, float]], **style: Any) -> None:
+    ax.plot([h for h, _ in points], [v for _, v in points], **style)
+
+
+def _draw_series(ax: Axes, series: list[Series], key: str, scale: float = 1.0,
+                 positive_only: bool = False) -> tuple[list[int], int]:
+    """One line per series (markers grow down the list and the bigger ones lie under the
+    smaller ones, so equal points stay visible);
+    returns the host counts drawn and how many non-positive points were left out."""
+    hosts: list[int] = []
+    dropped = 0
+    for i, s in enumerate(series):
+        pts = s.points(key)
+        if positive_only:
+            dropped += sum(1 for _, v in pts if v <= 0)
+            pts = [(h, v) for h, v in pts if v > 0]
+        if not pts:
+            continue
+        missing = s.missing(key)
+        label = s.label
+        if missing:
+            label += f" (no result at {', '.join(map(str, missing))} hosts)"
+        _plot_line(ax, [(h, v / scale) for h, v in pts], color=s.color, marker=s.marker,
+                   markersize=7.0 + min(i, 4), markerfacecolor="none", markeredgewidth=2,
+                   linewidth=2, label=label,
+                   zorder=4 - i / 100)
+        hosts += [h for h, _ in pts]
+    return hosts, dropped
+
+
+def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> list[str]:
+    """Figure 1; returns notes for the page."""
+    fig, ax = _new_figure()
+    notes: list[str] = []
+    all_runs = [r for s in series for r in s.runs]
+    single = _per_host(all_runs, lambda r: _number(r, "single_vm_seconds"))
+    floors = {s.label: s.points("floor_seconds") for s in series}
+    floors = {k: v for k, v in floors.items() if v}
+    values = [v for s in series for _, v in s.points("all_booted_seconds")]
+    values += [v for _, v in single] + [v for pts in floors.values() for _, v in pts]
+    log = _spans(values, 1)
+    hosts, dropped = _draw_series(ax, series, "all_booted_seconds", positive_only=log)
+    if single:
+        level = {round(v, 9) for _, v in single}
+        if len(level) == 1:
+            ax.axhline(single[0][1], color="0.35", linestyle="--", linewidth=1.5,
+                       label=f"one VM from a local copy ({single[0][1]:.3g} s)")
+        else:
+            _plot_line(ax, single, color="0.35", linestyle="--", linewidth=1.5,
+                       label="one VM from a local copy")
+    if floors:
+        per_hosts: dict[int, set[float]] = {}
+        for pts in floors.values():
+            for h, v in pts:
+                per_hosts.setdefault(h, set()).add(round(v, 9))
+        if all(len(v) == 1 for v in per_hosts.values()):
+            common = sorted((h, next(iter(v))) for h, v in per_hosts.items())
+            _plot_line(ax, common, color="black", linestyle=":", linewidth=2,
+                       label="floor (simulated lower bound)")
+        else:
+            # One legend entry for them all: the colour tells the mode.
+            label = "floor of each mode (in its colour)"
+            for s in series:
+                if s.label in floors:
+                    _plot_line(ax, floors[s.label], color=s.color, linestyle=":", linewidth=1.8,
+                               label=label)
+                    label = "_nolegend_"
+        hosts += [h for pts in floors.values() for h, _ in pts]
+    if not hosts:
+        hosts = [h for h, _ in single]
+    _x_axis(ax, hosts)
+    _y_axis(ax, values, 1, "time until all VMs booted (s)")
+    if dropped:
+        notes.append(f"{dropped} point(s) of 0 s are not drawn on the logarithmic time axis.")
+    _title(ax, kind, "time until all VMs booted", summary)
+    _legend(fig, ax)
+    _save(fig, path)
+    return notes
+
+
+def _roots(run: Run, settings: dict[str, Any]) -> tuple[float, str] | None:
+    """Hosts the origin feeds directly, with words that say where the number came from:
+    the run's or settings' ``roots``, else min(fan-out, hosts) with the run's or settings'
+    ``fanout`` or the relay trees' default."""
+    for source in (run, settings):
+        roots = _number(source, "roots")
+        if roots is not None:
+            return roots, "as measured"
+    hosts = _hosts(run)
+    if hosts is None:
+        return None
+    fanout = _number(run, "fanout") or _number(settings, "fanout") or float(TREE_FANOUT)
+    return min(fanout, float(hosts)), f"min(fan-out {_plain(fanout)}, hosts)"
+
+
+def _working_set(run: Run, settings: dict[str, Any]) -> float | None:
+    """Bytes one boot reads: the run's ``working_set_bytes``, else the settings'."""
+    for source, key in ((run, "working_set_bytes"), (settings, "working_set_bytes"),
+                        (settings, "working_set")):
+        value = _number(source, key)
+        if value is not None and value > 0:
+            return value
+    return None
+
+
+def _byte_unit(values: Sequence[float], log: bool) -> tuple[float, str]:
+    """The largest binary unit the values reach (on a log axis: their geometric middle)."""
+    positive = [v for v in values if v > 0]
+    top = math.sqrt(min(positive) * max(positive)) if log and positive else max(values, default=0)
+    for scale, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if top >= scale:
+            return float(scale), unit
+    return 1.0, "bytes"
+
+
+def _bytes_figure(kind: str, series: list[Series], summary: str, path: str, key: str,
+                  what: str, ylabel: str, settings_of: dict[int, dict[str, Any]],
+                  reference: bool) -> list[str]:
+    """Figures 2 and 3 (bytes against hosts); returns notes for the page."""
+    fig, ax = _new_figure()
+    notes: list[str] = []
+    ref: list[tuple[int, float]] = []
+    ref_words = ""
+    if reference:
+        words: set[str] = set()
+
+        def ws_times_roots(run: Run, s: Series) -> float | None:
+            settings = settings_of[s.doc_number]
+            ws, roots = _working_set(run, settings), _roots(run, settings)
+            if ws is None:
+                return None
+            if roots is None:
+                return None
+            words.add(roots[1])
+            return ws * roots[0]
+
+        ref = _per_host_series(series, ws_times_roots)
+        ref_words = ", ".join(sorted(words))
+    values = [v for s in series for _, v in s.points(key)] + [v for _, v in ref]
+    log = _spans(values, 1)
+    scale, unit = _byte_unit(values, log)
+    hosts, dropped = _draw_series(ax, series, key, scale, positive_only=log)
+    if ref:
+        # Under the modes' lines: a mode that meets the reference stays visible on it.
+        _plot_line(ax, [(h, v / scale) for h, v in ref], color="0.5", linewidth=7,
+                   alpha=0.35, solid_capstyle="round", zorder=2,
+                   label=f"working set \u00d7 roots (roots: {ref_words})")
+        hosts += [h for h, _ in ref]
+    _x_axis(ax, hosts)
+    _y_axis(ax, [v / scale for v in values], 1, f"{ylabel} ({unit})")
+    if dropped:
+        notes.append(f"{dropped} point(s) of 0 bytes are not drawn on the logarithmic axis of "
+                     f"'{what}'.")
+    _title(ax, kind, what, summary)
+    _legend(fig, ax)
+    _save(fig, path)
+    return notes
+
+
+def _per_host_series(series: list[Series],
+                     value: Callable[[Run, Series], float | None]) -> list[tuple[int, float]]:
+    by_hosts: dict[int, list[float]] = {}
+    for s in series:
+        for run in s.runs:
+            hosts, v = _hosts(run), value(run, s)
+            if hosts is not None and v is not None:
+                by_hosts.setdefault(hosts, []).append(v)
+    return [(h, _median(vs)) for h, vs in sorted(by_hosts.items())]
+
+
+# --- Markdown --------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    return MISSING if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt(value: float | None) -> str | None:
+    """Seconds and ratios: two decimals, one from 100 up."""
+    if value is None:
+        return None
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _mib(value: float | None) -> str | None:
+    return None if value is None else f"{value / MIB:.1f}"
+
+
+def _table(rows: list[list[str | None]], header: list[str], text: Sequence[str] = ()) -> list[str]:
+    """A Markdown table: numbers right-aligned, the ``text`` columns left-aligned."""
+    rule = "|".join(":---" if h in text else "---:" for h in header)
+    out = ["| " + " | ".join(header) + " |", f"|{rule}|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _error_vms(run: Run) -> int | None:
+    value = run.get("error_vms")
+    if isinstance(value, list | tuple | dict):
+        return len(value)
+    number = _number(run, "error_vms")
+    return int(number) if number is not None else None
+
+
+def _run_notes(run: Run, varying: dict[str, bool]) -> str | None:
+    notes: list[str] = []
+    failed = _error_vms(run)
+    if failed:
+        notes.append(f"{failed} VM{'s' if failed != 1 else ''} failed")
+    if run.get("cpu_limited"):
+        notes.append("CPU-limited")
+    if varying.get("trace") and run.get("trace") is not None:
+        notes.append(f"trace {os.path.basename(str(run['trace']))}")
+    error = run.get("error")
+    if error:
+        notes.append(f"error: {error}")
+    return "; ".join(notes) or None
+
+
+def _why(run: Run) -> str:
+    error, failed = run.get("error"), _error_vms(run)
+    if error:
+        return f" (error: {error})"
+    if failed:
+        return f" ({failed} VM{'s' if failed != 1 else ''} failed)"
+    return ""
+
+
+def _document_section(number: int, doc: Doc, series: list[Series]) -> list[str]:
+    settings, machine = _dict(doc.get("settings")), _dict(doc.get("machine"))
+    kind = str(doc.get("kind", "unknown"))
+    command = doc.get("command")
+    if isinstance(command, list):
+        command = shlex.join(str(c) for c in command)
+    out = [f"### Document {number}: {KIND_NAME.get(kind, kind)}", ""]
+    if doc.get("source"):
+        out.append(f"- File: `{doc['source']}`")
+    out.append(f"- Kind: {kind}")
+    out.append(f"- Machine: {', '.join(f'{k} {v}' for k, v in machine.items()) or MISSING}")
+    out += ["- Command line:", "", "  ```", f"  {command if command else MISSING}", "  ```", ""]
+    if settings:
+        out += ["Settings:", ""]
+        pairs: list[list[str | None]] = [
+            [f"`{k}`", v if isinstance(v, str) else json.dumps(v)]
+            for k, v in settings.items()]
+        out += _table(pairs, ["setting", "value"], text=["setting", "value"])
+        out.append("")
+
+    own = [s for s in series if s.doc_number == number]
+    runs = [r for s in own for r in s.runs]
+    has = {k: any(r.get(k) is not None for r in runs)
+           for k in ("floor_seconds", "depth", "working_set_bytes")}
+    floors = kind == "simulation" or has["floor_seconds"]
+    varying = {"trace": len(_unique(r.get("trace") for r in runs)) > 1,
+               "vms_per_host": len(_unique(_number(r, "vms_per_host") for r in runs)) > 1}
+    header = ["hosts"]
+    if varying["vms_per_host"]:
+        header.append("VMs/host")
+    header += ["all booted (s)", "mean (s)", "p99 (s)", "all booted / one VM",
+               "origin (MiB)", "origin / working set", "max host (MiB)"]
+    if floors:
+        header += ["floor (s)", "all booted / floor"]
+    if has["depth"]:
+        header.append("depth")
+    header.append("notes")
+
+    skipped: list[str] = []
+    for s in own:
+        rows: list[list[str | None]] = []
+
+        def order(run: Run) -> tuple[int, float]:
+            return (_hosts(run) or 0, _number(run, "vms_per_host") or 0)
+
+        for run in sorted(s.runs, key=order):
+            hosts = _hosts(run)
+            booted = _number(run, "all_booted_seconds")
+            origin = _number(run, "origin_bytes_sent")
+            ws = _working_set(run, settings)
+            if hosts is None:
+                skipped.append(f"{s.name}: a run without a host count{_why(run)}")
+            else:
+                lacks = [what for what, value in (("time until all booted", booted),
+                                                  ("origin byte count", origin))
+                         if value is None]
+                if lacks:
+                    skipped.append(f"{s.name} at {hosts} hosts: no {' and no '.join(lacks)}"
+                                   f"{_why(run)}")
+            row: list[str | None] = [str(hosts) if hosts is not None else None]
+            if varying["vms_per_host"]:
+                vms = _number(run, "vms_per_host")
+                row.append(_plain(vms) if vms is not None else None)
+            row += [
+                _fmt(booted),
+                _fmt(_number(run, "mean_boot_seconds")),
+                _fmt(_number(run, "p99_boot_seconds")),
+                _fmt(_ratio(booted, _number(run, "single_vm_seconds"))),
+                _mib(origin),
+                _fmt(_ratio(origin, ws)),
+                _mib(_number(run, "max_host_bytes_sent")),
+            ]
+            if floors:
+                floor = _number(run, "floor_seconds")
+                row += [_fmt(floor), _fmt(_ratio(booted, floor))]
+            if has["depth"]:
+                depth = _number(run, "depth")
+                row.append(_plain(depth) if depth is not None else None)
+            row.append(_run_notes(run, varying))
+            rows.append(row)
+        out += [f"#### {s.name}", "", *_table(rows, header, text=["notes"]), ""]
+    if not own:
+        out += ["This document has no runs.", ""]
+    if skipped:
+        out += ["Left out of the figures (missing or failed measurements):", ""]
+        out += [f"- {line}" for line in skipped] + [""]
+    return out
+
+
+HOW_TO_READ = """\
+## How to read this page
+
+- **Time until all VMs booted** (first figure of each kind): the moment the last VM of
+  the run finished booting, counted from the start of the run, against the number of hosts.
+  One line per mode: `star` (every host reads from the origin), `copy` (every host copies
+  the whole image first), `paper` (the paper's scheme; variants by attach delay) and
+  `virtman` (lazy relays in a tree). The dashed line is one VM booting from a local copy of
+  the image: the best any mode can do. In simulations the dotted line is the floor, the
+  simulator's lower bound for that host count. A flat line means the mode scales; a line
+  that climbs with the hosts means a bottleneck (usually the origin's link).
+- **Bytes sent by the origin** (second figure): what the origin had to send in total. The
+  wide grey reference line is the working set (the bytes a boot reads) times the roots, the
+  hosts the origin feeds directly (`min(fan-out, hosts)` for a relay tree): a scheme that
+  relays well stays on it however many hosts boot.
+- **Most bytes sent by one host** (third figure, when measured): the heaviest relay's load.
+- Axes switch to a logarithmic scale when the values span decades (hosts: two decades,
+  times and bytes: one). Times are seconds; MiB and GiB are 2^20 and 2^30 bytes.
+- Tables: *all booted / one VM* is the time until all booted over the one-VM time (1.0 is
+  perfect); *origin / working set* is the origin's bytes over the working set (about the
+  number of roots when relaying works, about the host count when it does not); *all
+  booted / floor* (simulations) is how far a run is from the simulator's lower bound.
+  `—` marks a value the run does not have (a failed mode, or a key the run did not write).
+"""
+
+
+def _link(target: str, md_dir: str) -> str:
+    rel = os.path.relpath(os.path.abspath(target), md_dir).replace(os.sep, "/")
+    return f"<{rel}>" if re.search(r"[\s()<>]", rel) else rel
+
+
+def _prefix(kind: str) -> str:
+    return KIND_PREFIX.get(kind) or re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "results"
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def make_report(docs: Sequence[Doc], out_dir: str, md_path: str, title: str) -> list[str]:
+    """Write the figures into ``out_dir`` and the page to ``md_path``; return the files."""
+    if not docs:
+        raise ConfigError("no result documents to report on")
+    for doc in docs:
+        if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+            raise ConfigError("a result document must be an object with a list of runs")
+    os.makedirs(out_dir, exist_ok=True)
+    md_dir = os.path.dirname(os.path.abspath(md_path))
+    os.makedirs(md_dir, exist_ok=True)
+
+    kinds: dict[str, list[tuple[int, Doc]]] = {}
+    for number, doc in enumerate(docs, start=1):
+        kinds.setdefault(str(doc.get("kind") or "unknown"), []).append((number, doc))
+
+    written: list[str] = []
+    md = [f"# {title}", ""]
+    md.append(f"Made by `virtman bench report` from {len(docs)} result "
+              f"document{'s' if len(docs) != 1 else ''}: "
+              + ", ".join(f"{KIND_NAME.get(k, k).lower()} ({len(v)})" for k, v in kinds.items())
+              + ".")
+    md += ["", HOW_TO_READ]
+    for kind, numbered in kinds.items():
+        series = _series(numbered)
+        summary = _settings_summary([d for _, d in numbered])
+        settings_of = {n: _dict(d.get("settings")) for n, d in numbered}
+        prefix = _prefix(kind)
+        name = KIND_NAME.get(kind, kind.capitalize())
+        md += [f"## {name}", ""]
+        if summary:
+            md += [f"Settings: {summary}.", ""]
+        notes: list[str] = []
+        figures: list[tuple[str, str]] = []
+        if any(s.points("all_booted_seconds") for s in series):
+            path = os.path.join(out_dir, f"{prefix}-boot.png")
+            notes += _boot_figure(kind, series, summary, path)
+            figures.append((path, f"{name}: time until all VMs booted"))
+        if any(s.points("origin_bytes_sent") for s in series):
+            path = os.path.join(out_dir, f"{prefix}-origin.png")
+            notes += _bytes_figure(kind, series, summary, path, "origin_bytes_sent",
+                                   "bytes sent by the origin", "bytes sent by the origin",
+                                   settings_of, reference=True)
+            figures.append((path, f"{name}: bytes sent by the origin"))
+        if any(s.points("max_host_bytes_sent") for s in series):
+            path = os.path.join(out_dir, f"{prefix}-hostbytes.png")
+            notes += _bytes_figure(kind, series, summary, path, "max_host_bytes_sent",
+                                   "most bytes sent by one host", "most bytes sent by one host",
+                                   settings_of, reference=False)
+            figures.append((path, f"{name}: most bytes sent by one host"))
+        for path, alt in figures:
+            md += [f"![{alt}]({_link(path, md_dir)})", ""]
+            written.append(path)
+        if not figures:
+            md += ["No run of this kind has a host count with a measurement: nothing to plot.",
+                   ""]
+        md += [f"- {n}" for n in notes] + ([""] if notes else [])
+        for number, doc in numbered:
+            md += _document_section(number, doc, series)
+    text = "\n".join(md).rstrip("\n") + "\n"
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    written.append(md_path)
+    return written
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="+", metavar="RESULT.json",
+                   help="result documents of 'virtman bench scale' or 'virtman bench simulate'")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                   help=f"directory for the PNG figures (default {DEFAULT_OUT_DIR})")
+    p.add_argument("--markdown", default=DEFAULT_MARKDOWN,
+                   help=f"the Markdown page to write (default {DEFAULT_MARKDOWN})")
+    p.add_argument("--title", default=DEFAULT_TITLE, help="the page's title")
+
+
+def run(args: argparse.Namespace) -> int:
+    docs = load(args.results)
+    for path in make_report(docs, args.out_dir, args.markdown, args.title):
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="virtman bench report", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except VirtmanError as err:
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""``virtman bench scale``: boot time against host count, per delivery mode, on emulated hosts.
+
+Theory of operation
+-------------------
+The command (as root) builds a ``Netbed``: one network namespace per host, origin and
+Volt, links shaped with tc. It then runs itself again as a *worker* inside the origin's
+namespace, so the controller and the origin share a host and nothing runs in the root
+namespace. For every mode and host count the worker starts a fresh cluster (Volt and
+one agent per host, each in its namespace, all agents in that mode), registers the
+image, and at one instant t0 creates every VM and replays the boot trace through it;
+a VM's boot time runs from t0 to its last reply, so whatever a mode spends before
+the boot (copying the image, attaching level by level) counts. The namespaces, links
+and processes are removed at the end, on error and on Ctrl-C or SIGTERM.
+
+Modes: ``star`` (every VM reads the origin, no cache), ``copy`` (each host copies the
+whole image first), ``paper`` (binary tree, one parent, a node attaches after its
+parent, ``attach_delay`` seconds per level), ``virtman`` (this project's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from virtman.bench.netbed import LinkShape, Netbed, check_namespaces_work
+from virtman.bench.results import MODES, Run, percentile, write_results
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.cluster.up import generate_image, single_vm_seconds
+from virtman.errors import ConfigError
+from virtman.replay.replayer import ReplayResult, replay
+from virtman.replay.trace import Trace, load_trace
+from virtman.sizes import parse_size
+
+log = logging.getLogger(__name__)
+
+#: Heartbeats in the benchmark: the default cadence (no failures are injected).
+BENCH_HEARTBEAT_INTERVAL = 2.0
+BENCH_HEARTBEAT_TIMEOUT = 6.0
+#: Busy share of all cores above which a run is reported as limited by this CPU.
+CPU_LIMIT_SHARE = 0.9
+
+
+@dataclass
+class Plan:
+    modes: list[str]
+    hosts: list[int]
+    vms_per_host: int
+    speed: float
+    trace: str | None
+    image_size: int | None
+    working_set: int | None
+    chunk_size: int
+    attach_delays: list[float]
+    copy_max_hosts: int
+    rate: str
+    delay: str
+    prefix: str = ""
+    max_hosts: int = 0
+    workdir: str = ""
+    delay_applied: bool = False
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_plan_trace(plan: Plan) -> Trace:
+    trace = load_trace(plan.trace)
+    if plan.working_set:
+        factor = plan.working_set / max(1, trace.working_set(plan.chunk_size))
+        trace = trace.scaled(size_factor=factor)
+    return trace
+
+
+# --- the parent: testbed lifecycle ------------------------------------------------------------
+
+
+def run_scale(plan: Plan, json_path: str, command: str) -> int:
+    bad = [m for m in plan.modes if m not in MODES]
+    if bad:
+        raise ConfigError(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
+    check_namespaces_work()
+    plan.max_hosts = max(plan.hosts)
+    netbed = Netbed(plan.max_hosts, LinkShape(plan.rate, plan.delay))
+    plan.prefix = netbed.prefix
+    workdir = tempfile.mkdtemp(prefix="virtman-scale-")
+    plan.workdir = workdir
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in previous:
+        signal.signal(s, interrupted)
+    try:
+        netbed.create()
+        plan.delay_applied = netbed.delay_applied
+        plan_path = os.path.join(workdir, "plan.json")
+        with open(plan_path, "w", encoding="utf-8") as f:
+            json.dump(asdict(plan), f)
+        worker = [
+            *netbed.command_prefix("origin"),
+            sys.executable,
+            "-m",
+            "virtman.bench.scale",
+            "--worker",
+            plan_path,
+        ]
+        proc = subprocess.run(worker, check=False)
+        if proc.returncode != 0:
+            raise ConfigError(f"benchmark worker failed with status {proc.returncode}")
+        with open(plan_path, encoding="utf-8") as f:
+            done = json.load(f)
+    finally:
+        netbed.destroy()
+        left = netbed.leftovers()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        subprocess.run(["rm", "-rf", workdir], check=False)
+        if left:
+            print(f"warning: namespaces left behind: {left}", file=sys.stderr)
+    runs = [
+        Run(**{k: r[k] for k in Run.__dataclass_fields__ if k != "extra"}, extra=r.get("extra", {}))
+        for r in done["runs"]
+    ]
+    settings = {k: v for k, v in done.items() if k not in ("runs", "prefix", "workdir")}
+    settings["delay_applied"] = done["delay_applied"]
+    write_results(json_path, "testbed", command, settings, runs)
+    print(f"wrote {json_path}")
+    return 0
+
+
+# --- the worker: inside the origin's namespace ------------------------------------------------
+
+
+class _NetbedPlacement(Netbed):
+    """The parent's testbed, as seen from the worker: addresses only, nothing to create."""
+
+
+def _cpu_busy() -> tuple[float, float]:
+    with open("/proc/stat", encoding="utf-8") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+async def _one_run(
+    plan: Plan,
+    trace: Trace,
+    image: str,
+    mode: str,
+    hosts: int,
+    attach_delay: float,
+    alone: float,
+    index: int,
+) -> Run:
+    placement = _NetbedPlacement(plan.max_hosts, prefix=plan.prefix)
+    settings = ClusterSettings(
+        hosts=hosts,
+        parents=1 if mode == "paper" else 2,
+        chunk_size=plan.chunk_size,
+        heartbeat_interval=BENCH_HEARTBEAT_INTERVAL,
+        heartbeat_timeout=BENCH_HEARTBEAT_TIMEOUT,
+        mode=mode,
+        attach_delay=attach_delay,
+        log_level="warning",
+    )
+    cluster = LocalCluster(os.path.join(plan.workdir, f"run{index}"), settings, placement)
+    try:
+        await cluster.start_origin(image)
+        await cluster.start_volt()
+        await cluster.start_agents()
+        await cluster.register_image("img")
+        origin_before = cluster.origin_bytes_sent
+        busy0, total0 = _cpu_busy()
+        t0 = time.monotonic()
+
+        async def boot(host: str, name: str) -> tuple[float, ReplayResult]:
+            uri = await cluster.create_vm(host, name, "img")
+            result = await replay(uri, trace, speed=plan.speed)
+            return time.monotonic() - t0, result
+
+        outcomes = await asyncio.gather(
+            *(
+                boot(h, f"{h}-vm{j + 1}")
+                for h in cluster.host_names()
+                for j in range(plan.vms_per_host)
+            )
+        )
+        busy1, total1 = _cpu_busy()
+        sent = []
+        for h in cluster.host_names():
+            status = await cluster.agent_status(h)
+            sent.append(int(status["relay_bytes_sent"]) if status else 0)
+        origin_bytes = cluster.origin_bytes_sent - origin_before
+    finally:
+        await cluster.stop()
+    boots = [t for t, _ in outcomes]
+    errors = sum(r.errors for _, r in outcomes)
+    share = (busy1 - busy0) / max(1.0, total1 - total0)
+    run = Run(
+        mode,
+        hosts,
+        plan.vms_per_host,
+        round(max(boots), 3),
+        round(sum(boots) / len(boots), 3),
+        round(percentile(boots, 99), 3),
+        round(alone, 3),
+        origin_bytes,
+        max([origin_bytes, *sent]),
+        extra={
+            "attach_delay": attach_delay if mode == "paper" else None,
+            "error_vms": sum(1 for _, r in outcomes if r.errors),
+            "io_errors": errors,
+            "working_set_bytes": trace.working_set(plan.chunk_size),
+            "cpu_busy_share": round(share, 3),
+            "cpu_limited": share > CPU_LIMIT_SHARE,
+            "trace": trace.name,
+            "speed": plan.speed,
+            "rate": plan.rate,
+        },
+    )
+    print(
+        f"{mode:<8}{'' if mode != 'paper' else f'(attach {attach_delay:g}s)':<15} "
+        f"{hosts:>4} hosts x {plan.vms_per_host}: all booted {run.all_booted_seconds:7.2f} s, "
+        f"mean {run.mean_boot_seconds:6.2f}, p99 {run.p99_boot_seconds:6.2f} "
+        f"(alone {alone:.2f}); origin {origin_bytes / 2**20:8.1f} MiB; "
+        f"cpu {share:.0%}; errors {errors}",
+        flush=True,
+    )
+    return run
+
+
+async def _worker(plan_path: str) -> int:
+    with open(plan_path, encoding="utf-8") as f:
+        plan = Plan(**json.load(f))
+    trace = load_plan_trace(plan)
+    image = os.path.join(plan.workdir, "image.raw")
+    size = generate_image(image, trace, plan.chunk_size)
+    if plan.image_size and plan.image_size > size:
+        with open(image, "r+b") as f:
+            f.truncate(plan.image_size)
+    alone = await single_vm_seconds(image, trace, plan.speed, plan.workdir)
+    print(
+        f"trace {trace.name}: working set {trace.working_set(plan.chunk_size) / 2**20:.1f} MiB, "
+        f"one VM alone from a local copy {alone:.2f} s",
+        flush=True,
+    )
+    index = 0
+    for hosts in plan.hosts:
+        for mode in plan.modes:
+            for delay in plan.attach_delays if mode == "paper" else [0.0]:
+                index += 1
+                run = await _one_run(plan, trace, image, mode, hosts, delay, alone, index)
+                plan.runs.append({**{k: getattr(run, k) for k in run.__dataclass_fields__}})
+                with open(plan_path, "w", encoding="utf-8") as f:
+                    json.dump(asdict(plan), f)
+    return 0
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers: {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") from err
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated (default all)")
+    p.add_argument("--hosts", type=_ints, default=[2, 4, 8, 16, 32], help="e.g. 2,4,8,16,32")
+    p.add_argument("--vms-per-host", type=int, default=10)
+    p.add_argument("--trace", metavar="FILE", help="boot trace (default: bundled Debian 12)")
+    p.add_argument("--speed", type=float, default=1.0, help="divide think times by this")
+    p.add_argument(
+        "--working-set",
+        type=parse_size,
+        metavar="SIZE",
+        help="scale the trace's reads to this working set (e.g. 300M)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="serve an image this large (sparse; e.g. 15G)",
+    )
+    p.add_argument("--chunk-size", type=parse_size, default=256 * 1024, metavar="SIZE")
+    p.add_argument(
+        "--attach-delays",
+        type=_floats,
+        default=[10.0, 0.0],
+        metavar="S[,S]",
+        help="paper mode: seconds per level to attach; one run each (default 10,0)",
+    )
+    p.add_argument(
+        "--copy-max-hosts",
+        type=int,
+        default=8,
+        metavar="N",
+        help="run copy mode up to N hosts only (it takes hosts x image / link)",
+    )
+    p.add_argument("--rate", default="1gbit", help="link rate per host, tc syntax (1gbit)")
+    p.add_argument("--delay", default="0.2ms", help="one-way delay per link (needs netem)")
+    p.add_argument("--json", default="bench-scale.json", metavar="FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from virtman.runtime import configure_logging
+
+    configure_logging("warning" if args.log_level == "info" else args.log_level)
+    plan = Plan(
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        hosts=sorted(set(args.hosts)),
+        vms_per_host=args.vms_per_host,
+        speed=args.speed,
+        trace=args.trace,
+        image_size=args.image_size,
+        working_set=args.working_set,
+        chunk_size=args.chunk_size,
+        attach_delays=args.attach_delays,
+        rate=args.rate,
+        delay=args.delay,
+    )
+    command = "virtman bench scale " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    return run_scale(plan, args.json, command)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        from virtman.runtime import configure_logging, run_async
+
+        configure_logging("warning")
+        sys.exit(run_async(_worker(sys.argv[2])))
+    print("usage: virtman bench scale ... (this module's --worker is internal)", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,608 @@
+"""A discrete-event model of many hosts booting VMs from one image (pure: no I/O).
+
+Theory of operation
+-------------------
+The model answers one question: when has every VM booted, for N hosts with M VMs each,
+when the image reaches the hosts in one of four ways (``mode``):
+
+- ``virtman``: hosts sit in the relay tree of the real planner
+  (``RelayTree(TreeSettings(d, k))``, hosts joined in order ``host0..hostN-1``). A host
+  fetches a chunk it lacks from its k parents in turn (round-robin over its requests);
+  level-1 hosts fetch from the origin. Every host starts at time 0.
+- ``paper``: the same tree with one parent per host (k = 1, ``parents`` is ignored), and
+  the paper's iSCSI attach: a host at level L is attached, and its VMs start, at L x D
+  (D = ``attach_delay``; its attach completes after its parent's). No origin fallback
+  below level 1.
+- ``star``: no host cache and no tree: every VM fetches every chunk it reads from the
+  origin itself, so nothing is shared, not even between the VMs of one host.
+- ``copy``: every host first copies the whole image from the origin, then its VMs boot
+  from the local copy (T each, no network).
+
+The boot of one VM is a *pattern*: a list of batches (think gap before the batch, the
+chunks it reads). A VM sleeps the gap, asks for the batch's chunks at once, waits until
+it holds all of them, sleeps the next gap, and so on. From a local disk this takes the
+sum of the gaps, ``T`` (``boot_seconds``). Patterns come from a recorded boot trace
+(``pattern_from_trace``) or are synthetic (``synthetic_pattern``: the W/C chunks in
+order, one every T/(W/C) seconds).
+
+Network. Every node (the origin and each host) has one uplink and one downlink of rate
+B (full duplex), each a FIFO server. A chunk transfer from X to Y that becomes ready at
+time r (the request reached X, and X holds the chunk) starts at
+``max(r, X.up_free, Y.down_free)``, lasts C/B, and sets both ``X.up_free`` and
+``Y.down_free`` to its end; Y holds the chunk one ``rtt`` after the end (the request
+and the reply latency of that request, added once per request, after the transfer).
+Transfers are reserved in the order they become ready, which is what makes the links
+FIFO. That is the whole network model: no TCP dynamics, no congestion windows, no
+switch; a link that waits for the other end of a transfer stays reserved meanwhile
+(head-of-line blocking), as a single queue per link would.
+
+Caching and relaying. A host keeps every chunk it fetched (the cache never evicts). A
+request for a chunk the host is already fetching waits for that fetch (coalescing). A
+parent asked for a chunk it neither holds nor is fetching fetches it from its own
+parents first, and forwards it when it arrives: data moves down the tree chunk by
+chunk, store-and-forward, so each level costs one more chunk transfer plus one round
+trip. Requests are not bounded in number (any number in flight per host).
+
+VMs. The M VMs of a host run the same pattern in lockstep, so only one "lead" VM per
+host is simulated: its reads drive the host's fetches, the other M-1 VMs read the same
+chunks at the same moments, wait on the same (coalesced) fetches and finish at the same
+time. Per-VM statistics weigh each host's finish time M times. In ``star`` mode the
+VMs of a host do not share, so each chunk the lead VM reads is one transfer of M x C
+bytes from the origin (the M VMs' fetches, back to back, finishing together). Each VM
+keeps what it read itself (its page cache), so a star VM fetches each chunk once.
+
+Copy. The origin uplink serves the N copies interleaved chunk by chunk (fair sharing,
+as N parallel copies would get): with K = ceil(S/C) chunks and a last chunk of c_last
+bytes, host j's copy ends at ``((K-1)*N*C + (j+1)*c_last) / B + rtt`` (requests are
+pipelined, so one round trip per copy). That is closed form: copy runs no events.
+
+Outputs. Times are from the moment every VM is asked to boot (t = 0), so ``paper``
+boot times include the attach wait. ``floor_seconds`` is a physical bound to compare
+with, from DESIGN.md ("a host cannot finish before T and before W/B") plus the store
+and forward latency of the tree:
+
+- tree modes (``paper``, ``virtman``): ``max(T, W/B) + depth*(C/B + rtt)``. The deepest
+  host's first chunk crosses ``depth`` links, one chunk and one round trip each, while
+  its VM thinks T in all; so with T >= W/B no host can finish earlier. With W/B > T the
+  true bound is C/B lower (the last chunk's own transfer is part of W/B); the origin
+  also has to send min(N, d) x W, which at d >= 2 binds before W/B does
+  (``egress_floor_seconds``). ``paper`` mode's attach wait (depth x D) is protocol, not
+  physics, and is reported apart (``attach_seconds``).
+- ``star``: ``max(T + M*C/B + rtt, N*M*W/B + rtt)``: the origin sends N x M x W.
+- ``copy``: ``N*S/B + rtt + T``: the origin sends N copies of the image S.
+
+Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
+switch fabric, no disk: a cached chunk is read in no time); one round trip per request
+and no request-size limits; VMs of a host in lockstep; caches never evict; no failures
+and no tree repair; the attach delay of ``paper`` mode is a fixed D per level; the
+copy mode is closed form; writes stay local (they go to each VM's overlay) and cost
+nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from virtman.bench.results import Run
+from virtman.errors import ConfigError
+from virtman.planner.tree import RelayTree, TreeSettings
+
+if TYPE_CHECKING:
+    from virtman.replay.trace import Trace
+
+MODES = ("paper", "virtman", "star", "copy")
+TREE_MODES = ("paper", "virtman")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: Chunk of the cache and of every transfer.
+DEFAULT_CHUNK_SIZE = 256 * KiB
+#: 1 Gbit/s in bytes per second.
+DEFAULT_LINK_RATE = 125_000_000.0
+#: One request's round trip: 2 x 0.2 ms.
+DEFAULT_RTT = 0.0004
+#: The paper's iSCSI attach time per tree level.
+DEFAULT_ATTACH_DELAY = 10.0
+
+#: ``have`` value of a chunk a host neither holds nor fetches.
+_ABSENT = math.inf
+#: ``have`` value of a chunk whose fetch waits for a parent that is still fetching it
+#: itself (the arrival time is not known yet). Any simulated time is far below it.
+_PENDING = 1e300
+
+
+Batch = tuple[float, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class BootPattern:
+    """What one VM's boot reads: (think gap before the batch, chunk indices) in order."""
+
+    batches: tuple[Batch, ...]
+    source: str = "synthetic"
+
+    def __post_init__(self) -> None:
+        if not self.batches:
+            raise ConfigError("a boot pattern needs at least one batch")
+        for gap, chunks in self.batches:
+            if not gap >= 0 or math.isinf(gap):
+                raise ConfigError(f"think gap {gap} is not a finite time >= 0")
+            if any(c < 0 for c in chunks):
+                raise ConfigError("chunk indices must be >= 0")
+
+    @property
+    def think_seconds(self) -> float:
+        """The boot time from a local disk: the sum of the gaps."""
+        return math.fsum(gap for gap, _ in self.batches)
+
+    @property
+    def distinct_chunks(self) -> int:
+        return len({c for _, chunks in self.batches for c in chunks})
+
+    @property
+    def reads(self) -> int:
+        return sum(len(chunks) for _, chunks in self.batches)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def synthetic_pattern(chunk_size: int, working_set: int, boot_seconds: float) -> BootPattern:
+    """The W/C chunks read in order, one per batch, evenly spaced over T.
+
+    Batch i (i = 1..n) reads chunk i-1 after a gap of T/n, so the last read is issued
+    at T and a local boot takes exactly T.
+    """
+    n = chunk_count(working_set, chunk_size)
+    if n < 1:
+        raise ConfigError("the working set must hold at least one chunk")
+    gap = boot_seconds / n
+    return BootPattern(tuple((gap, (i,)) for i in range(n)), "synthetic")
+
+
+def pattern_from_trace(
+    trace: Trace, chunk_size: int, image_size: int, working_set: int, boot_seconds: float
+) -> BootPattern:
+    """A trace's reads and think times, rescaled to W/C distinct chunks and T seconds.
+
+    Sizes: the distinct bytes the trace reads (the union U of its read extents) are laid
+    end to end, without the holes between them, as "ranks" 0..U-1; that rank line is cut
+    into n = ceil(W/C) equal parts, part j being chunk j. A read covers a rank interval
+    and so the chunks it overlaps, and because the reads' union is the whole rank line
+    every one of the n chunks is read: exactly n distinct chunks, in the trace's order of
+    offsets, each read about as often as its part of the trace was. Reads are thereby
+    stretched by about W/U (short reads may share a chunk). The n chunks are then placed
+    in the image in offset order: chunk j goes to the image chunk its first byte's trace
+    offset scales to (offset x image_size / trace extent), moved up just enough to keep
+    the chunks distinct and inside the image. Placement only names the chunks; the model
+    has no seek cost.
+
+    Times: batches are ``trace.batches()`` (requests within 1 ms go together). Writes and
+    flushes go to the VM's local overlay, so they are dropped; the think gap of a batch
+    left without reads is carried into the next batch. Every gap is then multiplied by
+    T / (recorded total), so the gaps sum to T; think time after the last read stays as
+    a final batch without reads.
+    """
+    n = chunk_count(working_set, chunk_size)
+    image_chunks = chunk_count(image_size, chunk_size)
+    if n < 1:
+        raise ConfigError("the working set must hold at least one chunk")
+    if n > image_chunks:
+        raise ConfigError(
+            f"working set of {n} chunks does not fit an image of {image_chunks} chunks"
+        )
+    reads = [r for r in trace.reads if r.length > 0]
+    if not reads:
+        raise ConfigError(f"trace {trace.name} reads nothing")
+
+    # Union of the read extents, and each extent's first rank.
+    starts: list[int] = []
+    ends: list[int] = []
+    for a, b in sorted((r.offset, r.offset + r.length) for r in reads):
+        if ends and a <= ends[-1]:
+            ends[-1] = max(ends[-1], b)
+        else:
+            starts.append(a)
+            ends.append(b)
+    ranks = [0]
+    for a, b in zip(starts, ends, strict=True):
+        ranks.append(ranks[-1] + b - a)
+    union = ranks.pop()
+
+    extent = max(trace.end_offset, 1)
+    place: list[int] = []
+    for j in range(n):
+        x = min(-(-j * union // n), union - 1)
+        i = bisect.bisect_right(ranks, x) - 1
+        offset = starts[i] + x - ranks[i]
+        idx = min(offset * image_chunks // extent, image_chunks - n + j)
+        place.append(max(place[-1] + 1 if place else 0, idx))
+
+    def chunks_of(offset: int, length: int) -> range:
+        i = bisect.bisect_right(starts, offset) - 1
+        r0 = ranks[i] + offset - starts[i]
+        return range(r0 * n // union, -(-(r0 + length) * n // union))
+
+    raw: list[tuple[float, tuple[int, ...]]] = []
+    carried = 0.0
+    for gap, requests in trace.batches():
+        carried += gap
+        chunks = dict.fromkeys(
+            place[j]
+            for r in requests
+            if r.op == "read" and r.length > 0
+            for j in chunks_of(r.offset, r.length)
+        )
+        if chunks:
+            raw.append((carried, tuple(chunks)))
+            carried = 0.0
+    recorded = math.fsum(g for g, _ in raw) + carried
+    if recorded > 0:
+        scale = boot_seconds / recorded
+        batches = [(g * scale, chunks) for g, chunks in raw]
+        tail = carried * scale
+    else:
+        batches = list(raw)
+        tail = boot_seconds
+    # Put the rounding left over into the last gap, so the gaps sum to T.
+    rest = boot_seconds - math.fsum(g for g, _ in batches) - tail
+    if tail > 0:
+        batches.append((max(0.0, tail + rest), ()))
+    else:
+        g, chunks = batches[-1]
+        batches[-1] = (max(0.0, g + rest), chunks)
+    return BootPattern(tuple(batches), f"trace {trace.name}")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    mode: str
+    hosts: int
+    vms_per_host: int = 1
+    image_size: int = 15 * GiB
+    working_set: int = 300 * MiB
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: B, in bytes per second, of every uplink and downlink.
+    link_rate: float = DEFAULT_LINK_RATE
+    rtt: float = DEFAULT_RTT
+    #: T: one VM's boot from a local disk (used by the synthetic pattern).
+    boot_seconds: float = 10.0
+    #: D: attach time per tree level (``paper`` mode only).
+    attach_delay: float = DEFAULT_ATTACH_DELAY
+    fanout: int = 2
+    #: k (``virtman`` mode; ``paper`` mode always uses 1).
+    parents: int = 2
+    #: The boot of one VM; None for ``synthetic_pattern(C, W, T)``.
+    pattern: BootPattern | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("hosts", "vms_per_host", "image_size", "working_set", "chunk_size",
+                     "fanout", "parents"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.link_rate > 0 or math.isinf(self.link_rate):
+            raise ConfigError(f"link rate must be a positive number, not {self.link_rate}")
+        for name in ("rtt", "boot_seconds", "attach_delay"):
+            value = getattr(self, name)
+            if not value >= 0 or math.isinf(value):
+                raise ConfigError(f"{name} must be a finite number >= 0, not {value}")
+        if self.working_set > self.image_size:
+            raise ConfigError("the working set cannot be larger than the image")
+
+    @property
+    def parents_per_node(self) -> int:
+        return 1 if self.mode == "paper" else self.parents
+
+    def boot_pattern(self) -> BootPattern:
+        if self.pattern is not None:
+            return self.pattern
+        return synthetic_pattern(self.chunk_size, self.working_set, self.boot_seconds)
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    #: Per host, in join order: the time all of its VMs have booted.
+    finish: list[float]
+    #: Per host: bytes its uplink sent (to children).
+    host_bytes_sent: list[int]
+    origin_bytes_sent: int
+    #: Tree levels below the origin (1 for star and copy).
+    depth: int
+    #: Per host: its tree level.
+    levels: list[int]
+    single_vm_seconds: float
+    #: Distinct chunks one VM reads, times C.
+    working_set_bytes: int
+    events: int
+    #: Requests a parent could answer only after fetching the chunk itself first.
+    parent_misses: int
+    wall_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_booted_seconds(self) -> float:
+        return max(self.finish)
+
+    @property
+    def mean_boot_seconds(self) -> float:
+        return math.fsum(self.finish) / len(self.finish)
+
+    def percentile(self, q: int) -> float:
+        """Nearest-rank percentile over all VMs (each host's time counted M times)."""
+        m = self.config.vms_per_host
+        count = len(self.finish) * m
+        rank = max(1, min(count, -(-count * q // 100)))
+        return sorted(self.finish)[(rank - 1) // m]
+
+    @property
+    def floor_seconds(self) -> float:
+        cfg = self.config
+        b, t, w = cfg.link_rate, self.single_vm_seconds, self.working_set_bytes
+        if cfg.mode in TREE_MODES:
+            return max(t, w / b) + self.depth * (cfg.chunk_size / b + cfg.rtt)
+        if cfg.mode == "star":
+            m, n = cfg.vms_per_host, cfg.hosts
+            return max(t + m * cfg.chunk_size / b + cfg.rtt, n * m * w / b + cfg.rtt)
+        return cfg.hosts * cfg.image_size / b + cfg.rtt + t
+
+    @property
+    def egress_floor_seconds(self) -> float:
+        """The least the origin must send in this mode, over B."""
+        cfg = self.config
+        if cfg.mode in TREE_MODES:
+            sent = min(cfg.hosts, cfg.fanout) * self.working_set_bytes
+        elif cfg.mode == "star":
+            sent = cfg.hosts * cfg.vms_per_host * self.working_set_bytes
+        else:
+            sent = cfg.hosts * cfg.image_size
+        return sent / cfg.link_rate
+
+    def to_run(self) -> Run:
+        cfg = self.config
+        extra: dict[str, Any] = {
+            "depth": self.depth,
+            "floor_seconds": self.floor_seconds,
+            "egress_floor_seconds": self.egress_floor_seconds,
+            "working_set_bytes": self.working_set_bytes,
+            "chunk_size": cfg.chunk_size,
+            "link_bytes_per_second": cfg.link_rate,
+            "rtt_seconds": cfg.rtt,
+            "events": self.events,
+            "parent_misses": self.parent_misses,
+            "sim_wall_seconds": self.wall_seconds,
+        }
+        if cfg.mode in TREE_MODES:
+            extra["fanout"] = cfg.fanout
+            extra["parents_per_node"] = cfg.parents_per_node
+        if cfg.mode == "paper":
+            extra["attach_delay_seconds"] = cfg.attach_delay
+            extra["attach_seconds"] = self.depth * cfg.attach_delay
+        extra.update(self.extra)
+        return Run(
+            mode=cfg.mode,
+            hosts=cfg.hosts,
+            vms_per_host=cfg.vms_per_host,
+            all_booted_seconds=self.all_booted_seconds,
+            mean_boot_seconds=self.mean_boot_seconds,
+            p99_boot_seconds=self.percentile(99),
+            single_vm_seconds=self.single_vm_seconds,
+            origin_bytes_sent=self.origin_bytes_sent,
+            max_host_bytes_sent=max(self.host_bytes_sent),
+            extra=extra,
+        )
+
+
+def simulate(cfg: SimConfig) -> SimResult:
+    """Run one configuration to the end (every VM booted)."""
+    started = time.perf_counter()
+    pattern = cfg.boot_pattern()
+    if cfg.mode == "copy":
+        result = _simulate_copy(cfg, pattern)
+    else:
+        result = _simulate_fetches(cfg, pattern)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _simulate_copy(cfg: SimConfig, pattern: BootPattern) -> SimResult:
+    n, c, s, b = cfg.hosts, cfg.chunk_size, cfg.image_size, cfg.link_rate
+    k = chunk_count(s, c)
+    last = s - (k - 1) * c
+    t = pattern.think_seconds
+    finish = [((k - 1) * n * c + (j + 1) * last) / b + cfg.rtt + t for j in range(n)]
+    return SimResult(
+        config=cfg,
+        finish=finish,
+        host_bytes_sent=[0] * n,
+        origin_bytes_sent=n * s,
+        depth=1,
+        levels=[1] * n,
+        single_vm_seconds=t,
+        working_set_bytes=pattern.distinct_chunks * c,
+        events=0,
+        parent_misses=0,
+        wall_seconds=0.0,
+    )
+
+
+def _topology(cfg: SimConfig) -> tuple[list[list[int]], list[int], int]:
+    """Per host: parent indices (empty: the origin) and level; and the depth."""
+    n = cfg.hosts
+    if cfg.mode == "star":
+        return [[] for _ in range(n)], [1] * n, 1
+    tree = RelayTree(TreeSettings(cfg.fanout, cfg.parents_per_node))
+    names = [f"host{i}" for i in range(n)]
+    for name in names:
+        tree.join(name)
+    index = {name: i for i, name in enumerate(names)}
+    parents = [[index[p] for p in tree.parents(name)] for name in names]
+    levels = [tree.level(name) for name in names]
+    return parents, levels, tree.depth
+
+
+def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
+    """The event loop of the star, paper and virtman modes.
+
+    Two kinds of events, in a heap of (time, tag): tag h < N issues host h's next
+    batch; tag N + key, key = h*n + c, is "host h now holds chunk c" for hosts that
+    wait on it (only pushed when someone waits). A transfer whose sender already holds
+    the chunk is reserved at once; the receiver's arrival time is then known and needs
+    no event, unless someone waits on it.
+    """
+    parents, levels, depth = _topology(cfg)
+    hosts = cfg.hosts
+    origin = hosts
+    # Chunks renumbered densely 0..n-1 (only equality matters to the model).
+    dense = {c: i for i, c in enumerate(sorted({c for _, cs in pattern.batches for c in cs}))}
+    n = max(1, len(dense))
+    gaps = [g for g, _ in pattern.batches]
+    reads = [tuple(dense[c] for c in dict.fromkeys(cs)) for _, cs in pattern.batches]
+    last_batch = len(gaps) - 1
+
+    size = cfg.chunk_size * (cfg.vms_per_host if cfg.mode == "star" else 1)
+    duration = size / cfg.link_rate
+    rtt = cfg.rtt
+    base = hosts  # tag offset of "holds" events
+
+    have = [_ABSENT] * (hosts * n)
+    waiters: dict[int, list[int]] = {}
+    lead_waiting: set[int] = set()
+    up_free = [0.0] * (hosts + 1)
+    down_free = [0.0] * (hosts + 1)
+    sent = [0] * (hosts + 1)
+    turn = [0] * hosts
+    batch_index = [0] * hosts
+    batch_end = [0.0] * hosts
+    outstanding = [0] * hosts
+    finish = [0.0] * hosts
+    heap: list[tuple[float, int]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    misses = 0
+
+    def next_batch(h: int, end: float) -> None:
+        i = batch_index[h] + 1
+        if i > last_batch:
+            finish[h] = end
+        else:
+            batch_index[h] = i
+            push(heap, (end + gaps[i], h))
+
+    def send(x: int, y: int, c: int, now: float) -> None:
+        """Reserve the transfer of chunk c from x to y, ready now."""
+        start = now
+        u = up_free[x]
+        if u > start:
+            start = u
+        v = down_free[y]
+        if v > start:
+            start = v
+        end = start + duration
+        up_free[x] = end
+        down_free[y] = end
+        sent[x] += size
+        arrival = end + rtt
+        key = y * n + c
+        have[key] = arrival
+        if key in waiters:  # children waited while y's own fetch was pending
+            push(heap, (arrival, base + key))
+        if key in lead_waiting:
+            lead_waiting.discard(key)
+            if arrival > batch_end[y]:
+                batch_end[y] = arrival
+            outstanding[y] -= 1
+            if outstanding[y] == 0:
+                next_batch(y, batch_end[y])
+
+    def fetch(h: int, c: int, now: float) -> None:
+        """Host h starts fetching chunk c, which it neither holds nor fetches."""
+        nonlocal misses
+        ps = parents[h]
+        if not ps:
+            send(origin, h, c, now)
+            return
+        i = turn[h]
+        turn[h] = i + 1
+        p = ps[i % len(ps)]
+        pkey = p * n + c
+        ready = have[pkey]
+        if ready == _ABSENT:
+            misses += 1
+            fetch(p, c, now)
+            ready = have[pkey]
+        if ready <= now:
+            send(p, h, c, now)
+            return
+        have[h * n + c] = _PENDING
+        ws = waiters.get(pkey)
+        if ws is None:
+            waiters[pkey] = [h]
+            if ready < _PENDING:
+                push(heap, (ready, base + pkey))
+        else:
+            ws.append(h)
+
+    for h in range(hosts):
+        start = levels[h] * cfg.attach_delay if cfg.mode == "paper" else 0.0
+        push(heap, (start + gaps[0], h))
+
+    events = 0
+    while heap:
+        now, tag = pop(heap)
+        events += 1
+        if tag < base:
+            h = tag
+            end = now
+            waiting = 0
+            row = h * n
+            for c in reads[batch_index[h]]:
+                key = row + c
+                t = have[key]
+                if t == _ABSENT:
+                    fetch(h, c, now)
+                    t = have[key]
+                if t < _PENDING:
+                    if t > end:
+                        end = t
+                else:
+                    lead_waiting.add(key)
+                    waiting += 1
+            if waiting:
+                outstanding[h] = waiting
+                batch_end[h] = end
+            else:
+                next_batch(h, end)
+        else:
+            key = tag - base
+            p, c = divmod(key, n)
+            for child in waiters.pop(key):
+                send(p, child, c, now)
+
+    return SimResult(
+        config=cfg,
+        finish=finish,
+        host_bytes_sent=sent[:hosts],
+        origin_bytes_sent=sent[origin],
+        depth=depth,
+        levels=levels,
+        single_vm_seconds=pattern.think_seconds,
+        working_set_bytes=len(dense) * cfg.chunk_size,
+        events=events,
+        parent_misses=misses,
+        wall_seconds=0.0,
+    )
+
+
+def run_all(configs: Sequence[SimConfig]) -> list[SimResult]:
+    return [simulate(cfg) for cfg in configs]
