@@ -210,3 +210,40 @@ def test_load_errors(tmp_path: Path) -> None:
         load([str(other)])
     with pytest.raises(ConfigError):
         make_report([], str(tmp_path), str(tmp_path / "r.md"), "T")
+
+
+def _scale_doc(command: str, slow: float) -> dict[str, Any]:
+    """Shaped like ``virtman bench scale`` output: tc link settings, ``attach_delay`` None
+    outside paper mode, the working set and the trace's name in every run."""
+    runs = []
+    for hosts in (1, 2, 4):
+        for mode, attach in (("star", None), ("paper", 10.0), ("paper", 0.0), ("virtman", None)):
+            runs.append(_run(mode, hosts, slow * (9.0 + hosts), hosts * 32 * MIB,
+                             attach_delay=attach, error_vms=0, working_set_bytes=32 * MIB,
+                             cpu_limited=False, trace="ubuntu-boot", rate="1gbit"))
+    settings = {"modes": ["star", "paper", "virtman"], "hosts": [1, 2, 4], "vms_per_host": 2,
+                "speed": 1.0, "trace": None, "working_set": None, "attach_delays": [10.0, 0.0],
+                "rate": "1gbit", "delay": "0.2ms", "delay_applied": False}
+    return {"machine": MACHINE, "kind": "testbed", "command": command, "settings": settings,
+            "runs": runs}
+
+
+def test_two_testbed_documents_share_figures(tmp_path: Path) -> None:
+    docs = [_scale_doc("virtman bench scale --hosts 1,2,4", 1.0),
+            _scale_doc("virtman bench scale --hosts 1,2,4 --rate 10gbit", 1.5)]
+    md_path = tmp_path / "scaling.md"
+    written = make_report(docs, str(tmp_path / "figures"), str(md_path), "Two runs")
+    assert sorted(Path(p).name for p in written) == [
+        "scale-boot.png", "scale-hostbytes.png", "scale-origin.png", "scaling.md"]
+    for path in written[:-1]:
+        _check_png(Path(path))
+    md = md_path.read_text(encoding="utf-8")
+    assert "Settings: 2 VMs per host, link 1gbit, delay 0.2ms (not applied), trace ubuntu-boot." \
+        in md
+    assert "### Document 1" in md and "### Document 2" in md
+    assert all(d["command"] in md for d in docs)
+    assert md.count("#### paper (10 s attach)\n") == 2 and md.count("#### star\n") == 2
+    assert "| `delay_applied` | false |" in md
+    # Second document, 4 hosts: 1.5 x 13 s = 19.5 s against 10 s alone; 4 working sets.
+    assert "| 4 | 19.50 | 15.60 | 18.52 | 1.95 | 128.0 | 4.00 |" in md
+    assert "Left out of the figures" not in md

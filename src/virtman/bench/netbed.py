@@ -10,10 +10,10 @@ Topology (every name starts with the run's prefix, so nothing else is touched)::
 Each host namespace has one veth to the switch. Its *upload* is shaped on the host
 end, its *download* on the switch end, so every host, the origin included, has
 ``rate`` up and ``rate`` down. With the kernel's ``netem`` qdisc, the upload also gets
-``delay`` (a round trip of 2 × ``delay`` between hosts). Kernels without ``netem``
+``delay`` (a round trip of 2 x ``delay`` between hosts). Kernels without ``netem``
 (this project's machines among them) shape the rate with ``tbf`` and cannot add the
-delay: ``delay_applied`` is then False and the results say so. Every address lives inside a namespace this run made;
-the root namespace gets no address and no route.
+delay: ``delay_applied`` is then False and the results say so. Every address lives
+inside a namespace this run made; the root namespace gets no address and no route.
 
 ``destroy()`` kills every process left in the namespaces, then deletes them (which
 deletes their veths); it is safe to call twice and runs from ``finally`` blocks and

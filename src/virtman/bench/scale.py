@@ -257,6 +257,13 @@ async def _worker(plan_path: str) -> int:
     index = 0
     for hosts in plan.hosts:
         for mode in plan.modes:
+            if mode == "copy" and hosts > plan.copy_max_hosts:
+                print(
+                    f"copy with {hosts} hosts skipped (--copy-max-hosts {plan.copy_max_hosts}):"
+                    " it grows as hosts x image / origin link",
+                    flush=True,
+                )
+                continue
             for delay in plan.attach_delays if mode == "paper" else [0.0]:
                 index += 1
                 run = await _one_run(plan, trace, image, mode, hosts, delay, alone, index)
@@ -338,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
         working_set=args.working_set,
         chunk_size=args.chunk_size,
         attach_delays=args.attach_delays,
+        copy_max_hosts=args.copy_max_hosts,
         rate=args.rate,
         delay=args.delay,
     )

@@ -23,6 +23,14 @@ def add_parser(sub: Any) -> None:
     scale.add_arguments(sc)
     sc.set_defaults(run=scale.run)
 
+    from virtman.bench import report
+
+    rp = kinds.add_parser("report", help="plots and a Markdown page from benchmark results",
+                          description=report.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(rp)
+    rp.set_defaults(run=report.run)
+
 
 def _run_nbd(args: argparse.Namespace) -> int:
     from virtman.bench.nbd import main

@@ -32,9 +32,21 @@ time r (the request reached X, and X holds the chunk) starts at
 ``Y.down_free`` to its end; Y holds the chunk one ``rtt`` after the end (the request
 and the reply latency of that request, added once per request, after the transfer).
 Transfers are reserved in the order they become ready, which is what makes the links
-FIFO. That is the whole network model: no TCP dynamics, no congestion windows, no
-switch; a link that waits for the other end of a transfer stays reserved meanwhile
-(head-of-line blocking), as a single queue per link would.
+FIFO. That is the whole network model (``network="coupled"``, the default): no TCP
+dynamics, no congestion windows, no switch.
+
+A caveat of the coupled model: a transfer that must wait for its receiver's downlink
+keeps the sender's uplink reserved, idle, until it starts (and the other way round),
+and every transfer queued behind it on either link waits too. With one parent per host
+(k = 1) a downlink is fed by a single uplink and this never happens; with k >= 2 a
+host's downlink is fed by k parents' queues and the idle reservations cascade through
+the tree, which makes k = 2 look much slower than k = 1 (an artefact: real links are
+not idle while data waits). ``network="switch"`` models the hosts joined by an
+output-queued switch instead: the transfer occupies X's uplink from
+``su = max(r, X.up_free)`` for C/B, the switch buffers it, and Y's downlink from
+``max(su, Y.down_free)`` for C/B; Y holds it one ``rtt`` after that. Each link then
+works as long as it has something queued; a downlink still serves transfers in the
+order they became ready at their senders. With k = 1 both models give the same times.
 
 Caching and relaying. A host keeps every chunk it fetched (the cache never evicts). A
 request for a chunk the host is already fetching waits for that fetch (coalescing). A
@@ -98,6 +110,9 @@ if TYPE_CHECKING:
 
 MODES = ("paper", "virtman", "star", "copy")
 TREE_MODES = ("paper", "virtman")
+#: Link models: "coupled" reserves both ends of a transfer together (the default);
+#: "switch" queues each end on its own (see the module docstring).
+NETWORKS = ("coupled", "switch")
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -236,14 +251,14 @@ def pattern_from_trace(
     carried = 0.0
     for gap, requests in trace.batches():
         carried += gap
-        chunks = dict.fromkeys(
+        read = dict.fromkeys(
             place[j]
             for r in requests
             if r.op == "read" and r.length > 0
             for j in chunks_of(r.offset, r.length)
         )
-        if chunks:
-            raw.append((carried, tuple(chunks)))
+        if read:
+            raw.append((carried, tuple(read)))
             carried = 0.0
     recorded = math.fsum(g for g, _ in raw) + carried
     if recorded > 0:
@@ -258,8 +273,8 @@ def pattern_from_trace(
     if tail > 0:
         batches.append((max(0.0, tail + rest), ()))
     else:
-        g, chunks = batches[-1]
-        batches[-1] = (max(0.0, g + rest), chunks)
+        last_gap, last_chunks = batches[-1]
+        batches[-1] = (max(0.0, last_gap + rest), last_chunks)
     return BootPattern(tuple(batches), f"trace {trace.name}")
 
 
@@ -283,10 +298,16 @@ class SimConfig:
     parents: int = 2
     #: The boot of one VM; None for ``synthetic_pattern(C, W, T)``.
     pattern: BootPattern | None = None
+    #: One of ``NETWORKS``.
+    network: str = "coupled"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.network not in NETWORKS:
+            raise ConfigError(
+                f"network model {self.network!r} is not one of {', '.join(NETWORKS)}"
+            )
         for name in ("hosts", "vms_per_host", "image_size", "working_set", "chunk_size",
                      "fanout", "parents"):
             if getattr(self, name) < 1:
@@ -379,6 +400,7 @@ class SimResult:
             "chunk_size": cfg.chunk_size,
             "link_bytes_per_second": cfg.link_rate,
             "rtt_seconds": cfg.rtt,
+            "network": cfg.network,
             "events": self.events,
             "parent_misses": self.parent_misses,
             "sim_wall_seconds": self.wall_seconds,
@@ -474,6 +496,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     size = cfg.chunk_size * (cfg.vms_per_host if cfg.mode == "star" else 1)
     duration = size / cfg.link_rate
     rtt = cfg.rtt
+    coupled = cfg.network == "coupled"
     base = hosts  # tag offset of "holds" events
 
     have = [_ABSENT] * (hosts * n)
@@ -505,11 +528,18 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         u = up_free[x]
         if u > start:
             start = u
-        v = down_free[y]
-        if v > start:
-            start = v
-        end = start + duration
-        up_free[x] = end
+        if coupled:
+            v = down_free[y]
+            if v > start:
+                start = v
+            end = start + duration
+            up_free[x] = end
+        else:
+            up_free[x] = start + duration
+            v = down_free[y]
+            if v > start:
+                start = v
+            end = start + duration
         down_free[y] = end
         sent[x] += size
         arrival = end + rtt

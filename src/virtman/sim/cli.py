@@ -1,0 +1,247 @@
+"""``virtman bench simulate``: run the discrete-event model over modes and host counts.
+
+Prints one table row per (mode, host count) as it finishes, and with ``--json FILE``
+writes the runs in the format of ``virtman.bench.results`` (kind ``simulation``). The
+model and its simplifications are described in ``virtman.sim.model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from typing import Any
+
+from virtman.bench.results import Run, write_results
+from virtman.errors import ConfigError, VirtmanError
+from virtman.sim.model import (
+    DEFAULT_ATTACH_DELAY,
+    DEFAULT_RTT,
+    MODES,
+    NETWORKS,
+    BootPattern,
+    SimConfig,
+    pattern_from_trace,
+    simulate,
+    synthetic_pattern,
+)
+from virtman.sizes import format_size, parse_size
+
+DEFAULT_MODES = "paper,virtman"
+DEFAULT_HOSTS = "100,1000,10000"
+DEFAULT_VMS_PER_HOST = 10
+DEFAULT_IMAGE_SIZE = "15G"
+DEFAULT_WORKING_SET = "300M"
+DEFAULT_LINK = "1gbit"
+DEFAULT_BOOT_SECONDS = 10.0
+DEFAULT_CHUNK_SIZE = "256K"
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*(bit/s|bits/s|bit|bits|bps)?\s*$",
+                   re.IGNORECASE)
+_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_link_rate(text: str) -> float:
+    """A link rate in bits per second (``1gbit``, ``100mbit``, ``10Gbit/s``, ``2.5gbps``,
+    a bare number is bits per second; decimal units) as bytes per second."""
+    match = _RATE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"link rate {text!r}: expected a number of bits per second with an optional"
+            " k, m, g or t and 'bit', like 1gbit or 100mbit"
+        )
+    bits = float(match.group(1)) * _RATE_UNITS[match.group(2).lower()]
+    if bits <= 0:
+        raise ConfigError(f"link rate {text!r} must be above zero")
+    return bits / 8
+
+
+def format_rate(bytes_per_second: float) -> str:
+    bits = bytes_per_second * 8
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g} {unit}"
+    return f"{bits:g} bit/s"
+
+
+def _list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{what}: expected a comma-separated list")
+    return items
+
+
+def _host_counts(text: str) -> list[int]:
+    counts = []
+    for item in _list(text, "--hosts"):
+        try:
+            counts.append(int(item))
+        except ValueError:
+            raise ConfigError(f"--hosts: {item!r} is not a whole number") from None
+        if counts[-1] < 1:
+            raise ConfigError(f"--hosts: {item} is not at least 1")
+    return counts
+
+
+def _modes(text: str) -> list[str]:
+    modes = _list(text, "--modes")
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+    return modes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help=f"comma-separated, of {', '.join(MODES)} (default {DEFAULT_MODES})")
+    p.add_argument("--hosts", default=DEFAULT_HOSTS,
+                   help=f"comma-separated host counts (default {DEFAULT_HOSTS})")
+    p.add_argument("--vms-per-host", type=int, default=DEFAULT_VMS_PER_HOST, metavar="M",
+                   help=f"VMs booting on every host (default {DEFAULT_VMS_PER_HOST})")
+    p.add_argument("--image-size", default=DEFAULT_IMAGE_SIZE, metavar="SIZE",
+                   help=f"image size, e.g. 15G (default {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--working-set", default=DEFAULT_WORKING_SET, metavar="SIZE",
+                   help=f"distinct data one boot reads (default {DEFAULT_WORKING_SET})")
+    p.add_argument("--link", default=DEFAULT_LINK, metavar="RATE",
+                   help="every link's rate each way, in bits per second: 1gbit, 100mbit,"
+                        f" 10gbit (default {DEFAULT_LINK})")
+    p.add_argument("--boot-seconds", type=float, default=DEFAULT_BOOT_SECONDS, metavar="T",
+                   help="one VM's boot from a local disk: the pattern's think time"
+                        f" (default {DEFAULT_BOOT_SECONDS:g})")
+    p.add_argument("--chunk-size", default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                   help=f"cache chunk and transfer size (default {DEFAULT_CHUNK_SIZE})")
+    p.add_argument("--rtt", type=float, default=DEFAULT_RTT, metavar="SECONDS",
+                   help=f"round trip added to every request (default {DEFAULT_RTT:g})")
+    p.add_argument("--attach-delay", type=float, default=DEFAULT_ATTACH_DELAY,
+                   metavar="SECONDS",
+                   help="paper mode: attach time per tree level"
+                        f" (default {DEFAULT_ATTACH_DELAY:g})")
+    p.add_argument("--fanout", type=int, default=2, help="children per node (default 2)")
+    p.add_argument("--parents", type=int, default=2,
+                   help="virtman mode: parents per node (default 2; paper mode uses 1)")
+    p.add_argument("--trace", default=None, metavar="FILE|none",
+                   help="boot trace to derive the read pattern from (default: the bundled"
+                        " Debian 12 trace, scaled); 'none' for the synthetic pattern")
+    p.add_argument("--network", default="coupled", choices=NETWORKS,
+                   help="link model: coupled (a transfer holds both ends' links at once)"
+                        " or switch (each end queues on its own) (default coupled)")
+    p.add_argument("--json", metavar="FILE", help="write the results document here")
+
+
+def _pattern(args: argparse.Namespace, chunk: int, image: int, working_set: int) -> BootPattern:
+    if args.trace is not None and args.trace.lower() == "none":
+        return synthetic_pattern(chunk, working_set, args.boot_seconds)
+    from virtman.replay.trace import load_trace
+
+    trace = load_trace(args.trace)
+    return pattern_from_trace(trace, chunk, image, working_set, args.boot_seconds)
+
+
+def _command(args: argparse.Namespace) -> str:
+    words = [
+        "virtman", "bench", "simulate",
+        "--modes", args.modes, "--hosts", args.hosts,
+        "--vms-per-host", str(args.vms_per_host),
+        "--image-size", args.image_size, "--working-set", args.working_set,
+        "--link", args.link, "--boot-seconds", f"{args.boot_seconds:g}",
+        "--chunk-size", args.chunk_size, "--rtt", f"{args.rtt:g}",
+        "--attach-delay", f"{args.attach_delay:g}",
+        "--fanout", str(args.fanout), "--parents", str(args.parents),
+        "--network", args.network,
+    ]
+    if args.trace is not None:
+        words += ["--trace", args.trace]
+    if args.json:
+        words += ["--json", args.json]
+    return shlex.join(words)
+
+
+HEADER = (
+    f"{'mode':<8} {'hosts':>6} {'all booted':>11} {'mean':>9} {'p99':>9} {'floor':>9}"
+    f" {'origin bytes':>13} {'max host sent':>13} {'sim wall':>9}"
+)
+
+
+def format_row(run: Run) -> str:
+    return (
+        f"{run.mode:<8} {run.hosts:>6} {run.all_booted_seconds:>10.2f}s"
+        f" {run.mean_boot_seconds:>8.2f}s {run.p99_boot_seconds:>8.2f}s"
+        f" {run.extra['floor_seconds']:>8.2f}s {format_size(run.origin_bytes_sent):>13}"
+        f" {format_size(run.max_host_bytes_sent):>13} {run.extra['sim_wall_seconds']:>8.2f}s"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = _modes(args.modes)
+    host_counts = _host_counts(args.hosts)
+    image = parse_size(args.image_size)
+    working_set = parse_size(args.working_set)
+    chunk = parse_size(args.chunk_size)
+    rate = parse_link_rate(args.link)
+    if chunk < 1:
+        raise ConfigError("--chunk-size must be at least 1 byte")
+    pattern = _pattern(args, chunk, image, working_set)
+
+    settings: dict[str, Any] = {
+        "modes": modes,
+        "hosts": host_counts,
+        "vms_per_host": args.vms_per_host,
+        "image_size": image,
+        "working_set": working_set,
+        "chunk_size": chunk,
+        "link_bytes_per_second": rate,
+        "rtt_seconds": args.rtt,
+        "boot_seconds": args.boot_seconds,
+        "attach_delay_seconds": args.attach_delay,
+        "fanout": args.fanout,
+        "parents_per_node": args.parents,
+        "network": args.network,
+        "pattern": {
+            "source": pattern.source,
+            "batches": len(pattern.batches),
+            "reads": pattern.reads,
+            "distinct_chunks": pattern.distinct_chunks,
+            "think_seconds": pattern.think_seconds,
+        },
+    }
+    print(
+        f"pattern: {pattern.source}: {len(pattern.batches)} batches, {pattern.reads} chunk"
+        f" reads of {pattern.distinct_chunks} chunks"
+        f" ({format_size(pattern.distinct_chunks * chunk)}), {pattern.think_seconds:g} s think"
+    )
+    print(
+        f"image {format_size(image)}, chunk {format_size(chunk)}, link {format_rate(rate)}"
+        f" each way, rtt {args.rtt * 1000:g} ms, {args.vms_per_host} VMs per host,"
+        f" fan-out {args.fanout}, parents {args.parents} (paper: 1),"
+        f" attach {args.attach_delay:g} s per level (paper), network {args.network}"
+    )
+    print(HEADER, flush=True)
+    runs: list[Run] = []
+    for mode in modes:
+        for hosts in host_counts:
+            cfg = SimConfig(
+                mode=mode,
+                hosts=hosts,
+                vms_per_host=args.vms_per_host,
+                image_size=image,
+                working_set=working_set,
+                chunk_size=chunk,
+                link_rate=rate,
+                rtt=args.rtt,
+                boot_seconds=args.boot_seconds,
+                attach_delay=args.attach_delay,
+                fanout=args.fanout,
+                parents=args.parents,
+                pattern=pattern,
+                network=args.network,
+            )
+            result = simulate(cfg).to_run()
+            runs.append(result)
+            print(format_row(result), flush=True)
+    if args.json:
+        try:
+            write_results(args.json, "simulation", _command(args), settings, runs)
+        except OSError as err:
+            raise VirtmanError(f"cannot write {args.json}: {err.strerror}") from err
+        print(f"wrote {args.json}")
+    return 0
