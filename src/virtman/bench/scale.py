@@ -215,7 +215,7 @@ async def _one_run(
         round(percentile(boots, 99), 3),
         round(alone, 3),
         origin_bytes,
-        max([origin_bytes, *sent]),
+        max(sent, default=0),
         extra={
             "attach_delay": attach_delay if mode == "paper" else None,
             "error_vms": sum(1 for _, r in outcomes if r.errors),

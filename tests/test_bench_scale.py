@@ -1,0 +1,73 @@
+"""A small scaling run on emulated hosts: results complete and consistent, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHUNK = 64 * 1024
+
+
+def short_trace(path: Path) -> tuple[int, int]:
+    """Aligned reads (no read-modify-write) over 24 MiB, a write and a flush; returns
+    (bytes one VM reads, distinct chunks read)."""
+    rng = random.Random(11)
+    rows = ["t,op,offset,length"]
+    read_bytes, chunks = 0, set()
+    for i in range(120):
+        offset = rng.randrange(0, 24 * 1024 * 1024 // 4096) * 4096
+        length = rng.choice([4096, 65536])
+        rows.append(f"{i * 0.01:.3f},read,{offset},{length}")
+        read_bytes += length
+        chunks.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
+    rows.append("1.3,write,0,4096")
+    rows.append("1.31,flush,0,0")
+    path.write_text("\n".join(rows) + "\n")
+    return read_bytes, len(chunks)
+
+
+def leftover_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.startswith("vmb")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_small_scaling_run_is_complete_and_consistent(tmp_path: Path) -> None:
+    before = leftover_namespaces()
+    trace = tmp_path / "trace.csv"
+    read_bytes, distinct_chunks = short_trace(trace)
+    out = tmp_path / "scale.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "virtman", "bench", "scale", "--hosts", "2,3",
+         "--modes", "star,paper,virtman", "--vms-per-host", "2", "--trace", str(trace),
+         "--speed", "2", "--attach-delays", "0.5", "--chunk-size", "64K", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert leftover_namespaces() == before, "the benchmark left namespaces behind"
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "testbed" and doc["command"].startswith("virtman bench scale")
+    runs = {(r["mode"], r["hosts"]): r for r in doc["runs"]}
+    assert set(runs) == {(m, h) for m in ("star", "paper", "virtman") for h in (2, 3)}
+    working_set = distinct_chunks * CHUNK
+    for (mode, hosts), r in runs.items():
+        assert r["vms_per_host"] == 2
+        assert r["error_vms"] == 0 and r["io_errors"] == 0, (mode, hosts)
+        assert 0 < r["mean_boot_seconds"] <= r["p99_boot_seconds"] <= r["all_booted_seconds"]
+        assert r["working_set_bytes"] == working_set
+        if mode == "star":
+            # No cache: every VM fetches every byte it reads from the origin.
+            assert r["origin_bytes_sent"] == hosts * 2 * read_bytes
+        else:
+            # Tree: the origin sends each chunk once per level-1 host (2 roots), and
+            # level-2 hosts take everything from their parents.
+            assert r["origin_bytes_sent"] == 2 * working_set
+            if hosts == 3:
+                assert r["max_host_bytes_sent"] >= working_set // 2
+    # The paper's attach delay shows: its level-2 host waits 2 x 0.5 s before booting.
+    assert runs[("paper", 3)]["all_booted_seconds"] > runs[("virtman", 3)]["all_booted_seconds"]

@@ -1,0 +1,290 @@
+"""The discrete-event simulator: hand-computed timelines, conservation, scaling, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from virtman.bench.results import RUN_KEYS, percentile
+from virtman.errors import ConfigError
+from virtman.replay.trace import load_trace, parse_trace
+from virtman.sim import cli
+from virtman.sim.model import (
+    BootPattern,
+    SimConfig,
+    pattern_from_trace,
+    simulate,
+    synthetic_pattern,
+)
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+C = 256 * KiB
+#: C/B = 1 s: hand timelines count in whole chunk transfers.
+SLOW = float(C)
+
+
+def hand_config(**kw: object) -> SimConfig:
+    base = SimConfig(
+        mode="virtman", hosts=3, vms_per_host=1, image_size=4 * C, working_set=2 * C,
+        chunk_size=C, link_rate=SLOW, rtt=0.5, boot_seconds=3.25, attach_delay=0.0,
+        fanout=2, parents=1,
+        pattern=BootPattern(((1.0, (0,)), (2.0, (1,)), (0.25, ())), "hand"),
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_three_hosts_by_hand() -> None:
+    """d = 2, k = 1, C/B = 1 s, rtt = 0.5 s, one VM per host.
+
+    Pattern: think 1 s, read chunk 0; think 2 s, read chunk 1; think 0.25 s, done
+    (T = 3.25 s). Tree: host0 and host1 on level 1 (origin), host2 under host0.
+    Events at one instant run batches first, in host order.
+
+    t=1    host0 asks the origin for chunk 0: origin.up [1, 2], host0 holds it at 2.5.
+           host1 asks for chunk 0: origin.up busy until 2: [2, 3], holds it at 3.5.
+           host2 asks host0, which will hold chunk 0 at 2.5: host2 waits.
+    t=2.5  host0 -> host2 chunk 0: [2.5, 3.5], host2 holds it at 4.0.
+           Next batches: host0 at 2.5+2 = 4.5, host1 at 3.5+2 = 5.5, host2 at 4+2 = 6.
+    t=4.5  host0: origin -> host0 chunk 1 [4.5, 5.5], holds at 6.0; done at 6.25.
+    t=5.5  host1: origin -> host1 chunk 1 [5.5, 6.5], holds at 7.0; done at 7.25.
+    t=6    host2: host0 holds chunk 1 since 6.0: [6, 7], holds at 7.5; done at 7.75.
+
+    Origin sent 4 chunks, host0 2, the others none.
+    """
+    for network in ("coupled", "switch"):
+        r = simulate(hand_config(network=network))
+        assert r.finish == pytest.approx([6.25, 7.25, 7.75], abs=1e-9)
+        assert r.origin_bytes_sent == 4 * C
+        assert r.host_bytes_sent == [2 * C, 0, 0]
+        assert r.depth == 2 and r.levels == [1, 1, 2]
+        run = r.to_run()
+        assert run.all_booted_seconds == pytest.approx(7.75, abs=1e-9)
+        assert run.mean_boot_seconds == pytest.approx((6.25 + 7.25 + 7.75) / 3, abs=1e-9)
+        assert run.p99_boot_seconds == pytest.approx(7.75, abs=1e-9)
+        assert run.single_vm_seconds == pytest.approx(3.25, abs=1e-9)
+        # floor = max(T, W/B) + depth * (C/B + rtt) = max(3.25, 2) + 2 * 1.5
+        assert run.extra["floor_seconds"] == pytest.approx(6.25, abs=1e-9)
+    # The paper's protocol with D = 0 is the same tree with one parent.
+    assert simulate(hand_config(mode="paper", parents=2)).finish == pytest.approx(
+        [6.25, 7.25, 7.75], abs=1e-9
+    )
+
+
+def test_paper_attach_delay_by_hand() -> None:
+    """As above with D = 10: level-1 hosts start at 10, host2 (level 2) at 20.
+
+    host0: [11, 12] -> 12.5; next at 14.5: [14.5, 15.5] -> 16; done 16.25.
+    host1: [12, 13] -> 13.5; next at 15.5: [15.5, 16.5] -> 17; done 17.25.
+    host2 (t=21): host0 holds chunk 0: [21, 22] -> 22.5; next at 24.5, host0 holds
+    chunk 1: [24.5, 25.5] -> 26; done 26.25.
+    """
+    r = simulate(hand_config(mode="paper", attach_delay=10.0))
+    assert r.finish == pytest.approx([16.25, 17.25, 26.25], abs=1e-9)
+    assert r.to_run().extra["attach_seconds"] == 20.0
+
+
+def test_chain_relays_chunk_by_chunk_by_hand() -> None:
+    """d = 1: a chain of 3 hosts, one chunk read after 1 s (T = 1), C/B = 1, rtt = 0.5.
+
+    t=1    host0 asks the origin: [1, 2], holds at 2.5. host1 asks host0 (due at 2.5)
+           and waits; host2 asks host1, which is itself still waiting, and waits.
+    t=2.5  host0 -> host1 [2.5, 3.5], host1 holds at 4.0.
+    t=4    host1 -> host2 [4, 5], host2 holds at 5.5.
+
+    Each level costs one chunk transfer and one round trip; the deepest host meets the
+    floor max(T, W/B) + depth * (C/B + rtt) = 1 + 3 * 1.5 exactly.
+    """
+    cfg = hand_config(
+        fanout=1, working_set=C, boot_seconds=1.0, pattern=BootPattern(((1.0, (0,)),))
+    )
+    r = simulate(cfg)
+    assert r.finish == pytest.approx([2.5, 4.0, 5.5], abs=1e-9)
+    assert r.host_bytes_sent == [C, C, 0] and r.origin_bytes_sent == C
+    assert r.floor_seconds == pytest.approx(5.5, abs=1e-9)
+
+
+def test_copy_by_hand() -> None:
+    """Image of 2.5 chunks, 2 hosts: the origin sends chunk 0 to host0 then host1,
+    chunk 1 likewise, then host0's half chunk (done at 4.5 s) and host1's (5 s); plus
+    rtt 0.5 and T 3.25."""
+    r = simulate(hand_config(mode="copy", hosts=2, image_size=5 * C // 2))
+    assert r.finish == pytest.approx([4.5 + 0.5 + 3.25, 5.0 + 0.5 + 3.25], abs=1e-9)
+    assert r.origin_bytes_sent == 2 * (5 * C // 2)
+
+
+def small(mode: str, hosts: int, **kw: object) -> SimConfig:
+    base = SimConfig(
+        mode=mode, hosts=hosts, vms_per_host=4, image_size=64 * MiB, working_set=8 * MiB,
+        chunk_size=C, link_rate=125e6, rtt=0.0004, boot_seconds=10.0, attach_delay=10.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_origin_bytes_per_mode() -> None:
+    n, m, w, d = 9, 4, 8 * MiB, 2
+    assert simulate(small("star", n)).origin_bytes_sent == n * m * w
+    virtman = simulate(small("virtman", n))
+    assert virtman.origin_bytes_sent == d * w
+    # Every host received each chunk exactly once, from the origin or a parent.
+    assert virtman.origin_bytes_sent + sum(virtman.host_bytes_sent) == n * w
+    assert simulate(small("paper", n)).origin_bytes_sent == d * w
+    assert simulate(small("copy", n)).origin_bytes_sent == n * 64 * MiB
+    assert simulate(small("virtman", 1)).origin_bytes_sent == w
+
+
+def test_star_is_origin_bound() -> None:
+    r = simulate(small("star", 20, link_rate=12.5e6))  # 100 Mbit/s
+    # The origin must send 20 * 4 * 8 MiB = 640 MiB at 12.5 MB/s: about 54 s.
+    assert r.all_booted_seconds >= 20 * 4 * 8 * MiB / 12.5e6
+    assert r.all_booted_seconds == pytest.approx(r.floor_seconds, rel=0.02)
+
+
+def test_paper_grows_by_the_attach_delay_per_level() -> None:
+    fast = {"link_rate": 1.25e9, "working_set": 4 * MiB}
+    times = []
+    for hosts, depth in ((2, 1), (6, 2), (14, 3), (30, 4)):
+        r = simulate(small("paper", hosts, **fast))
+        assert r.depth == depth
+        times.append(r.all_booted_seconds)
+    steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(abs(step - 10.0) < 0.5 for step in steps), steps
+    without = simulate(small("paper", 30, attach_delay=0.0, **fast)).all_booted_seconds
+    assert times[-1] - without == pytest.approx(40.0, abs=0.5)
+
+
+def test_virtman_is_flat_in_the_host_count_on_a_fast_link() -> None:
+    fast = {"link_rate": 1.25e9, "working_set": 16 * MiB, "pattern": None}
+    times = [simulate(small("virtman", n, **fast)).all_booted_seconds for n in (10, 100, 1000)]
+    assert max(times) - min(times) < 0.5, times
+    assert min(times) >= 10.0
+
+
+def test_two_parents_with_a_trace_pattern() -> None:
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
+    cfg = small("virtman", 30, pattern=pattern)
+    coupled, switch = simulate(cfg), simulate(replace(cfg, network="switch"))
+    for r in (coupled, switch):
+        assert r.origin_bytes_sent == 2 * 8 * MiB
+        assert r.origin_bytes_sent + sum(r.host_bytes_sent) == 30 * 8 * MiB
+        assert r.all_booted_seconds >= r.floor_seconds - C / cfg.link_rate
+    # Children that outrun a parent make it fetch on their behalf.
+    assert coupled.parent_misses > 0
+    # With one parent per host both link models agree exactly.
+    one = replace(cfg, parents=1)
+    assert simulate(one).finish == simulate(replace(one, network="switch")).finish
+    # The switch model does not make a second parent cost more than a few percent.
+    single = simulate(replace(one, network="switch")).all_booted_seconds
+    assert switch.all_booted_seconds <= single * 1.05
+
+
+def test_deterministic() -> None:
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
+    for mode in ("paper", "virtman", "star", "copy"):
+        cfg = small(mode, 25, pattern=pattern)
+        a, b = simulate(cfg).to_run().to_dict(), simulate(cfg).to_run().to_dict()
+        a.pop("sim_wall_seconds")
+        b.pop("sim_wall_seconds")
+        assert a == b
+
+
+def test_vm_percentiles_weigh_each_host_m_times() -> None:
+    r = simulate(small("virtman", 37, vms_per_host=3))
+    per_vm = [t for t in r.finish for _ in range(3)]
+    for q in (1, 50, 90, 99, 100):
+        assert r.percentile(q) == percentile(per_vm, q)
+    assert r.mean_boot_seconds == pytest.approx(sum(per_vm) / len(per_vm))
+
+
+def test_pattern_from_the_bundled_trace_keeps_t_and_w() -> None:
+    trace = load_trace(None)
+    for ws, t in ((300 * MiB, 10.0), (8 * MiB, 45.0), (C, 1.0)):
+        p = pattern_from_trace(trace, C, 15 * GiB, ws, t)
+        assert p.think_seconds == pytest.approx(t, rel=1e-12)
+        assert p.distinct_chunks == ws // C
+        assert all(0 <= c < 15 * GiB // C for _, cs in p.batches for c in cs)
+        assert all(g >= 0 for g, _ in p.batches)
+
+
+def test_pattern_from_a_small_trace_by_hand() -> None:
+    """Reads [0, 4K) at 0 s and [8K, 12K) at 1 s, a write at 3 s; W = 4 chunks, T = 6.
+
+    The union is 8 KiB of ranks; 4 chunks of 2 KiB of rank each: the first read covers
+    chunks 0-1, the second 2-3. Placed in a 16-chunk image by the offset of each chunk's
+    first byte (0, 2K, 8K, 10K of a 12 KiB extent): chunks 0, 2, 10, 13. Gaps 0, 1 and
+    the write's 2 s (carried to the end) scale by 6/3.
+    """
+    trace = parse_trace("t,op,offset,length\n0,read,0,4096\n1,read,8192,4096\n"
+                        "3,write,0,4096\n")
+    p = pattern_from_trace(trace, C, 16 * C, 4 * C, 6.0)
+    assert p.batches == ((0.0, (0, 2)), (2.0, (10, 13)), (4.0, ()))
+
+
+def test_synthetic_pattern() -> None:
+    p = synthetic_pattern(C, 300 * MiB, 10.0)
+    assert len(p.batches) == 1200 and p.distinct_chunks == 1200
+    assert p.think_seconds == pytest.approx(10.0)
+    r = simulate(small("virtman", 1, working_set=C, link_rate=1e15, rtt=0.0, pattern=None))
+    assert r.all_booted_seconds == pytest.approx(10.0)
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        small("mesh", 3)
+    with pytest.raises(ConfigError):
+        small("virtman", 0)
+    with pytest.raises(ConfigError):
+        small("virtman", 3, working_set=128 * MiB)
+    with pytest.raises(ConfigError):
+        small("virtman", 3, network="tcp")
+    with pytest.raises(ConfigError):
+        BootPattern(())
+
+
+def test_link_rates() -> None:
+    assert cli.parse_link_rate("1gbit") == 125e6
+    assert cli.parse_link_rate("100mbit") == 12.5e6
+    assert cli.parse_link_rate("10Gbit/s") == 1.25e9
+    assert cli.parse_link_rate("2.5gbps") == 312.5e6
+    assert cli.parse_link_rate("8000") == 1000.0
+    for bad in ("fast", "1gb/s", "0gbit", "-1gbit"):
+        with pytest.raises(ConfigError):
+            cli.parse_link_rate(bad)
+
+
+def test_cli_prints_a_table_and_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tmp_path / "sim.json"
+    args = p.parse_args([
+        "--modes", "paper,virtman,star,copy", "--hosts", "3,7", "--vms-per-host", "2",
+        "--image-size", "64M", "--working-set", "4M", "--link", "1gbit",
+        "--boot-seconds", "5", "--json", str(out),
+    ])
+    assert cli.run(args) == 0
+    text = capsys.readouterr().out
+    assert "all booted" in text and "debian12-boot.csv" in text
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "simulation"
+    assert doc["command"].startswith("virtman bench simulate --modes paper,virtman,star,copy")
+    assert [(r["mode"], r["hosts"]) for r in doc["runs"]] == [
+        (m, n) for m in ("paper", "virtman", "star", "copy") for n in (3, 7)
+    ]
+    for r in doc["runs"]:
+        assert all(key in r for key in RUN_KEYS)
+        assert r["floor_seconds"] > 0 and r["depth"] >= 1 and "events" in r
+        assert math.isclose(r["single_vm_seconds"], 5.0)
+    args = p.parse_args(["--modes", "virtman", "--hosts", "2", "--trace", "none",
+                         "--working-set", "1M", "--image-size", "2M"])
+    assert cli.run(args) == 0
+    assert "synthetic" in capsys.readouterr().out
+    with pytest.raises(ConfigError):
+        cli.run(p.parse_args(["--modes", "ring"]))
+    with pytest.raises(ConfigError):
+        cli.run(p.parse_args(["--hosts", "ten"]))
