@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -151,7 +152,7 @@ def test_paper_grows_by_the_attach_delay_per_level() -> None:
         r = simulate(small("paper", hosts, **fast))
         assert r.depth == depth
         times.append(r.all_booted_seconds)
-    steps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(times)]
     assert all(abs(step - 10.0) < 0.5 for step in steps), steps
     without = simulate(small("paper", 30, attach_delay=0.0, **fast)).all_booted_seconds
     assert times[-1] - without == pytest.approx(40.0, abs=0.5)

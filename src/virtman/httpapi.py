@@ -129,11 +129,21 @@ class ApiClient:
         await self._client.aclose()
 
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._send(method, path, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    async def get_text(self, path: str, **kwargs: Any) -> str:
+        """GET a plain-text (or XML) document."""
+        return (await self._send("GET", path, **kwargs)).text
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._client.request(method, path, **kwargs)
         except httpx.HTTPError as err:
             raise NetworkError(
-                f"{method} {path} failed: {err or type(err).__name__}", address=self.base_url
+                f"{method} {path} failed: {str(err) or type(err).__name__}", address=self.base_url
             ) from err
         if response.status_code >= 400:
             try:
@@ -143,9 +153,7 @@ class ApiClient:
             raise ApiError(
                 _detail_text(detail), status=response.status_code, url=f"{self.base_url}{path}"
             )
-        if response.status_code == 204 or not response.content:
-            return None
-        return response.json()
+        return response
 
     async def get(self, path: str, **kwargs: Any) -> Any:
         return await self.request("GET", path, **kwargs)

@@ -27,6 +27,7 @@ from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
 from virtman.agent.vms import (
     Layer,
     RecordReader,
+    TraceRecorder,
     Vm,
     VmRecord,
     VmState,
@@ -39,6 +40,7 @@ from virtman.agent.vms import (
 from virtman.coordinator.models import HeartbeatReply, Paths
 from virtman.errors import ApiError, Conflict, NetworkError, NotFound, VirtmanError
 from virtman.httpapi import ApiClient
+from virtman.hypervisor.qemu import Guest, GuestConfig, domain_xml, qemu_argv
 from virtman.limits import DEFAULT_CACHE_CAPACITY, HEARTBEAT_INTERVAL_SECONDS
 from virtman.nbd.server import NbdServer
 from virtman.protocol.uri import NbdAddress
@@ -386,6 +388,80 @@ class Agent:
             log.info("VM %r: snapshot %r taken; writes go to %s", name, snapshot, new_file)
             return vm
 
+    # --- guests -------------------------------------------------------------------------
+
+    async def start_guest(
+        self, name: str, guest: GuestConfig | None = None, record: bool = False
+    ) -> Vm:
+        """Boot a QEMU guest on the VM's export (KVM when usable, else TCG)."""
+        vm = self.vm(name)
+        if vm.record.state != VmState.RUNNING.value or vm.server is None:
+            raise Conflict(f"VM {name!r} is detached: create it again first")
+        if vm.guest is not None and vm.guest.running:
+            raise Conflict(f"VM {name!r} already has a running guest")
+        if guest is None:
+            guest = GuestConfig.from_dict(vm.record.guest) if vm.record.guest else GuestConfig()
+        vm.record.guest = guest.to_dict()
+        vm.save()
+        vm.recorder = TraceRecorder() if record else None
+        vm.server.recorder = vm.recorder.record if vm.recorder else None
+        vm.guest = Guest(name, qemu_argv(name, vm.uri, guest, vm.console_log), vm.console_log)
+        await vm.guest.start()
+        asyncio.get_running_loop().create_task(self._watch_guest(vm, vm.guest))
+        return vm
+
+    async def _watch_guest(self, vm: Vm, guest: Guest) -> None:
+        rc = await guest.wait()
+        recorder = vm.recorder
+        if recorder is not None and recorder.requests:
+            header = (
+                f"{vm.name} on image {vm.record.image}: every request its guest sent "
+                f"to its disk, recorded by virtman agent {self.name}\n"
+                "columns: seconds since first request, op, offset bytes, length bytes"
+            )
+            recorder.save(vm.trace_path, header)
+            log.info(
+                "VM %r: boot trace of %d requests saved to %s",
+                vm.name,
+                len(recorder.requests),
+                vm.trace_path,
+            )
+        if vm.server is not None:
+            vm.server.recorder = None
+        vm.recorder = None
+        if rc not in (0, -15):
+            log.warning("guest of VM %r exited with status %d", vm.name, rc)
+
+    async def stop_guest(self, name: str) -> Vm:
+        vm = self.vm(name)
+        if vm.guest is None or not vm.guest.running:
+            raise Conflict(f"VM {name!r} has no running guest")
+        await vm.guest.stop()
+        return vm
+
+    def console(self, name: str) -> str:
+        vm = self.vm(name)
+        try:
+            with open(vm.console_log, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"VM {name!r} has no console log (its guest never started)") from None
+
+    def domain_xml(self, name: str) -> str:
+        vm = self.vm(name)
+        guest = GuestConfig.from_dict(vm.record.guest) if vm.record.guest else GuestConfig()
+        return domain_xml(name, name, vm.socket_path, guest, vm.console_log)
+
+    def boot_trace(self, name: str) -> str:
+        vm = self.vm(name)
+        try:
+            with open(vm.trace_path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(
+                f"VM {name!r} has no recorded boot trace (start it with record)"
+            ) from None
+
     # --- clone and migrate ----------------------------------------------------------------
 
     async def _agent_url(self, destination: str) -> str:
@@ -405,6 +481,8 @@ class Agent:
         url = await self._agent_url(destination)
         if url.rstrip("/") == self.url.rstrip("/"):
             raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
+        if move and vm.guest is not None and vm.guest.running:
+            raise Conflict(f"VM {name!r} has a running guest: stop it before migrating")
         if move:
             await vm.unexport()  # the VM stops writing here before its data moves
         await vm.top.flush()

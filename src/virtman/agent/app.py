@@ -7,6 +7,9 @@
     POST   /vms/{name}/clone         {destination: agent name or URL}
     POST   /vms/{name}/migrate       {destination}
     POST   /vms/import?name=&image=  body: the VM's written data (agent to agent)
+    POST   /vms/{name}/start         {guest: {memory_mib, cpus, kernel, initrd, append}, record}
+    POST   /vms/{name}/stop
+    GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
     GET    /status, /health
 
 Errors: 404 unknown VM, image, snapshot or agent; 409 a name in use; 422 malformed
@@ -20,15 +23,35 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from virtman import __version__
 from virtman.agent.agent import Agent
 from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
+from virtman.hypervisor.qemu import GuestConfig
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
+
+
+class GuestSpec(BaseModel):
+    """How to boot the guest (QEMU): images with a bootloader inside need no kernel."""
+
+    memory_mib: int = Field(512, ge=16, le=1024 * 1024)
+    cpus: int = Field(1, ge=1, le=512)
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+
+    def config(self) -> GuestConfig:
+        return GuestConfig(**self.model_dump())
+
+
+class GuestStart(BaseModel):
+    guest: GuestSpec | None = None
+    record: bool = Field(False, description="record the guest's disk requests as a trace")
 
 
 class VmCreate(BaseModel):
@@ -39,6 +62,10 @@ class VmCreate(BaseModel):
         pattern=NAME_PATTERN.rstrip("$") + "/" + NAME_PATTERN.lstrip("^"),
         description="VM/SNAPSHOT on this agent",
     )
+
+    start: bool = Field(False, description="boot a QEMU guest on it at once")
+    guest: GuestSpec | None = None
+    record: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> VmCreate:
@@ -70,6 +97,8 @@ class VmInfo(BaseModel):
     snapshots: list[str]
     layers: int
     written_bytes: int
+    guest_running: bool
+    recording: bool
 
 
 def create_app(agent: Agent) -> FastAPI:
@@ -93,8 +122,32 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.post("/vms", status_code=201, responses=errors)
     async def create(body: VmCreate) -> VmInfo:
+        guest = body.guest.config() if body.guest else None  # checked before anything is made
         vm = await agent.create_vm(body.name, body.image, body.from_snapshot)
+        if body.start:
+            vm = await agent.start_guest(body.name, guest, body.record)
         return VmInfo.model_validate(vm.info())
+
+    @app.post("/vms/{name}/start", responses=errors)
+    async def start(name: Name, body: GuestStart) -> VmInfo:
+        guest = body.guest.config() if body.guest else None
+        return VmInfo.model_validate((await agent.start_guest(name, guest, body.record)).info())
+
+    @app.post("/vms/{name}/stop", responses=errors)
+    async def stop(name: Name) -> VmInfo:
+        return VmInfo.model_validate((await agent.stop_guest(name)).info())
+
+    @app.get("/vms/{name}/console", response_class=PlainTextResponse, responses=errors)
+    async def console(name: Name) -> str:
+        return agent.console(name)
+
+    @app.get("/vms/{name}/xml", responses=errors)
+    async def xml(name: Name) -> Response:
+        return Response(agent.domain_xml(name), media_type="application/xml")
+
+    @app.get("/vms/{name}/trace", response_class=PlainTextResponse, responses=errors)
+    async def trace(name: Name) -> str:
+        return agent.boot_trace(name)
 
     @app.get("/vms")
     async def list_vms() -> list[VmInfo]:

@@ -31,13 +31,17 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
 from virtman.errors import ConfigError, DeviceError, VirtmanError
+from virtman.hypervisor.qemu import Guest
 from virtman.limits import COPY_RECORD_BYTES
 from virtman.nbd.server import Export, NbdServer
+from virtman.protocol.nbd import Command, Request
+from virtman.replay.trace import TraceRequest, format_trace
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class VmRecord:
     layers: list[Layer]
     state: str = VmState.RUNNING.value
     created: float = field(default_factory=time.time)
+    #: How its guest is started (``GuestConfig.to_dict()``), once it has been.
+    guest: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str) -> VmRecord:
@@ -94,6 +100,16 @@ class Vm:
         self.socket_path = socket_path
         self.devices: list[CowDevice] = []
         self.server: NbdServer | None = None
+        self.guest: Guest | None = None
+        self.recorder: TraceRecorder | None = None
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.directory, "console.log")
+
+    @property
+    def trace_path(self) -> str:
+        return os.path.join(self.directory, "boot-trace.csv")
 
     @property
     def name(self) -> str:
@@ -127,6 +143,7 @@ class Vm:
 
     async def export(self) -> None:
         self.server = NbdServer([Export(self.name, self.top, f"virtman VM {self.name}")])
+        self.server.recorder = self.recorder.record if self.recorder else None
         await self.server.listen_unix(self.socket_path)
 
     async def unexport(self) -> None:
@@ -135,6 +152,8 @@ class Vm:
             self.server = None
 
     async def close(self) -> None:
+        if self.guest is not None:
+            await self.guest.stop()
         await self.unexport()
         if self.devices:
             await self.top.close()  # each layer closes the one below, down to the cache
@@ -164,7 +183,40 @@ class Vm:
             "snapshots": self.record.snapshots,
             "layers": len(self.record.layers),
             "written_bytes": sum(n for _, n in self.written_runs()) if self.devices else 0,
+            "guest_running": self.guest is not None and self.guest.running,
+            "recording": self.recorder is not None,
         }
+
+
+class TraceRecorder:
+    """Keeps every request a VM's guest sends, in the trace format of ``../shared/traces``."""
+
+    _OPS: ClassVar[dict[int, str]] = {
+        Command.READ: "read",
+        Command.WRITE: "write",
+        Command.FLUSH: "flush",
+    }
+
+    def __init__(self) -> None:
+        self.requests: list[TraceRequest] = []
+        self._start: float | None = None
+
+    def record(self, request: Request) -> None:
+        op = self._OPS.get(request.command)
+        if op is None:
+            return
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        length = request.length if op != "flush" else 0
+        offset = request.offset if op != "flush" else 0
+        self.requests.append(TraceRequest(round(now - self._start, 6), op, offset, length))
+
+    def save(self, path: str, header: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(format_trace(self.requests, header))
+        os.replace(tmp, path)
 
 
 async def written_data(vm: Vm) -> AsyncIterator[bytes]:

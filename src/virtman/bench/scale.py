@@ -115,10 +115,8 @@ def run_scale(plan: Plan, json_path: str, command: str) -> int:
             plan_path,
         ]
         proc = subprocess.run(worker, check=False)
-        if proc.returncode != 0:
-            raise ConfigError(f"benchmark worker failed with status {proc.returncode}")
         with open(plan_path, encoding="utf-8") as f:
-            done = json.load(f)
+            done = json.load(f)  # the worker saves it after every run: keep what finished
     finally:
         netbed.destroy()
         left = netbed.leftovers()
@@ -134,7 +132,12 @@ def run_scale(plan: Plan, json_path: str, command: str) -> int:
     settings = {k: v for k, v in done.items() if k not in ("runs", "prefix", "workdir")}
     settings["delay_applied"] = done["delay_applied"]
     write_results(json_path, "testbed", command, settings, runs)
-    print(f"wrote {json_path}")
+    print(f"wrote {json_path} ({len(runs)} runs)")
+    if proc.returncode != 0:
+        raise ConfigError(
+            f"benchmark worker failed with status {proc.returncode}; "
+            f"the {len(runs)} runs that finished are in {json_path}"
+        )
     return 0
 
 

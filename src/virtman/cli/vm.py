@@ -6,6 +6,14 @@
     virtman vm clone NAME DEST_AGENT                               [--agent URL]
     virtman vm migrate NAME DEST_AGENT                             [--agent URL]
     virtman vm list                                                [--agent URL]
+    virtman vm start NAME [GUEST OPTIONS] [--record]               [--agent URL]
+    virtman vm stop | console | xml | trace NAME                   [--agent URL]
+
+GUEST OPTIONS (also on ``create --start``): --kernel FILE --initrd FILE --append TEXT
+--memory MIB --cpus N. The guest is QEMU on the VM's export, KVM when /dev/kvm works,
+TCG otherwise, its serial console logged (``console``). ``xml`` prints a libvirt domain
+for ``virsh define``. ``--record`` keeps every disk request of the guest as a boot
+trace (``trace`` prints it once the guest has exited).
 
 ``create`` prints the VM's NBD URI (give it to QEMU: ``-drive file=URI,format=raw``).
 DEST_AGENT is an agent's name (looked up in Volt by the source agent) or its URL.
@@ -32,6 +40,21 @@ def add_parser(sub: Any) -> None:
     source = create.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", metavar="IMG")
     source.add_argument("--from-snapshot", metavar="VM/SNAP")
+    create.add_argument("--start", action="store_true", help="boot a QEMU guest on it at once")
+    _guest_options(create)
+    start = actions.add_parser("start", help="boot a QEMU guest on the VM's disk")
+    start.add_argument("name", metavar="NAME")
+    _guest_options(start)
+    for verb, text in (
+        ("stop", "stop the VM's guest"),
+        ("console", "print its serial log"),
+        ("xml", "print a libvirt domain using its NBD disk"),
+        ("trace", "print its recorded boot trace"),
+    ):
+        q = actions.add_parser(verb, help=text)
+        q.add_argument("name", metavar="NAME")
+        if verb == "trace":
+            q.add_argument("-o", "--output", metavar="FILE", help="write it here")
     destroy = actions.add_parser("destroy", help="destroy a VM")
     destroy.add_argument("name", metavar="NAME")
     destroy.add_argument(
@@ -52,6 +75,31 @@ def add_parser(sub: Any) -> None:
         q.set_defaults(run=run)
 
 
+def _guest_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", metavar="FILE", help="boot this kernel (else the disk boots)")
+    p.add_argument("--initrd", metavar="FILE")
+    p.add_argument("--append", metavar="TEXT", help="kernel command line")
+    p.add_argument("--memory", type=int, metavar="MIB", help="guest memory (default 512)")
+    p.add_argument("--cpus", type=int, metavar="N", help="guest CPUs (default 1)")
+    p.add_argument("--record", action="store_true", help="record the boot as a trace")
+
+
+def _guest(args: argparse.Namespace) -> dict[str, Any] | None:
+    import os
+
+    spec: dict[str, Any] = {}
+    for key, value in (("kernel", args.kernel), ("initrd", args.initrd)):
+        if value is not None:
+            spec[key] = os.path.abspath(value)  # the agent resolves paths, not the CLI's cwd
+    if args.append is not None:
+        spec["append"] = args.append
+    if args.memory is not None:
+        spec["memory_mib"] = args.memory
+    if args.cpus is not None:
+        spec["cpus"] = args.cpus
+    return spec or None
+
+
 def run(args: argparse.Namespace) -> int:
     from virtman.httpapi import ApiClient
     from virtman.runtime import run_async
@@ -64,15 +112,33 @@ def run(args: argparse.Namespace) -> int:
                     body["image"] = args.image
                 else:
                     body["from_snapshot"] = args.from_snapshot
+                if args.start:
+                    body.update(start=True, record=args.record)
+                    if _guest(args):
+                        body["guest"] = _guest(args)
                 doc = await api.post("/vms", json=body)
                 print(doc["uri"])
+                return 0
+            if args.action == "start":
+                doc = await api.post(
+                    f"/vms/{args.name}/start", json={"guest": _guest(args), "record": args.record}
+                )
+            elif args.action == "stop":
+                doc = await api.post(f"/vms/{args.name}/stop")
+            elif args.action in ("console", "xml", "trace"):
+                text = await api.get_text(f"/vms/{args.name}/{args.action}")
+                if args.action == "trace" and args.output:
+                    with open(args.output, "w", encoding="utf-8") as f:
+                        f.write(text)
+                else:
+                    print(text, end="" if text.endswith("\n") else "\n")
                 return 0
             if args.action == "destroy":
                 await api.delete(
                     f"/vms/{args.name}", params={"instance_only": str(args.instance_only).lower()}
                 )
                 return 0
-            if args.action == "snapshot":
+            elif args.action == "snapshot":
                 doc = await api.post(f"/vms/{args.name}/snapshots", json={"name": args.snapshot})
             elif args.action in ("clone", "migrate"):
                 doc = await api.post(

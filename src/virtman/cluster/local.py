@@ -38,6 +38,8 @@ from virtman.nbd.server import Export, NbdServer
 
 log = logging.getLogger(__name__)
 
+#: Seconds one VM creation may take (the first of an image may copy it whole).
+VM_CREATE_TIMEOUT_SECONDS = 3600.0
 #: Seconds a started process has to say where it serves.
 START_TIMEOUT_SECONDS = 30.0
 _SERVING = re.compile(rb"serving on (http://\S+)")
@@ -89,8 +91,12 @@ class Service:
 
 
 class LocalCluster:
-    def __init__(self, workdir: str, settings: ClusterSettings | None = None,
-                 placement: Placement | None = None) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        settings: ClusterSettings | None = None,
+        placement: Placement | None = None,
+    ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.settings = settings or ClusterSettings()
         self.placement = placement or Placement()
@@ -107,8 +113,15 @@ class LocalCluster:
     # --- processes ------------------------------------------------------------------------------
 
     async def _spawn(self, name: str, args: list[str]) -> Service:
-        argv = [*self.placement.command_prefix(name), sys.executable, "-m", "virtman",
-                "--log-level", self.settings.log_level, *args]
+        argv = [
+            *self.placement.command_prefix(name),
+            sys.executable,
+            "-m",
+            "virtman",
+            "--log-level",
+            self.settings.log_level,
+            *args,
+        ]
         log_path = os.path.join(self.workdir, f"{name}.log")
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
@@ -257,8 +270,11 @@ class LocalCluster:
                 },
             )
 
-    async def create_vm(self, host: str, name: str, image: str) -> str:
-        async with ApiClient(self.agents[host].url, timeout=120) as api:
+    async def create_vm(
+        self, host: str, name: str, image: str, timeout: float = VM_CREATE_TIMEOUT_SECONDS
+    ) -> str:
+        # Creating the first VM of an image may download it whole (COPY mode).
+        async with ApiClient(self.agents[host].url, timeout=timeout) as api:
             doc = await api.post("/vms", json={"name": name, "image": image})
         return str(doc["uri"])
 

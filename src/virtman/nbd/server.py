@@ -25,7 +25,7 @@ import enum
 import errno as os_errno
 import logging
 import os
-from collections.abc import Coroutine, Generator, Mapping
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -139,6 +139,8 @@ class NbdServer:
         self.shutdown_grace = shutdown_grace
         self.status = ServerStatus.CREATED
         self.stats = ServerStats()
+        #: Called with every request a client sends (recording boot traces).
+        self.recorder: Callable[[Request], None] | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
         self._unix_paths: list[str] = []
@@ -420,6 +422,8 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self.server.stats.requests += 1
+        if self.server.recorder is not None:
+            self.server.recorder(request)
         self.inflight += 1
         coro = self._run(request)
         try:

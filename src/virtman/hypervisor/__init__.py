@@ -1,0 +1,1 @@
+"""Hypervisor glue: QEMU guests and libvirt domains on VM snapshot exports."""
