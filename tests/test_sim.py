@@ -183,6 +183,15 @@ def test_two_parents_with_a_trace_pattern() -> None:
     assert switch.all_booted_seconds <= single * 1.05
 
 
+def test_a_lone_host_meets_the_demand_floor() -> None:
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
+    for mode in ("virtman", "paper"):
+        r = simulate(small(mode, 1, pattern=pattern, attach_delay=0.0))
+        assert r.all_booted_seconds == pytest.approx(r.demand_floor_seconds, abs=1e-9)
+    r = simulate(small("virtman", 30, pattern=pattern))
+    assert r.all_booted_seconds > r.demand_floor_seconds > r.floor_seconds
+
+
 def test_deterministic() -> None:
     pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
     for mode in ("paper", "virtman", "star", "copy"):

@@ -23,6 +23,14 @@ def add_parser(sub: Any) -> None:
     scale.add_arguments(sc)
     sc.set_defaults(run=scale.run)
 
+    from virtman.sim import cli as sim_cli
+
+    sm = kinds.add_parser("simulate", help="discrete-event simulation, 100 to 10,000 hosts",
+                          description=sim_cli.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    sim_cli.add_arguments(sm)
+    sm.set_defaults(run=sim_cli.run)
+
     from virtman.bench import report
 
     rp = kinds.add_parser("report", help="plots and a Markdown page from benchmark results",

@@ -122,9 +122,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, metavar="FILE|none",
                    help="boot trace to derive the read pattern from (default: the bundled"
                         " Debian 12 trace, scaled); 'none' for the synthetic pattern")
-    p.add_argument("--network", default="coupled", choices=NETWORKS,
-                   help="link model: coupled (a transfer holds both ends' links at once)"
-                        " or switch (each end queues on its own) (default coupled)")
+    p.add_argument("--network", default="switch", choices=NETWORKS,
+                   help="link model: switch (each end queues on its own, as through a "
+                        "switch) or coupled (a transfer holds both ends' links at once) "
+                        "(default switch)")
     p.add_argument("--json", metavar="FILE", help="write the results document here")
 
 

@@ -32,8 +32,8 @@ time r (the request reached X, and X holds the chunk) starts at
 ``Y.down_free`` to its end; Y holds the chunk one ``rtt`` after the end (the request
 and the reply latency of that request, added once per request, after the transfer).
 Transfers are reserved in the order they become ready, which is what makes the links
-FIFO. That is the whole network model (``network="coupled"``, the default): no TCP
-dynamics, no congestion windows, no switch.
+FIFO. That is the ``network="coupled"`` model: no TCP dynamics, no congestion
+windows, no switch.
 
 A caveat of the coupled model: a transfer that must wait for its receiver's downlink
 keeps the sender's uplink reserved, idle, until it starts (and the other way round),
@@ -41,8 +41,8 @@ and every transfer queued behind it on either link waits too. With one parent pe
 (k = 1) a downlink is fed by a single uplink and this never happens; with k >= 2 a
 host's downlink is fed by k parents' queues and the idle reservations cascade through
 the tree, which makes k = 2 look much slower than k = 1 (an artefact: real links are
-not idle while data waits). ``network="switch"`` models the hosts joined by an
-output-queued switch instead: the transfer occupies X's uplink from
+not idle while data waits). ``network="switch"``, the default, models the hosts joined
+by an output-queued switch instead (as the testbed's bridge is): the transfer occupies X's uplink from
 ``su = max(r, X.up_free)`` for C/B, the switch buffers it, and Y's downlink from
 ``max(su, Y.down_free)`` for C/B; Y holds it one ``rtt`` after that. Each link then
 works as long as it has something queued; a downlink still serves transfers in the
@@ -83,8 +83,14 @@ and forward latency of the tree:
 - ``star``: ``max(T + M*C/B + rtt, N*M*W/B + rtt)``: the origin sends N x M x W.
 - ``copy``: ``N*S/B + rtt + T``: the origin sends N copies of the image S.
 
+``demand_floor_seconds`` (tree modes) is the boot of the VMs of one lone host reading
+from the origin: T plus, for every batch that reads j chunks not read before, j x C/B
++ rtt. A VM that fetches each chunk when it first reads it cannot do better (only a
+parent whose children asked for a chunk first can); the distance from
+``floor_seconds`` to it is what prefetching could win.
+
 Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
-switch fabric, no disk: a cached chunk is read in no time); one round trip per request
+limit in the switch fabric, no disk: a cached chunk is read in no time); one round trip per request
 and no request-size limits; VMs of a host in lockstep; caches never evict; no failures
 and no tree repair; the attach delay of ``paper`` mode is a fixed D per level; the
 copy mode is closed form; writes stay local (they go to each VM's overlay) and cost
@@ -299,7 +305,7 @@ class SimConfig:
     #: The boot of one VM; None for ``synthetic_pattern(C, W, T)``.
     pattern: BootPattern | None = None
     #: One of ``NETWORKS``.
-    network: str = "coupled"
+    network: str = "switch"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -379,6 +385,21 @@ class SimResult:
         return cfg.hosts * cfg.image_size / b + cfg.rtt + t
 
     @property
+    def demand_floor_seconds(self) -> float:
+        """T plus, per batch reading new chunks, their transfer and one round trip."""
+        cfg = self.config
+        pattern = cfg.boot_pattern()
+        per_chunk = cfg.chunk_size / cfg.link_rate
+        seen: set[int] = set()
+        wait = 0.0
+        for _, chunks in pattern.batches:
+            new = set(chunks) - seen
+            if new:
+                seen |= new
+                wait += len(new) * per_chunk + cfg.rtt
+        return pattern.think_seconds + wait
+
+    @property
     def egress_floor_seconds(self) -> float:
         """The least the origin must send in this mode, over B."""
         cfg = self.config
@@ -406,6 +427,7 @@ class SimResult:
             "sim_wall_seconds": self.wall_seconds,
         }
         if cfg.mode in TREE_MODES:
+            extra["demand_floor_seconds"] = self.demand_floor_seconds
             extra["fanout"] = cfg.fanout
             extra["parents_per_node"] = cfg.parents_per_node
         if cfg.mode == "paper":

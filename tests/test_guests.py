@@ -1,0 +1,107 @@
+"""Real QEMU guests booting through the relay tree from virtman snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import require
+
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.httpapi import ApiClient
+from virtman.hypervisor.testimage import MARKER, TestImage, build_test_image
+from virtman.replay.trace import parse_trace
+
+#: Seconds three TCG guests get to boot, write and power off on two cores.
+BOOT_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def test_image(tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
+    return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, test_image: TestImage) -> AsyncIterator[LocalCluster]:
+    c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
+        hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=64 * 1024))
+    try:
+        await c.start_origin(test_image.image)
+        await c.start_volt()
+        for host in c.host_names():
+            await c.start_agent(host)
+        await c.register_image("guest")
+        yield c
+    finally:
+        await c.stop()
+
+
+async def wait_guests_done(cluster: LocalCluster, vms: dict[str, str]) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    pending = dict(vms)
+    while pending and time.monotonic() < deadline:
+        for name, host in list(pending.items()):
+            async with ApiClient(cluster.agents[host].url) as api:
+                doc = await api.get(f"/vms/{name}")
+            if not doc["guest_running"]:
+                del pending[name]
+        await asyncio.sleep(0.5)
+    assert not pending, f"guests still running after {BOOT_TIMEOUT} s: {sorted(pending)}"
+
+
+def file_in_image(image: Path, path: str) -> str | None:
+    out = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
+                         text=True, check=False)
+    return out.stdout.strip() or None
+
+
+async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_image: TestImage,
+                                                  tmp_path: Path) -> None:
+    base_digest = hashlib.sha256(Path(test_image.image).read_bytes()).hexdigest()
+    placement = {"vm1": "host1", "vm2": "host1", "vm3": "host2"}
+    for name, host in placement.items():
+        async with ApiClient(cluster.agents[host].url, timeout=120) as api:
+            await api.post("/vms", json={
+                "name": name, "image": "guest", "start": True, "record": name == "vm3",
+                "guest": {"kernel": test_image.kernel, "initrd": test_image.initrd,
+                          "append": test_image.append(name), "memory_mib": 256}})
+    await wait_guests_done(cluster, placement)
+
+    for name, host in placement.items():
+        async with ApiClient(cluster.agents[host].url) as api:
+            console = await api.get_text(f"/vms/{name}/console")
+            uri = (await api.get(f"/vms/{name}"))["uri"]
+        assert f"{MARKER} {name}" in console, f"{name} console:\n{console[-2000:]}"
+        disk = tmp_path / f"{name}.raw"
+        copy = await asyncio.to_thread(subprocess.run, ["nbdcopy", uri, str(disk)],
+                                       capture_output=True, text=True, check=False)
+        assert copy.returncode == 0, copy.stderr
+        # Its own file, in its own overlay; no other guest's.
+        assert file_in_image(disk, "/vmname") == name
+    assert file_in_image(Path(test_image.image), "/vmname") is None
+    assert hashlib.sha256(Path(test_image.image).read_bytes()).hexdigest() == base_digest
+
+    # The relay tree carried the image: one host read it from the other or both from
+    # the origin, and the recorded boot trace is a trace.
+    async with ApiClient(cluster.agents["host2"].url) as api:
+        trace_text = await api.get_text("/vms/vm3/trace")
+        xml = await api.get_text("/vms/vm3/xml")
+    trace = parse_trace(trace_text, "recorded")
+    assert trace_text.startswith("#") and "t,op,offset,length" in trace_text
+    assert trace.reads and sum(r.length for r in trace.reads) > 0
+    assert any(r.op == "write" for r in trace.requests)
+    xml_file = tmp_path / "vm3.xml"
+    xml_file.write_text(xml)
+    if shutil.which("virt-xml-validate"):
+        check = subprocess.run(["virt-xml-validate", str(xml_file), "domain"],
+                               capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+    else:
+        pytest.fail("virt-xml-validate is missing: apt-get install libvirt-clients")
