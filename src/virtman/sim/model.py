@@ -42,8 +42,8 @@ and every transfer queued behind it on either link waits too. With one parent pe
 host's downlink is fed by k parents' queues and the idle reservations cascade through
 the tree, which makes k = 2 look much slower than k = 1 (an artefact: real links are
 not idle while data waits). ``network="switch"``, the default, models the hosts joined
-by an output-queued switch instead (as the testbed's bridge is): the transfer occupies X's uplink from
-``su = max(r, X.up_free)`` for C/B, the switch buffers it, and Y's downlink from
+by an output-queued switch instead (as the testbed's bridge is): the transfer occupies
+X's uplink from ``su = max(r, X.up_free)`` for C/B, the switch buffers it, and Y's downlink from
 ``max(su, Y.down_free)`` for C/B; Y holds it one ``rtt`` after that. Each link then
 works as long as it has something queued; a downlink still serves transfers in the
 order they became ready at their senders. With k = 1 both models give the same times.
