@@ -31,6 +31,14 @@ def add_parser(sub: Any) -> None:
     sim_cli.add_arguments(sm)
     sm.set_defaults(run=sim_cli.run)
 
+    from virtman.bench import calibrate
+
+    cb = kinds.add_parser("calibrate", help="the simulator against a testbed result",
+                          description=calibrate.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate.add_arguments(cb)
+    cb.set_defaults(run=calibrate.run)
+
     from virtman.bench import report
 
     rp = kinds.add_parser("report", help="plots and a Markdown page from benchmark results",
