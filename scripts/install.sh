@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 # qemu-utils: qemu-img, qemu-io, qemu-nbd (tests and the benchmark's baseline)
 # libnbd-bin: nbdinfo, nbdcopy (tests, benchmark client); nbdkit (benchmark baseline)
 # fio: 4 KiB random-read benchmark (its nbd engine); python3-venv: the virtual env
-PACKAGES=(qemu-utils libnbd-bin nbdkit fio python3-venv)
+# iproute2: ip netns, veth, bridges and tc for the emulated hosts of bench scale
+# qemu-system-x86, linux-image-amd64, busybox-static, e2fsprogs: real guests and the
+#   bootable test image; libvirt-clients: virt-xml-validate for `virtman vm xml`
+PACKAGES=(qemu-utils libnbd-bin nbdkit fio python3-venv iproute2 qemu-system-x86
+          linux-image-amd64 busybox-static e2fsprogs libvirt-clients)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
