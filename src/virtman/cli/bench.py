@@ -39,6 +39,14 @@ def add_parser(sub: Any) -> None:
     calibrate.add_arguments(cb)
     cb.set_defaults(run=calibrate.run)
 
+    from virtman.bench import guests
+
+    gb = kinds.add_parser("guests", help="real QEMU guests: local raw file vs virtman",
+                          description=guests.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    guests.add_arguments(gb)
+    gb.set_defaults(run=guests.run)
+
     from virtman.bench import report
 
     rp = kinds.add_parser("report", help="plots and a Markdown page from benchmark results",

@@ -1,0 +1,149 @@
+"""``virtman bench guests``: real guests booting from a local raw file and from virtman.
+
+Builds the bootable test image, then measures the wall time from "start" to the guest
+powering off (it boots, writes its name, prints its marker and powers off):
+
+- ``local``: QEMU on a private copy of the raw file, as a host holding the image would;
+- ``virtman``: QEMU on a VM snapshot of a cluster on loopback (origin, Volt, agents),
+  the image fetched through the relay tree on demand;
+
+for one guest alone and for ``--guests`` at once (three by default, spread over two
+agents). Prints the table and writes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from virtman.bench.results import machine
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.httpapi import ApiClient
+from virtman.hypervisor.qemu import GuestConfig, accelerator, qemu_argv
+from virtman.hypervisor.testimage import MARKER, TestImage, build_test_image
+
+#: Seconds a test guest may take before the benchmark gives up on it.
+GUEST_TIMEOUT_SECONDS = 600.0
+
+
+async def _boot_local(image: TestImage, names: list[str], workdir: str) -> list[float]:
+    async def one(name: str) -> float:
+        disk = os.path.join(workdir, f"{name}.raw")
+        await asyncio.to_thread(shutil.copyfile, image.image, disk)
+        log = os.path.join(workdir, f"{name}.console")
+        cfg = GuestConfig(
+            memory_mib=256, kernel=image.kernel, initrd=image.initrd, append=image.append(name)
+        )
+        argv = qemu_argv(name, disk, cfg, log)
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        await asyncio.wait_for(proc.wait(), GUEST_TIMEOUT_SECONDS)
+        elapsed = time.monotonic() - started
+        with open(log, errors="replace") as f:
+            if f"{MARKER} {name}" not in f.read():
+                raise RuntimeError(f"local guest {name} did not print its marker")
+        return elapsed
+
+    return list(await asyncio.gather(*(one(n) for n in names)))
+
+
+async def _boot_virtman(image: TestImage, names: list[str], workdir: str) -> list[float]:
+    cluster = LocalCluster(
+        os.path.join(workdir, "cluster"),
+        ClusterSettings(hosts=2, chunk_size=64 * 1024, log_level="warning"),
+    )
+    try:
+        await cluster.start_origin(image.image)
+        await cluster.start_volt()
+        await cluster.start_agents()
+        await cluster.register_image("guest")
+
+        async def one(i: int, name: str) -> float:
+            host = cluster.host_names()[i % 2]
+            started = time.monotonic()
+            async with ApiClient(cluster.agents[host].url, timeout=120) as api:
+                await api.post(
+                    "/vms",
+                    json={
+                        "name": name,
+                        "image": "guest",
+                        "start": True,
+                        "guest": {
+                            "kernel": image.kernel,
+                            "initrd": image.initrd,
+                            "append": image.append(name),
+                            "memory_mib": 256,
+                        },
+                    },
+                )
+                deadline = started + GUEST_TIMEOUT_SECONDS
+                while (await api.get(f"/vms/{name}"))["guest_running"]:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"guest {name} still running")
+                    await asyncio.sleep(0.05)
+                elapsed = time.monotonic() - started
+                console = await api.get_text(f"/vms/{name}/console")
+            if f"{MARKER} {name}" not in console:
+                raise RuntimeError(f"virtman guest {name} did not print its marker")
+            return elapsed
+
+        return list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))
+    finally:
+        await cluster.stop()
+
+
+async def measure(guests: int) -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="virtman-guests-")
+    try:
+        image = await asyncio.to_thread(build_test_image, workdir)
+        results: dict[str, Any] = {
+            "machine": machine(),
+            "accelerator": accelerator(),
+            "kernel": image.kernel,
+            "runs": [],
+        }
+        for count in (1, guests):
+            names = [f"g{count}-{i + 1}" for i in range(count)]
+            local = await _boot_local(image, names, workdir)
+            names = [f"v{count}-{i + 1}" for i in range(count)]
+            through = await _boot_virtman(image, names, workdir)
+            results["runs"].append(
+                {"guests": count, "local_seconds": local, "virtman_seconds": through}
+            )
+            print(
+                f"{count} guest(s) at once: local raw file {max(local):.2f} s, "
+                f"virtman snapshot {max(through):.2f} s "
+                f"({max(through) / max(local):.2f}x)",
+                flush=True,
+            )
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guests", type=int, default=3, help="guests booted at once (default 3)")
+    p.add_argument("--json", default="bench-guests.json", metavar="FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    from virtman.runtime import configure_logging, run_async
+
+    configure_logging("warning")
+
+    async def main() -> int:
+        doc = await measure(args.guests)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+        print(f"accelerator {doc['accelerator']}; wrote {args.json}")
+        return 0
+
+    return run_async(main())
