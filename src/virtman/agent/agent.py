@@ -118,7 +118,7 @@ class Agent:
         for spec in self.cache.known_specs():
             try:
                 await self._open_relay(spec)
-            except VirtmanError as err:
+            except Exception as err:  # one bad image must not keep the others down
                 log.error("image %r could not be reopened: %s", spec.name, err)
         for name in sorted(os.listdir(self.vms_dir)):
             path = os.path.join(self.vms_dir, name, "vm.json")
@@ -126,7 +126,7 @@ class Agent:
                 continue
             try:
                 await self._open_vm(VmRecord.load(path))
-            except VirtmanError as err:
+            except Exception as err:  # one bad VM must not keep the others down
                 log.error("VM %r could not be reopened: %s", name, err)
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
         self.state = AgentState.RUNNING
@@ -160,7 +160,10 @@ class Agent:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self.heartbeat()
+            try:
+                await self.heartbeat()
+            except Exception:  # a bad answer must not stop the heartbeats for good
+                log.exception("heartbeat failed")
             await asyncio.sleep(self.heartbeat_interval)
 
     async def heartbeat(self) -> None:
@@ -184,7 +187,10 @@ class Agent:
         for image, paths in reply.paths.items():
             relay = self.cache.relays.get(image)
             if relay is not None:
-                relay.apply(paths)
+                try:
+                    relay.apply(paths)
+                except VirtmanError as err:
+                    log.error("image %r: volt's paths %s refused: %s", image, paths.parents, err)
         await self.cache.evict()
 
     # --- images ---------------------------------------------------------------------------
@@ -278,11 +284,16 @@ class Agent:
         relay = self.cache.relays.get(record.image)
         if relay is None:
             relay = await self.image(record.image)
-        await vm.open_layers(relay.base)
-        relay.users.add(vm.name)
-        relay.touch()
-        if record.state == VmState.RUNNING.value:
-            await vm.export()
+        try:
+            await vm.open_layers(relay.base)
+            relay.users.add(vm.name)
+            relay.touch()
+            if record.state == VmState.RUNNING.value:
+                await vm.export()
+        except BaseException:
+            await vm.close()  # closes the layers it opened, never the shared cache
+            relay.users.discard(vm.name)
+            raise
         self.vms[vm.name] = vm
         return vm
 
@@ -333,7 +344,11 @@ class Agent:
             except BaseException:
                 remove_tree(tmp)
                 raise
-            vm = await self._open_vm(record)
+            try:
+                vm = await self._open_vm(record)
+            except BaseException:
+                remove_tree(directory)  # nothing half made stays behind
+                raise
             log.info(
                 "VM %r created on image %r%s",
                 name,
@@ -382,9 +397,14 @@ class Agent:
             vm.record.layers.append(Layer(new_file))
             vm.save()
             vm.devices.append(new)
+            old = vm.devices[-2]
             if vm.server is not None:
                 # The next request on every connection goes to the new layer.
                 vm.server.exports[name].device = new
+            # Writes that were in flight landed in the frozen layer: make them durable
+            # too, then freeze it for good.
+            await old.flush()
+            old.read_only = True
             log.info("VM %r: snapshot %r taken; writes go to %s", name, snapshot, new_file)
             return vm
 
@@ -485,8 +505,8 @@ class Agent:
             raise Conflict(f"VM {name!r} has a running guest: stop it before migrating")
         if move:
             await vm.unexport()  # the VM stops writing here before its data moves
-        await vm.top.flush()
         try:
+            await vm.top.flush()
             async with ApiClient(url, timeout=3600) as dest:
                 doc: dict[str, Any] = await dest.post(
                     "/vms/import",
@@ -494,8 +514,8 @@ class Agent:
                     content=written_data(vm),
                     headers={"content-type": "application/octet-stream"},
                 )
-        except VirtmanError as err:
-            if move and vm.record.state == VmState.RUNNING.value:
+        except BaseException as err:
+            if move and vm.record.state == VmState.RUNNING.value and self.vms.get(name) is vm:
                 await vm.export()  # untouched: serve it again here
             if isinstance(err, ApiError) and err.status == 409:
                 raise Conflict(f"destination {destination!r}: {err.detail}") from err
@@ -513,6 +533,7 @@ class Agent:
             raise Conflict(f"a VM named {name!r} already exists on agent {self.name!r}")
         self._socket_path(name)
         relay = await self.image(image)
+        relay.users.add(name)  # not evicted while the data streams in
         tmp = os.path.join(self.imports_dir, f"import-{name}-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
         try:
@@ -535,8 +556,14 @@ class Agent:
                 os.rename(tmp, os.path.join(self.vms_dir, name))
         except BaseException:
             remove_tree(tmp)
+            relay.users.discard(name)
             raise
-        vm = await self._open_vm(record)
+        try:
+            vm = await self._open_vm(record)
+        except BaseException:
+            remove_tree(os.path.join(self.vms_dir, name))
+            relay.users.discard(name)
+            raise
         log.info("VM %r imported: %d bytes in %d records", name, reader.bytes, reader.records)
         return vm
 

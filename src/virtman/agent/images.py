@@ -247,7 +247,10 @@ class CacheGroup:
         for name in sorted(os.listdir(self.root)):
             path = self.spec_path(name)
             if os.path.exists(path):
-                specs.append(ImageSpec.load(path))
+                try:
+                    specs.append(ImageSpec.load(path))
+                except (OSError, ValueError, TypeError) as err:
+                    log.error("image record %s unreadable, skipped: %s", path, err)
         return specs
 
     @property
@@ -261,14 +264,16 @@ class CacheGroup:
         for relay in idle:
             if self.bytes_held <= self.capacity:
                 break
+            if relay.users or self.relays.get(relay.name) is not relay:
+                continue  # taken into use (or gone) while an earlier one was closing
             log.info(
                 "cache group over capacity (%d > %d bytes): evicting image %r",
                 self.bytes_held,
                 self.capacity,
                 relay.name,
             )
+            del self.relays[relay.name]  # before closing: nobody may pick it up meanwhile
             await relay.close()
-            del self.relays[relay.name]
             shutil.rmtree(self.image_dir(relay.name), ignore_errors=True)
             evicted.append(relay.name)
         return evicted

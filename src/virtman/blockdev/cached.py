@@ -212,7 +212,13 @@ class CachedDevice(BlockDevice):
             task = asyncio.get_running_loop().create_task(self._fetch(index))
             self._fetches[index] = task
             task.add_done_callback(functools.partial(self._fetch_done, index))
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():  # the fetch was stopped (cache closing), not this reader
+                raise DeviceError(f"cache {self.path} closed while chunk {index} was fetched",
+                                  errno=Errno.EIO) from None
+            raise
 
     def _fetch_done(self, index: int, task: asyncio.Task[None]) -> None:
         if self._fetches.get(index) is task:
@@ -253,7 +259,13 @@ class CachedDevice(BlockDevice):
                         self.stats.bump("digest_mismatches", mismatches)
         if self._store is not store:
             return  # closed while fetching
-        store.pwrite(start, data)
+        try:
+            store.pwrite(start, data)
+        except (OSError, DeviceError) as err:
+            # A full or failed cache disk is this host's fault: EIO, so children fail
+            # over to another path instead of taking it for an error of theirs.
+            raise DeviceError(f"cache {self.path} cannot store chunk {index}: {err}",
+                              errno=Errno.EIO) from err
         store.mark_present(index, index)
         self.stats.bump("fetched_bytes", length)
 

@@ -243,5 +243,7 @@ class CowDevice(BlockDevice):
         if self.read_only:
             return
         store = self._open_store()
+        if isinstance(self.base, CowDevice) and not self.base.read_only:
+            await self.base.flush()  # a layer frozen a moment ago may hold late writes
         await store.sync_async()
         self.stats.flushes += 1

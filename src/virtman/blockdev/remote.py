@@ -26,7 +26,6 @@ carry and then close, new ones connect in the background.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
@@ -60,6 +59,11 @@ T = TypeVar("T")
 _CALLER_ERRORS = frozenset(
     {Errno.EINVAL, Errno.EPERM, Errno.ENOSPC, Errno.EOVERFLOW, Errno.ENOTSUP}
 )
+
+
+#: For reads only these say the request is wrong; anything else is the path's fault.
+_READ_CALLER_ERRORS = frozenset({Errno.EINVAL, Errno.EOVERFLOW})
+_WRITES = frozenset({"WRITE", "WRITE_ZEROES", "TRIM", "FLUSH"})
 
 
 class PathPolicy(enum.Enum):
@@ -373,7 +377,8 @@ class RemoteDevice(BlockDevice):
                 try:
                     result = await op(client)
                 except NbdRequestError as err:
-                    if err.errno in _CALLER_ERRORS:
+                    if err.errno in _CALLER_ERRORS and (what in _WRITES or err.errno in
+                                                        _READ_CALLER_ERRORS):
                         raise InvalidRequest(
                             f"upstream {path.key} refused {what}: {err}", errno=err.errno
                         ) from err
@@ -411,9 +416,10 @@ class RemoteDevice(BlockDevice):
             return True
         if not any(p.state in (PathState.DOWN, PathState.CONNECTING) for p in self._paths):
             return False
-        with contextlib.suppress(TimeoutError):
-            # wait_for, not asyncio.timeout(): this may run outside a task.
-            await asyncio.wait_for(self._changed.wait(), self.connect_timeout)
+        # asyncio.wait, not wait_for or timeout(): this may run outside a task.
+        waiter = asyncio.ensure_future(self._changed.wait())
+        await asyncio.wait({waiter}, timeout=self.connect_timeout)
+        waiter.cancel()
         return any(p.state is PathState.UP for p in self._paths)
 
     # --- the block device interface -------------------------------------------------------

@@ -240,6 +240,10 @@ class NbdServer:
         log.info("nbd server stopped")
 
 
+#: Commands whose failure, unless the request itself was invalid, is always EIO.
+_NO_CALLER_FAULT = frozenset({Command.READ, Command.BLOCK_STATUS, Command.CACHE})
+
+
 def _errno_of(err: BaseException) -> int:
     if isinstance(err, (InvalidRequest, DeviceError, NbdRequestError)):
         return int(err.errno) or Errno.EIO
@@ -502,6 +506,8 @@ class _Connection(asyncio.Protocol):
 
     def _reply_error(self, request: Request, err: Exception) -> None:
         errno = _errno_of(err)
+        if request.command in _NO_CALLER_FAULT and not isinstance(err, InvalidRequest):
+            errno = Errno.EIO  # a failed read is never "no space" or "not permitted"
         self.server.stats.errors += 1
         name = self.export.name if self.export else "?"
         if isinstance(err, VirtmanError):
