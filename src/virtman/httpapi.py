@@ -25,6 +25,7 @@ from virtman.errors import (
     ApiError,
     ConfigError,
     Conflict,
+    DeviceError,
     InvalidRequest,
     NetworkError,
     NotFound,
@@ -42,9 +43,10 @@ class Problem(BaseModel):
 #: The error answers every route may give, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem}, 409: {"model": Problem}, 422: {"model": Problem},
-    502: {"model": Problem}}
+    500: {"model": Problem}, 502: {"model": Problem}}
 
-_STATUS = ((NotFound, 404), (Conflict, 409), (ConfigError, 422), (InvalidRequest, 422))
+_STATUS = ((NotFound, 404), (Conflict, 409), (ConfigError, 422), (InvalidRequest, 422),
+           (DeviceError, 500))
 
 
 def install_error_handlers(app: FastAPI) -> None:
