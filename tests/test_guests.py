@@ -15,7 +15,7 @@ from conftest import require
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
-from virtman.hypervisor.testimage import MARKER, TestImage, build_test_image
+from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
 from virtman.replay.trace import parse_trace
 
 #: Seconds three TCG guests get to boot, write and power off on two cores.
@@ -23,13 +23,13 @@ BOOT_TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def test_image(tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+def test_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
     require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
     return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, test_image: TestImage) -> AsyncIterator[LocalCluster]:
+async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[LocalCluster]:
     c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
         hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=64 * 1024))
     try:
@@ -62,7 +62,7 @@ def file_in_image(image: Path, path: str) -> str | None:
     return out.stdout.strip() or None
 
 
-async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_image: TestImage,
+async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_image: GuestImage,
                                                   tmp_path: Path) -> None:
     base_digest = hashlib.sha256(Path(test_image.image).read_bytes()).hexdigest()
     placement = {"vm1": "host1", "vm2": "host1", "vm3": "host2"}

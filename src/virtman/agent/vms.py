@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.errors import ConfigError, DeviceError, VirtmanError
+from virtman.errors import ConfigError, VirtmanError
 from virtman.hypervisor.qemu import Guest
 from virtman.limits import COPY_RECORD_BYTES
 from virtman.nbd.server import Export, NbdServer
@@ -260,7 +260,7 @@ class RecordReader:
 
     def finish(self) -> None:
         if self._buf:
-            raise DeviceError(f"copy stream ended inside a record ({len(self._buf)} bytes left)")
+            raise ConfigError(f"copy stream ended inside a record ({len(self._buf)} bytes left)")
 
 
 def check_socket_path(path: str) -> None:

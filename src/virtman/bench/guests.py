@@ -26,13 +26,13 @@ from virtman.bench.results import machine
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
 from virtman.hypervisor.qemu import GuestConfig, accelerator, qemu_argv
-from virtman.hypervisor.testimage import MARKER, TestImage, build_test_image
+from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
 
 
-async def _boot_local(image: TestImage, names: list[str], workdir: str) -> list[float]:
+async def _boot_local(image: GuestImage, names: list[str], workdir: str) -> list[float]:
     async def one(name: str) -> float:
         disk = os.path.join(workdir, f"{name}.raw")
         await asyncio.to_thread(shutil.copyfile, image.image, disk)
@@ -55,7 +55,7 @@ async def _boot_local(image: TestImage, names: list[str], workdir: str) -> list[
     return list(await asyncio.gather(*(one(n) for n in names)))
 
 
-async def _boot_virtman(image: TestImage, names: list[str], workdir: str) -> list[float]:
+async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> list[float]:
     cluster = LocalCluster(
         os.path.join(workdir, "cluster"),
         ClusterSettings(hosts=2, chunk_size=64 * 1024, log_level="warning"),

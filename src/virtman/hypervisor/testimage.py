@@ -53,7 +53,7 @@ echo "{MARKER} $name"
 
 
 @dataclass(frozen=True)
-class TestImage:
+class GuestImage:
     image: str
     kernel: str
     initrd: str
@@ -73,7 +73,7 @@ def find_kernel() -> tuple[str, str]:
     raise ConfigError("no kernel with an initrd in /boot: apt-get install linux-image-amd64")
 
 
-def build_test_image(out_dir: str) -> TestImage:
+def build_test_image(out_dir: str) -> GuestImage:
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not os.path.exists(busybox):
         raise ConfigError("busybox is missing: apt-get install busybox-static")
@@ -102,4 +102,4 @@ def build_test_image(out_dir: str) -> TestImage:
     if result.returncode != 0:
         raise ConfigError(f"mkfs.ext4 failed: {result.stderr.strip()}")
     shutil.rmtree(root, ignore_errors=True)
-    return TestImage(image, kernel, initrd)
+    return GuestImage(image, kernel, initrd)
