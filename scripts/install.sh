@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # fio: 4 KiB random-read benchmark (its nbd engine); python3-venv: the virtual env
 # iproute2: ip netns, veth, bridges and tc for the emulated hosts of bench scale
 # qemu-system-x86, linux-image-amd64, busybox-static, e2fsprogs: real guests and the
-#   bootable test image; libvirt-clients: virt-xml-validate for `virtman vm xml`
+#   bootable test image; libvirt-clients + libxml2-utils: virt-xml-validate (it calls
+#   xmllint) for `virtman vm xml`
 PACKAGES=(qemu-utils libnbd-bin nbdkit fio python3-venv iproute2 qemu-system-x86
-          linux-image-amd64 busybox-static e2fsprogs libvirt-clients)
+          linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
 import signal
+import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -81,8 +84,38 @@ def kvm_usable() -> bool:
         os.close(fd)
 
 
+#: Seconds the KVM probe gives a guest's firmware to say it runs.
+KVM_PROBE_SECONDS = 3.0
+
+
+@functools.lru_cache(maxsize=1)
 def accelerator() -> str:
-    return "kvm" if kvm_usable() else "tcg"
+    """``kvm`` if a KVM guest really executes here, else ``tcg``.
+
+    ``/dev/kvm`` can pass every ioctl check and still be unusable (on this project's
+    machines QEMU aborts setting an MSR with ``-cpu host``, and hangs without it). So the
+    probe runs QEMU itself with no disk for a few seconds and looks for the first words
+    of its firmware on the debug port; only then is KVM chosen.
+    """
+    if not kvm_usable() or shutil.which(QEMU) is None:
+        return "tcg"
+    with tempfile.TemporaryDirectory(prefix="virtman-kvm-") as tmp:
+        log_path = os.path.join(tmp, "firmware.log")
+        argv = [QEMU, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "64", "-nodefaults",
+                "-display", "none", "-no-reboot", "-chardev", f"file,id=fw,path={log_path}",
+                "-device", "isa-debugcon,iobase=0x402,chardev=fw"]
+        try:
+            subprocess.run(argv, capture_output=True, timeout=KVM_PROBE_SECONDS, check=False)
+        except subprocess.TimeoutExpired:
+            pass  # a working guest runs until killed: what it printed decides
+        try:
+            with open(log_path, "rb") as f:
+                started = b"SeaBIOS" in f.read(4096)
+        except OSError:
+            started = False
+    if not started:
+        log.info("/dev/kvm is present but a KVM guest does not run here: using TCG")
+    return "kvm" if started else "tcg"
 
 
 def qemu_argv(
