@@ -57,7 +57,7 @@ async def _boot_local(image: GuestImage, names: list[str], workdir: str) -> list
 
 async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> list[float]:
     cluster = LocalCluster(
-        os.path.join(workdir, "cluster"),
+        os.path.join(workdir, f"cluster-{len(names)}"),  # a fresh cluster per run
         ClusterSettings(hosts=2, chunk_size=64 * 1024, log_level="warning"),
     )
     try:
