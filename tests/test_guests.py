@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -105,3 +106,17 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
         assert check.returncode == 0, check.stdout + check.stderr
     else:
         pytest.fail("virt-xml-validate is missing: apt-get install libvirt-clients")
+
+    # The same through the command line, as a user would.
+    agent = cluster.agents["host2"].url
+    for verb, expect in (("console", f"{MARKER} vm3"), ("xml", "<domain type="),
+                         ("trace", "t,op,offset,length"), ("list", '"guest_running": false')):
+        cli = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "virtman", "vm", verb,
+                             *([] if verb == "list" else ["vm3"]), "--agent", agent],
+            capture_output=True, text=True, check=False)
+        assert cli.returncode == 0 and expect in cli.stdout, (verb, cli.stdout, cli.stderr)
+    stop = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "virtman", "vm", "stop", "vm3", "--agent", agent],
+        capture_output=True, text=True, check=False)
+    assert stop.returncode == 1 and "no running guest" in stop.stderr
