@@ -35,16 +35,15 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from typing import TYPE_CHECKING, Any
 
 from virtman.bench.results import MODES
 from virtman.errors import ConfigError, VirtmanError
 from virtman.limits import TREE_FANOUT
+
+if TYPE_CHECKING:  # matplotlib loads only when a report is drawn, not with the CLI
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DEFAULT_OUT_DIR = "docs/figures"
 DEFAULT_MARKDOWN = "docs/scaling.md"
@@ -282,6 +281,9 @@ def _spans(values: Sequence[float], decades: float) -> bool:
 
 
 def _new_figure() -> tuple[Figure, Axes]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=FIG_SIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -291,6 +293,8 @@ def _new_figure() -> tuple[Figure, Axes]:
 
 
 def _x_axis(ax: Axes, hosts: Sequence[int]) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     """Host counts: log scale when they span two decades; a tick at every count if there
     are few (on a linear axis, labels closer than 3% of the axis to the last are left out)."""
     unique = sorted(set(hosts))
@@ -310,6 +314,8 @@ def _x_axis(ax: Axes, hosts: Sequence[int]) -> None:
 
 
 def _y_axis(ax: Axes, values: Sequence[float], decades: float, label: str) -> bool:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     """Log scale when the values span ``decades`` decades; returns whether it is log."""
     log = _spans(values, decades)
     if log:
