@@ -123,6 +123,7 @@ class LocalCluster:
             *args,
         ]
         log_path = os.path.join(self.workdir, f"{name}.log")
+        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 argv,
@@ -132,21 +133,24 @@ class LocalCluster:
                 start_new_session=True,
             )
         service = Service(name, argv, log_path, proc)
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise VirtmanError(
-                    f"{name} exited with status {proc.returncode}: {_tail(log_path)}"
-                )
-            with open(log_path, "rb") as f:
-                f.seek(max(0, offset - 4096))
-                match = _SERVING.search(f.read())
-            if match:
-                service.url = match.group(1).decode()
-                await wait_for(service.url)
-                return service
-            await asyncio.sleep(0.05)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    raise VirtmanError(
+                        f"{name} exited with status {proc.returncode}: {_tail(log_path)}"
+                    )
+                with open(log_path, "rb") as f:
+                    f.seek(offset)  # this run's lines only, not a previous run's
+                    match = _SERVING.search(f.read())
+                if match:
+                    service.url = match.group(1).decode()
+                    await wait_for(service.url)
+                    return service
+                await asyncio.sleep(0.05)
+        except BaseException:
+            _stop_process(proc)  # started but never ready: it must not outlive us
+            raise
         _stop_process(proc)
         raise VirtmanError(f"{name} did not start in {START_TIMEOUT_SECONDS} s: {_tail(log_path)}")
 
