@@ -4,6 +4,9 @@ the codec's own encoders, so a wrong encoder cannot agree with itself)."""
 from __future__ import annotations
 
 import struct
+from typing import Any
+
+from virtman.protocol.nbd import NEED_DATA
 
 IHAVEOPT = 0x49484156454F5054
 
@@ -48,3 +51,20 @@ def meta_data(name: str, queries: list[str]) -> bytes:
 
 def chunk(flags: int, kind: int, cookie: int, payload: bytes = b"") -> bytes:
     return struct.pack(">IHHQI", STRUCTURED_MAGIC, flags, kind, cookie, len(payload)) + payload
+
+
+def drain(conn: Any) -> list[object]:
+    """Every event a Server- or ClientConnection has ready."""
+    events = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+
+
+def feed(conn: Any, data: bytes) -> tuple[list[object], bytes]:
+    """Feed bytes; return the events that came out and the bytes to send."""
+    conn.receive_data(data)
+    events = drain(conn)
+    return events, conn.data_to_send()

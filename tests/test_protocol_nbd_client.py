@@ -11,6 +11,8 @@ from nbdwire import (
     REQUEST_MAGIC,
     SIMPLE_MAGIC,
     chunk,
+    drain,
+    feed,
     opt,
     opt_reply,
     u16,
@@ -80,19 +82,6 @@ def error_chunk(cookie: int, errno: int, message: str = "", flags: int = DONE) -
     return chunk(flags, T_ERROR, cookie, u32(errno) + u16(len(text)) + text)
 
 
-def drain(conn: ClientConnection) -> list[object]:
-    events = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            return events
-        events.append(event)
-
-
-def feed(conn: ClientConnection, data: bytes) -> tuple[list[object], bytes]:
-    conn.receive_data(data)
-    events = drain(conn)
-    return events, conn.data_to_send()
 
 
 SIZE = 1 << 20

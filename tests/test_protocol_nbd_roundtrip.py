@@ -15,6 +15,7 @@ from nbdwire import (
     REQUEST_MAGIC,
     SIMPLE_MAGIC,
     chunk,
+    drain,
     meta_data,
     opt,
     opt_reply,
@@ -114,15 +115,6 @@ class Backend:
         elif r.command == Command.BLOCK_STATUS:
             return server.block_status_reply(r, [(r.length, 0)])
         return server.reply(r)
-
-
-def drain(conn: ServerConnection | ClientConnection) -> list[object]:
-    events = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            return events
-        events.append(event)
 
 
 def pump(

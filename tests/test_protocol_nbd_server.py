@@ -17,6 +17,7 @@ from nbdwire import (
     SIMPLE_MAGIC,
     STRUCTURED_MAGIC,
     chunk,
+    feed,
     meta_data,
     opt,
     opt_reply,
@@ -134,19 +135,6 @@ def make_server(**kwargs: int) -> ServerConnection:
     return ServerConnection(EXPORTS.get, lambda: list(NAMES), **kwargs)
 
 
-def drain(conn: ServerConnection) -> list[object]:
-    events = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            return events
-        events.append(event)
-
-
-def feed(conn: ServerConnection, data: bytes) -> tuple[list[object], bytes]:
-    conn.receive_data(data)
-    events = drain(conn)
-    return events, conn.data_to_send()
 
 
 def in_options(client_flags: int = 3) -> ServerConnection:

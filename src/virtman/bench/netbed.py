@@ -52,6 +52,11 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
     return subprocess.run(argv, capture_output=True, text=True, check=check)
 
 
+def _in_ns(ns: str) -> list[str]:
+    """The prefix that runs a command inside network namespace ``ns``."""
+    return ["ip", "netns", "exec", ns]
+
+
 def _run(argv: list[str]) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -101,7 +106,7 @@ class Netbed(Placement):
         raise ConfigError(f"no address for service {service!r}")
 
     def command_prefix(self, service: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(service)]
+        return _in_ns(self.ns(service))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -162,10 +167,7 @@ class Netbed(Placement):
         # Upload: host end. Download: switch end.
         _run(
             [
-                "ip",
-                "netns",
-                "exec",
-                ns,
+                *_in_ns(ns),
                 "tc",
                 "qdisc",
                 "add",
@@ -177,10 +179,7 @@ class Netbed(Placement):
         )
         _run(
             [
-                "ip",
-                "netns",
-                "exec",
-                switch,
+                *_in_ns(switch),
                 "tc",
                 "qdisc",
                 "add",
@@ -204,10 +203,7 @@ class Netbed(Placement):
     def _netem_available(ns: str) -> bool:
         probe = subprocess.run(
             [
-                "ip",
-                "netns",
-                "exec",
-                ns,
+                *_in_ns(ns),
                 "tc",
                 "qdisc",
                 "add",
@@ -224,7 +220,7 @@ class Netbed(Placement):
         )
         if probe.returncode == 0:
             subprocess.run(
-                ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "lo", "root"],
+                [*_in_ns(ns), "tc", "qdisc", "del", "dev", "lo", "root"],
                 capture_output=True,
                 check=False,
             )
