@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -51,11 +53,37 @@ async def test_holes_hash_like_zeros_read(tmp_path: Path) -> None:
 
 
 def test_manifest_json_round_trip_and_errors() -> None:
-    m = Manifest(100, 64, (b"\1" * 32, b"\2" * 32))
+    m = Manifest(100, 64, {0: b"\1" * 32, 1: b"\2" * 32})
     assert Manifest.from_json(m.to_json()) == m
     with pytest.raises(ConfigError, match="has 1 digests"):
-        Manifest(100, 64, (b"\1" * 32,))
+        Manifest.from_digests(100, 64, (b"\1" * 32,))
+    with pytest.raises(ConfigError, match="names chunk 2; a 100-byte image"):
+        Manifest(100, 64, {2: b"\1" * 32})
+    with pytest.raises(ConfigError, match="digest of chunk 0 is not 32 bytes"):
+        Manifest.from_json('{"algorithm": "sha256", "size": 1, "chunk_size": 64, '
+                           '"digests": {"0": "abcd"}}')
     with pytest.raises(ConfigError, match="algorithm None is not sha256"):
         Manifest.from_json("{}")
     with pytest.raises(ConfigError, match="not a manifest"):
         Manifest.from_json('{"algorithm": "sha256", "size": 1}')
+
+
+def test_zero_chunks_are_implied_not_listed(tmp_path: Path) -> None:
+    """Only chunks with data are written out, so a sparse image's manifest stays small;
+    a zero chunk still has a digest to check against, and the first (full list) format
+    reads as the same manifest."""
+    data = sparse_image(tmp_path / "img.raw")
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    full = [hashlib.sha256(c).digest() for c in chunks]
+    m = Manifest.from_digests(len(data), CHUNK, full)
+    assert sorted(m.data_digests) == [0, 3, 17, 39]
+    assert all(m.matches(i, c) for i, c in enumerate(chunks))
+    assert not m.matches(1, b"\1" + bytes(CHUNK - 1))
+    assert m.matches(40, bytes(5000)) and not m.matches(40, bytes(CHUNK))  # short last chunk
+    legacy = json.dumps(
+        {"algorithm": "sha256", "size": len(data), "chunk_size": CHUNK,
+         "digests": [d.hex() for d in full]}
+    )
+    assert Manifest.from_json(legacy) == m
+    assert Manifest.from_json(legacy).fingerprint() == m.fingerprint()
+    assert len(m.to_json()) < len(legacy) / 5

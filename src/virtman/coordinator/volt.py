@@ -159,11 +159,12 @@ class Volt:
         self._trees[record.name] = RelayTree(self.settings)
         self._relays[record.name] = {}
         log.info(
-            "image %r registered: %d bytes, %d chunks of %d, digests in %.1f s",
+            "image %r registered: %d bytes, %d chunks of %d (%d hold data), digests in %.1f s",
             record.name,
             record.size,
-            len(manifest.digests),
+            manifest.count,
             record.chunk_size,
+            len(manifest.data_digests),
             time.monotonic() - started,
         )
         return self._image_doc(record)
