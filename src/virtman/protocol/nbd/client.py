@@ -59,6 +59,12 @@ from virtman.protocol.nbd.messages import (
     encode_string,
 )
 
+# Hot-path constants: plain ints and prebuilt structs (IntFlag arithmetic and building a
+# Struct cost more than the rest of decoding a reply).
+_SIMPLE_REST = struct.Struct(">IQ")  # error, cookie (after the magic)
+_CHUNK_REST = struct.Struct(">HHQI")  # flags, type, cookie, length (after the magic)
+_DONE = int(ReplyFlag.DONE)
+
 #: Largest option reply payload a client accepts (a name plus a description).
 MAX_OPTION_REPLY = 64 * 1024
 
@@ -101,7 +107,7 @@ class _Outstanding:
     command: int
     offset: int
     length: int
-    data: bytearray | None = None
+    data: bytes | bytearray | None = None
     error: int = 0
     message: str = ""
     extents: list[tuple[int, int]] = field(default_factory=list)
@@ -359,13 +365,13 @@ class ClientConnection:
                 magic = self._buf.unpack(U32)
                 assert magic is not None
                 if magic[0] == SIMPLE_REPLY_MAGIC:
-                    header = self._buf.unpack(struct.Struct(">IQ"))
+                    header = self._buf.unpack(_SIMPLE_REST)
                     if header is None:
                         self._rewind_magic(magic[0])
                         return NEED_DATA
                     self._pending_reply = ("simple", header)
                 elif magic[0] == STRUCTURED_REPLY_MAGIC:
-                    header = self._buf.unpack(struct.Struct(">HHQI"))
+                    header = self._buf.unpack(_CHUNK_REST)
                     if header is None:
                         self._rewind_magic(magic[0])
                         return NEED_DATA
@@ -447,7 +453,7 @@ class ClientConnection:
             out.message = payload[6 : 6 + mlen].decode(errors="replace")
         else:
             raise self._fail(f"unknown reply chunk type {kind}")
-        if not flags & ReplyFlag.DONE:
+        if not flags & _DONE:
             return None
         del self._outstanding[cookie]
         data = b""
@@ -467,10 +473,10 @@ class ClientConnection:
         (offset,) = U64.unpack_from(payload)
         self._check_range(out, offset, len(data), cookie)
         if out.data is None and offset == out.offset and len(data) == out.length:
-            out.data = bytearray(data)  # the common case: one chunk holds everything
+            out.data = data  # the common case, one chunk holds everything: no copy
             return
-        if out.data is None:
-            out.data = bytearray(out.length)
+        if not isinstance(out.data, bytearray):
+            out.data = bytearray(out.data or out.length)
         start = offset - out.offset
         out.data[start : start + len(data)] = data
 
