@@ -577,6 +577,8 @@ class Agent:
             "relay_nbd": f"{self.nbd_host}:{self.nbd_port}",
             "mode": self.mode.value,
             "relay_bytes_sent": self.relay_server.stats.bytes_read,
+            # CPU this agent process has used (all threads): what serving costs a host.
+            "cpu_seconds": round(time.process_time(), 3),
             "cache": self.cache.status(),
             "images": {n: r.status() for n, r in self.cache.relays.items()},
             "vms": [vm.info() for vm in self.vms.values()],

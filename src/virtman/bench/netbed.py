@@ -237,6 +237,22 @@ class Netbed(Placement):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()
 
+    def tcp_retransmits(self, services: list[str]) -> int:
+        """TCP segments retransmitted so far in these services' namespaces (losses at the
+        shaped queues show up here)."""
+        total = 0
+        for service in services:
+            snmp = subprocess.run(
+                [*self.command_prefix(service), "cat", "/proc/net/snmp"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+            tcp = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
+            if len(tcp) == 2 and "RetransSegs" in tcp[0]:
+                total += int(tcp[1][tcp[0].index("RetransSegs")])
+        return total
+
     def leftovers(self) -> list[str]:
         """Namespaces of this run that still exist (should be none after destroy)."""
         listed = subprocess.run(

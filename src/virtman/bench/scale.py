@@ -38,8 +38,8 @@ from virtman.bench.results import MODES, Run, percentile, write_results
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
 from virtman.errors import ConfigError
-from virtman.replay.replayer import ReplayResult, replay
-from virtman.replay.trace import Trace, load_trace
+from virtman.replay.fleet import FleetProcess, FleetSpec
+from virtman.replay.trace import Trace, format_trace, load_trace
 from virtman.sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def _cpu_busy() -> tuple[float, float]:
 async def _one_run(
     plan: Plan,
     trace: Trace,
+    trace_path: str,
     image: str,
     mode: str,
     hosts: int,
@@ -191,40 +192,67 @@ async def _one_run(
         log_level="warning",
     )
     cluster = LocalCluster(os.path.join(plan.workdir, f"run{index}"), settings, placement)
+    fleets: list[FleetProcess] = []
     try:
         await cluster.start_origin(image)
         await cluster.start_volt()
         await cluster.start_agents()
         await cluster.register_image("img")
+        # Each host's VMs replay in a process in that host's namespace, started before
+        # t0 (a process takes a moment to load): one process for all of them would make
+        # its own core the bottleneck of a large run.
+        fleets += [
+            FleetProcess(
+                placement.command_prefix(h),
+                FleetSpec(
+                    cluster.agents[h].url,
+                    "img",
+                    [f"{h}-vm{j + 1}" for j in range(plan.vms_per_host)],
+                    trace_path,
+                    plan.speed,
+                ),
+                os.path.join(plan.workdir, f"run{index}", f"fleet-{h}.json"),
+            )
+            for h in cluster.host_names()
+        ]
+        await asyncio.gather(*(f.start() for f in fleets))
         origin_before = cluster.origin_bytes_sent
+        services = ["origin", *cluster.host_names()]
+        retransmits0 = await asyncio.to_thread(placement.tcp_retransmits, services)
+        before = await _statuses(cluster)
         busy0, total0 = _cpu_busy()
         peaks: list[float] = []
         sampler = asyncio.ensure_future(_sample_cpu(peaks))
         t0 = time.monotonic()
-
-        async def boot(host: str, name: str) -> tuple[float, ReplayResult]:
-            uri = await cluster.create_vm(host, name, "img")
-            result = await replay(uri, trace, speed=plan.speed)
-            return time.monotonic() - t0, result
-
-        outcomes = await asyncio.gather(
-            *(
-                boot(h, f"{h}-vm{j + 1}")
-                for h in cluster.host_names()
-                for j in range(plan.vms_per_host)
-            )
-        )
+        for f in fleets:
+            f.go(t0)
+        reports = await asyncio.gather(*(f.report() for f in fleets))
         busy1, total1 = _cpu_busy()
         sampler.cancel()
-        sent = []
-        for h in cluster.host_names():
-            status = await cluster.agent_status(h)
-            sent.append(int(status["relay_bytes_sent"]) if status else 0)
+        retransmits = await asyncio.to_thread(placement.tcp_retransmits, services)
+        retransmits -= retransmits0
+        after = await _statuses(cluster)
+        sent = [int(a["relay_bytes_sent"]) for a in after.values()]
+        levels = {
+            h: int(a["images"]["img"]["level"])
+            for h, a in after.items()
+            if a["images"].get("img", {}).get("level") is not None
+        }
+        agents_cpu = sum(a["cpu_seconds"] - before[h]["cpu_seconds"] for h, a in after.items())
         origin_bytes = cluster.origin_bytes_sent - origin_before
     finally:
+        await asyncio.gather(*(f.stop() for f in fleets))
         await cluster.stop()
-    boots = [t for t, _ in outcomes]
-    errors = sum(r.errors for _, r in outcomes)
+    hosts_vms = zip(cluster.host_names(), reports, strict=True)
+    vms = [(h, vm) for h, report in hosts_vms for vm in report["vms"]]
+    fleets_cpu = sum(report["cpu_seconds"] for report in reports)
+    boots = [vm["seconds"] for _, vm in vms]
+    # The slowest boot per tree level: a step per level is latency added by each relay hop.
+    by_level: dict[int, float] = {}
+    for h, vm in vms:
+        if h in levels:
+            by_level[levels[h]] = round(max(by_level.get(levels[h], 0.0), vm["seconds"]), 3)
+    errors = sum(vm["errors"] for _, vm in vms)
     share = (busy1 - busy0) / max(1.0, total1 - total0)
     # Boots are bursty: the average hides seconds when every core is busy.
     saturated = len([p for p in peaks if p > CPU_LIMIT_SHARE]) / max(1, len(peaks))
@@ -240,13 +268,18 @@ async def _one_run(
         max(sent, default=0),
         extra={
             "attach_delay": attach_delay if mode == "paper" else None,
-            "error_vms": sum(1 for _, r in outcomes if r.errors),
+            "error_vms": sum(1 for _, vm in vms if vm["errors"]),
             "io_errors": errors,
             "working_set_bytes": trace.working_set(plan.chunk_size),
             "cpu_busy_share": round(share, 3),
             "cpu_saturated_share": round(saturated, 3),
             "cpu_peak_share": round(max(peaks, default=share), 3),
             "cpu_limited": share > CPU_LIMIT_SHARE or saturated > CPU_SATURATED_SHARE,
+            # Where the CPU went: the agents (virtman) and the stand-in VMs (the testbed).
+            "agents_cpu_seconds": round(agents_cpu, 2),
+            "vms_cpu_seconds": round(fleets_cpu, 2),
+            "all_booted_by_level": {str(k): v for k, v in sorted(by_level.items())},
+            "tcp_retransmits": retransmits,
             "trace": trace.name,
             "speed": plan.speed,
             "rate": plan.rate,
@@ -258,10 +291,21 @@ async def _one_run(
         f"mean {run.mean_boot_seconds:6.2f}, p99 {run.p99_boot_seconds:6.2f} "
         f"(alone {alone:.2f}); origin {origin_bytes / 2**20:8.1f} MiB; "
         f"cpu {share:.0%} (over {CPU_LIMIT_SHARE:.0%} {saturated:.0%} of the time); "
-        f"errors {errors}",
+        f"cpu-s agents {agents_cpu:.1f} VMs {fleets_cpu:.1f}; errors {errors}; "
+        f"retransmits {retransmits}; by level {by_level}",
         flush=True,
     )
     return run
+
+
+async def _statuses(cluster: LocalCluster) -> dict[str, Any]:
+    """Every agent's status; an agent that does not answer fails the run."""
+    names = cluster.host_names()
+    found = await asyncio.gather(*(cluster.agent_status(h) for h in names))
+    missing = [h for h, s in zip(names, found, strict=True) if s is None]
+    if missing:
+        raise ConfigError(f"agents {missing} did not answer /status")
+    return dict(zip(names, found, strict=True))
 
 
 async def _worker(plan_path: str) -> int:
@@ -274,6 +318,9 @@ async def _worker(plan_path: str) -> int:
         with open(image, "r+b") as f:
             f.truncate(plan.image_size)
     alone = await single_vm_seconds(image, trace, plan.speed, plan.workdir)
+    trace_path = os.path.join(plan.workdir, "trace.csv")
+    with open(trace_path, "w", encoding="utf-8") as f:
+        f.write(format_trace(list(trace.requests), trace.name))
     print(
         f"trace {trace.name}: working set {trace.working_set(plan.chunk_size) / 2**20:.1f} MiB, "
         f"one VM alone from a local copy {alone:.2f} s",
@@ -291,7 +338,9 @@ async def _worker(plan_path: str) -> int:
                 continue
             for delay in plan.attach_delays if mode == "paper" else [0.0]:
                 index += 1
-                run = await _one_run(plan, trace, image, mode, hosts, delay, alone, index)
+                run = await _one_run(
+                    plan, trace, trace_path, image, mode, hosts, delay, alone, index
+                )
                 plan.runs.append({**{k: getattr(run, k) for k in run.__dataclass_fields__}})
                 with open(plan_path, "w", encoding="utf-8") as f:
                     json.dump(asdict(plan), f)
