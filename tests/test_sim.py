@@ -22,6 +22,7 @@ from virtman.sim.model import (
     simulate,
     synthetic_pattern,
 )
+from virtman.sizes import parse_link_rate
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 C = 256 * KiB
@@ -256,14 +257,14 @@ def test_bad_settings_are_config_errors() -> None:
 
 
 def test_link_rates() -> None:
-    assert cli.parse_link_rate("1gbit") == 125e6
-    assert cli.parse_link_rate("100mbit") == 12.5e6
-    assert cli.parse_link_rate("10Gbit/s") == 1.25e9
-    assert cli.parse_link_rate("2.5gbps") == 312.5e6
-    assert cli.parse_link_rate("8000") == 1000.0
+    assert parse_link_rate("1gbit") == 125e6
+    assert parse_link_rate("100mbit") == 12.5e6
+    assert parse_link_rate("10Gbit/s") == 1.25e9
+    assert parse_link_rate("2.5gbps") == 312.5e6
+    assert parse_link_rate("8000") == 1000.0
     for bad in ("fast", "1gb/s", "0gbit", "-1gbit"):
         with pytest.raises(ConfigError):
-            cli.parse_link_rate(bad)
+            parse_link_rate(bad)
 
 
 def test_cli_prints_a_table_and_writes_json(

@@ -1,4 +1,4 @@
-"""Byte sizes as people write them: ``4096``, ``256K``, ``1M``, ``15G``, ``1.5GiB``."""
+"""Byte sizes and link rates as people write them: ``256K``, ``15G``; ``1gbit``, ``100mbit``."""
 
 from __future__ import annotations
 
@@ -28,3 +28,31 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*(bit/s|bits/s|bit|bits|bps)?\s*$",
+                   re.IGNORECASE)
+_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_link_rate(text: str) -> float:
+    """A link rate in bits per second (``1gbit``, ``100mbit``, ``10Gbit/s``, ``2.5gbps``,
+    a bare number is bits per second; decimal units) as bytes per second."""
+    match = _RATE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"link rate {text!r}: expected a number of bits per second with an optional"
+            " k, m, g or t and 'bit', like 1gbit or 100mbit"
+        )
+    bits = float(match.group(1)) * _RATE_UNITS[match.group(2).lower()]
+    if bits <= 0:
+        raise ConfigError(f"link rate {text!r} must be above zero")
+    return bits / 8
+
+
+def format_rate(bytes_per_second: float) -> str:
+    bits = bytes_per_second * 8
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g} {unit}"
+    return f"{bits:g} bit/s"

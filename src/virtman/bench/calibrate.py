@@ -19,8 +19,8 @@ from typing import Any
 from virtman.bench.results import Run, write_results
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace
-from virtman.sim.cli import parse_link_rate
 from virtman.sim.model import SimConfig, pattern_from_trace, simulate
+from virtman.sizes import parse_link_rate
 
 #: Image size of the testbed's generated image (the bundled trace reaches 4 GiB).
 TESTBED_IMAGE_SIZE = 4 * 1024**3

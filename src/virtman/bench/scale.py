@@ -15,6 +15,12 @@ and processes are removed at the end, on error and on Ctrl-C or SIGTERM.
 Modes: ``star`` (every VM reads the origin, no cache), ``copy`` (each host copies the
 whole image first), ``paper`` (binary tree, one parent, a node attaches after its
 parent, ``attach_delay`` seconds per level), ``virtman`` (this project's defaults).
+
+Time dilation (``--dilation D``): every emulated duration grows D times (think times,
+attach delays, and link rates divided by D, so transfers take D times longer) while the
+CPU stays as it is; the run then behaves as on a machine with D times the CPU. It is
+how a run that this machine's cores limit is made to measure the system instead; times
+come out D times longer, and ratios (all booted over one VM alone) are unchanged.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from virtman.cluster.up import generate_image, single_vm_seconds
 from virtman.errors import ConfigError
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
-from virtman.sizes import parse_size
+from virtman.sizes import parse_link_rate, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ class Plan:
     copy_max_hosts: int
     rate: str
     delay: str
+    #: Time dilation: think times and attach delays x D, link rates / D (see run()).
+    dilation: float = 1.0
     prefix: str = ""
     max_hosts: int = 0
     workdir: str = ""
@@ -402,6 +410,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rate", default="1gbit", help="link rate per host, tc syntax (1gbit)")
     p.add_argument("--delay", default="0.2ms", help="one-way delay per link (needs netem)")
+    p.add_argument(
+        "--dilation",
+        type=float,
+        default=1.0,
+        metavar="D",
+        help="run D times slower: think times and attach delays x D, link rates / D, so "
+        "this machine's CPU counts as D times faster (default 1)",
+    )
     p.add_argument("--json", default="bench-scale.json", metavar="FILE")
 
 
@@ -409,19 +425,27 @@ def run(args: argparse.Namespace) -> int:
     from virtman.runtime import configure_logging
 
     configure_logging("warning" if args.log_level == "info" else args.log_level)
+    dilation = args.dilation
+    if not dilation > 0:
+        raise ConfigError(f"--dilation {dilation}: must be above zero")
+    rate = args.rate
+    if dilation != 1:
+        # tc takes whole kbit; parse_link_rate gives bytes per second.
+        rate = f"{max(1, round(parse_link_rate(args.rate) * 8 / dilation / 1000))}kbit"
     plan = Plan(
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         hosts=sorted(set(args.hosts)),
         vms_per_host=args.vms_per_host,
-        speed=args.speed,
+        speed=args.speed / dilation,
         trace=args.trace,
         image_size=args.image_size,
         working_set=args.working_set,
         chunk_size=args.chunk_size,
-        attach_delays=args.attach_delays,
+        attach_delays=[d * dilation for d in args.attach_delays],
         copy_max_hosts=args.copy_max_hosts,
-        rate=args.rate,
+        rate=rate,
         delay=args.delay,
+        dilation=dilation,
     )
     command = "virtman bench scale " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     return run_scale(plan, args.json, command)

@@ -8,7 +8,6 @@ model and its simplifications are described in ``virtman.sim.model``.
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 from typing import Any
 
@@ -25,7 +24,7 @@ from virtman.sim.model import (
     simulate,
     synthetic_pattern,
 )
-from virtman.sizes import format_size, parse_size
+from virtman.sizes import format_rate, format_size, parse_link_rate, parse_size
 
 DEFAULT_MODES = "paper,virtman"
 DEFAULT_HOSTS = "100,1000,10000"
@@ -35,34 +34,6 @@ DEFAULT_WORKING_SET = "300M"
 DEFAULT_LINK = "1gbit"
 DEFAULT_BOOT_SECONDS = 10.0
 DEFAULT_CHUNK_SIZE = "256K"
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*(bit/s|bits/s|bit|bits|bps)?\s*$",
-                   re.IGNORECASE)
-_RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_link_rate(text: str) -> float:
-    """A link rate in bits per second (``1gbit``, ``100mbit``, ``10Gbit/s``, ``2.5gbps``,
-    a bare number is bits per second; decimal units) as bytes per second."""
-    match = _RATE.match(text)
-    if match is None:
-        raise ConfigError(
-            f"link rate {text!r}: expected a number of bits per second with an optional"
-            " k, m, g or t and 'bit', like 1gbit or 100mbit"
-        )
-    bits = float(match.group(1)) * _RATE_UNITS[match.group(2).lower()]
-    if bits <= 0:
-        raise ConfigError(f"link rate {text!r} must be above zero")
-    return bits / 8
-
-
-def format_rate(bytes_per_second: float) -> str:
-    bits = bytes_per_second * 8
-    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:g} {unit}"
-    return f"{bits:g} bit/s"
-
 
 def _list(text: str, what: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
