@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from virtman.bench import scale
+from virtman.errors import ConfigError
 
 CHUNK = 64 * 1024
 
@@ -60,6 +64,13 @@ def test_small_scaling_run_is_complete_and_consistent(tmp_path: Path) -> None:
         assert r["error_vms"] == 0 and r["io_errors"] == 0, (mode, hosts)
         assert 0 < r["mean_boot_seconds"] <= r["p99_boot_seconds"] <= r["all_booted_seconds"]
         assert r["working_set_bytes"] == working_set
+        assert r["agents_cpu_seconds"] > 0 and r["vms_cpu_seconds"] > 0
+        assert r["tcp_retransmits"] >= 0
+        if mode != "star":
+            # Level 1 feeds from the origin, level 2 (the third host) from level 1.
+            levels = r["all_booted_by_level"]
+            assert set(levels) == ({"1", "2"} if hosts == 3 else {"1"}), (mode, levels)
+            assert max(levels.values()) == r["all_booted_seconds"]
         if mode == "star":
             # No cache: every VM fetches every byte it reads from the origin.
             assert r["origin_bytes_sent"] == hosts * 2 * read_bytes
@@ -71,3 +82,21 @@ def test_small_scaling_run_is_complete_and_consistent(tmp_path: Path) -> None:
                 assert r["max_host_bytes_sent"] >= working_set // 2
     # The paper's attach delay shows: its level-2 host waits 2 x 0.5 s before booting.
     assert runs[("paper", 3)]["all_booted_seconds"] > runs[("virtman", 3)]["all_booted_seconds"]
+
+
+def test_dilation_stretches_times_and_slows_links() -> None:
+    """--dilation D: think times and attach delays x D, link rates / D."""
+    parser = argparse.ArgumentParser()
+    scale.add_arguments(parser)
+    args = parser.parse_args(
+        ["--speed", "2", "--rate", "1gbit", "--attach-delays", "10,0", "--dilation", "4"]
+    )
+    plan = scale.plan_from_args(args)
+    assert plan.speed == 0.5 and plan.attach_delays == [40.0, 0.0]
+    assert plan.rate == "250000kbit" and plan.dilation == 4
+    undilated = scale.plan_from_args(parser.parse_args(["--rate", "100mbit"]))
+    assert undilated.rate == "100mbit" and undilated.speed == 1.0
+    with pytest.raises(ConfigError, match=r"--dilation 0\.0: must be above zero"):
+        scale.plan_from_args(parser.parse_args(["--dilation", "0"]))
+    with pytest.raises(ConfigError, match="link rate 'fast'"):
+        scale.plan_from_args(parser.parse_args(["--rate", "fast", "--dilation", "2"]))

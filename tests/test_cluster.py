@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -215,3 +216,45 @@ def test_virtman_up_small_run_is_complete_and_consistent(tmp_path: Path) -> None
     assert doc["origin_bytes_sent"] >= doc["working_set_bytes"] // 2
     assert "relay tree" in run_.stdout and "origin sent" in run_.stdout
     assert not list((tmp_path / "work").glob("*.sock"))
+
+
+async def test_fleet_processes_boot_vms_and_count_what_fails(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """A fleet process per host creates its VMs through the agent and replays the trace
+    from one shared t0; a VM that cannot be created (its name taken, or no agent) counts
+    every request of the trace as an error, and the others still boot."""
+    from virtman.replay.fleet import FleetProcess, FleetSpec
+    from virtman.replay.trace import format_trace
+
+    trace = synthetic_trace(seconds=0.5, requests=100)
+    trace_path = tmp_path / "trace.csv"
+    trace_path.write_text(format_trace(list(trace.requests)))
+    await cluster.create_vm("host1", "taken", "img")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    specs = {
+        "host1": FleetSpec(cluster.agents["host1"].url, "img", ["a1", "taken"], str(trace_path), 1),
+        "host2": FleetSpec(cluster.agents["host2"].url, "img", ["b1", "b2"], str(trace_path), 1),
+        "gone": FleetSpec(dead, "img", ["c1"], str(trace_path), 1),
+    }
+    fleets = [FleetProcess([], spec, str(tmp_path / f"{h}.json")) for h, spec in specs.items()]
+    try:
+        await asyncio.gather(*(f.start() for f in fleets))
+        t0 = time.monotonic()
+        for f in fleets:
+            f.go(t0)
+        reports = await asyncio.gather(*(f.report() for f in fleets))
+    finally:
+        await asyncio.gather(*(f.stop() for f in fleets))
+    vms = {vm["name"]: vm for r in reports for vm in r["vms"]}
+    assert set(vms) == {"a1", "taken", "b1", "b2", "c1"}
+    for name in ("a1", "b1", "b2"):
+        assert vms[name]["errors"] == 0 and vms[name]["requests"] == len(trace.requests)
+        assert trace.duration <= vms[name]["seconds"] < 60  # think times slept from t0 on
+    for name in ("taken", "c1"):
+        assert vms[name]["errors"] == len(trace.requests), vms[name]
+        assert vms[name]["messages"][0].startswith("create:")
+    assert "409" in vms["taken"]["messages"][0] or "exists" in vms["taken"]["messages"][0]
+    assert all(r["cpu_seconds"] > 0 for r in reports[:2])

@@ -421,10 +421,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="bench-scale.json", metavar="FILE")
 
 
-def run(args: argparse.Namespace) -> int:
-    from virtman.runtime import configure_logging
-
-    configure_logging("warning" if args.log_level == "info" else args.log_level)
+def plan_from_args(args: argparse.Namespace) -> Plan:
     dilation = args.dilation
     if not dilation > 0:
         raise ConfigError(f"--dilation {dilation}: must be above zero")
@@ -432,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     if dilation != 1:
         # tc takes whole kbit; parse_link_rate gives bytes per second.
         rate = f"{max(1, round(parse_link_rate(args.rate) * 8 / dilation / 1000))}kbit"
-    plan = Plan(
+    return Plan(
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         hosts=sorted(set(args.hosts)),
         vms_per_host=args.vms_per_host,
@@ -447,6 +444,13 @@ def run(args: argparse.Namespace) -> int:
         delay=args.delay,
         dilation=dilation,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from virtman.runtime import configure_logging
+
+    configure_logging("warning" if args.log_level == "info" else args.log_level)
+    plan = plan_from_args(args)
     command = "virtman bench scale " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     return run_scale(plan, args.json, command)
 
