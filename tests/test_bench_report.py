@@ -87,7 +87,7 @@ def _image_links(md: str) -> list[str]:
 
 
 FIGURES = {f"{kind}-{what}.png" for kind in ("scale", "sim")
-           for what in ("boot", "origin", "hostbytes")}
+           for what in ("boot", "ratio", "origin", "hostbytes")}
 
 
 def test_report_writes_figures_and_page(tmp_path: Path) -> None:
@@ -234,7 +234,8 @@ def test_two_testbed_documents_share_figures(tmp_path: Path) -> None:
     md_path = tmp_path / "scaling.md"
     written = make_report(docs, str(tmp_path / "figures"), str(md_path), "Two runs")
     assert sorted(Path(p).name for p in written) == [
-        "scale-boot.png", "scale-hostbytes.png", "scale-origin.png", "scaling.md"]
+        "scale-boot.png", "scale-hostbytes.png", "scale-origin.png", "scale-ratio.png",
+        "scaling.md"]
     for path in written[:-1]:
         _check_png(Path(path))
     md = md_path.read_text(encoding="utf-8")
@@ -247,3 +248,22 @@ def test_two_testbed_documents_share_figures(tmp_path: Path) -> None:
     # Second document, 4 hosts: 1.5 x 13 s = 19.5 s against 10 s alone; 4 working sets.
     assert "| 4 | 19.50 | 15.60 | 18.52 | 1.95 | 128.0 | 4.00 |" in md
     assert "Left out of the figures" not in md
+
+
+def test_levels_cpu_and_dilation_are_reported(tmp_path: Path) -> None:
+    """Per-level times and CPU seconds become columns; a dilated run says so in the
+    settings line, and its ratio to one VM alone is what the ratio figure draws."""
+    doc = _scale_doc("virtman bench scale --dilation 4", 4.0)
+    doc["settings"]["dilation"] = 4.0
+    for run in doc["runs"]:
+        run["all_booted_by_level"] = {"2": run["all_booted_seconds"], "1": 40.0}
+        run["agents_cpu_seconds"], run["vms_cpu_seconds"] = 12.5, 8.0
+    written = make_report([doc], str(tmp_path / "f"), str(tmp_path / "r.md"), "Dilated")
+    assert "scale-ratio.png" in {Path(p).name for p in written}
+    _check_png(tmp_path / "f" / "scale-ratio.png")
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "time dilation ×4" in md
+    assert "| all booted by tree level (s) | CPU s: agents / VMs |" in md
+    # virtman at 4 hosts: 4 x 13 s = 52 s, 5.2 times one VM alone.
+    assert "| 4 | 52.00 | 41.60 | 49.40 | 5.20 |" in md
+    assert "| 1: 40.00, 2: 52.00 | 12.5 / 8.0 |" in md

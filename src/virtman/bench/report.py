@@ -34,7 +34,7 @@ import statistics
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from virtman.bench.results import MODES
@@ -68,6 +68,8 @@ _OTHER_STYLE = (["#8c564b", "#e377c2", "#7f7f7f"], ["h", "p", "8"])
 
 MIB = 1 << 20
 MISSING = "—"
+#: The issue's target for virtman mode: all booted within this factor of one VM alone.
+TARGET_RATIO = 1.3
 
 Doc = dict[str, Any]
 Run = dict[str, Any]
@@ -261,6 +263,9 @@ def _settings_summary(docs: Sequence[Doc]) -> str:
     speeds = _unique(_number(s, "speed") for s in settings)
     if speeds and speeds != [1.0]:
         parts.append(f"replay speed \u00d7{'/'.join(_plain(v) for v in speeds)}")
+    dilations = _unique(_number(s, "dilation") for s in settings)
+    if dilations and dilations != [1.0]:
+        parts.append(f"time dilation \u00d7{'/'.join(_plain(v) for v in dilations)}")
     return ", ".join(parts)
 
 
@@ -440,6 +445,30 @@ def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> li
     return notes
 
 
+def _ratio_figure(kind: str, series: list[Series], summary: str, path: str) -> list[str]:
+    """All booted over one VM alone against hosts: documents with different traces,
+    speeds or dilations on one scale, beside the target."""
+    fig, ax = _new_figure()
+    ratios = [
+        replace(s, runs=[{**r, "ratio": _ratio(_number(r, "all_booted_seconds"),
+                                                _number(r, "single_vm_seconds"))}
+                         for r in s.runs])
+        for s in series
+    ]
+    values = [v for s in ratios for _, v in s.points("ratio")]
+    log = _spans(values, 1)
+    hosts, dropped = _draw_series(ax, ratios, "ratio", positive_only=log)
+    ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.5, label="one VM alone (1.0)")
+    ax.axhline(TARGET_RATIO, color="tab:red", linestyle=":", linewidth=1.5,
+               label=f"target for virtman ({_plain(TARGET_RATIO)}\u00d7)")
+    _x_axis(ax, hosts)
+    _y_axis(ax, [*values, 1.0, TARGET_RATIO], 1, "all booted / one VM alone")
+    _title(ax, kind, "time until all booted, over one VM alone", summary)
+    _legend(fig, ax)
+    _save(fig, path)
+    return [f"{dropped} ratio point(s) of 0 are not drawn."] if dropped else []
+
+
 def _roots(run: Run, settings: dict[str, Any]) -> tuple[float, str] | None:
     """Hosts the origin feeds directly, with words that say where the number came from:
     the run's or settings' ``roots``, else min(fan-out, hosts) with the run's or settings'
@@ -579,6 +608,14 @@ def _run_notes(run: Run, varying: dict[str, bool]) -> str | None:
     return "; ".join(notes) or None
 
 
+def _levels(value: Any) -> str | None:
+    """``{"1": 33.9, "2": 35.4}`` -> ``1: 33.9, 2: 35.4``."""
+    if not isinstance(value, dict) or not value:
+        return None
+    pairs = sorted((int(k), v) for k, v in value.items() if str(k).isdigit())
+    return ", ".join(f"{k}: {_fmt(float(v))}" for k, v in pairs) or None
+
+
 def _why(run: Run) -> str:
     error, failed = run.get("error"), _error_vms(run)
     if error:
@@ -611,7 +648,8 @@ def _document_section(number: int, doc: Doc, series: list[Series]) -> list[str]:
     own = [s for s in series if s.doc_number == number]
     runs = [r for s in own for r in s.runs]
     has = {k: any(r.get(k) is not None for r in runs)
-           for k in ("floor_seconds", "depth", "working_set_bytes")}
+           for k in ("floor_seconds", "depth", "working_set_bytes", "all_booted_by_level",
+                     "agents_cpu_seconds")}
     floors = kind == "simulation" or has["floor_seconds"]
     varying = {"trace": len(_unique(r.get("trace") for r in runs)) > 1,
                "vms_per_host": len(_unique(_number(r, "vms_per_host") for r in runs)) > 1}
@@ -624,6 +662,10 @@ def _document_section(number: int, doc: Doc, series: list[Series]) -> list[str]:
         header += ["floor (s)", "all booted / floor"]
     if has["depth"]:
         header.append("depth")
+    if has["all_booted_by_level"]:
+        header.append("all booted by tree level (s)")
+    if has["agents_cpu_seconds"]:
+        header.append("CPU s: agents / VMs")
     header.append("notes")
 
     skipped: list[str] = []
@@ -666,6 +708,12 @@ def _document_section(number: int, doc: Doc, series: list[Series]) -> list[str]:
             if has["depth"]:
                 depth = _number(run, "depth")
                 row.append(_plain(depth) if depth is not None else None)
+            if has["all_booted_by_level"]:
+                row.append(_levels(run.get("all_booted_by_level")))
+            if has["agents_cpu_seconds"]:
+                agents, vms = _number(run, "agents_cpu_seconds"), _number(run, "vms_cpu_seconds")
+                row.append(f"{agents:.1f} / {vms:.1f}" if agents is not None and vms is not None
+                           else None)
             row.append(_run_notes(run, varying))
             rows.append(row)
         out += [f"#### {s.name}", "", *_table(rows, header, text=["notes"]), ""]
@@ -752,6 +800,10 @@ def make_report(docs: Sequence[Doc], out_dir: str, md_path: str, title: str) -> 
             path = os.path.join(out_dir, f"{prefix}-boot.png")
             notes += _boot_figure(kind, series, summary, path)
             figures.append((path, f"{name}: time until all VMs booted"))
+        if any(s.points("single_vm_seconds") for s in series) and figures:
+            path = os.path.join(out_dir, f"{prefix}-ratio.png")
+            notes += _ratio_figure(kind, series, summary, path)
+            figures.append((path, f"{name}: time until all booted, over one VM alone"))
         if any(s.points("origin_bytes_sent") for s in series):
             path = os.path.join(out_dir, f"{prefix}-origin.png")
             notes += _bytes_figure(kind, series, summary, path, "origin_bytes_sent",
