@@ -255,14 +255,14 @@ def test_levels_cpu_and_dilation_are_reported(tmp_path: Path) -> None:
     settings line, and its ratio to one VM alone is what the ratio figure draws."""
     doc = _scale_doc("virtman bench scale --dilation 4", 4.0)
     doc["settings"]["dilation"] = 4.0
-    for run in doc["runs"]:
-        run["all_booted_by_level"] = {"2": run["all_booted_seconds"], "1": 40.0}
-        run["agents_cpu_seconds"], run["vms_cpu_seconds"] = 12.5, 8.0
+    for r in doc["runs"]:
+        r["all_booted_by_level"] = {"2": r["all_booted_seconds"], "1": 40.0}
+        r["agents_cpu_seconds"], r["vms_cpu_seconds"] = 12.5, 8.0
     written = make_report([doc], str(tmp_path / "f"), str(tmp_path / "r.md"), "Dilated")
     assert "scale-ratio.png" in {Path(p).name for p in written}
     _check_png(tmp_path / "f" / "scale-ratio.png")
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
-    assert "time dilation ×4" in md
+    assert "time dilation \u00d74" in md
     assert "| all booted by tree level (s) | CPU s: agents / VMs |" in md
     # virtman at 4 hosts: 4 x 13 s = 52 s, 5.2 times one VM alone.
     assert "| 4 | 52.00 | 41.60 | 49.40 | 5.20 |" in md
