@@ -736,17 +736,25 @@ HOW_TO_READ = """\
   the image: the best any mode can do. In simulations the dotted line is the floor, the
   simulator's lower bound for that host count. A flat line means the mode scales; a line
   that climbs with the hosts means a bottleneck (usually the origin's link).
-- **Bytes sent by the origin** (second figure): what the origin had to send in total. The
+- **All booted over one VM alone** (second figure): the same times divided by the
+  one-VM time of their own run, so runs with other traces, replay speeds or time
+  dilations (see `docs/benchmarks.md`) share one scale. The dotted red line is the
+  target for `virtman` mode, 1.3.
+- **Bytes sent by the origin** (third figure): what the origin had to send in total. The
   wide grey reference line is the working set (the bytes a boot reads) times the roots, the
   hosts the origin feeds directly (`min(fan-out, hosts)` for a relay tree): a scheme that
   relays well stays on it however many hosts boot.
-- **Most bytes sent by one host** (third figure, when measured): the heaviest relay's load.
+- **Most bytes sent by one host** (fourth figure, when measured): the heaviest relay's load.
 - Axes switch to a logarithmic scale when the values span decades (hosts: two decades,
   times and bytes: one). Times are seconds; MiB and GiB are 2^20 and 2^30 bytes.
 - Tables: *all booted / one VM* is the time until all booted over the one-VM time (1.0 is
   perfect); *origin / working set* is the origin's bytes over the working set (about the
   number of roots when relaying works, about the host count when it does not); *all
-  booted / floor* (simulations) is how far a run is from the simulator's lower bound.
+  booted / floor* (simulations) is how far a run is from the simulator's lower bound;
+  *all booted by tree level* is the slowest boot among the hosts of each level (a step
+  per level is latency each relay hop adds); *CPU s* is what the agents and the
+  stand-in VMs used during the boot; *CPU-limited* in the notes marks a run whose cores
+  were saturated more than a fifth of the time.
   `—` marks a value the run does not have (a failed mode, or a key the run did not write).
 """
 
