@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from devices import image_bytes
 
 from virtman.blockdev import FaultyDevice, MemoryDevice, PathPolicy, RemoteDevice
 from virtman.errors import DeviceError, InvalidRequest
+from virtman.limits import REQUEST_TIMEOUT_SECONDS, RETIRE_GRACE_SECONDS
 from virtman.nbd.server import NbdServer
 
 SIZE = 256 * 1024
@@ -205,3 +207,25 @@ async def test_bad_data_is_refetched_from_another_path(origins: Origins) -> None
     with pytest.raises(DeviceError):
         await dev.read_verified(0, 4096, lambda d: False, attempts=3)
     await dev.close()
+
+
+async def test_reads_stuck_on_a_silent_retired_path_move_to_the_new_one(
+    origins: Origins,
+) -> None:
+    """A parent that stops answering without closing its connection (a host that froze
+    or lost power) would hold its reads until their 30 s timeout; once Volt's new paths
+    drop it, they move to the new path after the retire grace."""
+    a, b = await origins.start("a"), await origins.start("b")
+    dev = RemoteDevice([a])
+    await dev.open()
+    origins.devices["a"].delay = 60.0  # answers nothing for a minute
+    started = time.monotonic()
+    inflight = asyncio.ensure_future(dev.read(4096, 4096))
+    await asyncio.sleep(0.1)
+    dev.set_paths([b])
+    assert await inflight == image_bytes(SIZE)[4096:8192]
+    # Not the request timeout: the grace and a reconnect.
+    assert time.monotonic() - started < RETIRE_GRACE_SECONDS + 3 < REQUEST_TIMEOUT_SECONDS
+    assert dev.bytes_received_by_path()[b] == 4096
+    await dev.close()
+    await origins.kill("a")  # its read is still asleep

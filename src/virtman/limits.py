@@ -43,6 +43,9 @@ HANDSHAKE_TIMEOUT_SECONDS = 30.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 #: Seconds one request may take on one path before that path is given up on.
 REQUEST_TIMEOUT_SECONDS = 30.0
+#: Seconds requests in flight on a path that ``set_paths`` dropped have to finish there
+#: before they move to the current paths (a dead parent would hold them until the above).
+RETIRE_GRACE_SECONDS = 1.0
 #: Seconds to wait before reconnecting a failed path (doubles up to the maximum).
 RECONNECT_DELAY_SECONDS = 0.2
 RECONNECT_DELAY_MAX_SECONDS = 5.0

@@ -26,6 +26,7 @@ carry and then close, new ones connect in the background.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -47,6 +48,7 @@ from virtman.limits import (
     RECONNECT_DELAY_MAX_SECONDS,
     RECONNECT_DELAY_SECONDS,
     REQUEST_TIMEOUT_SECONDS,
+    RETIRE_GRACE_SECONDS,
 )
 from virtman.nbd.client import NbdClient
 from virtman.protocol.nbd.constants import Errno
@@ -296,9 +298,22 @@ class RemoteDevice(BlockDevice):
         if path.client is not None:
             client = path.client
             path.client = None
-            # close() waits for the requests the path still carries.
-            asyncio.get_running_loop().create_task(client.close())
+            asyncio.get_running_loop().create_task(self._drain_retired(client))
         self._retired.append(path)
+
+    async def _drain_retired(self, client: NbdClient) -> None:
+        """Close a retired path once the requests it carries are answered. A parent that
+        died without closing its connection would hold them until their timeout (30 s);
+        after RETIRE_GRACE_SECONDS the connection is dropped instead, and the requests
+        still on it fail over to the current paths (``_call_path`` goes on with them)."""
+        closing = asyncio.ensure_future(client.close())
+        done, _ = await asyncio.wait({closing}, timeout=RETIRE_GRACE_SECONDS)
+        if not done:
+            log.info("retired path %s: requests unanswered after %.0f s; moving them",
+                     client.address, RETIRE_GRACE_SECONDS)
+            client.abort()
+        with contextlib.suppress(Exception):
+            await closing
 
     # --- status ---------------------------------------------------------------------------
 
