@@ -43,7 +43,7 @@ from virtman.bench.netbed import LinkShape, Netbed, check_namespaces_work
 from virtman.bench.results import MODES, Run, percentile, write_results
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
-from virtman.errors import ConfigError
+from virtman.errors import ConfigError, NetworkError
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
 from virtman.sizes import parse_link_rate, parse_size
@@ -312,7 +312,7 @@ async def _statuses(cluster: LocalCluster) -> dict[str, Any]:
     found = await asyncio.gather(*(cluster.agent_status(h) for h in names))
     missing = [h for h, s in zip(names, found, strict=True) if s is None]
     if missing:
-        raise ConfigError(f"agents {missing} did not answer /status")
+        raise NetworkError(f"agents {missing} did not answer /status during the run")
     return dict(zip(names, found, strict=True))
 
 
