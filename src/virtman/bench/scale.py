@@ -75,7 +75,7 @@ class Plan:
     copy_max_hosts: int
     rate: str
     delay: str
-    #: Time dilation: think times and attach delays x D, link rates / D (see run()).
+    #: Time dilation: think times and attach delays x D, link rates / D (plan_from_args).
     dilation: float = 1.0
     prefix: str = ""
     max_hosts: int = 0

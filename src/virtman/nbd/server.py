@@ -50,7 +50,6 @@ from virtman.protocol.nbd import (
     BlockSizes,
     ClientDisconnected,
     Command,
-    CommandFlag,
     Errno,
     ExportInfo,
     ExportSelected,
@@ -61,10 +60,9 @@ from virtman.protocol.nbd import (
     ServerConnection,
     TransmissionFlag,
 )
+from virtman.protocol.nbd.constants import FUA_BIT
 
 log = logging.getLogger(__name__)
-
-_FUA = int(CommandFlag.FUA)  # a plain int: IntFlag arithmetic is slow on the request path
 
 
 class ServerStatus(enum.Enum):
@@ -477,7 +475,7 @@ class _Connection(asyncio.Protocol):
         assert export is not None
         device = export.device
         command = request.command
-        fua = bool(request.flags & _FUA)
+        fua = bool(request.flags & FUA_BIT)
         if command == Command.READ:
             data = await device.read(request.offset, request.length)
             stats = self.server.stats

@@ -24,6 +24,7 @@ from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.limits import MAX_ERROR_MESSAGE
 from virtman.protocol.nbd.constants import (
     BASE_ALLOCATION,
+    DONE_BIT,
     EXPORT_NAME_PADDING,
     IHAVEOPT,
     NBDMAGIC,
@@ -59,11 +60,9 @@ from virtman.protocol.nbd.messages import (
     encode_string,
 )
 
-# Hot-path constants: plain ints and prebuilt structs (IntFlag arithmetic and building a
-# Struct cost more than the rest of decoding a reply).
+# Prebuilt: building a Struct costs more than the rest of decoding a reply header.
 _SIMPLE_REST = struct.Struct(">IQ")  # error, cookie (after the magic)
 _CHUNK_REST = struct.Struct(">HHQI")  # flags, type, cookie, length (after the magic)
-_DONE = int(ReplyFlag.DONE)
 
 #: Largest option reply payload a client accepts (a name plus a description).
 MAX_OPTION_REPLY = 64 * 1024
@@ -453,7 +452,7 @@ class ClientConnection:
             out.message = payload[6 : 6 + mlen].decode(errors="replace")
         else:
             raise self._fail(f"unknown reply chunk type {kind}")
-        if not flags & _DONE:
+        if not flags & DONE_BIT:
             return None
         del self._outstanding[cookie]
         data = b""

@@ -117,6 +117,14 @@ class ReplyFlag(enum.IntFlag):
     DONE = 1 << 0
 
 
+# The same flags as plain ints, for the request path: IntFlag arithmetic (``flags &
+# CommandFlag.FUA``) builds enum members and costs more than the rest of a request check.
+FUA_BIT = int(CommandFlag.FUA)
+DF_BIT = int(CommandFlag.DF)
+FAST_ZERO_BIT = int(CommandFlag.FAST_ZERO)
+DONE_BIT = int(ReplyFlag.DONE)
+
+
 class ChunkType(enum.IntEnum):
     NONE = 0
     OFFSET_DATA = 1

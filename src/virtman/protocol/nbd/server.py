@@ -33,7 +33,10 @@ from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.limits import MAX_OPTION_LENGTH, MAX_OPTIONS_PER_CONNECTION
 from virtman.protocol.nbd.constants import (
     BASE_ALLOCATION,
+    DF_BIT,
     EXPORT_NAME_PADDING,
+    FAST_ZERO_BIT,
+    FUA_BIT,
     IHAVEOPT,
     MAX_STRING,
     NBDMAGIC,
@@ -132,15 +135,13 @@ class ClientDisconnected:
 
 ServerEvent = ExportSelected | RequestReceived | RequestRefused | OptionRefused | ClientDisconnected
 
-# Flags each command may carry; anything else is EINVAL. Plain ints, as the other
-# constants of the request path: IntFlag arithmetic costs more than the rest of a check.
-_FUA, _DF, _FAST_ZERO = int(CommandFlag.FUA), int(CommandFlag.DF), int(CommandFlag.FAST_ZERO)
+# Flags each command may carry; anything else is EINVAL. Plain ints (see FUA_BIT).
 _ALLOWED_FLAGS: dict[int, int] = {
-    int(Command.READ): _DF,
-    int(Command.WRITE): _FUA,
+    int(Command.READ): DF_BIT,
+    int(Command.WRITE): FUA_BIT,
     int(Command.FLUSH): 0,
-    int(Command.TRIM): _FUA,
-    int(Command.WRITE_ZEROES): _FUA | int(CommandFlag.NO_HOLE) | _FAST_ZERO,
+    int(Command.TRIM): FUA_BIT,
+    int(Command.WRITE_ZEROES): FUA_BIT | int(CommandFlag.NO_HOLE) | FAST_ZERO_BIT,
     int(Command.CACHE): 0,
     int(Command.DISC): 0,
     int(Command.BLOCK_STATUS): int(CommandFlag.REQ_ONE),
@@ -188,8 +189,8 @@ class ServerConnection:
         self.client_flags = ClientFlag(0)
         self.structured_replies = False
         self.base_allocation = False
-        self._fua_allowed = False
-        self._fast_zero_allowed = False
+        #: _ALLOWED_FLAGS as the selected export's transmission flags amend it.
+        self._allowed_flags: dict[int, int] = {}
         self.export: ExportInfo | None = None
         self._options_seen = 0
         # A parsed option or request header whose payload has not fully arrived.
@@ -444,8 +445,12 @@ class ServerConnection:
     def _enter_transmission(self, export: ExportInfo) -> ExportSelected:
         self.export = export
         self.state = ServerState.TRANSMISSION
-        self._fua_allowed = bool(export.flags & TransmissionFlag.SEND_FUA)
-        self._fast_zero_allowed = bool(export.flags & TransmissionFlag.SEND_FAST_ZERO)
+        self._allowed_flags = dict(_ALLOWED_FLAGS)
+        if export.flags & TransmissionFlag.SEND_FUA:
+            # The spec: accept FUA on every command.
+            self._allowed_flags = {c: f | FUA_BIT for c, f in _ALLOWED_FLAGS.items()}
+        if not export.flags & TransmissionFlag.SEND_FAST_ZERO:
+            self._allowed_flags[Command.WRITE_ZEROES] &= ~FAST_ZERO_BIT
         return ExportSelected(export, self.structured_replies)
 
     # --- transmission ---------------------------------------------------------------------
@@ -501,16 +506,12 @@ class ServerConnection:
         label = _COMMAND_NAMES.get(command)
         if label is None:
             return Errno.EINVAL, f"unknown command {command}"
-        allowed = _ALLOWED_FLAGS.get(command)
+        allowed = self._allowed_flags.get(command)
         if allowed is None:
             return Errno.EINVAL, f"{label} is not supported"
-        if self._fua_allowed:
-            allowed |= _FUA  # the spec: accept FUA on every command
-        if command == Command.WRITE_ZEROES and not self._fast_zero_allowed:
-            allowed &= ~_FAST_ZERO
         if flags & ~allowed:
             return Errno.EINVAL, f"{label} with flags {flags:#x} not valid for it"
-        if command == Command.READ and flags & _DF and not self.structured_replies:
+        if command == Command.READ and flags & DF_BIT and not self.structured_replies:
             return Errno.EINVAL, "READ with DF flag without structured replies"
         if command == Command.BLOCK_STATUS and not self.base_allocation:
             return Errno.EINVAL, "BLOCK_STATUS without a negotiated meta context"
