@@ -9,9 +9,16 @@
 - ``DeviceError``: a storage device failed (I/O error, digest mismatch, corruption).
 - ``ApiError``: a virtman service answered an HTTP request with an error.
 - ``NotFound``, ``Conflict``: a named thing is unknown, or its name is taken.
+- ``PayloadTooLarge``: a request body over its named limit.
+- ``LifecycleError``: a service asked to do what its lifecycle state does not allow.
+
+Messages that embed what a caller sent quote it through ``quote``/``excerpt``: a bounded
+prefix and its size, so a 10 MB bad input never comes back whole in an error.
 """
 
 from __future__ import annotations
+
+from virtman.limits import MAX_ERROR_INPUT_CHARS
 
 
 class VirtmanError(Exception):
@@ -96,3 +103,45 @@ class NotFound(VirtmanError):
 
 class Conflict(VirtmanError):
     """A name already in use, or an operation the current state does not allow."""
+
+
+class PayloadTooLarge(VirtmanError):
+    """A request body over its limit. ``size`` is the declared Content-Length, or None
+    when the body came in chunks and was cut as soon as it passed ``limit`` bytes."""
+
+    def __init__(self, what: str, *, limit: int, size: int | None) -> None:
+        amount = f"of {size} bytes" if size is not None else "sent in chunks"
+        super().__init__(f"{what}: request body {amount} is over the limit of {limit} bytes")
+        self.what = what
+        self.limit = limit
+        self.size = size
+
+
+class LifecycleError(VirtmanError):
+    """A service (Volt, an HTTP service) asked to do what its state does not allow:
+    start twice, serve after it stopped. ``component``, ``action`` and ``state`` say who,
+    what and when."""
+
+    def __init__(self, component: str, action: str, state: str, *, reason: str = "") -> None:
+        why = f": {reason}" if reason else ""
+        super().__init__(f"{component} cannot {action} in state {state}{why}")
+        self.component = component
+        self.action = action
+        self.state = state
+
+
+def excerpt(text: str, limit: int = MAX_ERROR_INPUT_CHARS) -> str:
+    """``text`` if it is at most ``limit`` characters, else its first ``limit`` characters,
+    an ellipsis and the whole text's size in UTF-8 bytes."""
+    if len(text) <= limit:
+        return text
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}\u2026 ({size} bytes)"
+
+
+def quote(text: str, limit: int = MAX_ERROR_INPUT_CHARS) -> str:
+    """``repr(text)`` for a message, bounded like ``excerpt``: what a caller sent, quoted."""
+    if len(text) <= limit:
+        return repr(text)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]!r}\u2026 ({size} bytes)"

@@ -4,22 +4,40 @@ Services run uvicorn inside virtman's own event loop (so NBD servers and HTTP sh
 it) on a socket bound beforehand, which makes port 0 usable and the port known.
 Calls go through ``ApiClient``, which turns every transport or HTTP error into a
 ``NetworkError`` or ``ApiError`` carrying the service's own ``detail`` message.
+
+What a caller sends is bounded at this boundary, for every app that
+``install_error_handlers`` is given (``HttpLimits``):
+
+- A request body over ``max_body_bytes`` is answered 413 before it is parsed: at once
+  when its Content-Length says so, or as soon as a chunked body passes the limit (the
+  body is read into memory only up to the limit, then handed to the app whole). Routes
+  that stream their body (an agent's VM import) are named by path and get their own,
+  much larger limit, counted as the app reads.
+- An error never echoes a caller's input whole: pydantic's validation errors (whose
+  ``input`` is what was sent) and virtman's own messages quote a bounded prefix and its
+  size, and an answer lists a bounded number of errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import json
 import logging
 import signal
 import socket
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from virtman.errors import (
     ApiError,
@@ -27,11 +45,21 @@ from virtman.errors import (
     Conflict,
     DeviceError,
     InvalidRequest,
+    LifecycleError,
     NetworkError,
     NotFound,
+    PayloadTooLarge,
     VirtmanError,
+    excerpt,
 )
-from virtman.limits import HTTP_TIMEOUT_SECONDS
+from virtman.limits import (
+    HTTP_TIMEOUT_SECONDS,
+    MAX_ERROR_DETAIL_CHARS,
+    MAX_ERROR_INPUT_CHARS,
+    MAX_ERROR_ITEMS,
+    MAX_HTTP_BODY_BYTES,
+    MAX_STREAM_BODY_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +70,194 @@ class Problem(BaseModel):
 
 #: The error answers every route may give, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem}, 409: {"model": Problem}, 422: {"model": Problem},
-    500: {"model": Problem}, 502: {"model": Problem}}
+    404: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem},
+    422: {"model": Problem}, 500: {"model": Problem}, 502: {"model": Problem}}
 
-_STATUS = ((NotFound, 404), (Conflict, 409), (ConfigError, 422), (InvalidRequest, 422),
-           (DeviceError, 500))
+_STATUS = ((NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413), (ConfigError, 422),
+           (InvalidRequest, 422), (DeviceError, 500), (LifecycleError, 503))
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Translate virtman's errors into HTTP answers whose ``detail`` says what is wrong."""
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP service accepts from a caller and echoes back (``limits.py``)."""
+
+    max_body_bytes: int = MAX_HTTP_BODY_BYTES
+    max_stream_body_bytes: int = MAX_STREAM_BODY_BYTES
+    max_error_input_chars: int = MAX_ERROR_INPUT_CHARS
+    max_error_detail_chars: int = MAX_ERROR_DETAIL_CHARS
+    max_error_items: int = MAX_ERROR_ITEMS
+
+
+def install_error_handlers(
+    app: FastAPI, limits: HttpLimits | None = None, *, streamed: Collection[str] = ()
+) -> None:
+    """Bound what ``app`` accepts and echoes, and translate virtman's errors into HTTP
+    answers whose ``detail`` says what is wrong.
+
+    ``streamed``: paths whose handlers read the body as a stream (no JSON model); their
+    body is not held in memory and is capped at ``limits.max_stream_body_bytes``.
+    """
+    lim = limits if limits is not None else HttpLimits()
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 502)
-        return JSONResponse(status_code=status, content={"detail": str(exc)})
+        detail = excerpt(str(exc), lim.max_error_detail_chars)
+        return JSONResponse(status_code=status, content={"detail": detail})
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return JSONResponse(status_code=422, content={"detail": bounded_errors(exc.errors(), lim)})
 
     app.add_exception_handler(VirtmanError, handle)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=lim.max_body_bytes,
+        streamed={path: lim.max_stream_body_bytes for path in streamed},
+        quote_chars=lim.max_error_input_chars,
+    )
+
+
+def bounded_errors(errors: Any, limits: HttpLimits) -> list[dict[str, Any]]:
+    """pydantic's validation errors with every string a caller sent quoted as a bounded
+    prefix: ``input``, ``msg`` (a validator may quote its input), ``loc`` (a dict key
+    is input too) and ``ctx``; at most ``limits.max_error_items`` of them, then a count."""
+    n = limits.max_error_input_chars
+    out: list[dict[str, Any]] = []
+    for item in list(errors)[: limits.max_error_items]:
+        entry: dict[str, Any] = {
+            "type": str(item.get("type", "")),
+            "loc": [x if isinstance(x, int) else excerpt(str(x), n) for x in item.get("loc", ())],
+            "msg": excerpt(str(item.get("msg", "")), limits.max_error_detail_chars),
+        }
+        if "input" in item:
+            entry["input"] = _bounded_value(item["input"], n)
+        if item.get("ctx"):
+            entry["ctx"] = {str(k): _bounded_value(v, n) for k, v in item["ctx"].items()}
+        out.append(entry)
+    more = len(errors) - len(out)
+    if more > 0:
+        out.append({"type": "too_many_errors", "loc": [], "msg": f"{more} more errors not shown"})
+    return out
+
+
+def _bounded_value(value: Any, limit: int) -> Any:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return excerpt(value, limit)
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return excerpt(text, limit)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its limit is answered 413 before the app
+    parses it, and the service goes on serving.
+
+    A body within the limit is read whole and handed to the app as one message, so the
+    count covers a chunked body as well as a declared one. Paths in ``streamed`` are
+    counted as the app reads them instead, against their own limit.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, streamed: Mapping[str, int], quote_chars: int
+    ) -> None:
+        self.app = app
+        self.quote_chars = quote_chars
+        self.max_bytes = max_bytes
+        self.streamed = dict(streamed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        what = f"{scope['method']} {excerpt(scope['path'], self.quote_chars)}"
+        stream_limit = self.streamed.get(scope["path"])
+        limit = self.max_bytes if stream_limit is None else stream_limit
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, PayloadTooLarge(what, limit=limit, size=declared))
+            return
+        if stream_limit is not None:
+            await self._stream(scope, receive, send, what, limit)
+            return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was whole: nothing to serve
+            body = message.get("body", b"")
+            total += len(body)
+            if total > limit:
+                await _refuse(send, PayloadTooLarge(what, limit=limit, size=None))
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        handed = False
+
+        async def replay() -> Message:
+            nonlocal handed
+            if not handed:
+                handed = True
+                return whole
+            return await receive()  # only a disconnect is left to come
+
+        await self.app(scope, replay, send)
+
+    async def _stream(
+        self, scope: Scope, receive: Receive, send: Send, what: str, limit: int
+    ) -> None:
+        total = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > limit:
+                    raise PayloadTooLarge(what, limit=limit, size=None)
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except PayloadTooLarge as err:  # the app let it through instead of answering it
+            if started:
+                raise
+            await _refuse(send, err)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # h11 refuses a malformed Content-Length before we see it
+    return None
+
+
+async def _refuse(send: Send, err: PayloadTooLarge) -> None:
+    log.debug("refused: %s", err)
+    body = json.dumps({"detail": str(err)}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": 413,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -75,14 +276,41 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: virtman's commands stop it themselves."""
+    """uvicorn without its own signal handling (virtman's commands stop it themselves),
+    and with an event for "listening", which uvicorn only offers as a flag."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
+
+class ServiceState(enum.Enum):
+    """An ``HttpService``'s lifecycle: each state is entered once, in this order
+    (NEW may go straight to STOPPED when it is stopped before it ran)."""
+
+    NEW = "new"
+    STARTING = "starting"  # the app's startup runs; the socket does not answer yet
+    RUNNING = "running"  # answering requests
+    STOPPING = "stopping"  # finishing requests in flight, accepting none
+    STOPPED = "stopped"
+
 
 class HttpService:
-    """A FastAPI app served by uvicorn on a bound socket; ``stop()`` ends it cleanly."""
+    """A FastAPI app served by uvicorn on a bound socket.
+
+    ``run()`` serves until ``stop()`` (the commands' main loop); ``start()`` returns once
+    the service answers and ``close()`` stops it and waits (tests, embedding). A service
+    runs once: ``start``/``run`` in any state but NEW raise ``LifecycleError``, and so
+    does a startup that fails (the app's own error is logged by uvicorn).
+    """
 
     def __init__(self, app: FastAPI, sock: socket.socket) -> None:
         self.sock = sock
@@ -92,33 +320,94 @@ class HttpService:
             app, log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=5
         )
         self.server = _Server(config)
+        self.state = ServiceState.NEW
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def _fail(self, action: str, reason: str = "") -> LifecycleError:
+        return LifecycleError(
+            f"http service {self.url}", action, self.state.value, reason=reason
+        )
+
+    async def start(self) -> None:
+        """Serve in a task of this loop; return once requests are answered.
+
+        Raises ``LifecycleError`` if the service ran before or its startup failed.
+        """
+        if self.state is not ServiceState.NEW:
+            raise self._fail("start")
+        self.state = ServiceState.STARTING
+        self._task = asyncio.get_running_loop().create_task(
+            self._serve(), name=f"http service {self.url}"
+        )
+        listening = asyncio.ensure_future(self.server.listening.wait())
+        try:
+            await asyncio.wait((self._task, listening), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+        if self._task.done():
+            await self._task  # raises the startup failure
+        elif self.state is ServiceState.STARTING:
+            self.state = ServiceState.RUNNING
+
     async def run(self) -> None:
-        await self.server.serve(sockets=[self.sock])
+        """Serve until ``stop()``; raises ``LifecycleError`` as ``start`` does."""
+        await self.start()
+        assert self._task is not None
+        await self._task
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        except SystemExit as err:  # uvicorn's way to say the app's startup failed
+            failure = self._fail("start", f"the application's startup failed (exit {err.code})")
+            self.state = ServiceState.STOPPED
+            raise failure from None
+        self.state = ServiceState.STOPPED
 
     async def run_until_signalled(self, banner: str) -> int:
         """Serve until SIGTERM or SIGINT, then stop cleanly (the commands' main loop)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        await self.start()
         print(f"{banner} serving on {self.url}", flush=True)
-        await self.run()
+        assert self._task is not None
+        await self._task
         return 0
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        """Ask the service to stop (safe from a signal handler, and more than once)."""
+        if self.state is ServiceState.NEW:
+            self.state = ServiceState.STOPPED
+            self.sock.close()
+        elif self.state in (ServiceState.STARTING, ServiceState.RUNNING):
+            self.state = ServiceState.STOPPING
+            self.server.should_exit = True
+
+    async def close(self) -> None:
+        """Stop and wait until the service has stopped (its shutdown included)."""
+        self.stop()
+        if self._task is not None:
+            await self._task
 
 
 class ApiClient:
     """Calls one virtman service. Use as ``async with ApiClient(url) as api``."""
 
-    def __init__(self, base_url: str, *, timeout: float = HTTP_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = HTTP_TIMEOUT_SECONDS,
+        max_detail_chars: int = MAX_ERROR_DETAIL_CHARS,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.max_detail_chars = max_detail_chars
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
 
     async def __aenter__(self) -> ApiClient:
@@ -134,7 +423,14 @@ class ApiClient:
         response = await self._send(method, path, **kwargs)
         if response.status_code == 204 or not response.content:
             return None
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as err:
+            raise ApiError(
+                f"answer is not JSON: {excerpt(response.text, self.max_detail_chars)}",
+                status=response.status_code,
+                url=f"{self.base_url}{path}",
+            ) from err
 
     async def get_text(self, path: str, **kwargs: Any) -> str:
         """GET a plain-text (or XML) document."""
@@ -153,7 +449,9 @@ class ApiClient:
             except ValueError:
                 detail = response.text
             raise ApiError(
-                _detail_text(detail), status=response.status_code, url=f"{self.base_url}{path}"
+                _detail_text(detail, self.max_detail_chars),
+                status=response.status_code,
+                url=f"{self.base_url}{path}",
             )
         return response
 
@@ -167,18 +465,20 @@ class ApiClient:
         return await self.request("DELETE", path, **kwargs)
 
 
-def _detail_text(detail: Any) -> str:
-    """pydantic's list of validation errors, or a plain message, as one line."""
+def _detail_text(detail: Any, limit: int = MAX_ERROR_DETAIL_CHARS) -> str:
+    """pydantic's list of validation errors, or a plain message, as one line of at most
+    about ``limit`` characters (a service of another version may not bound its own)."""
     if isinstance(detail, list):
         parts = []
         for item in detail:
             if isinstance(item, dict):
                 where = ".".join(str(x) for x in item.get("loc", ()) if x != "body")
-                parts.append(f"{where}: {item.get('msg', item)}" if where else str(item.get("msg")))
+                msg = str(item.get("msg", item))
+                parts.append(f"{where}: {msg}" if where else msg)
             else:
                 parts.append(str(item))
-        return "; ".join(parts)
-    return str(detail)
+        return excerpt("; ".join(parts), limit)
+    return excerpt(str(detail), limit)
 
 
 async def wait_for(url: str, path: str = "/health", timeout: float = 20.0) -> None:

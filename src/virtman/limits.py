@@ -82,3 +82,18 @@ MAX_NAME_LENGTH = 64
 COPY_RECORD_BYTES = 1 * MiB
 #: Default capacity of an agent's cache group.
 DEFAULT_CACHE_CAPACITY = 64 * GiB
+
+# --- HTTP services (Volt and the agents) ---------------------------------------------------
+#: Largest request body a JSON route accepts; a larger one is answered 413 before it is
+#: parsed (by Content-Length at once, or as soon as a chunked body passes it). Volt's and
+#: the agents' documents are a few KiB; a heartbeat for hundreds of images is tens of KiB.
+MAX_HTTP_BODY_BYTES = 1 * MiB
+#: Largest body of a streamed route (an agent's ``POST /vms/import``: a VM's written data
+#: as a copy stream, bounded in practice by the size of its disk).
+MAX_STREAM_BODY_BYTES = 1024 * GiB
+#: Characters of a caller's input quoted in an error (then "… (N bytes)").
+MAX_ERROR_INPUT_CHARS = 200
+#: Characters of one error message sent in an HTTP answer or printed by the CLI.
+MAX_ERROR_DETAIL_CHARS = 2000
+#: Validation errors listed in one 422 answer; the rest are counted in one more line.
+MAX_ERROR_ITEMS = 10

@@ -109,7 +109,7 @@ def create_app(agent: Agent) -> FastAPI:
         await agent.stop()
 
     app = FastAPI(title=f"virtman agent {agent.name}", version=__version__, lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, streamed=["/vms/import"])  # a VM copy: its own cap
     errors = ERROR_RESPONSES
 
     @app.get("/health")

@@ -3,7 +3,9 @@
 Errors are translated at the boundary (``httpapi.install_error_handlers``): an unknown
 image or agent is 404, a name in use 409, a request Volt cannot carry out (origin
 unreachable, bad settings) 422, malformed JSON 422 with pydantic's description. Each
-says what is wrong in ``detail`` and changes nothing.
+says what is wrong in ``detail`` and changes nothing. Request bodies over
+``HttpLimits.max_body_bytes`` are 413, and no error quotes more than a bounded prefix of
+what was sent (``httpapi.HttpLimits``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from virtman.coordinator.models import (
 )
 from virtman.coordinator.volt import Volt
 from virtman.errors import NotFound
-from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
+from virtman.httpapi import ERROR_RESPONSES, HttpLimits, install_error_handlers
 
 _ERRORS = ERROR_RESPONSES
 
 
-def create_app(volt: Volt) -> FastAPI:
+def create_app(volt: Volt, limits: HttpLimits | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         volt.start()
@@ -42,11 +44,17 @@ def create_app(volt: Volt) -> FastAPI:
     app = FastAPI(title="virtman Volt coordinator", version=__version__, lifespan=lifespan)
     app.state.volt = volt
 
-    install_error_handlers(app)
+    install_error_handlers(app, limits)
 
     @app.get("/health")
     async def health() -> dict[str, object]:
-        return {"status": "ok", "images": len(volt.images()), "repairs": volt.repairs}
+        failed = volt.detector_error
+        return {
+            "status": "ok" if failed is None else f"failure detector stopped: {failed!r}",
+            "state": volt.lifecycle.value,
+            "images": len(volt.images()),
+            "repairs": volt.repairs,
+        }
 
     @app.post("/images", status_code=201, responses=_ERRORS)
     async def add_image(body: ImageCreate) -> Image:

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
+from virtman.errors import ConfigError
 from virtman.limits import DEFAULT_CHUNK_SIZE, MAX_NAME_LENGTH
+from virtman.protocol.uri import parse_nbd_uri
 
 #: Names of images, agents, VMs and snapshots: safe as file names and URI parts.
 NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="letters, digits, . _ -")]
 
 
+def _nbd_uri(value: str) -> str:
+    try:
+        parse_nbd_uri(value)
+    except ConfigError as err:  # its message quotes the URI as a bounded prefix
+        raise ValueError(str(err)) from err
+    return value
+
+
+#: An NBD URI (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``),
+#: checked where it enters, so a bad one is a 422 naming its field, not a failure later.
+NbdUri = Annotated[str, AfterValidator(_nbd_uri)]
+
+
 class ImageCreate(BaseModel):
     name: Name
-    origins: list[str] = Field(min_length=1, description="NBD URIs of the image's origin(s)")
+    origins: list[NbdUri] = Field(min_length=1, description="NBD URIs of the image's origin(s)")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=4096, le=64 * 1024 * 1024)
 
     @field_validator("chunk_size")
@@ -37,7 +52,7 @@ class Image(BaseModel):
 
 class Heartbeat(BaseModel):
     url: str = Field(description="the agent's HTTP base URL")
-    relays: dict[str, str] = Field(
+    relays: dict[Name, NbdUri] = Field(
         default_factory=dict, description="image name -> NBD URI of this agent's relay export"
     )
     stats: dict[str, object] = Field(default_factory=dict)
@@ -62,7 +77,7 @@ class HeartbeatReply(BaseModel):
 
 class JoinRequest(BaseModel):
     agent: Name
-    relay_uri: str
+    relay_uri: NbdUri
     url: str | None = None
 
 

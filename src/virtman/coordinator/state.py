@@ -3,15 +3,21 @@
 Every change is one transaction, so a Volt killed at any instant restarts on a
 consistent state: the trees come back with the same positions, and agents that keep
 heartbeating keep their parents.
+
+SQLite's errors are translated here, at the boundary: a database that cannot be opened
+is a ``ConfigError``, one that fails later (disk full, I/O error) a ``DeviceError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from virtman.blockdev.manifest import Manifest
+from virtman.errors import ConfigError, DeviceError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -63,20 +69,30 @@ class Member:
 class VoltState:
     def __init__(self, path: str) -> None:
         self.path = path
-        # Default isolation: each `with self._db:` block is one transaction.
-        self._db = sqlite3.connect(path, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        try:
+            # Default isolation: each `with self._db:` block is one transaction.
+            self._db = sqlite3.connect(path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as err:
+            raise ConfigError(f"volt database {path}: cannot open it: {err}") from err
 
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _failing(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise DeviceError(f"volt database {self.path}: cannot {action}: {err}") from err
+
     # --- images -----------------------------------------------------------------------------
 
     def add_image(self, record: ImageRecord) -> None:
-        with self._db:
+        with self._failing(f"add image {record.name!r}"), self._db:
             self._db.execute(
                 "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -91,21 +107,22 @@ class VoltState:
             )
 
     def remove_image(self, name: str) -> None:
-        with self._db:
+        with self._failing(f"remove image {name!r}"), self._db:
             self._db.execute("DELETE FROM members WHERE image = ?", (name,))
             self._db.execute("DELETE FROM images WHERE name = ?", (name,))
 
     def images(self) -> list[ImageRecord]:
-        rows = self._db.execute(
-            "SELECT name, origins, size, chunk_size, manifest, fingerprint, created "
-            "FROM images ORDER BY name"
-        ).fetchall()
+        with self._failing("read the images"):
+            rows = self._db.execute(
+                "SELECT name, origins, size, chunk_size, manifest, fingerprint, created "
+                "FROM images ORDER BY name"
+            ).fetchall()
         return [ImageRecord(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
     # --- agents -------------------------------------------------------------------------------
 
     def upsert_agent(self, name: str, url: str) -> None:
-        with self._db:
+        with self._failing(f"record agent {name!r}"), self._db:
             self._db.execute(
                 "INSERT INTO agents VALUES (?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET url = excluded.url",
@@ -113,7 +130,8 @@ class VoltState:
             )
 
     def agents(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT name, url FROM agents").fetchall())
+        with self._failing("read the agents"):
+            return dict(self._db.execute("SELECT name, url FROM agents").fetchall())
 
     # --- tree membership -----------------------------------------------------------------------
 
@@ -123,11 +141,13 @@ class VoltState:
         if image is not None:
             query += " WHERE image = ?"
             args = (image,)
-        return [Member(*row) for row in self._db.execute(query + " ORDER BY image, position", args)]
+        with self._failing("read the trees"):
+            rows = self._db.execute(query + " ORDER BY image, position", args).fetchall()
+        return [Member(*row) for row in rows]
 
     def save_tree(self, image: str, positions: dict[str, int], relays: dict[str, str]) -> None:
         """Replace an image's membership by these positions, in one transaction."""
-        with self._db:
+        with self._failing(f"save the tree of {image!r}"), self._db:
             self._db.execute("DELETE FROM members WHERE image = ?", (image,))
             self._db.executemany(
                 "INSERT INTO members VALUES (?, ?, ?, ?)",

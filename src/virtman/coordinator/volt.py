@@ -17,14 +17,24 @@ path means no agent ever waits on the repair to keep its VMs reading.
 
 On restart, trees come back from SQLite and every known agent is given a fresh
 ``timeout`` to heartbeat, so a Volt restart does not look like a mass failure.
+
+Time comes from one injected clock (``time.monotonic`` unless a test passes its own),
+so expiry is decided on the values that clock returns and is tested without sleeping.
+
+Lifecycle (``Lifecycle``): NEW (answers requests, no failure detector:
+tests drive ``expire`` themselves) -> RUNNING (``start``: the detector runs) ->
+STOPPING -> STOPPED (``stop``: the detector ended, the database closed). After
+``stop`` every call raises ``LifecycleError``: the database it would need is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
+from collections.abc import Callable
 
 from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.remote import RemoteDevice
@@ -39,7 +49,14 @@ from virtman.coordinator.models import (
     TreeView,
 )
 from virtman.coordinator.state import ImageRecord, VoltState
-from virtman.errors import ConfigError, Conflict, NotFound, VirtmanError
+from virtman.errors import (
+    ConfigError,
+    Conflict,
+    DeviceError,
+    LifecycleError,
+    NotFound,
+    VirtmanError,
+)
 from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
     HEARTBEAT_INTERVAL_SECONDS,
@@ -47,12 +64,25 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
-from virtman.planner.tree import RelayTree, TreeSettings
+from virtman.planner.tree import PlannerError, RelayTree, TreeSettings
 
 log = logging.getLogger(__name__)
 
 
+class Lifecycle(enum.Enum):
+    """Volt's lifecycle, entered in this order (NEW may go straight to STOPPED)."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
 class Volt:
+    """The coordinator. Raises only ``VirtmanError``s: ``NotFound``, ``Conflict``,
+    ``ConfigError`` (bad settings, an origin that cannot be read), ``DeviceError`` (its
+    database failed) and ``LifecycleError`` (used after ``stop``, started twice)."""
+
     def __init__(
         self,
         state: VoltState,
@@ -61,33 +91,56 @@ class Volt:
         parents_per_node: int = TREE_PARENTS_PER_NODE,
         interval: float = HEARTBEAT_INTERVAL_SECONDS,
         timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if timeout <= interval:
             raise ConfigError(
                 f"heartbeat timeout {timeout} s must exceed the interval {interval} s"
             )
         self.state = state
-        self.settings = TreeSettings(fanout, parents_per_node)
+        try:
+            self.settings = TreeSettings(fanout, parents_per_node)
+        except PlannerError as err:
+            raise ConfigError(f"relay tree settings: {err}") from err
         self.interval = interval
         self.timeout = timeout
+        self.clock = clock
+        self.lifecycle = Lifecycle.NEW
         self._images: dict[str, ImageRecord] = {r.name: r for r in state.images()}
         self._trees: dict[str, RelayTree] = {}
         self._relays: dict[str, dict[str, str]] = {}  # image -> agent -> relay URI
         for name in self._images:
             members = state.members(name)
-            self._trees[name] = RelayTree(self.settings, {m.agent: m.position for m in members})
+            try:
+                tree = RelayTree(self.settings, {m.agent: m.position for m in members})
+            except PlannerError as err:
+                raise ConfigError(f"{state.path}: the tree of image {name!r}: {err}") from err
+            self._trees[name] = tree
             self._relays[name] = {m.agent: m.relay_uri for m in members}
         self._agent_urls = state.agents()
-        now = time.monotonic()
+        now = clock()
         # Known agents get a full timeout after a restart before they count as silent.
         self._last_seen: dict[str, float] = {a: now for a in self._agent_urls}
         self._detector: asyncio.Task[None] | None = None
+        #: Why the failure detector ended, if it did (a bug): reported by ``/health``.
+        self.detector_error: BaseException | None = None
         self.repairs = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    def _check_open(self, action: str) -> None:
+        if self.lifecycle not in (Lifecycle.NEW, Lifecycle.RUNNING):
+            raise LifecycleError("volt", action, self.lifecycle.value)
+
     def start(self) -> None:
-        self._detector = asyncio.get_running_loop().create_task(self._detect_failures())
+        """Start the failure detector (in the running loop). Only from NEW."""
+        if self.lifecycle is not Lifecycle.NEW:
+            raise LifecycleError("volt", "start", self.lifecycle.value)
+        self._detector = asyncio.get_running_loop().create_task(
+            self._detect_failures(), name="volt failure detector"
+        )
+        self._detector.add_done_callback(self._detector_done)
+        self.lifecycle = Lifecycle.RUNNING
         log.info(
             "volt up: %d images, %d agents known, tree fan-out %d, %d parents per node",
             len(self._images),
@@ -97,11 +150,27 @@ class Volt:
         )
 
     async def stop(self) -> None:
+        """Stop the detector and close the database; a second call does nothing."""
+        if self.lifecycle in (Lifecycle.STOPPING, Lifecycle.STOPPED):
+            return
+        self.lifecycle = Lifecycle.STOPPING
         if self._detector is not None:
             self._detector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._detector
         self.state.close()
+        self.lifecycle = Lifecycle.STOPPED
+
+    def _detector_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self.detector_error = task.exception()
+        if self.detector_error is not None:  # a bug: no agent will be failed out any more
+            log.error(
+                "failure detector stopped; dead agents are no longer removed: %r",
+                self.detector_error,
+                exc_info=self.detector_error,
+            )
 
     # --- images -------------------------------------------------------------------------------
 
@@ -127,22 +196,24 @@ class Volt:
 
     async def add_image(self, request: ImageCreate) -> Image:
         """Register an image: reach its origin, read it once, store its digest manifest."""
+        self._check_open("add an image")
         if request.name in self._images:
             raise Conflict(f"an image named {request.name!r} already exists")
-        origin = RemoteDevice(
-            request.origins, connect_timeout=CONNECT_TIMEOUT_SECONDS, max_rounds=1
-        )
         try:
+            origin = RemoteDevice(
+                request.origins, connect_timeout=CONNECT_TIMEOUT_SECONDS, max_rounds=1
+            )
             await origin.open()
-        except VirtmanError as err:
+        except VirtmanError as err:  # messages quote the URIs as bounded prefixes
             raise ConfigError(f"origin of image {request.name!r} cannot be reached: {err}") from err
         try:
-            started = time.monotonic()
+            started = self.clock()
             manifest = await compute_manifest(origin, request.chunk_size)
         except VirtmanError as err:
             raise ConfigError(f"origin of image {request.name!r} failed while read: {err}") from err
         finally:
             await origin.close()
+        self._check_open("add an image")  # stopped while the origin was read
         if request.name in self._images:  # registered meanwhile by a concurrent request
             raise Conflict(f"an image named {request.name!r} already exists")
         record = ImageRecord(
@@ -165,11 +236,12 @@ class Volt:
             manifest.count,
             record.chunk_size,
             len(manifest.data_digests),
-            time.monotonic() - started,
+            self.clock() - started,
         )
         return self._image_doc(record)
 
     def remove_image(self, name: str) -> None:
+        self._check_open("remove an image")
         self.image(name)
         self.state.remove_image(name)
         del self._images[name], self._trees[name], self._relays[name]
@@ -183,6 +255,7 @@ class Volt:
 
     def join(self, image: str, agent: str, relay_uri: str, url: str | None = None) -> Paths:
         """Place an agent in an image's tree (at once: parents before any data)."""
+        self._check_open("place an agent")
         tree = self.tree(image)
         if url is not None:
             self._touch(agent, url)
@@ -205,6 +278,7 @@ class Volt:
         return self.paths(image, agent)
 
     def leave(self, image: str, agent: str, *, reason: str = "left") -> None:
+        self._check_open("remove an agent")
         tree = self.tree(image)
         if agent not in tree:
             raise NotFound(f"agent {agent!r} is not in the tree of {image!r}")
@@ -261,13 +335,14 @@ class Volt:
     # --- agents and heartbeats ------------------------------------------------------------------
 
     def _touch(self, agent: str, url: str) -> None:
-        self._last_seen[agent] = time.monotonic()
+        self._last_seen[agent] = self.clock()
         if self._agent_urls.get(agent) != url:
             self._agent_urls[agent] = url
             self.state.upsert_agent(agent, url)
 
     def heartbeat(self, agent: str, beat: Heartbeat) -> HeartbeatReply:
         """Record a heartbeat; reconcile the agent's memberships; answer its paths."""
+        self._check_open("take a heartbeat")
         known = agent in self._last_seen
         self._touch(agent, beat.url)
         if not known:
@@ -289,7 +364,7 @@ class Volt:
             raise NotFound(f"no agent named {agent!r}") from None
 
     def agents(self) -> list[AgentInfo]:
-        now = time.monotonic()
+        now = self.clock()
         return [
             AgentInfo(
                 name=a,
@@ -302,8 +377,10 @@ class Volt:
         ]
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Remove agents silent past the timeout from every tree; return their names."""
-        now = time.monotonic() if now is None else now
+        """Remove agents silent for more than ``timeout`` (by ``clock``, or at ``now``)
+        from every tree; return their names."""
+        self._check_open("expire agents")
+        now = self.clock() if now is None else now
         dead = [a for a, seen in self._last_seen.items() if now - seen > self.timeout]
         for agent in dead:
             images = [i for i, t in self._trees.items() if agent in t]
@@ -324,5 +401,5 @@ class Volt:
             await asyncio.sleep(self.interval / 2)
             try:
                 self.expire()
-            except Exception:  # never let the detector die
-                log.exception("failure detector error")
+            except DeviceError as err:  # the database failed: try again next round
+                log.error("failure detector: %s", err)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from virtman.errors import ConfigError
+from virtman.errors import quote as bounded
 from virtman.protocol.nbd.constants import DEFAULT_PORT
 
 
@@ -47,31 +48,32 @@ class NbdAddress:
 
 def parse_nbd_uri(uri: str) -> NbdAddress:
     """Parse an NBD URI; raise ``ConfigError`` saying what is wrong with it."""
+    shown = bounded(uri)  # a caller's input: quoted as a bounded prefix
     try:
         parts = urlsplit(uri)
         port = parts.port
     except ValueError as err:
-        raise ConfigError(f"invalid NBD URI {uri!r}: {err}") from err
+        raise ConfigError(f"invalid NBD URI {shown}: {err}") from err
     scheme = parts.scheme.lower()
     if scheme in ("nbds", "nbds+unix", "nbds+vsock", "nbd+vsock"):
-        raise ConfigError(f"NBD URI {uri!r}: scheme {scheme!r} is not supported (no TLS/vsock)")
+        raise ConfigError(f"NBD URI {shown}: scheme {scheme!r} is not supported (no TLS/vsock)")
     if scheme not in ("nbd", "nbd+unix"):
-        raise ConfigError(f"NBD URI {uri!r}: scheme must be nbd:// or nbd+unix://")
+        raise ConfigError(f"NBD URI {shown}: scheme must be nbd:// or nbd+unix://")
     path = parts.path
     export = unquote(path[1:] if path.startswith("/") else path)
     # parse_qs decodes '+' as a space (form encoding); in a URI it is a literal '+'.
     query = parse_qs(parts.query.replace("+", "%2B"), keep_blank_values=True)
     if scheme == "nbd+unix":
         if parts.netloc:
-            raise ConfigError(f"NBD URI {uri!r}: nbd+unix:// takes no host (use ?socket=PATH)")
+            raise ConfigError(f"NBD URI {shown}: nbd+unix:// takes no host (use ?socket=PATH)")
         sockets = query.get("socket")
         if not sockets or not sockets[0]:
-            raise ConfigError(f"NBD URI {uri!r}: nbd+unix:// needs ?socket=PATH")
+            raise ConfigError(f"NBD URI {shown}: nbd+unix:// needs ?socket=PATH")
         return NbdAddress(export=export, socket=sockets[0])
     if not parts.hostname:
-        raise ConfigError(f"NBD URI {uri!r}: nbd:// needs a host")
+        raise ConfigError(f"NBD URI {shown}: nbd:// needs a host")
     if "socket" in query:
-        raise ConfigError(f"NBD URI {uri!r}: ?socket= only goes with nbd+unix://")
+        raise ConfigError(f"NBD URI {shown}: ?socket= only goes with nbd+unix://")
     return NbdAddress(export=export, host=parts.hostname, port=port or DEFAULT_PORT)
 
 
