@@ -365,9 +365,10 @@ class HttpService:
             await self.server.serve(sockets=[self.sock])
         except SystemExit as err:  # uvicorn's way to say the app's startup failed
             failure = self._fail("start", f"the application's startup failed (exit {err.code})")
-            self.state = ServiceState.STOPPED
             raise failure from None
-        self.state = ServiceState.STOPPED
+        finally:
+            self.sock.close()  # uvicorn closes it only after a startup that succeeded
+            self.state = ServiceState.STOPPED
 
     async def run_until_signalled(self, banner: str) -> int:
         """Serve until SIGTERM or SIGINT, then stop cleanly (the commands' main loop)."""

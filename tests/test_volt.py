@@ -1,0 +1,193 @@
+"""Volt's failure detector on explicit clock values, and Volt's lifecycle.
+
+Volt reads time only through the clock it is given, so these tests decide "now" and
+never sleep: an agent silent for exactly ``timeout`` (or just under) stays, just over is
+removed, and the agents it fed are given new parents in their next heartbeat answer.
+The image is registered for real, from an NBD server on a Unix socket in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from virtman.blockdev import MemoryDevice
+from virtman.coordinator.app import create_app
+from virtman.coordinator.models import Heartbeat, ImageCreate
+from virtman.coordinator.state import VoltState
+from virtman.coordinator.volt import Lifecycle, Volt
+from virtman.errors import LifecycleError
+from virtman.httpapi import HttpService, ServiceState, bind
+from virtman.nbd.server import NbdServer
+
+INTERVAL = 2.0
+TIMEOUT = 6.0
+EPS = 1e-6
+T0 = 1000.0
+AGENTS = [f"a{i}" for i in range(7)]
+
+
+class Clock:
+    """A clock that says what the test sets: Volt's ``clock`` argument."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def relay(agent: str) -> str:
+    return f"nbd://10.0.0.{AGENTS.index(agent) + 1}:10809/img"
+
+
+@pytest.fixture
+async def origin(tmp_path: Path) -> AsyncIterator[str]:
+    server = NbdServer({"img": MemoryDevice(data=bytes(range(256)) * 256)})
+    sock = tmp_path / "origin.sock"
+    await server.listen_unix(str(sock))
+    yield f"nbd+unix:///img?socket={sock}"
+    await server.stop()
+
+
+async def make_volt(db: Path, origin: str, clock: Clock) -> Volt:
+    volt = Volt(VoltState(str(db)), interval=INTERVAL, timeout=TIMEOUT, clock=clock)
+    if not volt.images():
+        await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
+    return volt
+
+
+def beat(volt: Volt, agent: str) -> list[str]:
+    """A heartbeat relaying the image; the parents' URIs Volt answers."""
+    reply = volt.heartbeat(agent, Heartbeat(url=f"http://{agent}", relays={"img": relay(agent)}))
+    return reply.paths["img"].parents
+
+
+async def test_an_agent_silent_up_to_the_timeout_stays_and_past_it_is_replaced(
+    tmp_path: Path, origin: str
+) -> None:
+    clock = Clock(T0)
+    volt = await make_volt(tmp_path / "volt.db", origin, clock)
+    for agent in AGENTS:
+        beat(volt, agent)
+    tree = volt.tree("img")
+    victim = tree.hosts[1]  # an inner node: it has children, and a parent of its own
+    fed = [h for h in tree.hosts if victim in tree.parents(h)]
+    assert fed, "the victim must feed someone for the test to mean anything"
+
+    # Everyone but the victim keeps beating, at T0 + 3.
+    clock.now = T0 + 3.0
+    for agent in AGENTS:
+        if agent != victim:
+            beat(volt, agent)
+    for now in (T0 + TIMEOUT - EPS, T0 + TIMEOUT):  # silent for timeout-ε, then exactly
+        clock.now = now
+        assert volt.expire() == []
+        assert victim in volt.tree("img")
+        assert {a.name for a in volt.agents()} == set(AGENTS)
+    clock.now = T0 + TIMEOUT + EPS
+    assert volt.expire() == [victim]
+    tree = volt.tree("img")
+    assert victim not in tree and len(tree) == len(AGENTS) - 1
+    assert volt.repairs == 1
+    assert victim not in {a.name for a in volt.agents()}
+    # Those it fed learn new parents in their next answer: never the victim's relay.
+    for agent in fed:
+        parents = beat(volt, agent)
+        assert relay(victim) not in parents
+        if tree.position(agent) > 0:
+            assert parents == [relay(p) for p in tree.parents(agent)] and parents
+    tree.check()
+    # The others, still fresh, are not touched by a later round.
+    assert volt.expire() == []
+    await volt.stop()
+
+
+async def test_a_restarted_volt_gives_known_agents_a_full_timeout(
+    tmp_path: Path, origin: str
+) -> None:
+    clock = Clock(T0)
+    volt = await make_volt(tmp_path / "volt.db", origin, clock)
+    for agent in AGENTS[:3]:
+        beat(volt, agent)
+    await volt.stop()
+    # Volt was down for far longer than the timeout; it comes back at T1.
+    t1 = T0 + 100 * TIMEOUT
+    clock.now = t1
+    volt = await make_volt(tmp_path / "volt.db", origin, clock)
+    assert len(volt.tree("img")) == 3  # the tree came back from SQLite
+    clock.now = t1 + TIMEOUT
+    assert volt.expire() == []
+    beat(volt, AGENTS[0])  # only one of them is still alive
+    clock.now = t1 + TIMEOUT + EPS
+    assert sorted(volt.expire()) == AGENTS[1:3]
+    assert volt.tree("img").hosts == [AGENTS[0]]
+    await volt.stop()
+
+
+async def test_the_failure_detector_runs_on_the_injected_clock(
+    tmp_path: Path, origin: str
+) -> None:
+    clock = Clock(T0)
+    volt = Volt(
+        VoltState(str(tmp_path / "volt.db")), interval=0.02, timeout=0.05, clock=clock
+    )
+    await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
+    beat(volt, "a0")
+    volt.start()
+    await asyncio.sleep(0.1)  # several detector rounds: the clock has not moved
+    assert "a0" in volt.tree("img") and volt.repairs == 0
+    clock.now = T0 + 1.0
+    for _ in range(200):  # the detector's next round, with a bound
+        if volt.repairs:
+            break
+        await asyncio.sleep(0.01)
+    assert volt.repairs == 1 and "a0" not in volt.tree("img")
+    assert volt.detector_error is None
+    await volt.stop()
+
+
+async def test_volt_lifecycle(tmp_path: Path, origin: str) -> None:
+    volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=INTERVAL, timeout=TIMEOUT)
+    assert volt.lifecycle is Lifecycle.NEW
+    await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
+    volt.start()
+    assert volt.lifecycle is Lifecycle.RUNNING
+    with pytest.raises(LifecycleError) as caught:
+        volt.start()
+    assert (caught.value.component, caught.value.action, caught.value.state) == (
+        "volt", "start", "running"
+    )
+    await volt.stop()
+    assert volt.lifecycle is Lifecycle.STOPPED
+    await volt.stop()  # a second stop does nothing
+    with pytest.raises(LifecycleError, match="volt cannot take a heartbeat in state stopped"):
+        beat(volt, "a0")
+    with pytest.raises(LifecycleError, match="cannot start in state stopped"):
+        volt.start()
+    with pytest.raises(LifecycleError):
+        await volt.add_image(ImageCreate(name="img2", origins=[origin]))
+
+    # A Volt never started can be stopped, and is then closed for good.
+    idle = Volt(VoltState(str(tmp_path / "idle.db")))
+    await idle.stop()
+    assert idle.lifecycle is Lifecycle.STOPPED
+    with pytest.raises(LifecycleError):
+        idle.expire()
+
+
+async def test_volt_follows_its_http_service(tmp_path: Path) -> None:
+    volt = Volt(VoltState(str(tmp_path / "volt.db")))
+    service = HttpService(create_app(volt), bind("127.0.0.1", 0))
+    assert (service.state, volt.lifecycle) == (ServiceState.NEW, Lifecycle.NEW)
+    await service.start()
+    assert (service.state, volt.lifecycle) == (ServiceState.RUNNING, Lifecycle.RUNNING)
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        health = (await http.get("/health")).json()
+    assert health["status"] == "ok" and health["state"] == "running"
+    await service.close()
+    assert (service.state, volt.lifecycle) == (ServiceState.STOPPED, Lifecycle.STOPPED)
