@@ -14,9 +14,10 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
-from virtman.errors import LifecycleError
-from virtman.httpapi import HttpService, ServiceState, bind
+from virtman.errors import ApiError, LifecycleError, NetworkError
+from virtman.httpapi import ApiClient, HttpService, ServiceState, bind
 
 
 def app_seeing(service_of: list[HttpService], seen: list[ServiceState]) -> FastAPI:
@@ -114,3 +115,25 @@ async def test_a_failed_startup_is_an_error_not_an_exit() -> None:
     with pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", service.port))
     probe.close()
+
+
+async def test_client_errors_cross_virtman_error() -> None:
+    """What the client meets (a bad URL, a non-JSON answer, nobody listening) is a
+    VirtmanError, never httpx's own."""
+    app = FastAPI()
+
+    @app.get("/text", response_class=PlainTextResponse)
+    async def text() -> str:
+        return "not json"
+
+    service = HttpService(app, bind("127.0.0.1", 0))
+    await service.start()
+    async with ApiClient(service.url, timeout=5) as api:
+        with pytest.raises(NetworkError, match="GET /x"):
+            await api.get("/x\x00")
+        with pytest.raises(ApiError, match="answer is not JSON: not json"):
+            await api.get("/text")
+    await service.close()
+    async with ApiClient(service.url, timeout=5) as api:
+        with pytest.raises(NetworkError):
+            await api.get("/text")

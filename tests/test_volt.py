@@ -132,7 +132,9 @@ async def test_a_restarted_volt_gives_known_agents_a_full_timeout(
 async def test_the_failure_detector_runs_on_the_injected_clock(
     tmp_path: Path, origin: str
 ) -> None:
-    clock = Clock(T0)
+    # Far from any real monotonic reading: on the real clock a0 would never expire.
+    start = 1e9
+    clock = Clock(start)
     volt = Volt(
         VoltState(str(tmp_path / "volt.db")), interval=0.02, timeout=0.05, clock=clock
     )
@@ -141,7 +143,7 @@ async def test_the_failure_detector_runs_on_the_injected_clock(
     volt.start()
     await asyncio.sleep(0.1)  # several detector rounds: the clock has not moved
     assert "a0" in volt.tree("img") and volt.repairs == 0
-    clock.now = T0 + 1.0
+    clock.now = start + 1.0
     for _ in range(200):  # the detector's next round, with a bound
         if volt.repairs:
             break
@@ -149,6 +151,42 @@ async def test_the_failure_detector_runs_on_the_injected_clock(
     assert volt.repairs == 1 and "a0" not in volt.tree("img")
     assert volt.detector_error is None
     await volt.stop()
+
+
+class FailingClock(Clock):
+    """A clock that breaks on demand: a fault the failure detector does not expect."""
+
+    broken = False
+
+    def __call__(self) -> float:
+        if self.broken:
+            raise RuntimeError("clock source gone")
+        return self.now
+
+
+async def test_a_crash_of_the_failure_detector_reaches_the_log_and_health(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FailingClock(T0)
+    volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=0.02, timeout=0.05, clock=clock)
+    service = HttpService(create_app(volt), bind("127.0.0.1", 0))
+    await service.start()
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+        assert (await http.get("/health")).json()["status"] == "ok"
+        clock.broken = True
+        for _ in range(200):  # the detector's next round, with a bound
+            if volt.detector_error is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert isinstance(volt.detector_error, RuntimeError)
+        health = (await http.get("/health")).json()
+    assert health["status"] == "failure detector stopped: RuntimeError('clock source gone')"
+    assert any(
+        "failure detector stopped" in r.getMessage() and r.levelname == "ERROR"
+        for r in caplog.records
+    )
+    await service.close()  # stopping after the crash is clean
+    assert volt.lifecycle is Lifecycle.STOPPED
 
 
 async def test_volt_lifecycle(tmp_path: Path, origin: str) -> None:

@@ -267,10 +267,10 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)
     except OSError as err:
         sock.close()
         raise NetworkError(f"cannot listen on {host}:{port}: {err.strerror}") from err
-    sock.listen(128)
     sock.setblocking(False)
     return sock
 
@@ -440,10 +440,9 @@ class ApiClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise NetworkError(
-                f"{method} {path} failed: {str(err) or type(err).__name__}", address=self.base_url
-            ) from err
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
+            what = f"{method} {path} failed: {str(err) or type(err).__name__}"
+            raise NetworkError(excerpt(what, self.max_detail_chars), address=self.base_url) from err
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

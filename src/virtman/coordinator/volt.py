@@ -154,7 +154,8 @@ class Volt:
         if self.lifecycle in (Lifecycle.STOPPING, Lifecycle.STOPPED):
             return
         self.lifecycle = Lifecycle.STOPPING
-        if self._detector is not None:
+        # A detector that already ended was reported by _detector_done: not raised again.
+        if self._detector is not None and not self._detector.done():
             self._detector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._detector
