@@ -178,7 +178,7 @@ async def test_a_crash_of_the_failure_detector_reaches_the_log_and_health(
             if volt.detector_error is not None:
                 break
             await asyncio.sleep(0.01)
-        assert isinstance(volt.detector_error, RuntimeError)
+        assert isinstance(volt.detector_error, RuntimeError) and not volt.detecting
         health = (await http.get("/health")).json()
     assert health["status"] == "failure detector stopped: RuntimeError('clock source gone')"
     assert any(
@@ -189,19 +189,43 @@ async def test_a_crash_of_the_failure_detector_reaches_the_log_and_health(
     assert volt.lifecycle is Lifecycle.STOPPED
 
 
+async def test_the_failure_detector_outlives_a_database_failure(
+    tmp_path: Path, origin: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock(1e9)
+    volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=0.02, timeout=0.05, clock=clock)
+    await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
+    for agent in AGENTS[:3]:
+        beat(volt, agent)
+    volt.start()
+    volt.state.close()  # the database goes away under it: every write now fails
+    clock.now += 1.0
+    for _ in range(200):
+        if any("cannot save the tree" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the detector never met the database failure")
+    await asyncio.sleep(0.1)  # more rounds: it goes on running
+    assert volt.detector_error is None
+    assert volt.detecting
+    await volt.stop()
+
+
 async def test_volt_lifecycle(tmp_path: Path, origin: str) -> None:
     volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=INTERVAL, timeout=TIMEOUT)
     assert volt.lifecycle is Lifecycle.NEW
     await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
+    assert not volt.detecting
     volt.start()
-    assert volt.lifecycle is Lifecycle.RUNNING
+    assert volt.lifecycle is Lifecycle.RUNNING and volt.detecting
     with pytest.raises(LifecycleError) as caught:
         volt.start()
     assert (caught.value.component, caught.value.action, caught.value.state) == (
         "volt", "start", "running"
     )
     await volt.stop()
-    assert volt.lifecycle is Lifecycle.STOPPED
+    assert volt.lifecycle is Lifecycle.STOPPED and not volt.detecting
     await volt.stop()  # a second stop does nothing
     with pytest.raises(LifecycleError, match="volt cannot take a heartbeat in state stopped"):
         beat(volt, "a0")

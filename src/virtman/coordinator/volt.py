@@ -162,6 +162,11 @@ class Volt:
         self.state.close()
         self.lifecycle = Lifecycle.STOPPED
 
+    @property
+    def detecting(self) -> bool:
+        """Whether the failure detector is running."""
+        return self._detector is not None and not self._detector.done()
+
     def _detector_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
