@@ -17,7 +17,6 @@ can stay over capacity until VMs go away, and says so in its status.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import Manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
+from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
 from virtman.errors import ConfigError
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
@@ -64,20 +64,6 @@ class ImageSpec:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
         return cls(**doc)
-
-
-class DeliveryMode(enum.Enum):
-    """How a host gets an image. Only ``virtman`` is for use; the others are the
-    alternatives the scale benchmark compares it with."""
-
-    VIRTMAN = "virtman"  # relay tree, k parents, origin fallback, cache, no attach delay
-    PAPER = "paper"  # VirtMan as published: tree, one parent, no origin path below level 1
-    STAR = "star"  # every read goes to the origin, no cache (a multi-attached volume)
-    COPY = "copy"  # copy the whole image from the origin first, then boot locally
-
-    @property
-    def in_tree(self) -> bool:
-        return self in (DeliveryMode.VIRTMAN, DeliveryMode.PAPER)
 
 
 #: Bytes per read while a COPY-mode host downloads an image, and reads in flight.

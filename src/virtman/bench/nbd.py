@@ -55,12 +55,12 @@ from typing import Any
 
 from virtman import sizes
 from virtman.errors import ConfigError
+from virtman.limits import MiB
 from virtman.protocol.uri import NbdAddress
 
 ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
 BASELINE = "qemu-nbd"
 EXPORT_NAME = "bench"
-MIB = 1 << 20
 READY_TIMEOUT_S = 20.0
 READY_POLL_S = 0.1
 TERM_GRACE_S = 5.0
@@ -96,7 +96,7 @@ def parse_size(text: str) -> int:
         value = sizes.parse_size(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
-    if value < MIB or value % 4096:
+    if value < MiB or value % 4096:
         raise argparse.ArgumentTypeError(f"size must be >= 1 MiB and a multiple of 4096: {text!r}")
     return value
 
@@ -124,13 +124,6 @@ def parse_servers(text: str) -> list[str]:
 
 def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
     return NbdAddress(export=export, socket=str(socket_path)).uri()
-
-
-def human_bytes(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
 
 
 def _tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
@@ -264,14 +257,14 @@ def create_test_file(path: Path, size: int) -> None:
     every MiB, so no two 4 KiB-aligned blocks repeat within 4 GiB (defeats dedup/zero detection
     in any cache under test).  fsync'd so writeback doesn't disturb the measurements.
     """
-    base = os.urandom(MIB)
+    base = os.urandom(MiB)
     doubled = memoryview(base + base)
     written = 0
     i = 0
     with open(path, "wb") as f:
         while written < size:
-            k = (i * 4099) % MIB
-            n = min(MIB, size - written)
+            k = (i * 4099) % MiB
+            n = min(MiB, size - written)
             f.write(doubled[k : k + n])
             written += n
             i += 1
@@ -282,7 +275,7 @@ def create_test_file(path: Path, size: int) -> None:
 def read_whole_file(path: Path) -> None:
     """Pull the file into the page cache so every server starts from the same cache state."""
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(8 * MIB)
+        buf = bytearray(8 * MiB)
         while f.readinto(buf):
             pass
 
@@ -720,7 +713,7 @@ def print_machine(info: dict[str, Any]) -> None:
         f"  cpu:      {info['cpu_model']} ({info['cpu_count']} cpus, {info['cpu_usable']} usable)"
     )
     if mem:
-        print(f"  memory:   {mem / (1 << 30):.1f} GiB")
+        print(f"  memory:   {sizes.format_size(mem)}")
     print(f"  kernel:   {info['kernel']}")
     print(f"  python:   {info['python']}")
     for tool, ver in info["versions"].items():
@@ -958,14 +951,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.file is not None:
             test_file = args.file.resolve()
             file_size = test_file.stat().st_size
-            print(f"test file: {test_file} ({human_bytes(file_size)}, existing)")
+            print(f"test file: {test_file} ({sizes.format_size(file_size)}, existing)")
         else:
             test_file = workdir / "disk.raw"
             t0 = time.perf_counter()
             create_test_file(test_file, args.size)
             file_size = args.size
             print(
-                f"test file: {test_file} ({human_bytes(file_size)}, generated in "
+                f"test file: {test_file} ({sizes.format_size(file_size)}, generated in "
                 f"{time.perf_counter() - t0:.1f}s)"
             )
         read_whole_file(test_file)
@@ -996,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
             r["seq_1conn_ratio"] = ratio(r["seq_mb_s_1conn"], base.get("seq_mb_s_1conn"))
 
     print(
-        f"\nresults ({human_bytes(file_size)} file; MB = 10^6 bytes; ratios vs {BASELINE}"
+        f"\nresults ({sizes.format_size(file_size)} file; MB = 10^6 bytes; ratios vs {BASELINE}"
         f"{'' if BASELINE in results else ' (not measured: n/a)'}):"
     )
     print_table(results, args.numjobs, iops_method, args.stat)

@@ -1,7 +1,7 @@
 """``virtman bench report``: plots and a Markdown page from scale and simulation results.
 
 Reads the JSON documents of ``virtman bench scale`` (kind ``testbed``) and ``virtman bench
-simulate`` (kind ``simulation``), in the format of :mod:`virtman.bench.results`, and writes
+simulate`` (kind ``simulation``), in the format of :mod:`virtman.results`, and writes
 
 * per result kind, PNG figures (900 px wide) named ``<prefix>-boot.png``,
   ``<prefix>-origin.png`` and ``<prefix>-hostbytes.png``, where the prefix is ``scale``
@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from virtman.bench.results import MODES
+from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, VirtmanError
-from virtman.limits import TREE_FANOUT
+from virtman.limits import TREE_FANOUT, MiB
+from virtman.sizes import binary_unit
 
 if TYPE_CHECKING:  # matplotlib loads only when a report is drawn, not with the CLI
     from matplotlib.axes import Axes
@@ -66,7 +67,6 @@ _MODE_STYLE: dict[str, tuple[list[str], list[str]]] = {
 }
 _OTHER_STYLE = (["#8c564b", "#e377c2", "#7f7f7f"], ["h", "p", "8"])
 
-MIB = 1 << 20
 MISSING = "—"
 #: The issue's target for virtman mode: all booted within this factor of one VM alone.
 TARGET_RATIO = 1.3
@@ -498,10 +498,8 @@ def _byte_unit(values: Sequence[float], log: bool) -> tuple[float, str]:
     """The largest binary unit the values reach (on a log axis: their geometric middle)."""
     positive = [v for v in values if v > 0]
     top = math.sqrt(min(positive) * max(positive)) if log and positive else max(values, default=0)
-    for scale, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if top >= scale:
-            return float(scale), unit
-    return 1.0, "bytes"
+    unit, scale = binary_unit(top)
+    return float(scale), "bytes" if scale == 1 else unit
 
 
 def _bytes_figure(kind: str, series: list[Series], summary: str, path: str, key: str,
@@ -574,7 +572,7 @@ def _fmt(value: float | None) -> str | None:
 
 
 def _mib(value: float | None) -> str | None:
-    return None if value is None else f"{value / MIB:.1f}"
+    return None if value is None else f"{value / MiB:.1f}"
 
 
 def _table(rows: list[list[str | None]], header: list[str], text: Sequence[str] = ()) -> list[str]:

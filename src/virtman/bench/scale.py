@@ -40,13 +40,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtman.bench.netbed import LinkShape, Netbed, check_namespaces_work
-from virtman.bench.results import MODES, Run, percentile, write_results
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
+from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, NetworkError
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
-from virtman.sizes import parse_link_rate, parse_size
+from virtman.results import Run, percentile, write_results
+from virtman.sizes import format_size, parse_link_rate, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ async def _one_run(
         f"{mode:<8}{'' if mode != 'paper' else f'(attach {attach_delay:g}s)':<15} "
         f"{hosts:>4} hosts x {plan.vms_per_host}: all booted {run.all_booted_seconds:7.2f} s, "
         f"mean {run.mean_boot_seconds:6.2f}, p99 {run.p99_boot_seconds:6.2f} "
-        f"(alone {alone:.2f}); origin {origin_bytes / 2**20:8.1f} MiB; "
+        f"(alone {alone:.2f}); origin {format_size(origin_bytes):>10}; "
         f"cpu {share:.0%} (over {CPU_LIMIT_SHARE:.0%} {saturated:.0%} of the time); "
         f"cpu-s agents {agents_cpu:.1f} VMs {fleets_cpu:.1f}; errors {errors}; "
         f"retransmits {retransmits}; by level {by_level}",
@@ -330,7 +331,7 @@ async def _worker(plan_path: str) -> int:
     with open(trace_path, "w", encoding="utf-8") as f:
         f.write(format_trace(list(trace.requests), trace.name))
     print(
-        f"trace {trace.name}: working set {trace.working_set(plan.chunk_size) / 2**20:.1f} MiB, "
+        f"trace {trace.name}: working set {format_size(trace.working_set(plan.chunk_size))}, "
         f"one VM alone from a local copy {alone:.2f} s",
         flush=True,
     )

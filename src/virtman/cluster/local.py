@@ -67,7 +67,7 @@ class ClusterSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     cache_size: int = DEFAULT_CACHE_CAPACITY
     log_level: str = "info"
-    #: Delivery mode of every agent (see ``virtman.agent.images.DeliveryMode``).
+    #: Delivery mode of every agent (a ``virtman.delivery.DeliveryMode`` value).
     mode: str = "virtman"
     #: PAPER mode: seconds per tree level to attach.
     attach_delay: float = 0.0
