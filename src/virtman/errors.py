@@ -5,10 +5,13 @@
 - ``NbdRequestError``: the peer answered an NBD request with an error number.
 - ``NetworkError``: a connection could not be made or was lost.
 - ``InvalidRequest``: a caller asked for something impossible (out of range, read-only).
-- ``ConfigError``: bad settings or command-line input.
+- ``ConfigError``: bad settings or command-line input; ``PlannerError``: a relay tree
+  asked for something impossible (a fan-out below 1, a host placed twice).
 - ``DeviceError``: a storage device failed (I/O error, digest mismatch, corruption).
 - ``ApiError``: a virtman service answered an HTTP request with an error.
 - ``NotFound``, ``Conflict``: a named thing is unknown, or its name is taken.
+- ``ProcessFailed``: a child process we started exited or never became ready (with the
+  tail of its log); ``BenchError``: a benchmark step failed.
 """
 
 from __future__ import annotations
@@ -96,3 +99,26 @@ class NotFound(VirtmanError):
 
 class Conflict(VirtmanError):
     """A name already in use, or an operation the current state does not allow."""
+
+
+class ProcessFailed(VirtmanError):
+    """A child process we started exited, or did not become ready in time.
+
+    ``returncode`` is its exit status (None while it still ran); ``log_tail`` the last
+    lines of its output, which usually say why.
+    """
+
+    def __init__(self, message: str, *, name: str, returncode: int | None,
+                 log_tail: str) -> None:
+        super().__init__(f"{name} {message}" + (f":\n{log_tail}" if log_tail else ""))
+        self.name = name
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+class BenchError(VirtmanError):
+    """A benchmark step failed: a server did not come up, a client command failed."""
+
+
+class PlannerError(ConfigError):
+    """A relay tree was asked for something impossible: a bad fan-out, a host twice."""

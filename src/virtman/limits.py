@@ -82,3 +82,22 @@ MAX_NAME_LENGTH = 64
 COPY_RECORD_BYTES = 1 * MiB
 #: Default capacity of an agent's cache group.
 DEFAULT_CACHE_CAPACITY = 64 * GiB
+
+# --- Local cluster (``virtman up``, the scale benchmark, the tests) ---------------------------
+#: Seconds a started Volt or agent process has to say where it serves.
+SERVICE_START_TIMEOUT_SECONDS = 30.0
+#: Seconds registering an image may take (Volt digests the whole image first).
+IMAGE_REGISTER_TIMEOUT_SECONDS = 3600.0
+#: Seconds one VM creation may take (the first of an image may copy it whole).
+VM_CREATE_TIMEOUT_SECONDS = 3600.0
+#: Seconds a status request to an agent may take before it counts as not answering.
+STATUS_TIMEOUT_SECONDS = 10.0
+
+# --- Child processes of the tools (local cluster, benchmarks, tests) -------------------------
+#: Seconds between readiness checks of a starting child.
+CHILD_READY_POLL_SECONDS = 0.05
+#: Seconds a child has after SIGTERM before it is SIGKILLed.
+CHILD_STOP_GRACE_SECONDS = 10.0
+#: Lines and characters of a child's log quoted in an error about it.
+CHILD_LOG_TAIL_LINES = 20
+CHILD_LOG_TAIL_CHARS = 4000

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -54,7 +53,8 @@ from types import FrameType
 from typing import Any
 
 from virtman import sizes
-from virtman.errors import ConfigError
+from virtman.childprocess import ChildProcess
+from virtman.errors import BenchError, ConfigError, ProcessFailed
 from virtman.limits import MiB
 from virtman.protocol.uri import NbdAddress
 
@@ -69,10 +69,6 @@ _PR_SET_PDEATHSIG = 1
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-class BenchError(RuntimeError):
-    """A benchmark step failed (server didn't come up, client command failed, ...)."""
 
 
 class CommandLog:
@@ -284,51 +280,26 @@ def read_whole_file(path: Path) -> None:
 # server process management
 
 
-_libc: Any = None
-
-
-def _load_libc() -> None:
-    """Resolve prctl in the parent (not in the fork child, where that would be unsafe)."""
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _ = _libc.prctl
-        except (OSError, AttributeError):
-            _libc = False
-
-
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: make the kernel SIGTERM the server if the
-    # harness dies without running its finally blocks (e.g. SIGKILL).
-    if _libc:
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 @dataclass
 class Server:
     label: str
-    argv: list[str]
     socket: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
+    child: ChildProcess
+
+    @property
+    def argv(self) -> list[str]:
+        return self.child.argv
 
     @property
     def uri(self) -> str:
         return nbd_uri(self.socket)
 
-    def output(self) -> str:
-        try:
-            return _tail(self.log_path.read_text(errors="replace"))
-        except OSError:
-            return ""
-
     def describe_death(self) -> str | None:
-        rc = self.proc.poll()
+        rc = self.child.returncode
         if rc is None:
             return None
-        out = self.output() or "(empty)"
-        return f"server {self.label} exited with status {rc}; its stderr:\n{out}"
+        return f"server {self.label} exited with status {rc}; its stderr:\n" + (
+            self.child.tail() or "(empty)")
 
 
 def start_server(
@@ -341,45 +312,19 @@ def start_server(
 ) -> Server:
     log.add(argv)
     log_path = workdir / (re.sub(r"[^A-Za-z0-9._-]", "_", label) + ".stderr")
-    _load_libc()
-    with open(log_path, "wb") as log_file:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: we can signal it and its children
-                preexec_fn=_child_setup,
-                env=env,
-                cwd=workdir,
-            )
-        except OSError as exc:
-            raise BenchError(f"server {label}: cannot start {shlex.join(argv)}: {exc}") from exc
-    return Server(label, argv, socket_path, log_path, proc)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        # die_with_parent: the kernel SIGTERMs the server if the harness dies without
+        # running its finally blocks (e.g. SIGKILL).
+        child = ChildProcess.start(f"server {label}", argv, log_path, env=env, cwd=workdir,
+                                   die_with_parent=True)
+    except ProcessFailed as exc:
+        raise BenchError(str(exc)) from exc
+    return Server(label, socket_path, child)
 
 
 def stop_server(server: Server, grace: float = TERM_GRACE_S) -> None:
     """SIGTERM the server's process group, SIGKILL after ``grace`` seconds, reap it."""
-    proc = server.proc
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    # Stragglers the server forked into its (our) process group, if any.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    server.child.stop(grace=grace)
     with contextlib.suppress(OSError):
         server.socket.unlink()
 
@@ -392,42 +337,43 @@ def wait_ready(
     log.add(argv)
     deadline = time.monotonic() + timeout
     last = ""
-    while True:
-        death = server.describe_death()
-        if death is not None:
-            raise BenchError(f"{death}\n(command: {shlex.join(server.argv)})")
-        if server.socket.exists():
-            try:
-                cp = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=max(1.0, min(5.0, deadline - time.monotonic())),
-                    check=False,
-                )
-                if cp.returncode == 0:
-                    size = int(cp.stdout.strip())
-                    if size != expected_size:
-                        raise BenchError(
-                            f"server {server.label}: export size {size} != file size "
-                            f"{expected_size}"
-                        )
-                    return
-                last = cp.stderr.strip()
-            except subprocess.TimeoutExpired:
-                last = "nbdinfo timed out"
-            except ValueError:
-                last = f"nbdinfo printed {cp.stdout.strip()!r}"
-        else:
+
+    def answers() -> bool:
+        nonlocal last
+        if not server.socket.exists():
             last = f"socket {server.socket} not created yet"
-        if time.monotonic() >= deadline:
-            raise BenchError(
-                f"server {server.label} not ready after {timeout:.0f}s (last: {last})\n"
-                f"command: {shlex.join(server.argv)}\n"
-                f"its stderr:\n{server.output() or '(empty)'}"
+            return False
+        try:
+            cp = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                check=False,
             )
-        time.sleep(READY_POLL_S)
+        except subprocess.TimeoutExpired:
+            last = "nbdinfo timed out"
+            return False
+        if cp.returncode != 0:
+            last = cp.stderr.strip()
+            return False
+        try:
+            size = int(cp.stdout.strip())
+        except ValueError:
+            last = f"nbdinfo printed {cp.stdout.strip()!r}"
+            return False
+        if size != expected_size:
+            raise BenchError(
+                f"server {server.label}: export size {size} != file size {expected_size}"
+            )
+        return True
+
+    try:
+        server.child.wait_ready(answers, timeout, READY_POLL_S)
+    except ProcessFailed as exc:
+        raise BenchError(f"{exc}\n(last: {last or 'nothing yet'}; "
+                         f"command: {shlex.join(server.argv)})") from exc
 
 
 # ---------------------------------------------------------------------------------------------

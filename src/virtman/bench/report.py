@@ -285,6 +285,17 @@ def _spans(values: Sequence[float], decades: float) -> bool:
     return len(positive) >= 2 and max(positive) / min(positive) >= 10**decades
 
 
+def require_matplotlib() -> None:
+    """Fail with the install command if plotting is not installed (it is an extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            "plotting needs matplotlib, which comes with the 'bench' extra: "
+            "pip install 'virtman[bench]' (scripts/install.sh installs it)"
+        ) from err
+
+
 def _new_figure() -> tuple[Figure, Axes]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

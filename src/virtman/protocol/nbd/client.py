@@ -310,7 +310,7 @@ class ClientConnection:
                 raise self._fail("NBD_INFO_BLOCK_SIZE of wrong length")
             try:
                 sizes = BlockSizes(*struct.unpack(">III", bs))
-            except ValueError as err:
+            except LocalProtocolError as err:
                 raise self._fail(f"server sent invalid block sizes: {err}") from err
         return self._ready(size, flags, sizes)
 
