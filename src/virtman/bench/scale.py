@@ -238,8 +238,9 @@ async def _one_run(
         reports = await asyncio.gather(*(f.report() for f in fleets))
         busy1, total1 = _cpu_busy()
         sampler.cancel()
-        retransmits = await asyncio.to_thread(placement.tcp_retransmits, services)
-        retransmits -= retransmits0
+        retransmits1 = await asyncio.to_thread(placement.tcp_retransmits, services)
+        retransmits = (None if retransmits0 is None or retransmits1 is None
+                       else retransmits1 - retransmits0)
         after = await _statuses(cluster)
         sent = [int(a["relay_bytes_sent"]) for a in after.values()]
         levels = {
