@@ -22,6 +22,8 @@ PREFERRED_BLOCK_SIZE = 4 * KiB
 #: Largest structured-reply chunk or simple reply a client accepts beyond the
 #: requested length (error messages).
 MAX_ERROR_MESSAGE = 4096
+#: Largest option reply payload a client accepts (a name plus a description).
+MAX_OPTION_REPLY = 64 * KiB
 #: Largest number of option exchanges a server accepts on one connection before it
 #: gives up on the client (defends against a client looping forever in the handshake).
 MAX_OPTIONS_PER_CONNECTION = 1024
@@ -92,6 +94,16 @@ IMAGE_REGISTER_TIMEOUT_SECONDS = 3600.0
 VM_CREATE_TIMEOUT_SECONDS = 3600.0
 #: Seconds a status request to an agent may take before it counts as not answering.
 STATUS_TIMEOUT_SECONDS = 10.0
+#: Smallest test image ``virtman up`` and the scale benchmark generate.
+MIN_TEST_IMAGE_SIZE = 64 * MiB
+#: Seconds a fleet process (the stand-in VMs of one host) has to load and say it is ready.
+FLEET_READY_TIMEOUT_SECONDS = 60.0
+
+# --- NBD benchmark (``virtman bench nbd``) -----------------------------------------------------
+#: Seconds a benchmarked server has to answer ``nbdinfo`` with the export's size.
+BENCH_SERVER_READY_TIMEOUT_SECONDS = 20.0
+#: Seconds a benchmarked server has after SIGTERM before it is SIGKILLed.
+BENCH_SERVER_STOP_GRACE_SECONDS = 5.0
 
 # --- Child processes of the tools (local cluster, benchmarks, tests) -------------------------
 #: Seconds between readiness checks of a starting child.

@@ -55,17 +55,17 @@ from typing import Any
 from virtman import sizes
 from virtman.childprocess import ChildProcess
 from virtman.errors import BenchError, ConfigError, ProcessFailed
-from virtman.limits import MiB
+from virtman.limits import (
+    BENCH_SERVER_READY_TIMEOUT_SECONDS,
+    BENCH_SERVER_STOP_GRACE_SECONDS,
+    CHILD_LOG_TAIL_CHARS,
+    MiB,
+)
 from virtman.protocol.uri import NbdAddress
 
 ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
 BASELINE = "qemu-nbd"
 EXPORT_NAME = "bench"
-READY_TIMEOUT_S = 20.0
-READY_POLL_S = 0.1
-TERM_GRACE_S = 5.0
-STDERR_TAIL_CHARS = 4000
-_PR_SET_PDEATHSIG = 1
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
@@ -122,7 +122,7 @@ def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
     return NbdAddress(export=export, socket=str(socket_path)).uri()
 
 
-def _tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
+def _tail(text: str, limit: int = CHILD_LOG_TAIL_CHARS) -> str:
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
 
@@ -322,7 +322,7 @@ def start_server(
     return Server(label, socket_path, child)
 
 
-def stop_server(server: Server, grace: float = TERM_GRACE_S) -> None:
+def stop_server(server: Server, grace: float = BENCH_SERVER_STOP_GRACE_SECONDS) -> None:
     """SIGTERM the server's process group, SIGKILL after ``grace`` seconds, reap it."""
     server.child.stop(grace=grace)
     with contextlib.suppress(OSError):
@@ -330,7 +330,10 @@ def stop_server(server: Server, grace: float = TERM_GRACE_S) -> None:
 
 
 def wait_ready(
-    server: Server, expected_size: int, log: CommandLog, timeout: float = READY_TIMEOUT_S
+    server: Server,
+    expected_size: int,
+    log: CommandLog,
+    timeout: float = BENCH_SERVER_READY_TIMEOUT_SECONDS,
 ) -> None:
     """Poll ``nbdinfo --size URI`` until the server answers with the expected size."""
     argv = ["nbdinfo", "--size", server.uri]
@@ -370,7 +373,7 @@ def wait_ready(
         return True
 
     try:
-        server.child.wait_ready(answers, timeout, READY_POLL_S)
+        server.child.wait_ready(answers, timeout)
     except ProcessFailed as exc:
         raise BenchError(f"{exc}\n(last: {last or 'nothing yet'}; "
                          f"command: {shlex.join(server.argv)})") from exc

@@ -44,6 +44,7 @@ from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
 from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, NetworkError
+from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HEARTBEAT_TIMEOUT_SECONDS
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
 from virtman.results import Run, percentile, write_results
@@ -51,9 +52,6 @@ from virtman.sizes import format_size, parse_link_rate, parse_size
 
 log = logging.getLogger(__name__)
 
-#: Heartbeats in the benchmark: the default cadence (no failures are injected).
-BENCH_HEARTBEAT_INTERVAL = 2.0
-BENCH_HEARTBEAT_TIMEOUT = 6.0
 #: Busy share of all cores above which a run is reported as limited by this CPU.
 CPU_LIMIT_SHARE = 0.9
 #: Windows of this many seconds in which the busy share is sampled during a boot, and
@@ -194,8 +192,9 @@ async def _one_run(
         hosts=hosts,
         parents=1 if mode == "paper" else 2,
         chunk_size=plan.chunk_size,
-        heartbeat_interval=BENCH_HEARTBEAT_INTERVAL,
-        heartbeat_timeout=BENCH_HEARTBEAT_TIMEOUT,
+        # The default heartbeat cadence: no failures are injected.
+        heartbeat_interval=HEARTBEAT_INTERVAL_SECONDS,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS,
         mode=mode,
         attach_delay=attach_delay,
         log_level="warning",
