@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, VirtmanError
 from virtman.limits import TREE_FANOUT, MiB
-from virtman.sizes import binary_unit
+from virtman.sizes import binary_unit, format_rate
 
 if TYPE_CHECKING:  # matplotlib loads only when a report is drawn, not with the CLI
     from matplotlib.axes import Axes
@@ -366,9 +366,7 @@ def _setting_words(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{key.replace('_', ' ')} {value}"
     if key.endswith("_bytes_per_second"):
-        bits = float(value) * 8
-        text = f"{_plain(bits / 1e9)} Gbit/s" if bits >= 1e9 else f"{_plain(bits / 1e6)} Mbit/s"
-        return f"{key.removesuffix('_bytes_per_second').replace('_', ' ')} {text}"
+        return f"{key.removesuffix('_bytes_per_second').replace('_', ' ')} {format_rate(value)}"
     for suffix, unit in _SUFFIX_UNITS:
         if key.endswith(suffix):
             return f"{key.removesuffix(suffix).replace('_', ' ')} {_plain(float(value))} {unit}"
