@@ -90,7 +90,8 @@ DEFAULT_CACHE_CAPACITY = 64 * GiB
 SERVICE_START_TIMEOUT_SECONDS = 30.0
 #: Seconds registering an image may take (Volt digests the whole image first).
 IMAGE_REGISTER_TIMEOUT_SECONDS = 3600.0
-#: Seconds one VM creation may take (the first of an image may copy it whole).
+#: Seconds one VM request from the command line or the tools may take (creating the
+#: first VM of an image may copy the image whole).
 VM_CREATE_TIMEOUT_SECONDS = 3600.0
 #: Seconds a status request to an agent may take before it counts as not answering.
 STATUS_TIMEOUT_SECONDS = 10.0
