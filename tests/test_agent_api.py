@@ -28,6 +28,8 @@ from virtman.httpapi import ApiClient
 MiB = 1024 * 1024
 KiB = 1024
 IMAGE_SIZE = 8 * MiB
+#: The copy stream's header for an image of IMAGE_SIZE (virtman.protocol.copystream).
+COPY_HEADER = b"VMCOPY1\n" + IMAGE_SIZE.to_bytes(8, "big")
 CLIENT_TIMEOUT = 60
 
 
@@ -235,7 +237,13 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
               params={"name": "x", "image": "../img"}, content=b"")
     await bad("host2", "POST", "/vms/import", 422, "copy record",
               params={"name": "x", "image": "img"},
-              content=(IMAGE_SIZE).to_bytes(8, "big") + (4096).to_bytes(4, "big") + bytes(4096))
+              content=COPY_HEADER + b"\x01" + (IMAGE_SIZE).to_bytes(8, "big")
+              + (4096).to_bytes(4, "big") + bytes(4096))
+    await bad("host2", "POST", "/vms/import", 422, "COPY_RECORD_BYTES",
+              params={"name": "x", "image": "img"},
+              content=COPY_HEADER + b"\x01" + bytes(8) + (2 * MiB).to_bytes(4, "big"))
+    await bad("host2", "POST", "/vms/import", 422, "not a copy stream",
+              params={"name": "x", "image": "img"}, content=b"GET / HTTP/1.0\r\n")
 
     # Unknown things: 404.
     await bad("host1", "POST", "/vms", 404, "nope", json={"name": "x", "image": "nope"})
@@ -267,7 +275,8 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
     # A copy stream cut inside a record is refused and leaves nothing behind.
     with pytest.raises(ApiError) as info:
         await env.call("host2", "POST", "/vms/import", params={"name": "x", "image": "img"},
-                       content=(0).to_bytes(8, "big") + (4096).to_bytes(4, "big") + b"abc")
+                       content=COPY_HEADER + b"\x01" + (0).to_bytes(8, "big")
+                       + (4096).to_bytes(4, "big") + b"abc")
     assert info.value.status in (422, 502) and "inside a record" in info.value.detail
     assert await env.state() == before
 
