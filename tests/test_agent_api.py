@@ -666,8 +666,14 @@ class CuttingProxy:
             self._abort_all()
 
 
-@pytest.mark.parametrize("kill", [True, False], ids=["destination-killed", "connection-cut"])
-async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: bool) -> None:
+@pytest.mark.parametrize(
+    ("kill", "op"),
+    [(True, "clone"), (False, "clone"), (True, "migrate")],
+    ids=["destination-killed", "connection-cut", "migrate-destination-killed"],
+)
+async def test_clone_or_migrate_cut_off_midway_leaves_nothing_behind(
+    start_cluster, kill: bool, op: str
+) -> None:
     env = await start_cluster(2)
     cluster = env.cluster
     uri = (await env.create("host1", "vm", image="img"))["uri"]
@@ -688,7 +694,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
     proxy_url = await proxy.start()
     try:
         with pytest.raises((ApiError, NetworkError)) as info:
-            await env.call("host1", "POST", "/vms/vm/clone", json={"destination": proxy_url})
+            await env.call("host1", "POST", f"/vms/vm/{op}", json={"destination": proxy_url})
     finally:
         await proxy.close()
     assert proxy.cut and proxy.forwarded == 2 * MiB, "the copy was not cut where intended"
@@ -697,7 +703,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
 
     # The source is untouched.
     assert await env.vm("host1", "vm") == source
-    assert_bytes(await env.read(uri, "source"), want, "the source after a failed clone")
+    assert_bytes(await env.read(uri, "source"), want, f"the source after a failed {op}")
 
     if kill:
         assert not cluster.agents["host2"].alive
@@ -713,7 +719,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
     assert sorted(os.listdir(env.data_dir("host2") / "vms")) == ["other"]
 
     # Nothing stands in the way of a clean copy afterwards.
-    await env.call("host1", "POST", "/vms/vm/clone", json={"destination": "host2"})
+    await env.call("host1", "POST", f"/vms/vm/{op}", json={"destination": "host2"})
     clone = await env.vm("host2", "vm")
     assert_bytes(await env.read(clone["uri"], "clone"), want, "the clone after a failed one")
     assert env.imports("host2") == []

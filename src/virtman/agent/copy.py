@@ -249,7 +249,9 @@ async def send(
             address=url,
         ) from err
     except httpx.HTTPError as err:
-        raise NetworkError(f"copy failed: {str(err) or type(err).__name__}", address=url) from err
+        # Mostly a connection reset or closed midway: the destination went away.
+        why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise NetworkError(f"connection to the destination failed ({why})", address=url) from err
     if response.status_code >= 400:
         try:
             detail = str(response.json().get("detail", response.text))

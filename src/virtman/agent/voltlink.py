@@ -21,7 +21,6 @@ client. ``image_spec``, ``join`` and ``leave`` work in any state but STOPPED.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -98,8 +97,8 @@ class VoltLink:
         self.state = LinkState.STOPPED
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Its end was already reported (``_task_ended``); waiting must not raise it again.
+            await asyncio.wait([self._task])
         await self._api.close()
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
