@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from virtman.agent.vms import Vm
+from virtman.agent.vms import Vm, merge_runs
 from virtman.blockdev.base import BlockDevice
 from virtman.errors import ApiError, DeviceError, NetworkError
 from virtman.limits import (
@@ -67,18 +67,6 @@ class CopyLimits:
     total_timeout: float = COPY_TOTAL_TIMEOUT_SECONDS
     live_passes: int = COPY_LIVE_PASSES
     record_bytes: int = COPY_RECORD_BYTES
-
-
-def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, non-overlapping, non-adjacent (offset, length) runs covering ``runs``."""
-    merged: list[tuple[int, int]] = []
-    for off, length in sorted(r for r in runs if r[1] > 0):
-        if merged and off <= merged[-1][0] + merged[-1][1]:
-            last_off, last_len = merged[-1]
-            merged[-1] = (last_off, max(last_len, off + length - last_off))
-        else:
-            merged.append((off, length))
-    return merged
 
 
 class WriteTracker(BlockDevice):

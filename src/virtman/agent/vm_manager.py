@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from virtman.agent.copy import CopyLimits, CopyProgress, WriteTracker, copy_stream, receive, send
@@ -91,7 +91,7 @@ class VmManager:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Any, what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=what)
         self._tasks.add(task)
 
@@ -355,7 +355,7 @@ class VmManager:
                 self.copy_limits,
             )
         except BaseException as err:
-            vm.serve_device(vm.top)
+            vm.serve_device(tracker.inner)
             tracker.release()
             vm.operation = None
             log.error(
@@ -379,7 +379,7 @@ class VmManager:
                 await self._remove(vm)
             await self.relays.evict()
         else:
-            vm.serve_device(vm.top)
+            vm.serve_device(tracker.inner)
             tracker.release()
             vm.operation = None
         log.info(

@@ -20,7 +20,6 @@ has, so files written before the enum load unchanged. Clone and migrate live in
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any, ClassVar
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.errors import ConfigError, Conflict, VirtmanError
+from virtman.errors import ConfigError, Conflict
 from virtman.hypervisor.qemu import Guest
 from virtman.nbd.server import Export, NbdServer
 from virtman.protocol.nbd import Command, Request
@@ -185,15 +184,7 @@ class Vm:
         marks: list[tuple[int, int]] = []
         for dev in self.devices:
             marks += dev.allocated_runs()
-        marks.sort()
-        merged: list[tuple[int, int]] = []
-        for off, length in marks:
-            if merged and off <= merged[-1][0] + merged[-1][1]:
-                last_off, last_len = merged[-1]
-                merged[-1] = (last_off, max(last_len, off + length - last_off))
-            else:
-                merged.append((off, length))
-        return merged
+        return merge_runs(marks)
 
     def info(self) -> dict[str, object]:
         return {
@@ -240,6 +231,18 @@ class TraceRecorder:
         os.replace(tmp, path)
 
 
+def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping, non-adjacent (offset, length) runs covering ``runs``."""
+    merged: list[tuple[int, int]] = []
+    for off, length in sorted(r for r in runs if r[1] > 0):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            merged.append((off, length))
+    return merged
+
+
 def check_socket_path(path: str) -> None:
     if len(path.encode()) > MAX_SOCKET_PATH:
         raise ConfigError(
@@ -267,11 +270,3 @@ def copy_layers(src: Vm, upto_snapshot: str, dest_dir: str) -> list[Layer]:
 
 def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-async def cancel_quietly(task: asyncio.Task[object]) -> None:
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, VirtmanError):
-        pass
