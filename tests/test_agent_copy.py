@@ -114,7 +114,9 @@ async def make_vm(world: World, agent_name: str, limits: CopyLimits = SMALL):
 async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_throughout(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent, vm, client, want = await make_vm(world, "host1")
+    limits = CopyLimits(connect_timeout=1.0, idle_timeout=2.0, total_timeout=20.0,
+                        record_bytes=64 * KiB)
+    agent, vm, client, want = await make_vm(world, "host1", limits)
     silent = Silent()
     url = await silent.start()
     reader = Reader(client, bytes(want))
@@ -131,7 +133,7 @@ async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_thro
         with pytest.raises(Conflict, match="busy: migrate"):
             await agent.vms.destroy("vm")
         late = asyncio.ensure_future(client.write(3 * MiB, b"\x77" * 4096))
-        with pytest.raises(NetworkError, match="COPY_IDLE_TIMEOUT_SECONDS=1") as info:
+        with pytest.raises(NetworkError, match="COPY_IDLE_TIMEOUT_SECONDS=2") as info:
             await migrate
         elapsed = time.monotonic() - started
         await asyncio.wait_for(late, 5)  # the held write went on here once the copy failed
@@ -142,10 +144,12 @@ async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_thro
         await silent.close()
     assert silent.accepted == 1
     assert "silent" in str(info.value) and url in str(info.value)
-    assert SMALL.idle_timeout <= elapsed < SMALL.connect_timeout + SMALL.idle_timeout + 3
+    assert limits.idle_timeout <= elapsed < limits.connect_timeout + limits.idle_timeout + 3
     assert reader.errors == [], reader.errors
     assert reader.reads >= 20, f"only {reader.reads} reads in {elapsed:.1f} s"
-    assert reader.longest_gap < 0.5, f"the VM went unread for {reader.longest_gap:.2f} s"
+    # Never blocked for the wait: reads came well within each idle period.
+    assert reader.longest_gap < limits.idle_timeout / 2, (
+        f"the VM went unread for {reader.longest_gap:.2f} s")
     # Still here, still the same VM, exported, writable, not busy.
     assert agent.vms.get("vm") is vm and vm.operation is None
     assert vm.info()["state"] == "running"

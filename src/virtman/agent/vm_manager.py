@@ -359,7 +359,7 @@ class VmManager:
             tracker.release()
             vm.operation = None
             log.error(
-                "VM %r: %s to %s failed after %.1f s and %d bytes sent: %s; "
+                "VM %r: %s to %s failed after %.1f s and %d bytes streamed: %s; "
                 "it stays here, serving",
                 name,
                 what,
