@@ -39,6 +39,7 @@ class World:
         self.volt_url = ""
         self.agents: dict[str, Agent] = {}
         self._services: list[tuple[HttpService, asyncio.Task[None]]] = []
+        self._by_agent: dict[str, tuple[HttpService, asyncio.Task[None]]] = {}
 
     async def start(self) -> None:
         path = self.tmp / "image.raw"
@@ -77,9 +78,18 @@ class World:
         agent.url = service.url
         task = asyncio.get_running_loop().create_task(service.run())
         self._services.append((service, task))
+        self._by_agent[name] = (service, task)
         await wait_for(service.url)
         self.agents[name] = agent
         return agent
+
+    async def stop_agent(self, name: str) -> None:
+        """Stop one agent cleanly (its HTTP service, then the agent: lifespan)."""
+        service, task = self._by_agent.pop(name)
+        self._services.remove((service, task))
+        service.stop()
+        await asyncio.wait_for(task, 20)
+        del self.agents[name]
 
     async def stop(self) -> None:
         for service, task in reversed(self._services):

@@ -275,3 +275,37 @@ async def test_relay_manager_reopens_its_images_without_volt(world: World, tmp_p
     finally:
         await again.stop()
         await gone.stop()
+
+
+# --- VmManager ----------------------------------------------------------------------
+
+
+async def test_vm_manager_restart_reopens_vms_keeps_detached_and_skips_a_bad_record(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await world.agent("h1")
+    a = await agent.vms.create("a", "img")
+    client = await NbdClient.connect(a.uri)
+    await client.write(4096, b"kept" * 1024)
+    await client.flush()
+    await client.close()
+    await agent.vms.create("b", "img")
+    await agent.vms.destroy("b", instance_only=True)
+    await agent.vms.create("c", "img")
+    await world.stop_agent("h1")
+    data = world.tmp / "h1"
+    (data / "vms" / "c" / "vm.json").write_text('{"name": "c", "state": "paused"}')
+    (data / "imports" / "import-x-1234").mkdir()  # a copy that was under way
+
+    caplog.set_level(logging.WARNING, logger="virtman.agent")
+    agent = await world.agent("h1")
+    assert sorted(v.name for v in agent.vms.list()) == ["a", "b"]
+    assert agent.vms.get("b").record.state is VmState.DETACHED
+    assert agent.vms.get("b").info()["uri"] is None
+    client = await NbdClient.connect(agent.vms.get("a").uri)
+    assert await client.read(4096, 4096) == b"kept" * 1024
+    await client.close()
+    assert list((data / "imports").iterdir()) == []
+    messages = [r.message for r in caplog.records]
+    assert any("'c' could not be reopened" in m and "vm.json" in m for m in messages), messages
+    assert any("removing unfinished import import-x-1234" in m for m in messages), messages
