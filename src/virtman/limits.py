@@ -71,6 +71,9 @@ DEFAULT_COW_BLOCK_SIZE = 4 * KiB
 # --- Coordinator (Volt) and agents ---------------------------------------------------------
 #: Seconds between an agent's heartbeats.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
+#: Seconds a freshly joined image waits for its parents' connections before its first
+#: VM starts reading (reads meanwhile would go to the origin).
+PARENT_CONNECT_WAIT_SECONDS = 1.0
 #: Seconds of silence after which Volt removes an agent from every tree.
 HEARTBEAT_TIMEOUT_SECONDS = 6.0
 #: Children per node and parents per node of the relay trees (the paper: binary tree).
@@ -80,8 +83,19 @@ TREE_PARENTS_PER_NODE = 2
 HTTP_TIMEOUT_SECONDS = 30.0
 #: Longest image, VM, snapshot and agent name.
 MAX_NAME_LENGTH = 64
-#: Bytes of a VM's written data sent per record when a VM is cloned or migrated.
+#: Bytes of a VM's written data sent per record when a VM is cloned or migrated; also
+#: the largest record a receiving agent accepts.
 COPY_RECORD_BYTES = 1 * MiB
+#: Clone/migrate: seconds to open the connection to the destination agent.
+COPY_CONNECT_TIMEOUT_SECONDS = 10.0
+#: Clone/migrate: seconds either side waits without progress (no byte accepted by the
+#: destination, no byte from the source, no acknowledgement) before it gives the copy up.
+COPY_IDLE_TIMEOUT_SECONDS = 30.0
+#: Clone/migrate: seconds a whole copy may take, acknowledgement included.
+COPY_TOTAL_TIMEOUT_SECONDS = 3600.0
+#: Clone/migrate: passes over the ranges the VM wrote during the previous pass, made
+#: while it keeps serving writes, before the last pass that holds its writes.
+COPY_LIVE_PASSES = 3
 #: Default capacity of an agent's cache group.
 DEFAULT_CACHE_CAPACITY = 64 * GiB
 

@@ -239,6 +239,28 @@ class NbdServer:
         self._stopped.set()
         log.info("nbd server stopped")
 
+    def replace_device(self, export: str, device: BlockDevice) -> BlockDevice:
+        """Serve ``device`` under ``export`` from the next request on; return the old one.
+
+        Requests already running finish on the old device. Raises ``NotFound`` when
+        there is no such export, and ``InvalidRequest`` when the sizes differ (clients
+        have been told the size).
+        """
+        from virtman.errors import NotFound  # local: keeps this addition self-contained
+
+        current = self.exports.get(export)
+        if current is None:
+            raise NotFound(f"no export named {export!r}")
+        if device.size != current.device.size:
+            raise InvalidRequest(
+                f"export {export!r} is {current.device.size} bytes; "
+                f"a replacement of {device.size} bytes would change it under its clients",
+                errno=Errno.EINVAL,
+            )
+        old = current.device
+        current.device = device
+        return old
+
 
 #: Commands whose failure, unless the request itself was invalid, is always EIO.
 _NO_CALLER_FAULT = frozenset({Command.READ, Command.BLOCK_STATUS, Command.CACHE})
