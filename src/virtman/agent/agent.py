@@ -207,7 +207,7 @@ class Agent:
             self.mode,
         )
         await relay.open()
-        self.cache.relays[spec.name] = relay
+        self.cache.add(relay)
         return relay
 
     async def image(self, name: str) -> ImageRelay:
