@@ -249,6 +249,10 @@ class CachedDevice(BlockDevice):
         return StoreFile.create(self.path, wanted)
 
     async def close(self) -> None:
+        rotten = self.stats.extra.get("rotten_chunks", 0)
+        if rotten:  # the throttled lines may not have named them all
+            log.warning("cache %s: %d chunks failed their check this session and were "
+                        "fetched again", self.path, rotten)
         for task in list(self._fetches.values()):
             task.cancel()
         if self._fetches:

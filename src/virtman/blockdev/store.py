@@ -14,8 +14,8 @@ Layout::
 
 One *byte* per unit, not one bit: a unit's entry is then changed by a one-byte write,
 which no crash can tear, and no read-modify-write of neighbours is ever needed. The
-checksum table is written whole (zeros) when the file is made, so filling a unit never
-needs new space for its checksum; only its data can meet a full disk.
+map and the checksum table are written whole (zeros) when the file is made, so neither
+ever needs new space later; only a unit's data can meet a full disk.
 
 Theory of crash consistency
 ---------------------------
@@ -181,8 +181,10 @@ class StoreFile:
             try:
                 os.pwrite(fd, header.encode(), 0)
                 os.ftruncate(fd, header.file_size)
+                # Map and checksums are allocated now, so a full disk later never stops a
+                # map or checksum write: only data can meet it, and a cache passes through.
+                os.pwrite(fd, bytes(header.units), header.map_offset)
                 if header.checksum is not None:
-                    # Allocated now, so a full disk later never stops a checksum write.
                     os.pwrite(fd, bytes(header.units * CHECKSUM_BYTES), header.sums_offset)
                 os.fsync(fd)
             except BaseException:
