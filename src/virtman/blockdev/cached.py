@@ -481,7 +481,7 @@ class CachedDevice(BlockDevice):
         if self._full_log.due(now) is not None:
             log.warning("cache %s cannot store chunks (%s: %s); serving uncached reads "
                         "straight from upstream, %d chunks so far; trying again every "
-                        "%.0f s", self.path, self.space.value, reason or "as before",
+                        "%g s", self.path, self.space.value, reason or "as before",
                         self._passed_since_log, self.full_retry)
 
     def space_returned(self) -> None:
