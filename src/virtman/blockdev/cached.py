@@ -304,10 +304,24 @@ class CachedDevice(BlockDevice):
         if ready.find(0, first, last + 1) < 0:
             self.stats.bump("hits")
             return store.pread(offset, length)
-        todo = [i for i in range(first, last + 1) if not ready[i]]
-        self.stats.bump("misses", sum(1 for i in todo if not store.present[i]))
-        loaded = dict(zip(todo, await asyncio.gather(*(self._ensure(i) for i in todo)),
-                          strict=True))
+        loaded: dict[int, bytes] = {}
+        todo = []
+        for i in range(first, last + 1):
+            if ready[i]:
+                continue
+            if store.present[i] and i not in self._fetches:
+                # Held from an earlier session: checked here, without a task, as this is
+                # CPU work only; a chunk that fails is dropped and fetched below.
+                data = self._held(store, i)
+                if data is not None:
+                    ready[i] = 1
+                    loaded[i] = data
+                    continue
+            todo.append(i)
+        if todo:
+            self.stats.bump("misses", len(todo))
+            loaded.update(zip(todo, await asyncio.gather(*(self._ensure(i) for i in todo)),
+                              strict=True))
         # Chunks loaded now come from memory (they may not be stored: pass-through);
         # runs of ready chunks between them are one pread each.
         pieces: list[bytes] = []
