@@ -292,7 +292,7 @@ class StoreFile:
         start = index * self.header.unit
         try:
             if os.pwrite(self.fd, data, self.data_offset + start) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
             if self.sums is not None:
                 digest = unit_checksum(data)
                 os.pwrite(self.fd, digest, self.header.sums_offset + index * CHECKSUM_BYTES)
