@@ -157,8 +157,9 @@ class CachedDevice(BlockDevice):
         self.space = CacheSpace.CACHING
         self._space_since = 0.0
         self._store_again_at = 0.0
-        self._passed_since_log = 0
+        self._passed_this_episode = 0
         self._full_log = _Throttle(log_interval)
+        self._episode_logged = False
         self._rot_log = _Throttle(log_interval)
 
     def describe(self) -> str:
@@ -473,30 +474,32 @@ class CachedDevice(BlockDevice):
         self._ready[index] = 1
         self.stats.bump("fetched_bytes", len(data))
         if self.space is not CacheSpace.CACHING:
-            log.info("cache %s stores chunks again after %.1f s; %d chunks were passed "
-                     "through meanwhile", self.path, time.monotonic() - self._space_since,
-                     self._passed_since_log)
+            if self._episode_logged:  # a cache flapping at the edge logs once per interval
+                log.info("cache %s stores chunks again after %.1f s; %d chunks were passed "
+                         "through meanwhile", self.path, time.monotonic() - self._space_since,
+                         self._passed_this_episode)
             self.space = CacheSpace.CACHING
-            self._passed_since_log = 0
-            self._full_log = _Throttle(self._full_log.interval)
+            self._passed_this_episode = 0
 
     def _passed(self, state: CacheSpace, nbytes: int, reason: str | None) -> None:
         """Count a chunk served without storing it; log the condition, throttled."""
         now = time.monotonic()
         if self.space is CacheSpace.CACHING:
             self._space_since = now
-            self._passed_since_log = 0
+            self._passed_this_episode = 0
+            self._episode_logged = False
         if reason is not None:  # a fresh attempt failed: wait before the next one
             self.space = state
             self._store_again_at = now + self.full_retry
         self.stats.bump("passthrough_chunks")
         self.stats.bump("passthrough_bytes", nbytes)
-        self._passed_since_log += 1
+        self._passed_this_episode += 1
         if self._full_log.due(now) is not None:
+            self._episode_logged = True
             log.warning("cache %s cannot store chunks (%s: %s); serving uncached reads "
                         "straight from upstream, %d chunks so far; trying again every "
                         "%g s", self.path, self.space.value, reason or "as before",
-                        self._passed_since_log, self.full_retry)
+                        self._passed_this_episode, self.full_retry)
 
     def space_returned(self) -> None:
         """Space was made (e.g. an image was evicted): try storing on the next fetch."""
