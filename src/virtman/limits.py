@@ -63,6 +63,13 @@ MAX_DIGEST_RETRIES = 3
 MAX_CONCURRENT_FETCHES = 64
 #: Seconds between background syncs that make fetched chunks durable in the chunk map.
 CACHE_SYNC_INTERVAL_SECONDS = 1.0
+#: Seconds a cache that could not store a chunk (disk full, group at capacity) serves
+#: uncached reads straight from upstream before it tries to store one again (eviction
+#: that frees space ends the wait at once).
+CACHE_FULL_RETRY_SECONDS = 5.0
+#: Seconds between two log lines about one cache's lasting condition (full, rotten
+#: chunks found): the first is logged at once, the rest are counted into the next.
+CACHE_LOG_INTERVAL_SECONDS = 60.0
 
 # --- Copy-on-write ----------------------------------------------------------------------
 #: Default overlay block: the unit of allocation and of read-modify-write.

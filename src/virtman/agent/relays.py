@@ -103,7 +103,7 @@ class RelayManager:
             spec, self.cache.image_dir(spec.name), self.server, self.relay_uri(spec.name), self.mode
         )
         await relay.open()
-        self.cache.relays[spec.name] = relay
+        self.cache.add(relay)
         return relay
 
     async def image(self, name: str) -> ImageRelay:
