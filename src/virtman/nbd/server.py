@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from virtman.blockdev.base import BlockDevice
+from virtman.device import Device
 from virtman.errors import (
     DeviceError,
     InvalidRequest,
@@ -77,7 +77,7 @@ class Export:
     """A device published under a name."""
 
     name: str
-    device: BlockDevice
+    device: Device
     description: str = ""
 
     def info(self, max_payload: int) -> ExportInfo:
@@ -117,7 +117,7 @@ class NbdServer:
 
     def __init__(
         self,
-        exports: Mapping[str, BlockDevice] | list[Export],
+        exports: Mapping[str, Device] | list[Export],
         *,
         default_export: str | None = None,
         max_payload: int = MAX_REQUEST_PAYLOAD,
