@@ -63,6 +63,8 @@ LOG_REPEAT_MAX_KEYS = 1024
 # --- NBD client / RemoteDevice ---------------------------------------------------------
 #: Seconds to connect and finish the handshake with one upstream.
 CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds a closing client waits for the server to close its side after DISC.
+DISCONNECT_WAIT_SECONDS = 2.0
 #: Seconds one request may take on one path before that path is given up on.
 REQUEST_TIMEOUT_SECONDS = 30.0
 #: Seconds requests in flight on a path that ``set_paths`` dropped have to finish there

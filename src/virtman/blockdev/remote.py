@@ -41,6 +41,7 @@ from virtman.errors import (
     InvalidRequest,
     NbdRequestError,
     NetworkError,
+    NetworkTimeout,
 )
 from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
@@ -400,10 +401,12 @@ class RemoteDevice(BlockDevice):
                     path.stats.errors += 1
                     failures.append(f"{path.key}: {err}")
                     continue
-                except TimeoutError:
+                except NetworkTimeout as err:
+                    # Before NetworkError, its parent: a path that does not answer goes
+                    # down even while its connection looks alive.
                     path.stats.errors += 1
-                    failures.append(f"{path.key}: timed out after {self.request_timeout} s")
-                    self._mark_down(path, f"{what} timed out")
+                    failures.append(f"{path.key}: {err}")
+                    self._mark_down(path, f"{what} timed out after {err.limit:g} s")
                     continue
                 except NetworkError as err:
                     path.stats.errors += 1
