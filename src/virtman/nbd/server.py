@@ -419,7 +419,8 @@ class _Connection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        #: Loop time of the last request started or answered (for ``idle_timeout``).
+        #: Loop time the last request was answered (for ``idle_timeout``; a request in
+        #: flight is seen by ``inflight``, so its start needs no timestamp).
         self._active_at = 0.0
 
     # --- asyncio callbacks ----------------------------------------------------------------
@@ -524,6 +525,9 @@ class _Connection(asyncio.Protocol):
                     server.max_connections,
                 )
                 self.drain()
+                # Free the slot now, not when the loop reports the close: another idle
+                # check due in this same turn must see that the server has room again.
+                server._connections.discard(self)
                 return
         self._idle_timer = self._loop.call_later(wait, self._idle_check)
 
@@ -614,7 +618,6 @@ class _Connection(asyncio.Protocol):
         if self.server.recorder is not None:
             self.server.recorder(request)
         self.inflight += 1
-        self._active_at = self._loop.time()
         coro = self._run(request)
         try:
             first = coro.send(None)
