@@ -51,7 +51,7 @@ def test_first_is_logged_repeats_are_counted_then_summarised(setup) -> None:
     clock.now = 1010.0  # the window has expired: the next event summarises it, then logs
     assert rl.warning("p1", "refused WRITE", "refused %s #%d", "WRITE", 101)
     assert lines.lines[1:] == [
-        (logging.WARNING, "99 more like this (refused WRITE from p1) in the last 10 s"),
+        (logging.WARNING, "99 more like this (refused WRITE from p1) in the last 10.0 s"),
         (logging.WARNING, "refused WRITE #101"),
     ]
 
@@ -84,10 +84,10 @@ def test_sweep_summarises_only_expired_windows(setup) -> None:
     rl.warning("p2", "a", "p2 a")
     clock.now += 5  # p1's window is 11 s old, p2's 5 s
     rl.sweep()
-    assert [m for _, m in lines.lines][-1] == "1 more like this (a from p1) in the last 11 s"
+    assert [m for _, m in lines.lines][-1] == "1 more like this (a from p1) in the last 11.0 s"
     assert rl.open_windows == 1
     rl.flush()
-    assert [m for _, m in lines.lines][-1] == "1 more like this (a from p2) in the last 5 s"
+    assert [m for _, m in lines.lines][-1] == "1 more like this (a from p2) in the last 5.0 s"
     assert rl.open_windows == 0
 
 
@@ -107,7 +107,7 @@ def test_many_peers_share_one_window_per_kind(setup) -> None:
     assert [m for _, m in lines.lines] == [f"bad from {i}" for i in range(4)]
     assert rl.open_windows == 4
     rl.flush()
-    assert lines.lines[-1][1] == f"996 more like this (bad from {OTHER_PEERS}) in the last 0 s"
+    assert lines.lines[-1][1] == f"996 more like this (bad from {OTHER_PEERS}) in the last 0.0 s"
 
 
 def test_schedule_is_asked_once_per_window_that_holds_lines_back(setup) -> None:

@@ -135,7 +135,7 @@ class RateLimitedLog:
             peer, kind = key
             self.logger.log(
                 window.level,
-                "%d more like this (%s from %s) in the last %.0f s",
+                "%d more like this (%s from %s) in the last %.1f s",
                 window.suppressed,
                 kind,
                 peer,

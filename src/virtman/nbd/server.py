@@ -438,8 +438,8 @@ class _Connection(asyncio.Protocol):
             server.ratelog.warning(
                 self.peer_key,
                 "connection over the limit",
-                "nbd server holds %d connections, its limit: refused %s",
-                len(server._connections),
+                "nbd server at its limit of %d connections: refused %s",
+                server.max_connections,
                 self.peer,
             )
             self._refuse()
