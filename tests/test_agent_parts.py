@@ -225,7 +225,7 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
         return None
 
     link = VoltLink("h1", world.volt_url, report=lambda: {"url": "x"}, on_reply=on_reply)
-    relays = RelayManager(str(tmp_path / "cache"), link, capacity=1024 * 1024 * KiB, parent_wait=0.1)
+    relays = RelayManager(str(tmp_path / "cache"), link, capacity=1 << 30, parent_wait=0.1)
     await relays.start()
     try:
         first, second = await asyncio.gather(relays.image("img"), relays.image("img"))

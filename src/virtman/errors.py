@@ -3,7 +3,8 @@
 - ``ProtocolError``: a protocol rule was broken, by us (``LocalProtocolError``) or by
   the peer (``PeerProtocolError``).
 - ``NbdRequestError``: the peer answered an NBD request with an error number.
-- ``NetworkError``: a connection could not be made or was lost.
+- ``NetworkError``: a connection could not be made or was lost; ``NetworkTimeout``: a
+  connect, handshake or request took longer than its limit.
 - ``InvalidRequest``: a caller asked for something impossible (out of range, read-only).
 - ``ConfigError``: bad settings or command-line input; ``PlannerError``: a relay tree
   asked for something impossible (a fan-out below 1, a host placed twice).
@@ -58,6 +59,19 @@ class NetworkError(VirtmanError):
     def __init__(self, message: str, *, address: str | None = None) -> None:
         super().__init__(f"{message} [{address}]" if address else message)
         self.address = address
+
+
+class NetworkTimeout(NetworkError):
+    """A network operation did not finish within its limit.
+
+    ``what`` names the operation (``"connect"``, ``"handshake"``, ``"READ offset=0
+    length=4096"``), ``limit`` is the timeout in seconds it exceeded.
+    """
+
+    def __init__(self, what: str, *, limit: float, address: str | None = None) -> None:
+        super().__init__(f"{what} timed out after {limit:g} s", address=address)
+        self.what = what
+        self.limit = limit
 
 
 class InvalidRequest(VirtmanError):

@@ -39,10 +39,34 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 SOCKET_BUFFER_BYTES = 4 * MiB
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
+#: Connections one NBD server holds at once (in the handshake or past it); a client over
+#: the limit is closed before the handshake. None: derived from the process's descriptor
+#: limit, ``(RLIMIT_NOFILE soft - DESCRIPTOR_HEADROOM) // 2`` (480 under ``ulimit -n
+#: 1024``), so one server full of clients leaves the process half of its descriptors.
+MAX_CONNECTIONS_PER_SERVER: int | None = None
+#: Descriptors kept out of the derivation above for everything that is not a client
+#: connection: listeners, cache and overlay files, upstream paths, QEMU, the HTTP API.
+DESCRIPTOR_HEADROOM = 64
+#: Seconds a connection past its handshake may have no request in flight before it is
+#: closed, applied only while the server holds at least IDLE_CLOSE_FROM_FRACTION of its
+#: connection limit. QEMU keeps its NBD connection for the VM's lifetime and, without
+#: ``reconnect-delay``, fails every request after the server closed it with EIO (seen with
+#: qemu-io 7.2), so an idle or paused VM must not be cut on a server that has room.
+IDLE_TIMEOUT_SECONDS = 300.0
+IDLE_CLOSE_FROM_FRACTION = 0.5
+
+# --- Logging -------------------------------------------------------------------------------
+#: Seconds during which repeats of one warning (one kind, one peer) are counted instead of
+#: logged; then one line says how many there were.
+LOG_REPEAT_INTERVAL_SECONDS = 60.0
+#: Peers whose repeats are tracked one by one; beyond, they share one count per kind.
+LOG_REPEAT_MAX_KEYS = 1024
 
 # --- NBD client / RemoteDevice ---------------------------------------------------------
 #: Seconds to connect and finish the handshake with one upstream.
 CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds a closing client waits for the server to close its side after DISC.
+DISCONNECT_WAIT_SECONDS = 2.0
 #: Seconds one request may take on one path before that path is given up on.
 REQUEST_TIMEOUT_SECONDS = 30.0
 #: Seconds requests in flight on a path that ``set_paths`` dropped have to finish there

@@ -157,14 +157,11 @@ class Vm:
         if self.operation is not None:
             raise Conflict(f"VM {self.name!r} is busy: {self.operation} under way")
 
-    def serve_device(self, device: BlockDevice) -> BlockDevice | None:
-        """Point the VM's export at ``device`` from its next request; the device it had.
-
-        None when the VM has no export (detached): nothing to switch.
-        """
-        if self.server is None:
-            return None
-        return self.server.replace_device(self.name, device)
+    def serve_device(self, device: BlockDevice) -> None:
+        """Point the VM's export at ``device`` from its next request (nothing to switch
+        when the VM has no export: detached)."""
+        if self.server is not None:
+            self.server.replace_device(self.name, device)
 
     async def unexport(self) -> None:
         if self.server is not None:
