@@ -34,5 +34,6 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev]'
+# dev: the test tools; bench: plotting for `virtman bench report` (the services need neither)
+.venv/bin/python -m pip install -q -e '.[dev,bench]'
 echo "virtman installed: $(.venv/bin/virtman --version)"

@@ -1,7 +1,8 @@
 """Shared fixtures: image files made on the fly, and `virtman serve` subprocesses.
 
-Every server a test starts is stopped by the fixture that started it (SIGTERM, then
-SIGKILL), and every socket lives in the test's own temporary directory.
+Every server a test starts runs through ``virtman.childprocess`` and is stopped by the
+fixture that started it (SIGKILL if the test left it running), and every socket lives in
+the test's own temporary directory.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from virtman.childprocess import ChildProcess
 
 READY_TIMEOUT = 20.0
 
@@ -40,37 +42,21 @@ class Served:
         self.socket = socket
         self.export = export
         self.log = log
-        self._log_file = open(log, "wb")  # closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "virtman", *args], stdout=self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        self.child = ChildProcess.start(f"virtman serve ({log.stem})",
+                                        [sys.executable, "-m", "virtman", *args], log)
+        self.child.wait_ready(lambda: socket.exists() and b"serving" in self.child.output(),
+                              READY_TIMEOUT)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///{self.export}?socket={self.socket}"
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read_text()}")
-            if self.socket.exists() and b"serving" in self.log.read_bytes():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"server not ready in {READY_TIMEOUT} s: {self.log.read_text()}")
-
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log_file.close()
-        return self.proc.returncode
+        return self.child.stop(sig)
 
 
 @pytest.fixture
@@ -90,4 +76,4 @@ def serve(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for served in started:
-        served.stop(signal.SIGKILL if served.proc.poll() is None else signal.SIGTERM)
+        served.child.kill()

@@ -16,6 +16,7 @@ from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cached import CachedDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.file import FileDevice
+from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.memory import MemoryDevice
 from virtman.blockdev.remote import RemoteDevice
 from virtman.blockdev.store import StoreFile
@@ -102,6 +103,17 @@ async def build(kind: str, tmp: Path, size: int = 1 << 20, *, chunk_size: int = 
             return dev
         return Rig(kind, await reopen_cached(), data, False, reopen_cached)
 
+    if kind == "cached-manifest":
+        origin = MemoryDevice(data=data, read_only=True)
+        manifest = await compute_manifest(origin, chunk_size)
+
+        async def reopen_checked() -> BlockDevice:
+            dev = CachedDevice(origin, tmp / "cache", chunk_size=chunk_size, manifest=manifest,
+                               sync_interval=3600)
+            await dev.open()
+            return dev
+        return Rig(kind, await reopen_checked(), data, False, reopen_checked)
+
     if kind == "cow":
         async def reopen_cow() -> BlockDevice:
             base = FileDevice(base_file, read_only=True)
@@ -126,6 +138,14 @@ async def build(kind: str, tmp: Path, size: int = 1 << 20, *, chunk_size: int = 
         return Rig(kind, await reopen_stack(), data, True, reopen_stack, cleanups)
 
     raise ValueError(kind)
+
+
+def cache_of(device: object) -> CachedDevice | None:
+    """The chunk cache in a device stack, if there is one."""
+    for dev in _stack(device):
+        if isinstance(dev, CachedDevice):
+            return dev
+    return None
 
 
 def crash(device: object) -> None:

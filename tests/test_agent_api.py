@@ -28,6 +28,8 @@ from virtman.httpapi import ApiClient
 MiB = 1024 * 1024
 KiB = 1024
 IMAGE_SIZE = 8 * MiB
+#: The copy stream's header for an image of IMAGE_SIZE (virtman.protocol.copystream).
+COPY_HEADER = b"VMCOPY1\n" + IMAGE_SIZE.to_bytes(8, "big")
 CLIENT_TIMEOUT = 60
 
 
@@ -235,7 +237,13 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
               params={"name": "x", "image": "../img"}, content=b"")
     await bad("host2", "POST", "/vms/import", 422, "copy record",
               params={"name": "x", "image": "img"},
-              content=(IMAGE_SIZE).to_bytes(8, "big") + (4096).to_bytes(4, "big") + bytes(4096))
+              content=COPY_HEADER + b"\x01" + (IMAGE_SIZE).to_bytes(8, "big")
+              + (4096).to_bytes(4, "big") + bytes(4096))
+    await bad("host2", "POST", "/vms/import", 422, "COPY_RECORD_BYTES",
+              params={"name": "x", "image": "img"},
+              content=COPY_HEADER + b"\x01" + bytes(8) + (2 * MiB).to_bytes(4, "big"))
+    await bad("host2", "POST", "/vms/import", 422, "not a copy stream",
+              params={"name": "x", "image": "img"}, content=b"GET / HTTP/1.0\r\n")
 
     # Unknown things: 404.
     await bad("host1", "POST", "/vms", 404, "nope", json={"name": "x", "image": "nope"})
@@ -267,7 +275,8 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
     # A copy stream cut inside a record is refused and leaves nothing behind.
     with pytest.raises(ApiError) as info:
         await env.call("host2", "POST", "/vms/import", params={"name": "x", "image": "img"},
-                       content=(0).to_bytes(8, "big") + (4096).to_bytes(4, "big") + b"abc")
+                       content=COPY_HEADER + b"\x01" + (0).to_bytes(8, "big")
+                       + (4096).to_bytes(4, "big") + b"abc")
     assert info.value.status in (422, 502) and "inside a record" in info.value.detail
     assert await env.state() == before
 
@@ -657,8 +666,14 @@ class CuttingProxy:
             self._abort_all()
 
 
-@pytest.mark.parametrize("kill", [True, False], ids=["destination-killed", "connection-cut"])
-async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: bool) -> None:
+@pytest.mark.parametrize(
+    ("kill", "op"),
+    [(True, "clone"), (False, "clone"), (True, "migrate")],
+    ids=["destination-killed", "connection-cut", "migrate-destination-killed"],
+)
+async def test_clone_or_migrate_cut_off_midway_leaves_nothing_behind(
+    start_cluster, kill: bool, op: str
+) -> None:
     env = await start_cluster(2)
     cluster = env.cluster
     uri = (await env.create("host1", "vm", image="img"))["uri"]
@@ -679,7 +694,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
     proxy_url = await proxy.start()
     try:
         with pytest.raises((ApiError, NetworkError)) as info:
-            await env.call("host1", "POST", "/vms/vm/clone", json={"destination": proxy_url})
+            await env.call("host1", "POST", f"/vms/vm/{op}", json={"destination": proxy_url})
     finally:
         await proxy.close()
     assert proxy.cut and proxy.forwarded == 2 * MiB, "the copy was not cut where intended"
@@ -688,7 +703,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
 
     # The source is untouched.
     assert await env.vm("host1", "vm") == source
-    assert_bytes(await env.read(uri, "source"), want, "the source after a failed clone")
+    assert_bytes(await env.read(uri, "source"), want, f"the source after a failed {op}")
 
     if kill:
         assert not cluster.agents["host2"].alive
@@ -704,7 +719,7 @@ async def test_clone_cut_off_midway_leaves_nothing_behind(start_cluster, kill: b
     assert sorted(os.listdir(env.data_dir("host2") / "vms")) == ["other"]
 
     # Nothing stands in the way of a clean copy afterwards.
-    await env.call("host1", "POST", "/vms/vm/clone", json={"destination": "host2"})
+    await env.call("host1", "POST", f"/vms/vm/{op}", json={"destination": "host2"})
     clone = await env.vm("host2", "vm")
     assert_bytes(await env.read(clone["uri"], "clone"), want, "the clone after a failed one")
     assert env.imports("host2") == []

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from virtman.bench import scale
+from virtman.bench.netbed import retransmitted_segments
 from virtman.errors import ConfigError
 
 CHUNK = 64 * 1024
@@ -65,7 +66,7 @@ def test_small_scaling_run_is_complete_and_consistent(tmp_path: Path) -> None:
         assert 0 < r["mean_boot_seconds"] <= r["p99_boot_seconds"] <= r["all_booted_seconds"]
         assert r["working_set_bytes"] == working_set
         assert r["agents_cpu_seconds"] > 0 and r["vms_cpu_seconds"] > 0
-        assert r["tcp_retransmits"] >= 0
+        assert isinstance(r["tcp_retransmits"], int), "the TCP counters were not read"
         if mode != "star":
             # Level 1 feeds from the origin, level 2 (the third host) from level 1.
             levels = r["all_booted_by_level"]
@@ -100,3 +101,23 @@ def test_dilation_stretches_times_and_slows_links() -> None:
         scale.plan_from_args(parser.parse_args(["--dilation", "0"]))
     with pytest.raises(ConfigError, match="link rate 'fast'"):
         scale.plan_from_args(parser.parse_args(["--rate", "fast", "--dilation", "2"]))
+
+
+SNMP = """\
+Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 1000
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets \
+CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors
+Tcp: 1 200 120000 -1 40 12 0 3 2 5000 4800 17 0 6 0
+Udp: InDatagrams NoPorts
+Udp: 10 0
+"""
+
+
+def test_retransmitted_segments_reads_the_tcp_table() -> None:
+    assert retransmitted_segments(SNMP) == 17
+    with open("/proc/net/snmp", encoding="ascii") as f:  # this machine's own counters
+        assert isinstance(retransmitted_segments(f.read()), int)
+    assert retransmitted_segments("") is None  # `cat` failed: not "no retransmits"
+    assert retransmitted_segments(SNMP.replace("RetransSegs", "Other")) is None
+    assert retransmitted_segments("Tcp: RetransSegs\nTcp: x\n") is None

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import logging
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from devices import crash, image_bytes
 
 from virtman.blockdev import CachedDevice, FaultyDevice, MemoryDevice
+from virtman.blockdev.cached import CacheSpace
 from virtman.blockdev.manifest import compute_manifest
+from virtman.blockdev.store import HEADER_SIZE, MAGIC, StoreFile
 from virtman.errors import DeviceError
 
 CHUNK = 64 * 1024
@@ -124,4 +131,148 @@ async def test_upstream_failure_is_reported_and_retried_later(tmp_path: Path) ->
     with pytest.raises(DeviceError):
         await cache.read(0, 10)
     assert await cache.read(0, 10) == image_bytes(SIZE)[:10]
+    await cache.close()
+
+
+# --- checked at rest ----------------------------------------------------------------------
+
+
+def flip_chunk(cache: CachedDevice, index: int) -> None:
+    """Invert one byte of a held chunk in the (closed) store file."""
+    store = StoreFile.open(cache.path)
+    try:
+        at = store.data_offset + index * CHUNK + 100
+        os.pwrite(store.fd, bytes([os.pread(store.fd, 1, at)[0] ^ 0xFF]), at)
+    finally:
+        os.close(store.fd)
+
+
+def as_version_1(path: str) -> None:
+    """Rewrite a store as this project's first format made it: no checksum table."""
+    store = StoreFile.open(path)
+    try:
+        h = store.header
+        doc = {"version": 1, "kind": h.kind, "size": h.size, "unit": h.unit, "meta": h.meta}
+        raw = MAGIC + json.dumps(doc, sort_keys=True).encode()
+        os.pwrite(store.fd, raw + bytes(HEADER_SIZE - len(raw)), 0)
+        os.ftruncate(store.fd, h.data_offset + h.size)
+    finally:
+        os.close(store.fd)
+
+
+@pytest.mark.parametrize("with_manifest", [False, True], ids=["checksum", "manifest"])
+async def test_rotten_chunk_is_dropped_durably_counted_and_refetched(
+        tmp_path: Path, with_manifest: bool, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = await compute_manifest(origin(), CHUNK) if with_manifest else None
+    cache = CachedDevice(origin(), tmp_path, chunk_size=CHUNK, manifest=manifest)
+    await cache.open()
+    await cache.read(0, SIZE)
+    await cache.close()
+    flip_chunk(cache, 2)
+    upstream = origin()
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK, manifest=manifest,
+                         sync_interval=3600)
+    await cache.open()
+    assert await cache.read(2 * CHUNK, 200) == image_bytes(SIZE)[2 * CHUNK : 2 * CHUNK + 200]
+    assert cache.stats.extra["rotten_chunks"] == 1
+    assert upstream.stats.reads == 1  # only the rotten chunk came from upstream
+    assert "chunk 2 failed" in caplog.text
+    # Dropped durably before it was filled again: a crash now leaves it absent on disk,
+    # never "held" in front of whatever the refetch had written.
+    crash(cache)
+    assert StoreFile.open(cache.path).present[2] == 0
+    # Every other chunk is checked once and served; none counted rotten.
+    cache = CachedDevice(origin(), tmp_path, chunk_size=CHUNK, manifest=manifest)
+    await cache.open()
+    assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert cache.stats.extra["chunks_checked"] == 16
+    assert "rotten_chunks" not in cache.stats.extra
+    await cache.read(0, SIZE)
+    assert cache.stats.extra["chunks_checked"] == 16  # once per session, not per read
+    await cache.close()
+
+
+async def test_store_without_checksums_is_kept_only_with_a_manifest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="virtman")
+    manifest = await compute_manifest(origin(), CHUNK)
+    cache = CachedDevice(origin(), tmp_path, chunk_size=CHUNK, manifest=manifest)
+    await cache.open()
+    await cache.read(0, SIZE)
+    await cache.close()
+    as_version_1(cache.path)
+    flip_chunk(cache, 5)
+    upstream = origin()
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK, manifest=manifest)
+    await cache.open()
+    assert cache.chunks_present == 17 and "predates per-chunk checksums" in caplog.text
+    assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert cache.stats.extra["rotten_chunks"] == 1 and upstream.stats.reads == 1
+    await cache.close()
+    # Without a manifest nothing vouches for its chunks: a new store, all fetched.
+    as_version_1(cache.path)
+    upstream = origin()
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK)
+    await cache.open()
+    assert cache.chunks_present == 0
+    assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert upstream.stats.reads == 17
+    await cache.close()
+
+
+# --- a full cache disk --------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted for this test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs for the cache needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_up(path: Path) -> None:
+    """Take every free byte of a file system with one file."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(64 * 1024))
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+async def test_full_disk_passes_through_then_caches_again(
+        tiny_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="virtman")
+    upstream = origin()
+    cache = CachedDevice(upstream, tiny_fs, chunk_size=CHUNK, full_retry=0.05,
+                         sync_interval=3600)
+    await cache.open()
+    fill_up(tiny_fs / "filler")
+    for _ in range(3):
+        assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert cache.space is CacheSpace.DISK_FULL
+    assert cache.chunks_present == 0
+    assert cache.stats.extra["passthrough_chunks"] == 3 * 17
+    assert upstream.stats.reads == 3 * 17  # nothing kept: every read went upstream
+    assert caplog.text.count("cannot store chunks") == 1  # once per interval, not per chunk
+    assert cache.space_status()["space"] == "disk_full"
+    (tiny_fs / "filler").unlink()
+    await asyncio.sleep(0.06)
+    assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert cache.space is CacheSpace.CACHING and cache.chunks_present == 17
+    assert "stores chunks again" in caplog.text
+    reads = upstream.stats.reads
+    assert await cache.read(0, SIZE) == image_bytes(SIZE)
+    assert upstream.stats.reads == reads
     await cache.close()

@@ -93,7 +93,7 @@ async def test_a_10_mb_bad_origin_uri_is_422_naming_the_field_in_a_small_answer(
 async def test_volt_own_error_messages_are_bounded(serve: Serve) -> None:
     # A well-formed URI nothing listens on: Volt's own ConfigError names it, cut short.
     url = await serve(limits=HttpLimits(max_body_bytes=16 * MB))
-    origin = "nbd://127.0.0.1:1/" + "e" * (5 * MB)
+    origin = "nbd+unix:///img?socket=/" + "s" * (5 * MB)
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         r = await http.post("/images", json={"name": "img", "origins": [origin]})
     assert r.status_code == 422
@@ -119,6 +119,13 @@ async def test_errors_listed_and_keys_quoted_are_bounded(serve: Serve) -> None:
         )
         assert r.status_code == 422 and len(r.content) < SMALL_ANSWER
         assert any(str(x).startswith("k" * 10) for x in r.json()["detail"][0]["loc"])
+        # A host name no resolver takes is refused where it enters, naming the field.
+        r = await http.post(
+            "/images", json={"name": "img", "origins": ["nbd://" + "h" * 100_000 + "/x"]}
+        )
+        assert r.status_code == 422 and len(r.content) < SMALL_ANSWER
+        [error] = r.json()["detail"]
+        assert error["loc"] == ["body", "origins", 0] and "not a valid host name" in error["msg"]
 
 
 async def test_an_oversize_body_is_413_and_the_service_keeps_serving(serve: Serve) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import make_image, require
 
+from virtman.errors import ProcessFailed
+
 MiB = 1024 * 1024
 CLIENT_TIMEOUT = 30
 
@@ -261,7 +263,7 @@ def test_relay_restart_with_origin_down_serves_warm_cache(serve, tmp_path: Path)
     assert origin.stop(signal.SIGTERM) == 0
     try:
         relay = _relay(serve, [origin.uri], cache)
-    except RuntimeError as err:  # the fixture's "server exited 1: ..."
+    except ProcessFailed as err:  # the fixture's "... exited with status 1: ..."
         pytest.fail(f"relay did not start on its warm cache: {err}")
     compare(relay.uri, img)
     assert nbdcopy(relay.uri, tmp_path / "second.img") == data

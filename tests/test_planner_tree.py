@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtman.errors import ConfigError, PlannerError
 from virtman.planner.tree import (
     ORIGIN,
-    PlannerError,
     RelayTree,
     TreeSettings,
     level_of,
@@ -74,6 +74,9 @@ def test_errors_name_the_host() -> None:
     with pytest.raises(PlannerError):
         tree.join(ORIGIN)
     with pytest.raises(PlannerError):
+        TreeSettings(fanout=0)
+    # Under the one root, as a settings error: the CLI exits 2, the HTTP API answers 422.
+    with pytest.raises(ConfigError, match="fan-out must be at least 1"):
         TreeSettings(fanout=0)
 
 

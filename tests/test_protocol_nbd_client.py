@@ -305,6 +305,11 @@ def test_bad_go_replies(data: bytes) -> None:
     assert client.state is ClientState.CLOSED
 
 
+def test_export_name_over_the_protocol_limit_is_ours_to_refuse() -> None:
+    with pytest.raises(LocalProtocolError, match="exceeds the protocol's 4096"):
+        ClientConnection("x" * 4097)
+
+
 def test_unexpected_reply_to_structured_reply() -> None:
     client = ClientConnection("disk")
     feed(client, greeting())

@@ -1030,7 +1030,7 @@ def test_message_bytes(encoded: bytes, hex_bytes: str) -> None:
     ],
 )
 def test_block_sizes_rejects_invalid(sizes: tuple[int, int, int]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         BlockSizes(*sizes)
 
 

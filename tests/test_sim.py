@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from virtman.bench.results import RUN_KEYS, percentile
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace, parse_trace
+from virtman.results import RUN_KEYS, percentile
 from virtman.sim import cli
 from virtman.sim.model import (
     BootPattern,

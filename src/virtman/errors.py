@@ -3,12 +3,16 @@
 - ``ProtocolError``: a protocol rule was broken, by us (``LocalProtocolError``) or by
   the peer (``PeerProtocolError``).
 - ``NbdRequestError``: the peer answered an NBD request with an error number.
-- ``NetworkError``: a connection could not be made or was lost.
+- ``NetworkError``: a connection could not be made or was lost; ``NetworkTimeout``: a
+  connect, handshake or request took longer than its limit.
 - ``InvalidRequest``: a caller asked for something impossible (out of range, read-only).
-- ``ConfigError``: bad settings or command-line input.
+- ``ConfigError``: bad settings or command-line input; ``PlannerError``: a relay tree
+  asked for something impossible (a fan-out below 1, a host placed twice).
 - ``DeviceError``: a storage device failed (I/O error, digest mismatch, corruption).
 - ``ApiError``: a virtman service answered an HTTP request with an error.
 - ``NotFound``, ``Conflict``: a named thing is unknown, or its name is taken.
+- ``ProcessFailed``: a child process we started exited or never became ready (with the
+  tail of its log); ``BenchError``: a benchmark step failed.
 - ``PayloadTooLarge``: a request body over its named limit.
 - ``LifecycleError``: a service asked to do what its lifecycle state does not allow.
 
@@ -62,6 +66,19 @@ class NetworkError(VirtmanError):
     def __init__(self, message: str, *, address: str | None = None) -> None:
         super().__init__(f"{message} [{address}]" if address else message)
         self.address = address
+
+
+class NetworkTimeout(NetworkError):
+    """A network operation did not finish within its limit.
+
+    ``what`` names the operation (``"connect"``, ``"handshake"``, ``"READ offset=0
+    length=4096"``), ``limit`` is the timeout in seconds it exceeded.
+    """
+
+    def __init__(self, what: str, *, limit: float, address: str | None = None) -> None:
+        super().__init__(f"{what} timed out after {limit:g} s", address=address)
+        self.what = what
+        self.limit = limit
 
 
 class InvalidRequest(VirtmanError):
@@ -128,6 +145,29 @@ class LifecycleError(VirtmanError):
         self.component = component
         self.action = action
         self.state = state
+
+
+class ProcessFailed(VirtmanError):
+    """A child process we started exited, or did not become ready in time.
+
+    ``returncode`` is its exit status (None while it still ran); ``log_tail`` the last
+    lines of its output, which usually say why.
+    """
+
+    def __init__(self, message: str, *, name: str, returncode: int | None,
+                 log_tail: str) -> None:
+        super().__init__(f"{name} {message}" + (f":\n{log_tail}" if log_tail else ""))
+        self.name = name
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+class BenchError(VirtmanError):
+    """A benchmark step failed: a server did not come up, a client command failed."""
+
+
+class PlannerError(ConfigError):
+    """A relay tree was asked for something impossible: a bad fan-out, a host twice."""
 
 
 def excerpt(text: str, limit: int = MAX_ERROR_INPUT_CHARS) -> str:

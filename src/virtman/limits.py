@@ -22,6 +22,8 @@ PREFERRED_BLOCK_SIZE = 4 * KiB
 #: Largest structured-reply chunk or simple reply a client accepts beyond the
 #: requested length (error messages).
 MAX_ERROR_MESSAGE = 4096
+#: Largest option reply payload a client accepts (a name plus a description).
+MAX_OPTION_REPLY = 64 * KiB
 #: Largest number of option exchanges a server accepts on one connection before it
 #: gives up on the client (defends against a client looping forever in the handshake).
 MAX_OPTIONS_PER_CONNECTION = 1024
@@ -37,10 +39,34 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 SOCKET_BUFFER_BYTES = 4 * MiB
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
+#: Connections one NBD server holds at once (in the handshake or past it); a client over
+#: the limit is closed before the handshake. None: derived from the process's descriptor
+#: limit, ``(RLIMIT_NOFILE soft - DESCRIPTOR_HEADROOM) // 2`` (480 under ``ulimit -n
+#: 1024``), so one server full of clients leaves the process half of its descriptors.
+MAX_CONNECTIONS_PER_SERVER: int | None = None
+#: Descriptors kept out of the derivation above for everything that is not a client
+#: connection: listeners, cache and overlay files, upstream paths, QEMU, the HTTP API.
+DESCRIPTOR_HEADROOM = 64
+#: Seconds a connection past its handshake may have no request in flight before it is
+#: closed, applied only while the server holds at least IDLE_CLOSE_FROM_FRACTION of its
+#: connection limit. QEMU keeps its NBD connection for the VM's lifetime and, without
+#: ``reconnect-delay``, fails every request after the server closed it with EIO (seen with
+#: qemu-io 7.2), so an idle or paused VM must not be cut on a server that has room.
+IDLE_TIMEOUT_SECONDS = 300.0
+IDLE_CLOSE_FROM_FRACTION = 0.5
+
+# --- Logging -------------------------------------------------------------------------------
+#: Seconds during which repeats of one warning (one kind, one peer) are counted instead of
+#: logged; then one line says how many there were.
+LOG_REPEAT_INTERVAL_SECONDS = 60.0
+#: Peers whose repeats are tracked one by one; beyond, they share one count per kind.
+LOG_REPEAT_MAX_KEYS = 1024
 
 # --- NBD client / RemoteDevice ---------------------------------------------------------
 #: Seconds to connect and finish the handshake with one upstream.
 CONNECT_TIMEOUT_SECONDS = 5.0
+#: Seconds a closing client waits for the server to close its side after DISC.
+DISCONNECT_WAIT_SECONDS = 2.0
 #: Seconds one request may take on one path before that path is given up on.
 REQUEST_TIMEOUT_SECONDS = 30.0
 #: Seconds requests in flight on a path that ``set_paths`` dropped have to finish there
@@ -61,6 +87,13 @@ MAX_DIGEST_RETRIES = 3
 MAX_CONCURRENT_FETCHES = 64
 #: Seconds between background syncs that make fetched chunks durable in the chunk map.
 CACHE_SYNC_INTERVAL_SECONDS = 1.0
+#: Seconds a cache that could not store a chunk (disk full, group at capacity) serves
+#: uncached reads straight from upstream before it tries to store one again (eviction
+#: that frees space ends the wait at once).
+CACHE_FULL_RETRY_SECONDS = 5.0
+#: Seconds between two log lines about one cache's lasting condition (full, rotten
+#: chunks found): the first is logged at once, the rest are counted into the next.
+CACHE_LOG_INTERVAL_SECONDS = 60.0
 
 # --- Copy-on-write ----------------------------------------------------------------------
 #: Default overlay block: the unit of allocation and of read-modify-write.
@@ -69,6 +102,9 @@ DEFAULT_COW_BLOCK_SIZE = 4 * KiB
 # --- Coordinator (Volt) and agents ---------------------------------------------------------
 #: Seconds between an agent's heartbeats.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
+#: Seconds a freshly joined image waits for its parents' connections before its first
+#: VM starts reading (reads meanwhile would go to the origin).
+PARENT_CONNECT_WAIT_SECONDS = 1.0
 #: Seconds of silence after which Volt removes an agent from every tree.
 HEARTBEAT_TIMEOUT_SECONDS = 6.0
 #: Children per node and parents per node of the relay trees (the paper: binary tree).
@@ -78,10 +114,51 @@ TREE_PARENTS_PER_NODE = 2
 HTTP_TIMEOUT_SECONDS = 30.0
 #: Longest image, VM, snapshot and agent name.
 MAX_NAME_LENGTH = 64
-#: Bytes of a VM's written data sent per record when a VM is cloned or migrated.
+#: Bytes of a VM's written data sent per record when a VM is cloned or migrated; also
+#: the largest record a receiving agent accepts.
 COPY_RECORD_BYTES = 1 * MiB
+#: Clone/migrate: seconds to open the connection to the destination agent.
+COPY_CONNECT_TIMEOUT_SECONDS = 10.0
+#: Clone/migrate: seconds either side waits without progress (no byte accepted by the
+#: destination, no byte from the source, no acknowledgement) before it gives the copy up.
+COPY_IDLE_TIMEOUT_SECONDS = 30.0
+#: Clone/migrate: seconds a whole copy may take, acknowledgement included.
+COPY_TOTAL_TIMEOUT_SECONDS = 3600.0
+#: Clone/migrate: passes over the ranges the VM wrote during the previous pass, made
+#: while it keeps serving writes, before the last pass that holds its writes.
+COPY_LIVE_PASSES = 3
 #: Default capacity of an agent's cache group.
 DEFAULT_CACHE_CAPACITY = 64 * GiB
+
+# --- Local cluster (``virtman up``, the scale benchmark, the tests) ---------------------------
+#: Seconds a started Volt or agent process has to say where it serves.
+SERVICE_START_TIMEOUT_SECONDS = 30.0
+#: Seconds registering an image may take (Volt digests the whole image first).
+IMAGE_REGISTER_TIMEOUT_SECONDS = 3600.0
+#: Seconds one VM request from the command line or the tools may take (creating the
+#: first VM of an image may copy the image whole).
+VM_CREATE_TIMEOUT_SECONDS = 3600.0
+#: Seconds a status request to an agent may take before it counts as not answering.
+STATUS_TIMEOUT_SECONDS = 10.0
+#: Smallest test image ``virtman up`` and the scale benchmark generate.
+MIN_TEST_IMAGE_SIZE = 64 * MiB
+#: Seconds a fleet process (the stand-in VMs of one host) has to load and say it is ready.
+FLEET_READY_TIMEOUT_SECONDS = 60.0
+
+# --- NBD benchmark (``virtman bench nbd``) -----------------------------------------------------
+#: Seconds a benchmarked server has to answer ``nbdinfo`` with the export's size.
+BENCH_SERVER_READY_TIMEOUT_SECONDS = 20.0
+#: Seconds a benchmarked server has after SIGTERM before it is SIGKILLed.
+BENCH_SERVER_STOP_GRACE_SECONDS = 5.0
+
+# --- Child processes of the tools (local cluster, benchmarks, tests) -------------------------
+#: Seconds between readiness checks of a starting child.
+CHILD_READY_POLL_SECONDS = 0.05
+#: Seconds a child has after SIGTERM before it is SIGKILLed.
+CHILD_STOP_GRACE_SECONDS = 10.0
+#: Lines and characters of a child's log quoted in an error about it.
+CHILD_LOG_TAIL_LINES = 20
+CHILD_LOG_TAIL_CHARS = 4000
 
 # --- HTTP services (Volt and the agents) ---------------------------------------------------
 #: Largest request body a JSON route accepts; a larger one is answered 413 before it is

@@ -22,12 +22,22 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+_BINARY_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def binary_unit(n: float) -> tuple[str, int]:
+    """The largest binary unit that ``n`` bytes reach (``("B", 1)`` below 1 KiB)."""
+    for unit, scale in _BINARY_UNITS:
+        if abs(n) >= scale:
+            return unit, scale
+    return "B", 1
+
+
 def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    """``n`` bytes in the largest binary unit it reaches: ``512 B``, ``1.5 MiB``, ``2.0 GiB``
+    (the one way every virtman command prints a size)."""
+    unit, scale = binary_unit(n)
+    return f"{n:.0f} B" if scale == 1 else f"{n / scale:.1f} {unit}"
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)\s*(bit/s|bits/s|bit|bits|bps)?\s*$",

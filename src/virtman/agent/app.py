@@ -6,14 +6,16 @@
     POST   /vms/{name}/snapshots     {name}
     POST   /vms/{name}/clone         {destination: agent name or URL}
     POST   /vms/{name}/migrate       {destination}
-    POST   /vms/import?name=&image=  body: the VM's written data (agent to agent)
+    POST   /vms/import?name=&image=  body: the VM's copy stream (agent to agent; the
+                                     format is ``virtman.protocol.copystream``)
     POST   /vms/{name}/start         {guest: {memory_mib, cpus, kernel, initrd, append}, record}
     POST   /vms/{name}/stop
     GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
     GET    /status, /health
 
 Errors: 404 unknown VM, image, snapshot or agent; 409 a name in use; 422 malformed
-requests; 502 a failure further away (Volt, another agent). Nothing changes on error.
+requests (and a malformed copy stream); 502 a failure further away (Volt, another
+agent, a copy stream cut or stalled). Nothing changes on error.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
+from starlette.requests import ClientDisconnect
 
 from virtman import __version__
 from virtman.agent.agent import Agent
 from virtman.coordinator.models import NAME_PATTERN, Name
+from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
 from virtman.hypervisor.qemu import GuestConfig
+from virtman.protocol.copystream import CopyStreamError
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
 
@@ -123,47 +128,49 @@ def create_app(agent: Agent) -> FastAPI:
     @app.post("/vms", status_code=201, responses=errors)
     async def create(body: VmCreate) -> VmInfo:
         guest = body.guest.config() if body.guest else None  # checked before anything is made
-        vm = await agent.create_vm(body.name, body.image, body.from_snapshot)
+        vm = await agent.vms.create(body.name, body.image, body.from_snapshot)
         if body.start:
-            vm = await agent.start_guest(body.name, guest, body.record)
+            vm = await agent.vms.start_guest(body.name, guest, body.record)
         return VmInfo.model_validate(vm.info())
 
     @app.post("/vms/{name}/start", responses=errors)
     async def start(name: Name, body: GuestStart) -> VmInfo:
         guest = body.guest.config() if body.guest else None
-        return VmInfo.model_validate((await agent.start_guest(name, guest, body.record)).info())
+        return VmInfo.model_validate(
+            (await agent.vms.start_guest(name, guest, body.record)).info()
+        )
 
     @app.post("/vms/{name}/stop", responses=errors)
     async def stop(name: Name) -> VmInfo:
-        return VmInfo.model_validate((await agent.stop_guest(name)).info())
+        return VmInfo.model_validate((await agent.vms.stop_guest(name)).info())
 
     @app.get("/vms/{name}/console", response_class=PlainTextResponse, responses=errors)
     async def console(name: Name) -> str:
-        return agent.console(name)
+        return agent.vms.console(name)
 
     @app.get("/vms/{name}/xml", responses=errors)
     async def xml(name: Name) -> Response:
-        return Response(agent.domain_xml(name), media_type="application/xml")
+        return Response(agent.vms.domain_xml(name), media_type="application/xml")
 
     @app.get("/vms/{name}/trace", response_class=PlainTextResponse, responses=errors)
     async def trace(name: Name) -> str:
-        return agent.boot_trace(name)
+        return agent.vms.boot_trace(name)
 
     @app.get("/vms")
     async def list_vms() -> list[VmInfo]:
-        return [VmInfo.model_validate(vm.info()) for vm in agent.vms.values()]
+        return [VmInfo.model_validate(vm.info()) for vm in agent.vms.list()]
 
     @app.get("/vms/{name}", responses=errors)
     async def get_vm(name: Name) -> VmInfo:
-        return VmInfo.model_validate(agent.vm(name).info())
+        return VmInfo.model_validate(agent.vms.get(name).info())
 
     @app.delete("/vms/{name}", status_code=204, responses=errors)
     async def destroy(name: Name, instance_only: bool = False) -> None:
-        await agent.destroy_vm(name, instance_only=instance_only)
+        await agent.vms.destroy(name, instance_only=instance_only)
 
     @app.post("/vms/{name}/snapshots", status_code=201, responses=errors)
     async def snapshot(name: Name, body: SnapshotCreate) -> VmInfo:
-        return VmInfo.model_validate((await agent.snapshot_vm(name, body.name)).info())
+        return VmInfo.model_validate((await agent.vms.snapshot(name, body.name)).info())
 
     @app.post("/vms/{name}/clone", responses=errors)
     async def clone(name: Name, body: CopyRequest) -> dict[str, Any]:
@@ -175,7 +182,22 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.post("/vms/import", status_code=201, responses=errors)
     async def import_vm(request: Request, name: QueryName, image: QueryName) -> VmInfo:
-        vm = await agent.import_vm(name, image, request.stream())
+        try:
+            vm = await agent.vms.import_vm(name, image, _body(request))
+        except CopyStreamError as err:
+            # The stream is this request's body: its faults are the caller's bad input.
+            raise ConfigError(f"copy stream refused: {err}") from err
         return VmInfo.model_validate(vm.info())
 
     return app
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that goes away is a ``NetworkError``."""
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            yield chunk
+    except ClientDisconnect as err:
+        raise NetworkError(f"the sender went away after {received} bytes") from err

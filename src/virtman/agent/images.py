@@ -10,14 +10,21 @@ answers change the paths in place (``apply``), never disturbing requests in flig
 
 ``CacheGroup`` holds every image relay of the host in one directory with a capacity.
 When the bytes held exceed it, images that no VM uses are evicted, least recently used
-first; an image in use is never evicted (its VMs must not see I/O errors), so a group
-can stay over capacity until VMs go away, and says so in its status.
+first; an image in use is never evicted (its VMs must not see I/O errors).
+
+The group is also each cache's space gate (``CachedDevice.space_gate``): a cache asks
+it before storing a chunk, and tells it when its file system is full. A chunk that
+would take the group past its capacity, or that met a full disk, makes the group evict
+one image no VM uses (least recently used, never the image asking), and tell every
+cache to try storing again; the chunk itself is served straight from upstream
+(pass-through), so no VM and no child sees an error. With nothing left to evict the
+caches keep passing through, retrying now and then, and ``status()`` says which do
+and why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import os
@@ -26,11 +33,12 @@ import time
 from dataclasses import dataclass
 
 from virtman.blockdev.base import BlockDevice
-from virtman.blockdev.cached import CachedDevice
+from virtman.blockdev.cached import CachedDevice, CacheSpace
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import Manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
+from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
 from virtman.errors import ConfigError
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
@@ -64,20 +72,6 @@ class ImageSpec:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
         return cls(**doc)
-
-
-class DeliveryMode(enum.Enum):
-    """How a host gets an image. Only ``virtman`` is for use; the others are the
-    alternatives the scale benchmark compares it with."""
-
-    VIRTMAN = "virtman"  # relay tree, k parents, origin fallback, cache, no attach delay
-    PAPER = "paper"  # VirtMan as published: tree, one parent, no origin path below level 1
-    STAR = "star"  # every read goes to the origin, no cache (a multi-attached volume)
-    COPY = "copy"  # copy the whole image from the origin first, then boot locally
-
-    @property
-    def in_tree(self) -> bool:
-        return self in (DeliveryMode.VIRTMAN, DeliveryMode.PAPER)
 
 
 #: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
@@ -222,9 +216,24 @@ class ImageRelay:
             "level": self.paths.level if self.paths else None,
             "bytes_received": self.bytes_received(),
             "paths": self.remote.path_status(),
+            "cache_space": self.cache.space_status(),
             "cache_stats": dict(self.cache.stats.extra),
             "remote_stats": dict(self.remote.stats.extra),
         }
+
+
+class _RelayGate:
+    """The cache group as the space gate of one relay's cache."""
+
+    def __init__(self, group: CacheGroup, relay: ImageRelay) -> None:
+        self.group = group
+        self.relay = relay
+
+    def admit(self, nbytes: int) -> bool:
+        return self.group.admit(self.relay, nbytes)
+
+    def disk_full(self) -> None:
+        self.group.make_room(self.relay, "the cache disk is full")
 
 
 class CacheGroup:
@@ -234,7 +243,53 @@ class CacheGroup:
         self.root = root
         self.capacity = capacity
         self.relays: dict[str, ImageRelay] = {}
+        #: The eviction a cache's lack of space started (one at a time).
+        self._making_room: asyncio.Task[None] | None = None
+        self.evicted_for_space = 0
         os.makedirs(root, exist_ok=True)
+
+    def add(self, relay: ImageRelay) -> None:
+        """Take an opened relay into the group: its cache now grows only as the group allows."""
+        self.relays[relay.name] = relay
+        relay.cache.space_gate = _RelayGate(self, relay)
+
+    def admit(self, relay: ImageRelay, nbytes: int) -> bool:
+        """Whether ``relay``'s cache may store ``nbytes`` more (else it passes through)."""
+        if self.bytes_held + nbytes <= self.capacity:
+            return True
+        self.make_room(relay, f"the cache group is at its capacity of {self.capacity} bytes")
+        return False
+
+    def make_room(self, asking: ImageRelay, why: str) -> None:
+        """Start evicting one image no VM uses (not ``asking``), unless that is under way."""
+        if self._making_room is not None and not self._making_room.done():
+            return
+        self._making_room = asyncio.get_running_loop().create_task(self._evict_one(asking, why))
+        self._making_room.add_done_callback(self._room_made)
+
+    def _room_made(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cache group: eviction to make room failed: %s", task.exception())
+
+    async def _evict_one(self, asking: ImageRelay, why: str) -> None:
+        idle = sorted((r for r in self.relays.values() if not r.users and r is not asking),
+                      key=lambda r: r.last_used)
+        if not idle:
+            return  # the caches pass through until a VM goes away or space comes back
+        relay = idle[0]
+        if self.relays.get(relay.name) is not relay:
+            return  # gone meanwhile (the agent stopping)
+        log.info("%s: evicting image %r (no VM uses it) to make room for %r",
+                 why, relay.name, asking.name)
+        await self._remove(relay)
+        self.evicted_for_space += 1
+        for other in self.relays.values():
+            other.cache.space_returned()
+
+    async def _remove(self, relay: ImageRelay) -> None:
+        del self.relays[relay.name]  # before closing: nobody may pick it up meanwhile
+        await relay.close()
+        shutil.rmtree(self.image_dir(relay.name), ignore_errors=True)
 
     def image_dir(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -272,16 +327,26 @@ class CacheGroup:
                 self.capacity,
                 relay.name,
             )
-            del self.relays[relay.name]  # before closing: nobody may pick it up meanwhile
-            await relay.close()
-            shutil.rmtree(self.image_dir(relay.name), ignore_errors=True)
+            await self._remove(relay)
             evicted.append(relay.name)
         return evicted
 
     def status(self) -> dict[str, object]:
+        passing = {name: r.cache.space.value for name, r in sorted(self.relays.items())
+                   if r.cache.space is not CacheSpace.CACHING}
+        try:
+            fs = os.statvfs(self.root)
+            free: int | None = fs.f_bavail * fs.f_frsize
+        except OSError:
+            free = None
         return {
             "capacity": self.capacity,
             "bytes_held": self.bytes_held,
             "over_capacity": self.bytes_held > self.capacity,
+            "disk_free_bytes": free,
+            "disk_full": CacheSpace.DISK_FULL.value in passing.values(),
+            #: Images whose cache serves uncached reads from upstream without storing them.
+            "passing_through": passing,
+            "evicted_for_space": self.evicted_for_space,
             "images": sorted(self.relays),
         }

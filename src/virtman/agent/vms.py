@@ -12,40 +12,34 @@ Every VM lives in ``<data>/vms/<name>/``: ``vm.json`` (image, layers, state) wri
 atomically, and its layer files. A restarted agent reopens them all. ``detached`` VMs
 (``destroy --instance-only``) keep their disk and have no export.
 
-Clone and migrate send only the VM's written data: the union of the blocks its layers
-hold, read through the top of the chain, as records of (offset, length, bytes). The
-destination writes them into a new overlay under ``<data>/imports/`` and moves it into
-place only when every byte has arrived and is flushed; a copy cut off midway leaves
-nothing behind, and an agent restarting removes unfinished imports.
+``VmRecord.state`` is a ``VmState``; ``vm.json`` keeps its value (``"running"``), as it always
+has, so files written before the enum load unchanged. Clone and migrate live in
+``virtman.agent.copy``; a VM being copied says so in ``operation`` so that nothing else
+(snapshot, destroy, another copy) changes it meanwhile.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import logging
 import os
 import shutil
-import struct
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.errors import ConfigError, VirtmanError
+from virtman.errors import ConfigError, Conflict
 from virtman.hypervisor.qemu import Guest
-from virtman.limits import COPY_RECORD_BYTES
 from virtman.nbd.server import Export, NbdServer
 from virtman.protocol.nbd import Command, Request
 from virtman.replay.trace import TraceRequest, format_trace
 
 log = logging.getLogger(__name__)
 
-RECORD_HEADER = struct.Struct(">QI")  # offset, length; then `length` bytes
 #: Unix socket paths are limited to 107 bytes by the kernel.
 MAX_SOCKET_PATH = 107
 
@@ -66,22 +60,32 @@ class VmRecord:
     name: str
     image: str
     layers: list[Layer]
-    state: str = VmState.RUNNING.value
+    state: VmState = VmState.RUNNING
     created: float = field(default_factory=time.time)
     #: How its guest is started (``GuestConfig.to_dict()``), once it has been.
     guest: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: str) -> VmRecord:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-        doc["layers"] = [Layer(**layer) for layer in doc["layers"]]
-        return cls(**doc)
+        """Read ``vm.json``; raises ``ConfigError`` naming the file when it is unusable."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            doc["layers"] = [Layer(**layer) for layer in doc["layers"]]
+            doc["state"] = VmState(doc.get("state", VmState.RUNNING.value))
+            return cls(**doc)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"VM record {path} is unreadable: {err}") from err
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["state"] = self.state.value
+        return doc
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(asdict(self), f, indent=1)
+            json.dump(self.to_doc(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +106,8 @@ class Vm:
         self.server: NbdServer | None = None
         self.guest: Guest | None = None
         self.recorder: TraceRecorder | None = None
+        #: The copy (clone/migrate) under way, which nothing else may disturb; None: idle.
+        self.operation: str | None = None
 
     @property
     def console_log(self) -> str:
@@ -146,6 +152,17 @@ class Vm:
         self.server.recorder = self.recorder.record if self.recorder else None
         await self.server.listen_unix(self.socket_path)
 
+    def check_idle(self) -> None:
+        """Raises ``Conflict`` while a clone or migrate of this VM is under way."""
+        if self.operation is not None:
+            raise Conflict(f"VM {self.name!r} is busy: {self.operation} under way")
+
+    def serve_device(self, device: BlockDevice) -> None:
+        """Point the VM's export at ``device`` from its next request (nothing to switch
+        when the VM has no export: detached)."""
+        if self.server is not None:
+            self.server.replace_device(self.name, device)
+
     async def unexport(self) -> None:
         if self.server is not None:
             await self.server.stop()
@@ -164,22 +181,14 @@ class Vm:
         marks: list[tuple[int, int]] = []
         for dev in self.devices:
             marks += dev.allocated_runs()
-        marks.sort()
-        merged: list[tuple[int, int]] = []
-        for off, length in marks:
-            if merged and off <= merged[-1][0] + merged[-1][1]:
-                last_off, last_len = merged[-1]
-                merged[-1] = (last_off, max(last_len, off + length - last_off))
-            else:
-                merged.append((off, length))
-        return merged
+        return merge_runs(marks)
 
     def info(self) -> dict[str, object]:
         return {
             "name": self.name,
             "image": self.record.image,
-            "state": self.record.state,
-            "uri": self.uri if self.record.state == VmState.RUNNING.value else None,
+            "state": self.record.state.value,
+            "uri": self.uri if self.record.state is VmState.RUNNING else None,
             "snapshots": self.record.snapshots,
             "layers": len(self.record.layers),
             "written_bytes": sum(n for _, n in self.written_runs()) if self.devices else 0,
@@ -219,48 +228,16 @@ class TraceRecorder:
         os.replace(tmp, path)
 
 
-async def written_data(vm: Vm) -> AsyncIterator[bytes]:
-    """The VM's written data as a stream of records, for clone and migrate."""
-    for offset, length in vm.written_runs():
-        pos = offset
-        while pos < offset + length:
-            n = min(COPY_RECORD_BYTES, offset + length - pos)
-            data = await vm.top.read(pos, n)
-            yield RECORD_HEADER.pack(pos, n) + data
-            pos += n
-
-
-class RecordReader:
-    """Parses the record stream of ``written_data`` as it arrives, in any pieces."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._buf = bytearray()
-        self.records = 0
-        self.bytes = 0
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= RECORD_HEADER.size:
-            offset, length = RECORD_HEADER.unpack_from(self._buf)
-            if length > COPY_RECORD_BYTES or offset + length > self.size:
-                raise ConfigError(
-                    f"copy record offset={offset} length={length} is invalid "
-                    f"for a {self.size}-byte image"
-                )
-            end = RECORD_HEADER.size + length
-            if len(self._buf) < end:
-                break
-            out.append((offset, bytes(self._buf[RECORD_HEADER.size : end])))
-            del self._buf[:end]
-            self.records += 1
-            self.bytes += length
-        return out
-
-    def finish(self) -> None:
-        if self._buf:
-            raise ConfigError(f"copy stream ended inside a record ({len(self._buf)} bytes left)")
+def merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping, non-adjacent (offset, length) runs covering ``runs``."""
+    merged: list[tuple[int, int]] = []
+    for off, length in sorted(r for r in runs if r[1] > 0):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            merged.append((off, length))
+    return merged
 
 
 def check_socket_path(path: str) -> None:
@@ -290,11 +267,3 @@ def copy_layers(src: Vm, upto_snapshot: str, dest_dir: str) -> list[Layer]:
 
 def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-async def cancel_quietly(task: asyncio.Task[object]) -> None:
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, VirtmanError):
-        pass

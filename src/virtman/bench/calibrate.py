@@ -16,9 +16,9 @@ import shlex
 import sys
 from typing import Any
 
-from virtman.bench.results import Run, write_results
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace
+from virtman.results import Run, write_results
 from virtman.sim.model import SimConfig, pattern_from_trace, simulate
 from virtman.sizes import parse_link_rate
 

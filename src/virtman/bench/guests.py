@@ -22,11 +22,11 @@ import tempfile
 import time
 from typing import Any
 
-from virtman.bench.results import machine
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
 from virtman.hypervisor.qemu import GuestConfig, accelerator, qemu_argv
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
+from virtman.results import machine
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -54,25 +53,22 @@ from types import FrameType
 from typing import Any
 
 from virtman import sizes
-from virtman.errors import ConfigError
+from virtman.childprocess import ChildProcess
+from virtman.errors import BenchError, ConfigError, ProcessFailed
+from virtman.limits import (
+    BENCH_SERVER_READY_TIMEOUT_SECONDS,
+    BENCH_SERVER_STOP_GRACE_SECONDS,
+    CHILD_LOG_TAIL_CHARS,
+    MiB,
+)
 from virtman.protocol.uri import NbdAddress
 
 ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
 BASELINE = "qemu-nbd"
 EXPORT_NAME = "bench"
-MIB = 1 << 20
-READY_TIMEOUT_S = 20.0
-READY_POLL_S = 0.1
-TERM_GRACE_S = 5.0
-STDERR_TAIL_CHARS = 4000
-_PR_SET_PDEATHSIG = 1
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-class BenchError(RuntimeError):
-    """A benchmark step failed (server didn't come up, client command failed, ...)."""
 
 
 class CommandLog:
@@ -96,7 +92,7 @@ def parse_size(text: str) -> int:
         value = sizes.parse_size(text)
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
-    if value < MIB or value % 4096:
+    if value < MiB or value % 4096:
         raise argparse.ArgumentTypeError(f"size must be >= 1 MiB and a multiple of 4096: {text!r}")
     return value
 
@@ -126,14 +122,7 @@ def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
     return NbdAddress(export=export, socket=str(socket_path)).uri()
 
 
-def human_bytes(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
-
-
-def _tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
+def _tail(text: str, limit: int = CHILD_LOG_TAIL_CHARS) -> str:
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
 
@@ -264,14 +253,14 @@ def create_test_file(path: Path, size: int) -> None:
     every MiB, so no two 4 KiB-aligned blocks repeat within 4 GiB (defeats dedup/zero detection
     in any cache under test).  fsync'd so writeback doesn't disturb the measurements.
     """
-    base = os.urandom(MIB)
+    base = os.urandom(MiB)
     doubled = memoryview(base + base)
     written = 0
     i = 0
     with open(path, "wb") as f:
         while written < size:
-            k = (i * 4099) % MIB
-            n = min(MIB, size - written)
+            k = (i * 4099) % MiB
+            n = min(MiB, size - written)
             f.write(doubled[k : k + n])
             written += n
             i += 1
@@ -282,7 +271,7 @@ def create_test_file(path: Path, size: int) -> None:
 def read_whole_file(path: Path) -> None:
     """Pull the file into the page cache so every server starts from the same cache state."""
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(8 * MIB)
+        buf = bytearray(8 * MiB)
         while f.readinto(buf):
             pass
 
@@ -291,51 +280,26 @@ def read_whole_file(path: Path) -> None:
 # server process management
 
 
-_libc: Any = None
-
-
-def _load_libc() -> None:
-    """Resolve prctl in the parent (not in the fork child, where that would be unsafe)."""
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _ = _libc.prctl
-        except (OSError, AttributeError):
-            _libc = False
-
-
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: make the kernel SIGTERM the server if the
-    # harness dies without running its finally blocks (e.g. SIGKILL).
-    if _libc:
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 @dataclass
 class Server:
     label: str
-    argv: list[str]
     socket: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes]
+    child: ChildProcess
+
+    @property
+    def argv(self) -> list[str]:
+        return self.child.argv
 
     @property
     def uri(self) -> str:
         return nbd_uri(self.socket)
 
-    def output(self) -> str:
-        try:
-            return _tail(self.log_path.read_text(errors="replace"))
-        except OSError:
-            return ""
-
     def describe_death(self) -> str | None:
-        rc = self.proc.poll()
+        rc = self.child.returncode
         if rc is None:
             return None
-        out = self.output() or "(empty)"
-        return f"server {self.label} exited with status {rc}; its stderr:\n{out}"
+        return f"server {self.label} exited with status {rc}; its stderr:\n" + (
+            self.child.tail() or "(empty)")
 
 
 def start_server(
@@ -348,93 +312,71 @@ def start_server(
 ) -> Server:
     log.add(argv)
     log_path = workdir / (re.sub(r"[^A-Za-z0-9._-]", "_", label) + ".stderr")
-    _load_libc()
-    with open(log_path, "wb") as log_file:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: we can signal it and its children
-                preexec_fn=_child_setup,
-                env=env,
-                cwd=workdir,
-            )
-        except OSError as exc:
-            raise BenchError(f"server {label}: cannot start {shlex.join(argv)}: {exc}") from exc
-    return Server(label, argv, socket_path, log_path, proc)
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        # die_with_parent: the kernel SIGTERMs the server if the harness dies without
+        # running its finally blocks (e.g. SIGKILL).
+        child = ChildProcess.start(f"server {label}", argv, log_path, env=env, cwd=workdir,
+                                   die_with_parent=True)
+    except ProcessFailed as exc:
+        raise BenchError(str(exc)) from exc
+    return Server(label, socket_path, child)
 
 
-def stop_server(server: Server, grace: float = TERM_GRACE_S) -> None:
+def stop_server(server: Server, grace: float = BENCH_SERVER_STOP_GRACE_SECONDS) -> None:
     """SIGTERM the server's process group, SIGKILL after ``grace`` seconds, reap it."""
-    proc = server.proc
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-    # Stragglers the server forked into its (our) process group, if any.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    server.child.stop(grace=grace)
     with contextlib.suppress(OSError):
         server.socket.unlink()
 
 
 def wait_ready(
-    server: Server, expected_size: int, log: CommandLog, timeout: float = READY_TIMEOUT_S
+    server: Server,
+    expected_size: int,
+    log: CommandLog,
+    timeout: float = BENCH_SERVER_READY_TIMEOUT_SECONDS,
 ) -> None:
     """Poll ``nbdinfo --size URI`` until the server answers with the expected size."""
     argv = ["nbdinfo", "--size", server.uri]
     log.add(argv)
     deadline = time.monotonic() + timeout
     last = ""
-    while True:
-        death = server.describe_death()
-        if death is not None:
-            raise BenchError(f"{death}\n(command: {shlex.join(server.argv)})")
-        if server.socket.exists():
-            try:
-                cp = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=max(1.0, min(5.0, deadline - time.monotonic())),
-                    check=False,
-                )
-                if cp.returncode == 0:
-                    size = int(cp.stdout.strip())
-                    if size != expected_size:
-                        raise BenchError(
-                            f"server {server.label}: export size {size} != file size "
-                            f"{expected_size}"
-                        )
-                    return
-                last = cp.stderr.strip()
-            except subprocess.TimeoutExpired:
-                last = "nbdinfo timed out"
-            except ValueError:
-                last = f"nbdinfo printed {cp.stdout.strip()!r}"
-        else:
+
+    def answers() -> bool:
+        nonlocal last
+        if not server.socket.exists():
             last = f"socket {server.socket} not created yet"
-        if time.monotonic() >= deadline:
-            raise BenchError(
-                f"server {server.label} not ready after {timeout:.0f}s (last: {last})\n"
-                f"command: {shlex.join(server.argv)}\n"
-                f"its stderr:\n{server.output() or '(empty)'}"
+            return False
+        try:
+            cp = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, min(5.0, deadline - time.monotonic())),
+                check=False,
             )
-        time.sleep(READY_POLL_S)
+        except subprocess.TimeoutExpired:
+            last = "nbdinfo timed out"
+            return False
+        if cp.returncode != 0:
+            last = cp.stderr.strip()
+            return False
+        try:
+            size = int(cp.stdout.strip())
+        except ValueError:
+            last = f"nbdinfo printed {cp.stdout.strip()!r}"
+            return False
+        if size != expected_size:
+            raise BenchError(
+                f"server {server.label}: export size {size} != file size {expected_size}"
+            )
+        return True
+
+    try:
+        server.child.wait_ready(answers, timeout)
+    except ProcessFailed as exc:
+        raise BenchError(f"{exc}\n(last: {last or 'nothing yet'}; "
+                         f"command: {shlex.join(server.argv)})") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +662,7 @@ def print_machine(info: dict[str, Any]) -> None:
         f"  cpu:      {info['cpu_model']} ({info['cpu_count']} cpus, {info['cpu_usable']} usable)"
     )
     if mem:
-        print(f"  memory:   {mem / (1 << 30):.1f} GiB")
+        print(f"  memory:   {sizes.format_size(mem)}")
     print(f"  kernel:   {info['kernel']}")
     print(f"  python:   {info['python']}")
     for tool, ver in info["versions"].items():
@@ -958,14 +900,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.file is not None:
             test_file = args.file.resolve()
             file_size = test_file.stat().st_size
-            print(f"test file: {test_file} ({human_bytes(file_size)}, existing)")
+            print(f"test file: {test_file} ({sizes.format_size(file_size)}, existing)")
         else:
             test_file = workdir / "disk.raw"
             t0 = time.perf_counter()
             create_test_file(test_file, args.size)
             file_size = args.size
             print(
-                f"test file: {test_file} ({human_bytes(file_size)}, generated in "
+                f"test file: {test_file} ({sizes.format_size(file_size)}, generated in "
                 f"{time.perf_counter() - t0:.1f}s)"
             )
         read_whole_file(test_file)
@@ -996,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
             r["seq_1conn_ratio"] = ratio(r["seq_mb_s_1conn"], base.get("seq_mb_s_1conn"))
 
     print(
-        f"\nresults ({human_bytes(file_size)} file; MB = 10^6 bytes; ratios vs {BASELINE}"
+        f"\nresults ({sizes.format_size(file_size)} file; MB = 10^6 bytes; ratios vs {BASELINE}"
         f"{'' if BASELINE in results else ' (not measured: n/a)'}):"
     )
     print_table(results, args.numjobs, iops_method, args.stat)

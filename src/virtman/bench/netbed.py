@@ -237,9 +237,10 @@ class Netbed(Placement):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()
 
-    def tcp_retransmits(self, services: list[str]) -> int:
+    def tcp_retransmits(self, services: list[str]) -> int | None:
         """TCP segments retransmitted so far in these services' namespaces (losses at the
-        shaped queues show up here)."""
+        shaped queues show up here); None if a namespace's counters cannot be read, so
+        an unread counter is never reported as no loss."""
         total = 0
         for service in services:
             snmp = subprocess.run(
@@ -248,9 +249,11 @@ class Netbed(Placement):
                 text=True,
                 check=False,
             ).stdout
-            tcp = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
-            if len(tcp) == 2 and "RetransSegs" in tcp[0]:
-                total += int(tcp[1][tcp[0].index("RetransSegs")])
+            count = retransmitted_segments(snmp)
+            if count is None:
+                log.warning("cannot read the TCP counters of %s", service)
+                return None
+            total += count
         return total
 
     def leftovers(self) -> list[str]:
@@ -263,3 +266,15 @@ class Netbed(Placement):
             for line in listed.splitlines()
             if line.split() and line.split()[0].startswith(f"{self.prefix}-")
         ]
+
+
+def retransmitted_segments(snmp: str) -> int | None:
+    """``RetransSegs`` of the ``Tcp:`` table in the text of ``/proc/net/snmp`` (a header
+    line of names and a line of values), or None if the text has no such table."""
+    tcp = [line.split() for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(tcp) != 2 or "RetransSegs" not in tcp[0] or len(tcp[1]) != len(tcp[0]):
+        return None
+    try:
+        return int(tcp[1][tcp[0].index("RetransSegs")])
+    except ValueError:
+        return None

@@ -1,24 +1,29 @@
 """``virtman bench report``: plots and a Markdown page from scale and simulation results.
 
 Reads the JSON documents of ``virtman bench scale`` (kind ``testbed``) and ``virtman bench
-simulate`` (kind ``simulation``), in the format of :mod:`virtman.bench.results`, and writes
+simulate`` (kind ``simulation``), in the format of :mod:`virtman.results`, and writes
 
-* per result kind, PNG figures (900 px wide) named ``<prefix>-boot.png``,
-  ``<prefix>-origin.png`` and ``<prefix>-hostbytes.png``, where the prefix is ``scale``
-  for a testbed and ``sim`` for a simulation:
+* one PNG figure (900 px wide) per scenario, named after its main document's file
+  (``scale-debian.json`` -> ``scale-debian.png``). A scenario is one setting: a testbed
+  document with the simulations calibrated against it (``settings.calibrated_against``),
+  or documents of one kind whose settings differ only in the modes and attach delays
+  they ran. Documents of different settings are never drawn on one axis. The figure
+  stacks up to three panels against the host count:
 
-  1. time until all VMs booted against the host count, one line per mode, with the time
-     of one VM booting from a local copy (dashed) and the simulator's floor (dotted);
-  2. bytes the origin sent against the host count, with the working set times the
-     number of roots (hosts the origin feeds directly) as a reference;
-  3. the most bytes any one host sent against the host count;
+  1. time until all VMs booted, one line per mode, with the time of one VM booting from
+     a local copy (dashed), the target for virtman mode and the simulator's floor;
+  2. bytes the origin sent, with the working set times the number of roots (hosts the
+     origin feeds directly) as a reference;
+  3. the most bytes any one host sent;
 
 * one Markdown page that names every input (kind, exact command line, machine, settings),
   tabulates every mode and embeds the figures with links relative to the page.
 
 Runs with missing or ``null`` values (a mode that failed) are left out of the plots, and
 the page says which points were left out and why. Several variants of one mode (the
-paper's mode with different attach delays, key ``attach_delay``) are separate lines.
+paper's mode with different attach delays, key ``attach_delay``) are separate lines; a
+legend label names the mode and what tells the line from the scenario's other lines of
+that mode (measured or simulated, the options its command line differs by).
 Plots use matplotlib's Agg canvas directly, so no display and no pyplot state is needed.
 """
 
@@ -34,12 +39,13 @@ import statistics
 import sys
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from virtman.bench.results import MODES
+from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, VirtmanError
-from virtman.limits import TREE_FANOUT
+from virtman.limits import TREE_FANOUT, MiB
+from virtman.sizes import binary_unit, format_rate
 
 if TYPE_CHECKING:  # matplotlib loads only when a report is drawn, not with the CLI
     from matplotlib.axes import Axes
@@ -53,9 +59,12 @@ DEFAULT_TITLE = "Scaling: booting many VMs from one base image"
 KIND_PREFIX = {"testbed": "scale", "simulation": "sim"}
 KIND_NAME = {"testbed": "Testbed", "simulation": "Simulation"}
 
-#: 9 x 6 inches at 100 dpi: 900 x 600 pixels.
+#: A figure of one panel: 9 x 6 inches at 100 dpi, 900 x 600 pixels; each further
+#: panel adds 3.4 inches (the title and the legend take the rest).
 FIG_SIZE = (9.0, 6.0)
 DPI = 100
+PANEL_INCHES = 3.4
+PANEL_HEADER_INCHES = FIG_SIZE[1] - PANEL_INCHES
 
 #: Colours and markers per mode; variants of one mode (attach delays) take the next ones.
 _MODE_STYLE: dict[str, tuple[list[str], list[str]]] = {
@@ -66,7 +75,6 @@ _MODE_STYLE: dict[str, tuple[list[str], list[str]]] = {
 }
 _OTHER_STYLE = (["#8c564b", "#e377c2", "#7f7f7f"], ["h", "p", "8"])
 
-MIB = 1 << 20
 MISSING = "—"
 #: The issue's target for virtman mode: all booted within this factor of one VM alone.
 TARGET_RATIO = 1.3
@@ -129,18 +137,28 @@ def _plain(value: float) -> str:
     return f"{value:g}"
 
 
-# --- series: one line per (document, mode, attach delay) -------------------------------------
+# --- scenarios and their series --------------------------------------------------------------
+#
+# A scenario is one setting measured or modelled: one testbed run, with the simulations
+# calibrated against it, or simulations whose settings differ only in which modes and
+# attach delays they ran. Each scenario gets its own figure, so lines measured under
+# different links, traces or dilations are never drawn on one axis.
+
+#: Settings that only choose which lines a document draws, not the setting it measures.
+_LINE_KEYS = frozenset({"modes", "hosts", "attach_delays", "attach_delay_seconds",
+                        "attach_delay"})
 
 
 @dataclass
 class Series:
-    label: str  # in figures: with "[doc N]" when several documents of a kind are plotted
-    name: str  # in the document's own tables: without it
+    label: str  # in the figure's legend: the mode and what tells it from the other lines
+    name: str  # in the document's own tables: the mode (and attach delay) only
     mode: str
     color: str
     marker: str
     doc_number: int
     runs: list[Run] = field(default_factory=list)
+    linestyle: str = "-"
 
     def points(self, key: str) -> list[tuple[int, float]]:
         """(hosts, value) of the runs that have both, by host count (median of repeats)."""
@@ -157,42 +175,180 @@ class Series:
         return sorted({h for r in self.runs if (h := _hosts(r)) is not None} - have)
 
 
+@dataclass
+class Scenario:
+    number: int
+    slug: str  # the figure's file name without ".png"
+    docs: list[tuple[int, Doc]]
+    series: list[Series] = field(default_factory=list)
+
+    @property
+    def kinds(self) -> list[str]:
+        return _unique(_kind(d) for _, d in self.docs)
+
+    @property
+    def measured(self) -> list[Doc]:
+        """The documents that define the setting: all but the calibrations joined to it."""
+        own = [d for _, d in self.docs if not _calibrated_against(d)]
+        return own or [d for _, d in self.docs]
+
+    def name(self) -> str:
+        """``scale-debian: testbed and its calibrated simulation``."""
+        kinds = self.kinds
+        if kinds == ["testbed", "simulation"]:
+            what = "testbed and its calibrated simulation"
+        else:
+            what = " and ".join(KIND_NAME.get(k, k).lower() for k in kinds)
+        return f"{self.slug}: {what}"
+
+
+def _kind(doc: Doc) -> str:
+    return str(doc.get("kind") or "unknown")
+
+
+def _calibrated_against(doc: Doc) -> str | None:
+    target = _dict(doc.get("settings")).get("calibrated_against")
+    return os.path.basename(str(target)) if target else None
+
+
+def _setting_key(doc: Doc) -> str:
+    settings = {k: v for k, v in _dict(doc.get("settings")).items() if k not in _LINE_KEYS}
+    return _kind(doc) + json.dumps(settings, sort_keys=True, default=str)
+
+
+def _scenarios(docs: Sequence[Doc]) -> list[Scenario]:
+    """Documents grouped into scenarios, numbered in the order of their first document."""
+    groups: dict[str, list[tuple[int, Doc]]] = {}
+    by_source: dict[str, str] = {}
+    calibrations: list[tuple[int, Doc]] = []
+    for number, doc in enumerate(docs, start=1):
+        if _calibrated_against(doc):
+            calibrations.append((number, doc))
+            continue
+        key = _setting_key(doc)
+        groups.setdefault(key, []).append((number, doc))
+        if doc.get("source") and _kind(doc) == "testbed":
+            by_source.setdefault(os.path.basename(str(doc["source"])), key)
+    for number, doc in calibrations:
+        target = by_source.get(_calibrated_against(doc) or "")
+        groups.setdefault(target or _setting_key(doc), []).append((number, doc))
+    ordered = sorted(groups.values(), key=lambda g: min(n for n, _ in g))
+    scenarios: list[Scenario] = []
+    slugs: set[str] = set()
+    for i, group in enumerate(ordered, start=1):
+        group.sort(key=lambda nd: nd[0])
+        main = next((d for _, d in group if not _calibrated_against(d)), group[0][1])
+        source = str(main.get("source") or "")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.splitext(os.path.basename(source))[0])
+        slug = stem or _prefix(_kind(main))
+        if slug in slugs:
+            slug = f"{slug}-{i}"
+        slugs.add(slug)
+        scenario = Scenario(i, slug, group)
+        scenario.series = _series(scenario)
+        scenarios.append(scenario)
+    return scenarios
+
+
 def _mode_order(mode: str) -> tuple[int, str]:
     return (MODES.index(mode) if mode in MODES else len(MODES), mode)
 
 
 def _variant_key(run: Run) -> tuple[str, float | None]:
     mode = run.get("mode")
-    return (mode if isinstance(mode, str) and mode else "unknown", _number(run, "attach_delay"))
+    # The testbed writes ``attach_delay``, the simulator ``attach_delay_seconds``.
+    attach = _number(run, "attach_delay")
+    if attach is None:
+        attach = _number(run, "attach_delay_seconds")
+    return (mode if isinstance(mode, str) and mode else "unknown", attach)
 
 
 def _variant_label(mode: str, attach: float | None) -> str:
     return mode if attach is None else f"{mode} ({_plain(attach)} s attach)"
 
 
-def _series(docs: Sequence[tuple[int, Doc]]) -> list[Series]:
-    """The lines of one kind's figures, in a fixed order: by document, mode, attach delay."""
-    several = len(docs) > 1
-    used: dict[str, int] = {}
-    out: list[Series] = []
-    for number, doc in docs:
-        groups: dict[tuple[str, float | None], list[Run]] = {}
+#: Options that choose the lines or the output file, not the setting.
+_LINE_OPTIONS = frozenset({"--json", "--modes", "--hosts", "--attach-delays"})
+
+
+def _options(doc: Doc) -> list[str]:
+    """The command line's options that set the scenario, as ``--name value`` items."""
+    command = doc.get("command")
+    try:
+        words = (shlex.split(command) if isinstance(command, str)
+                 else [str(c) for c in command] if isinstance(command, list) else [])
+    except ValueError:
+        words = str(command).split()
+    items: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        takes_value = (word.startswith("--") and "=" not in word and i + 1 < len(words)
+                       and not words[i + 1].startswith("--"))
+        item = f"{word} {words[i + 1]}" if takes_value else word
+        if item.split(maxsplit=1)[0] not in _LINE_OPTIONS:
+            items.append(item)
+        i += 2 if takes_value else 1
+    return items
+
+
+def _what_differs(number: int, docs: Sequence[tuple[int, Doc]]) -> str:
+    """What sets document ``number``'s command apart from the others of its scenario."""
+    options = {n: _options(d) for n, d in docs}
+    others = [o for n, opts in options.items() if n != number for o in opts]
+    own = [o for o in options[number] if o not in others]
+    if own:
+        return " ".join(own)
+    missing = _unique(o for n, opts in options.items() if n != number for o in opts
+                      if o not in options[number])
+    if missing:
+        return "without " + " ".join(missing)
+    source = dict(docs)[number].get("source")
+    return os.path.basename(str(source)) if source else f"document {number}"
+
+
+def _series(scenario: Scenario) -> list[Series]:
+    """The lines of a scenario's figure: by mode, attach delay, then measured before
+    simulated. A line's label names its mode and, where the scenario has several lines
+    of that mode, what tells them apart (measured or simulated, the command's options)."""
+    mixed = len(scenario.kinds) > 1
+    groups: dict[tuple[str, float | None, int], list[Run]] = {}
+    for number, doc in scenario.docs:
         for run in doc["runs"]:
             if isinstance(run, dict):
-                groups.setdefault(_variant_key(run), []).append(run)
+                mode, attach = _variant_key(run)
+                groups.setdefault((mode, attach, number), []).append(run)
 
-        def order(key: tuple[str, float | None]) -> tuple[tuple[int, str], float]:
-            # Longest attach delay first: "paper (10 s attach)" before "paper (0 s attach)".
-            return (_mode_order(key[0]), -key[1] if key[1] is not None else -math.inf)
+    kind_rank = {"testbed": 0, "simulation": 1}
+    docs = dict(scenario.docs)
 
-        for mode, attach in sorted(groups, key=order):
-            colors, markers = _MODE_STYLE.get(mode, _OTHER_STYLE)
-            i = used.get(mode, 0)
-            used[mode] = i + 1
-            name = _variant_label(mode, attach)
-            label = f"{name} [doc {number}]" if several else name
-            out.append(Series(label, name, mode, colors[i % len(colors)], markers[i % len(markers)],
-                              number, groups[(mode, attach)]))
+    def order(key: tuple[str, float | None, int]) -> tuple[tuple[int, str], float, int, int]:
+        # Longest attach delay first: "paper (10 s attach)" before "paper (0 s attach)".
+        mode, attach, number = key
+        return (_mode_order(mode), -attach if attach is not None else -math.inf,
+                kind_rank.get(_kind(docs[number]), 2), number)
+
+    keys = sorted(groups, key=order)
+    names = [_variant_label(mode, attach) for mode, attach, _ in keys]
+    colour_of: dict[str, int] = {}
+    used: dict[str, int] = {}
+    out: list[Series] = []
+    for (mode, attach, number), name in zip(keys, names, strict=True):
+        colors, markers = _MODE_STYLE.get(mode, _OTHER_STYLE)
+        if name not in colour_of:
+            colour_of[name] = used.get(mode, 0)
+            used[mode] = colour_of[name] + 1
+        i = colour_of[name]
+        doc = docs[number]
+        simulated = mixed and _kind(doc) == "simulation"
+        label = f"{name}, {'simulated' if simulated else 'measured'}" if mixed else name
+        same = [n for (m, a, n), other in zip(keys, names, strict=True)
+                if other == name and _kind(docs[n]) == _kind(doc)]
+        if len(same) > 1:
+            label += f" ({_what_differs(number, [(n, docs[n]) for n in same])})"
+        out.append(Series(label, name, mode, colors[i % len(colors)], markers[i % len(markers)],
+                          number, groups[(mode, attach, number)],
+                          linestyle="--" if simulated else "-"))
     return out
 
 
@@ -210,9 +366,7 @@ def _setting_words(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{key.replace('_', ' ')} {value}"
     if key.endswith("_bytes_per_second"):
-        bits = float(value) * 8
-        text = f"{_plain(bits / 1e9)} Gbit/s" if bits >= 1e9 else f"{_plain(bits / 1e6)} Mbit/s"
-        return f"{key.removesuffix('_bytes_per_second').replace('_', ' ')} {text}"
+        return f"{key.removesuffix('_bytes_per_second').replace('_', ' ')} {format_rate(value)}"
     for suffix, unit in _SUFFIX_UNITS:
         if key.endswith(suffix):
             return f"{key.removesuffix(suffix).replace('_', ' ')} {_plain(float(value))} {unit}"
@@ -285,16 +439,31 @@ def _spans(values: Sequence[float], decades: float) -> bool:
     return len(positive) >= 2 and max(positive) / min(positive) >= 10**decades
 
 
-def _new_figure() -> tuple[Figure, Axes]:
+def require_matplotlib() -> None:
+    """Fail with the install command if plotting is not installed (it is an extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            "plotting needs matplotlib, which comes with the 'bench' extra: "
+            "pip install 'virtman[bench]' (scripts/install.sh installs it)"
+        ) from err
+
+
+def _new_figure(panels: int) -> tuple[Figure, list[Axes]]:
+    """A figure 900 px wide with ``panels`` plots stacked over one another."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=FIG_SIZE, dpi=DPI, layout="constrained")
+    width, _ = FIG_SIZE
+    fig = Figure(figsize=(width, PANEL_HEADER_INCHES + PANEL_INCHES * panels), dpi=DPI,
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.grid(True, which="major", alpha=0.35)
-    ax.tick_params(labelsize=10)
-    return fig, ax
+    axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.35)
+        ax.tick_params(labelsize=10)
+    return fig, axes
 
 
 def _x_axis(ax: Axes, hosts: Sequence[int]) -> None:
@@ -337,18 +506,15 @@ def _y_axis(ax: Axes, values: Sequence[float], decades: float, label: str) -> bo
     return log
 
 
-def _title(ax: Axes, kind: str, what: str, summary: str) -> None:
-    head = f"{KIND_NAME.get(kind, kind.capitalize())}: {what}"
-    ax.set_title("\n".join([head, *textwrap.wrap(summary, 100)]) if summary else head,
-                 fontsize=12)
-
-
-def _legend(fig: Figure, ax: Axes) -> None:
-    """Below the plot, where it cannot hide a line."""
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, fontsize=9.5, loc="outside lower center",
-                   ncols=3 if len(handles) > 4 else 2, frameon=False)
+def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for all panels, below them, where it cannot hide a line."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), fontsize=9.5,
+                   loc="outside lower center", ncols=2, frameon=False)
 
 
 def _save(fig: Figure, path: str) -> None:
@@ -389,15 +555,14 @@ def _draw_series(ax: Axes, series: list[Series], key: str, scale: float = 1.0,
             label += f" (no result at {', '.join(map(str, missing))} hosts)"
         _plot_line(ax, [(h, v / scale) for h, v in pts], color=s.color, marker=s.marker,
                    markersize=7.0 + min(i, 4), markerfacecolor="none", markeredgewidth=2,
-                   linewidth=2, label=label,
+                   linewidth=2, linestyle=s.linestyle, label=label,
                    zorder=4 - i / 100)
         hosts += [h for h, _ in pts]
     return hosts, dropped
 
 
-def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> list[str]:
-    """Figure 1; returns notes for the page."""
-    fig, ax = _new_figure()
+def _boot_panel(ax: Axes, series: list[Series]) -> list[str]:
+    """Time until all VMs booted against hosts; returns notes for the page."""
     notes: list[str] = []
     all_runs = [r for s in series for r in s.runs]
     single = _per_host(all_runs, lambda r: _number(r, "single_vm_seconds"))
@@ -405,6 +570,9 @@ def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> li
     floors = {k: v for k, v in floors.items() if v}
     values = [v for s in series for _, v in s.points("all_booted_seconds")]
     values += [v for _, v in single] + [v for pts in floors.values() for _, v in pts]
+    target = [(h, v * TARGET_RATIO) for h, v in single] if any(
+        s.mode == "virtman" and s.points("all_booted_seconds") for s in series) else []
+    values += [v for _, v in target]
     log = _spans(values, 1)
     hosts, dropped = _draw_series(ax, series, "all_booted_seconds", positive_only=log)
     if single:
@@ -415,6 +583,12 @@ def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> li
         else:
             _plot_line(ax, single, color="0.35", linestyle="--", linewidth=1.5,
                        label="one VM from a local copy")
+    if target:
+        label = f"target for virtman: {_plain(TARGET_RATIO)} \u00d7 one VM"
+        if len({round(v, 9) for _, v in target}) == 1:
+            ax.axhline(target[0][1], color="tab:red", linestyle="-.", linewidth=1.2, label=label)
+        else:
+            _plot_line(ax, target, color="tab:red", linestyle="-.", linewidth=1.2, label=label)
     if floors:
         per_hosts: dict[int, set[float]] = {}
         for pts in floors.values():
@@ -425,48 +599,21 @@ def _boot_figure(kind: str, series: list[Series], summary: str, path: str) -> li
             _plot_line(ax, common, color="black", linestyle=":", linewidth=2,
                        label="floor (simulated lower bound)")
         else:
-            # One legend entry for them all: the colour tells the mode.
-            label = "floor of each mode (in its colour)"
+            # One legend entry for them all, in black: the colour tells the mode.
             for s in series:
                 if s.label in floors:
-                    _plot_line(ax, floors[s.label], color=s.color, linestyle=":", linewidth=1.8,
-                               label=label)
-                    label = "_nolegend_"
+                    _plot_line(ax, floors[s.label], color=s.color, linestyle=":", linewidth=1.8)
+            ax.plot([], [], color="black", linestyle=":", linewidth=1.8,
+                    label="floor of each mode (dotted, in its colour)")
         hosts += [h for pts in floors.values() for h, _ in pts]
     if not hosts:
         hosts = [h for h, _ in single]
     _x_axis(ax, hosts)
-    _y_axis(ax, values, 1, "time until all VMs booted (s)")
+    _y_axis(ax, values, 1, "seconds")
     if dropped:
         notes.append(f"{dropped} point(s) of 0 s are not drawn on the logarithmic time axis.")
-    _title(ax, kind, "time until all VMs booted", summary)
-    _legend(fig, ax)
-    _save(fig, path)
+    ax.set_title("time until all VMs booted", fontsize=11)
     return notes
-
-
-def _ratio_figure(kind: str, series: list[Series], summary: str, path: str) -> list[str]:
-    """All booted over one VM alone against hosts: documents with different traces,
-    speeds or dilations on one scale, beside the target."""
-    fig, ax = _new_figure()
-    ratios = [
-        replace(s, runs=[{**r, "ratio": _ratio(_number(r, "all_booted_seconds"),
-                                                _number(r, "single_vm_seconds"))}
-                         for r in s.runs])
-        for s in series
-    ]
-    values = [v for s in ratios for _, v in s.points("ratio")]
-    log = _spans(values, 1)
-    hosts, dropped = _draw_series(ax, ratios, "ratio", positive_only=log)
-    ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.5, label="one VM alone (1.0)")
-    ax.axhline(TARGET_RATIO, color="tab:red", linestyle=":", linewidth=1.5,
-               label=f"target for virtman ({_plain(TARGET_RATIO)}\u00d7)")
-    _x_axis(ax, hosts)
-    _y_axis(ax, [*values, 1.0, TARGET_RATIO], 1, "all booted / one VM alone")
-    _title(ax, kind, "time until all booted, over one VM alone", summary)
-    _legend(fig, ax)
-    _save(fig, path)
-    return [f"{dropped} ratio point(s) of 0 are not drawn."] if dropped else []
 
 
 def _roots(run: Run, settings: dict[str, Any]) -> tuple[float, str] | None:
@@ -498,17 +645,13 @@ def _byte_unit(values: Sequence[float], log: bool) -> tuple[float, str]:
     """The largest binary unit the values reach (on a log axis: their geometric middle)."""
     positive = [v for v in values if v > 0]
     top = math.sqrt(min(positive) * max(positive)) if log and positive else max(values, default=0)
-    for scale, unit in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if top >= scale:
-            return float(scale), unit
-    return 1.0, "bytes"
+    unit, scale = binary_unit(top)
+    return float(scale), "bytes" if scale == 1 else unit
 
 
-def _bytes_figure(kind: str, series: list[Series], summary: str, path: str, key: str,
-                  what: str, ylabel: str, settings_of: dict[int, dict[str, Any]],
-                  reference: bool) -> list[str]:
-    """Figures 2 and 3 (bytes against hosts); returns notes for the page."""
-    fig, ax = _new_figure()
+def _bytes_panel(ax: Axes, series: list[Series], key: str, what: str,
+                 settings_of: dict[int, dict[str, Any]], reference: bool) -> list[str]:
+    """Bytes against hosts; returns notes for the page."""
     notes: list[str] = []
     ref: list[tuple[int, float]] = []
     ref_words = ""
@@ -538,13 +681,11 @@ def _bytes_figure(kind: str, series: list[Series], summary: str, path: str, key:
                    label=f"working set \u00d7 roots (roots: {ref_words})")
         hosts += [h for h, _ in ref]
     _x_axis(ax, hosts)
-    _y_axis(ax, [v / scale for v in values], 1, f"{ylabel} ({unit})")
+    _y_axis(ax, [v / scale for v in values], 1, unit)
     if dropped:
         notes.append(f"{dropped} point(s) of 0 bytes are not drawn on the logarithmic axis of "
                      f"'{what}'.")
-    _title(ax, kind, what, summary)
-    _legend(fig, ax)
-    _save(fig, path)
+    ax.set_title(what, fontsize=11)
     return notes
 
 
@@ -574,7 +715,7 @@ def _fmt(value: float | None) -> str | None:
 
 
 def _mib(value: float | None) -> str | None:
-    return None if value is None else f"{value / MIB:.1f}"
+    return None if value is None else f"{value / MiB:.1f}"
 
 
 def _table(rows: list[list[str | None]], header: list[str], text: Sequence[str] = ()) -> list[str]:
@@ -728,23 +869,26 @@ def _document_section(number: int, doc: Doc, series: list[Series]) -> list[str]:
 HOW_TO_READ = """\
 ## How to read this page
 
-- **Time until all VMs booted** (first figure of each kind): the moment the last VM of
-  the run finished booting, counted from the start of the run, against the number of hosts.
-  One line per mode: `star` (every host reads from the origin), `copy` (every host copies
-  the whole image first), `paper` (the paper's scheme; variants by attach delay) and
-  `virtman` (lazy relays in a tree). The dashed line is one VM booting from a local copy of
-  the image: the best any mode can do. In simulations the dotted line is the floor, the
-  simulator's lower bound for that host count. A flat line means the mode scales; a line
-  that climbs with the hosts means a bottleneck (usually the origin's link).
-- **All booted over one VM alone** (second figure): the same times divided by the
-  one-VM time of their own run, so runs with other traces, replay speeds or time
-  dilations (see `docs/benchmarks.md`) share one scale. The dotted red line is the
-  target for `virtman` mode, 1.3.
-- **Bytes sent by the origin** (third figure): what the origin had to send in total. The
+Each scenario (one setting: a testbed run with the simulations calibrated against it,
+or simulations that differ only in the modes they ran) has one figure of up to three
+panels, all against the number of hosts, with one legend below them. A line is a mode:
+`star` (every host reads from the origin), `copy` (every host copies the whole image
+first), `paper` (the paper's scheme; variants by attach delay) and `virtman` (lazy
+relays in a tree). Where a scenario has a measured and a simulated line of a mode, the
+simulated one is dashed in the same colour.
+
+- **Time until all VMs booted** (top panel): the moment the last VM of the run finished
+  booting, counted from the start of the run. The grey dashed line is one VM booting
+  from a local copy of the image, the best any mode can do; the red dash-dotted line the
+  target for `virtman` mode, 1.3 times that. In simulations the black dotted line is the
+  floor, the simulator's lower bound for that host count. A flat line means the
+  mode scales; a line that climbs with the hosts means a bottleneck (usually the
+  origin's link).
+- **Bytes sent by the origin** (middle panel): what the origin had to send in total. The
   wide grey reference line is the working set (the bytes a boot reads) times the roots, the
   hosts the origin feeds directly (`min(fan-out, hosts)` for a relay tree): a scheme that
   relays well stays on it however many hosts boot.
-- **Most bytes sent by one host** (fourth figure, when measured): the heaviest relay's load.
+- **Most bytes sent by one host** (bottom panel, when measured): the heaviest relay's load.
 - Axes switch to a logarithmic scale when the values span decades (hosts: two decades,
   times and bytes: one). Times are seconds; MiB and GiB are 2^20 and 2^30 bytes.
 - Tables: *all booted / one VM* is the time until all booted over the one-VM time (1.0 is
@@ -771,8 +915,37 @@ def _prefix(kind: str) -> str:
 # --- the report ------------------------------------------------------------------------------
 
 
+def _scenario_figure(sc: Scenario, summary: str, path: str) -> list[str] | None:
+    """The scenario's figure (time until all booted, origin bytes, most bytes sent by one
+    host: the panels it has data for) at ``path``; its notes, or None if nothing to plot."""
+    series = sc.series
+    settings_of = {n: _dict(d.get("settings")) for n, d in sc.docs}
+    panels: list[Callable[[Axes], list[str]]] = []
+    if any(s.points("all_booted_seconds") for s in series):
+        panels.append(lambda ax: _boot_panel(ax, series))
+    if any(s.points("origin_bytes_sent") for s in series):
+        panels.append(lambda ax: _bytes_panel(ax, series, "origin_bytes_sent",
+                                              "bytes sent by the origin", settings_of, True))
+    if any(s.points("max_host_bytes_sent") for s in series):
+        panels.append(lambda ax: _bytes_panel(ax, series, "max_host_bytes_sent",
+                                              "most bytes sent by one host", settings_of,
+                                              False))
+    if not panels:
+        return None
+    require_matplotlib()
+    fig, axes = _new_figure(len(panels))
+    notes = [note for draw, ax in zip(panels, axes, strict=True) for note in draw(ax)]
+    head = f"Scenario {sc.number}, {sc.name()}"
+    fig.suptitle("\n".join([head, *textwrap.wrap(summary, 95)]) if summary else head,
+                 fontsize=12)
+    _legend(fig, axes)
+    _save(fig, path)
+    return notes
+
+
 def make_report(docs: Sequence[Doc], out_dir: str, md_path: str, title: str) -> list[str]:
-    """Write the figures into ``out_dir`` and the page to ``md_path``; return the files."""
+    """Write one figure per scenario into ``out_dir`` and the page to ``md_path``; return
+    the files written."""
     if not docs:
         raise ConfigError("no result documents to report on")
     for doc in docs:
@@ -782,57 +955,40 @@ def make_report(docs: Sequence[Doc], out_dir: str, md_path: str, title: str) -> 
     md_dir = os.path.dirname(os.path.abspath(md_path))
     os.makedirs(md_dir, exist_ok=True)
 
-    kinds: dict[str, list[tuple[int, Doc]]] = {}
-    for number, doc in enumerate(docs, start=1):
-        kinds.setdefault(str(doc.get("kind") or "unknown"), []).append((number, doc))
+    kinds: dict[str, int] = {}
+    for doc in docs:
+        kinds[_kind(doc)] = kinds.get(_kind(doc), 0) + 1
+    scenarios = _scenarios(docs)
 
     written: list[str] = []
     md = [f"# {title}", ""]
     md.append(f"Made by `virtman bench report` from {len(docs)} result "
-              f"document{'s' if len(docs) != 1 else ''}: "
-              + ", ".join(f"{KIND_NAME.get(k, k).lower()} ({len(v)})" for k, v in kinds.items())
-              + ".")
+              f"document{'s' if len(docs) != 1 else ''} "
+              f"({', '.join(f'{KIND_NAME.get(k, k).lower()} {n}' for k, n in kinds.items())})"
+              f" in {len(scenarios)} scenario{'s' if len(scenarios) != 1 else ''}.")
     md += ["", HOW_TO_READ]
-    for kind, numbered in kinds.items():
-        series = _series(numbered)
-        summary = _settings_summary([d for _, d in numbered])
-        settings_of = {n: _dict(d.get("settings")) for n, d in numbered}
-        prefix = _prefix(kind)
-        name = KIND_NAME.get(kind, kind.capitalize())
-        md += [f"## {name}", ""]
+    for sc in scenarios:
+        summary = _settings_summary(sc.measured)
+        md += [f"## Scenario {sc.number}, {sc.name()}", ""]
         if summary:
             md += [f"Settings: {summary}.", ""]
-        notes: list[str] = []
-        figures: list[tuple[str, str]] = []
-        if any(s.points("all_booted_seconds") for s in series):
-            path = os.path.join(out_dir, f"{prefix}-boot.png")
-            notes += _boot_figure(kind, series, summary, path)
-            figures.append((path, f"{name}: time until all VMs booted"))
-        if any(s.points("single_vm_seconds") for s in series) and figures:
-            path = os.path.join(out_dir, f"{prefix}-ratio.png")
-            notes += _ratio_figure(kind, series, summary, path)
-            figures.append((path, f"{name}: time until all booted, over one VM alone"))
-        if any(s.points("origin_bytes_sent") for s in series):
-            path = os.path.join(out_dir, f"{prefix}-origin.png")
-            notes += _bytes_figure(kind, series, summary, path, "origin_bytes_sent",
-                                   "bytes sent by the origin", "bytes sent by the origin",
-                                   settings_of, reference=True)
-            figures.append((path, f"{name}: bytes sent by the origin"))
-        if any(s.points("max_host_bytes_sent") for s in series):
-            path = os.path.join(out_dir, f"{prefix}-hostbytes.png")
-            notes += _bytes_figure(kind, series, summary, path, "max_host_bytes_sent",
-                                   "most bytes sent by one host", "most bytes sent by one host",
-                                   settings_of, reference=False)
-            figures.append((path, f"{name}: most bytes sent by one host"))
-        for path, alt in figures:
-            md += [f"![{alt}]({_link(path, md_dir)})", ""]
+        parts = []
+        for number, doc in sc.docs:
+            against = _calibrated_against(doc)
+            parts.append(f"document {number} ({_kind(doc)}"
+                         + (f", calibrated against {against})" if against else ")"))
+        md += [f"From {', '.join(parts)}.", ""]
+        path = os.path.join(out_dir, f"{sc.slug}.png")
+        notes = _scenario_figure(sc, summary, path)
+        if notes is None:
+            md += ["No run of this scenario has a host count with a measurement: "
+                   "nothing to plot.", ""]
+        else:
+            md += [f"![Scenario {sc.number}, {sc.name()}]({_link(path, md_dir)})", ""]
+            md += [f"- {n}" for n in notes] + ([""] if notes else [])
             written.append(path)
-        if not figures:
-            md += ["No run of this kind has a host count with a measurement: nothing to plot.",
-                   ""]
-        md += [f"- {n}" for n in notes] + ([""] if notes else [])
-        for number, doc in numbered:
-            md += _document_section(number, doc, series)
+        for number, doc in sc.docs:
+            md += _document_section(number, doc, sc.series)
     text = "\n".join(md).rstrip("\n") + "\n"
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(text)

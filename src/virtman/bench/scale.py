@@ -40,19 +40,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from virtman.bench.netbed import LinkShape, Netbed, check_namespaces_work
-from virtman.bench.results import MODES, Run, percentile, write_results
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
+from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, NetworkError
+from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HEARTBEAT_TIMEOUT_SECONDS
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
-from virtman.sizes import parse_link_rate, parse_size
+from virtman.results import Run, percentile, write_results
+from virtman.sizes import format_size, parse_link_rate, parse_size
 
 log = logging.getLogger(__name__)
 
-#: Heartbeats in the benchmark: the default cadence (no failures are injected).
-BENCH_HEARTBEAT_INTERVAL = 2.0
-BENCH_HEARTBEAT_TIMEOUT = 6.0
 #: Busy share of all cores above which a run is reported as limited by this CPU.
 CPU_LIMIT_SHARE = 0.9
 #: Windows of this many seconds in which the busy share is sampled during a boot, and
@@ -193,8 +192,9 @@ async def _one_run(
         hosts=hosts,
         parents=1 if mode == "paper" else 2,
         chunk_size=plan.chunk_size,
-        heartbeat_interval=BENCH_HEARTBEAT_INTERVAL,
-        heartbeat_timeout=BENCH_HEARTBEAT_TIMEOUT,
+        # The default heartbeat cadence: no failures are injected.
+        heartbeat_interval=HEARTBEAT_INTERVAL_SECONDS,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT_SECONDS,
         mode=mode,
         attach_delay=attach_delay,
         log_level="warning",
@@ -237,8 +237,9 @@ async def _one_run(
         reports = await asyncio.gather(*(f.report() for f in fleets))
         busy1, total1 = _cpu_busy()
         sampler.cancel()
-        retransmits = await asyncio.to_thread(placement.tcp_retransmits, services)
-        retransmits -= retransmits0
+        retransmits1 = await asyncio.to_thread(placement.tcp_retransmits, services)
+        retransmits = (None if retransmits0 is None or retransmits1 is None
+                       else retransmits1 - retransmits0)
         after = await _statuses(cluster)
         sent = [int(a["relay_bytes_sent"]) for a in after.values()]
         levels = {
@@ -297,7 +298,7 @@ async def _one_run(
         f"{mode:<8}{'' if mode != 'paper' else f'(attach {attach_delay:g}s)':<15} "
         f"{hosts:>4} hosts x {plan.vms_per_host}: all booted {run.all_booted_seconds:7.2f} s, "
         f"mean {run.mean_boot_seconds:6.2f}, p99 {run.p99_boot_seconds:6.2f} "
-        f"(alone {alone:.2f}); origin {origin_bytes / 2**20:8.1f} MiB; "
+        f"(alone {alone:.2f}); origin {format_size(origin_bytes):>10}; "
         f"cpu {share:.0%} (over {CPU_LIMIT_SHARE:.0%} {saturated:.0%} of the time); "
         f"cpu-s agents {agents_cpu:.1f} VMs {fleets_cpu:.1f}; errors {errors}; "
         f"retransmits {retransmits}; by level {by_level}",
@@ -330,7 +331,7 @@ async def _worker(plan_path: str) -> int:
     with open(trace_path, "w", encoding="utf-8") as f:
         f.write(format_trace(list(trace.requests), trace.name))
     print(
-        f"trace {trace.name}: working set {trace.working_set(plan.chunk_size) / 2**20:.1f} MiB, "
+        f"trace {trace.name}: working set {format_size(trace.working_set(plan.chunk_size))}, "
         f"one VM alone from a local copy {alone:.2f} s",
         flush=True,
     )

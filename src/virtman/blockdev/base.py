@@ -6,6 +6,10 @@ before it is durable; ``flush()`` makes every write acknowledged before it durab
 ``fua=True`` makes that one write durable before it returns. Devices raise
 ``InvalidRequest`` (with the NBD errno) for requests that cannot be served as asked and
 ``DeviceError`` when storage fails, so a server can answer either with the right errno.
+
+The NBD server does not import this module: it is typed against ``virtman.device.Device``,
+the same requests as a structural protocol below both layers, which every ``BlockDevice``
+matches (mypy checks it wherever a device is handed to a server).
 """
 
 from __future__ import annotations

@@ -2,34 +2,69 @@
 
 Theory of operation
 -------------------
-The device is cut into chunks (256 KiB by default). A read whose chunks are all present
-is one ``pread`` of the local store, answered without waiting. A read that misses
-fetches each missing chunk whole from upstream, once: concurrent readers of one chunk
-wait on the same fetch (a task, so one reader giving up does not cancel it for the
-others). A fetched chunk is checked against the digest manifest when there is one; a
-chunk that does not match is fetched again (the next attempt goes to the next upstream
-path) and is never served; after ``max_digest_retries`` failures the read fails with EIO.
-Only then is the chunk written to the store and marked present: no reader ever sees a
-chunk before all of its bytes are in place.
+The device is cut into chunks (256 KiB by default). A read whose chunks are all *ready*
+(held and checked in this session) is one ``pread`` of the local store, answered
+without waiting. Every other chunk of a read is *loaded* once: concurrent readers of
+one chunk wait on the same load (a task, so one reader giving up does not cancel it
+for the others). Loading a chunk is:
+
+1. If the store holds it from an earlier session, read it and check it: against the
+   digest manifest when there is one, otherwise against the checksum the store wrote
+   with it (``store.py``). A chunk that passes is ready; one that fails has rotted at
+   rest (or the disk lied about a flush): it is dropped (its map byte cleared durably),
+   counted (``rotten_chunks``), logged, and fetched again.
+2. Otherwise fetch it whole from upstream. A fetched chunk is checked against the
+   manifest when there is one; a chunk that does not match is fetched again (the next
+   attempt goes to the next upstream path) and is never served; after
+   ``max_digest_retries`` failures the read fails with EIO.
+3. Store it (data and checksum) and mark it present: no reader ever sees a chunk
+   before all of its bytes are in place. A chunk that cannot be stored is served anyway
+   from memory (see "Full cache" below).
+
+Why check lazily, on first read, rather than all at start: a relay must export at once
+(children attach before it holds anything), and a cache holds what earlier sessions
+read, of which a new session reads a part. Checking at start would delay every restart
+by a read and hash of the whole cache (docs/data-plane.md has the figures) to protect
+chunks that may never be read; checking on first read costs one hash of a chunk that
+is being read anyway, once per chunk per session, and still no chunk is served before
+it is checked. A chunk nobody reads can rot unnoticed, and harms nobody until read.
 
 Crash consistency is the store's (see ``store.py``): a background task syncs every
 ``sync_interval`` seconds, making fetched chunks durable in the map; after a crash the
 cache is reused and chunks fetched since the last sync are fetched again, never served
-torn. A store made for another image (other size, chunk size or manifest) is discarded.
+torn. A store made for another image (other size, chunk size or manifest) is
+discarded, and so is a store made before checksums (version 1) unless a manifest can
+check its chunks.
+
+Full cache
+----------
+When a chunk cannot be stored (the file system says ENOSPC, the cache group says its
+capacity is reached, the cache disk fails) the cache *passes through*: the chunk
+fetched for the read is served from memory and not kept. A child or a VM never sees an
+error because the cache is full. The space gate (the cache group) is told, so it can
+evict images no VM uses; until it reports space back (``space_returned``) or
+``full_retry`` seconds pass, the cache does not try to store. The condition is logged
+when it starts, at most once per ``log_interval`` while it lasts, and when it ends; its
+state and counters are in ``space_status()`` and ``stats``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import logging
 import os
+import time
+from typing import Protocol
 
 from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.blockdev.manifest import Manifest
-from virtman.blockdev.store import StoreFile, StoreHeader
+from virtman.blockdev.store import CHECKSUM, StoreFile, StoreHeader
 from virtman.errors import ConfigError, DeviceError, NetworkError
 from virtman.limits import (
+    CACHE_FULL_RETRY_SECONDS,
+    CACHE_LOG_INTERVAL_SECONDS,
     CACHE_SYNC_INTERVAL_SECONDS,
     DEFAULT_CHUNK_SIZE,
     MAX_CONCURRENT_FETCHES,
@@ -40,6 +75,42 @@ from virtman.protocol.nbd.constants import Errno
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.vmstore"
+
+
+class CacheSpace(enum.Enum):
+    """Whether a cache stores what it fetches."""
+
+    CACHING = "caching"
+    DISK_FULL = "disk_full"  # the file system said ENOSPC: passing through
+    AT_CAPACITY = "at_capacity"  # the space gate (cache group) said no: passing through
+    STORE_FAILED = "store_failed"  # the cache disk failed a write: passing through
+
+
+class SpaceGate(Protocol):
+    """Who decides whether a cache may grow (an agent's cache group)."""
+
+    def admit(self, nbytes: int) -> bool:
+        """Whether the cache may store ``nbytes`` more; False means pass through."""
+
+    def disk_full(self) -> None:
+        """The cache's file system is full (make room if you can)."""
+
+
+class _Throttle:
+    """One log line per interval for a lasting condition; the rest are counted."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def due(self, now: float) -> int | None:
+        """Lines suppressed since the last one if a line is due now, else None."""
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return None
+        self.last, count, self.suppressed = now, self.suppressed, 0
+        return count
 
 
 class CachedDevice(BlockDevice):
@@ -56,6 +127,9 @@ class CachedDevice(BlockDevice):
         max_digest_retries: int = MAX_DIGEST_RETRIES,
         max_concurrent_fetches: int = MAX_CONCURRENT_FETCHES,
         sync_interval: float = CACHE_SYNC_INTERVAL_SECONDS,
+        full_retry: float = CACHE_FULL_RETRY_SECONDS,
+        log_interval: float = CACHE_LOG_INTERVAL_SECONDS,
+        space_gate: SpaceGate | None = None,
     ) -> None:
         super().__init__()
         if chunk_size < 4096 or chunk_size & (chunk_size - 1):
@@ -71,10 +145,22 @@ class CachedDevice(BlockDevice):
         self.manifest = manifest
         self.max_digest_retries = max_digest_retries
         self.sync_interval = sync_interval
+        self.full_retry = full_retry
+        #: Set by the owner (a cache group) to bound what this cache may hold.
+        self.space_gate = space_gate
         self.read_only = True
         self._store: StoreFile | None = None
-        self._fetches: dict[int, asyncio.Task[None]] = {}
+        #: 1 where a chunk is held *and* was checked (or fetched) in this session.
+        self._ready = bytearray()
+        self._fetches: dict[int, asyncio.Task[bytes]] = {}
         self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        self.space = CacheSpace.CACHING
+        self._space_since = 0.0
+        self._store_again_at = 0.0
+        self._passed_this_episode = 0
+        self._full_log = _Throttle(log_interval)
+        self._episode_logged = False
+        self._rot_log = _Throttle(log_interval)
 
     def describe(self) -> str:
         return f"cache {self.path} over {self.upstream.describe()}"
@@ -100,10 +186,13 @@ class CachedDevice(BlockDevice):
             )
         os.makedirs(self.cache_dir, exist_ok=True)
         self._store = self._open_store()
-        held = sum(self._store.present)
+        self._ready = bytearray(self._store.header.units)
+        held = self._store.units_present
         if held:
             log.info(
-                "cache %s reused: %d of %d chunks held", self.path, held, self._store.header.units
+                "cache %s reused: %d of %d chunks held, each checked against the %s on its "
+                "first read", self.path, held, self._store.header.units,
+                "manifest" if self.manifest is not None else "store's checksums",
             )
         self._store.start_syncing(self.sync_interval)
         self.state = DeviceState.OPEN
@@ -119,7 +208,7 @@ class CachedDevice(BlockDevice):
         os.close(store.fd)
         header = store.header
         if header.kind != "cache" or header.unit != self.chunk_size or \
-                header.meta != self._identity():
+                header.meta != self._identity() or not self._can_check(header):
             return None
         return header.size
 
@@ -127,7 +216,11 @@ class CachedDevice(BlockDevice):
         return {"image": self.manifest.fingerprint() if self.manifest is not None else ""}
 
     def _wanted_header(self) -> StoreHeader:
-        return StoreHeader("cache", self.size, self.chunk_size, self._identity())
+        return StoreHeader("cache", self.size, self.chunk_size, self._identity(), CHECKSUM)
+
+    def _can_check(self, header: StoreHeader) -> bool:
+        """Whether this cache can check the chunks of a store with ``header``."""
+        return header.checksum == CHECKSUM or self.manifest is not None
 
     def _open_store(self) -> StoreFile:
         wanted = self._wanted_header()
@@ -137,15 +230,30 @@ class CachedDevice(BlockDevice):
             except ConfigError as err:
                 log.warning("cache %s unusable (%s); starting a new one", self.path, err)
             else:
-                if store.header == wanted:
+                header = store.header
+                if header == wanted:
                     return store
-                log.warning(
-                    "cache %s holds another image (%s); starting a new one", self.path, store.header
-                )
+                if header.checksum is None and header == StoreHeader(
+                        "cache", self.size, self.chunk_size, self._identity()):
+                    # A store from before checksums: its chunks can still be checked
+                    # against the manifest; without one nothing vouches for them.
+                    if self._can_check(header):
+                        log.info("cache %s predates per-chunk checksums; its chunks are "
+                                 "checked against the manifest", self.path)
+                        return store
+                    log.warning("cache %s predates per-chunk checksums and there is no "
+                                "manifest to check it against; starting a new one", self.path)
+                else:
+                    log.warning("cache %s holds another image (%s); starting a new one",
+                                self.path, header)
                 os.close(store.fd)
         return StoreFile.create(self.path, wanted)
 
     async def close(self) -> None:
+        rotten = self.stats.extra.get("rotten_chunks", 0)
+        if rotten:  # the throttled lines may not have named them all
+            log.warning("cache %s: %d chunks failed their check this session and were "
+                        "fetched again", self.path, rotten)
         for task in list(self._fetches.values()):
             task.cancel()
         if self._fetches:
@@ -156,7 +264,6 @@ class CachedDevice(BlockDevice):
         await self.upstream.close()
         self.state = DeviceState.CLOSED
 
-
     # --- status ---------------------------------------------------------------------------
 
     @property
@@ -165,10 +272,21 @@ class CachedDevice(BlockDevice):
 
     @property
     def chunks_present(self) -> int:
-        return sum(self._store.present) if self._store else 0
+        return self._store.units_present if self._store else 0
 
     def is_present(self, index: int) -> bool:
         return bool(self._store and self._store.present[index])
+
+    def space_status(self) -> dict[str, object]:
+        """Whether this cache stores what it fetches, and since when (for /status)."""
+        passing = self.space is not CacheSpace.CACHING
+        return {
+            "space": self.space.value,
+            "passing_through_seconds":
+                round(time.monotonic() - self._space_since, 1) if passing else None,
+            "passthrough_chunks": self.stats.extra.get("passthrough_chunks", 0),
+            "rotten_chunks": self.stats.extra.get("rotten_chunks", 0),
+        }
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -177,97 +295,215 @@ class CachedDevice(BlockDevice):
         store = self._store
         if store is None:
             raise DeviceError(f"{self.describe()} is not open", errno=Errno.EIO)
-        if length:
-            cs = self.chunk_size
-            first, last = offset // cs, (offset + length - 1) // cs
-            present = store.present
-            if present.find(0, first, last + 1) >= 0:
-                missing = [i for i in range(first, last + 1) if not present[i]]
-                await asyncio.gather(*(self._ensure(i) for i in missing))
-                self.stats.bump("misses", len(missing))
-            else:
-                self.stats.bump("hits")
         self.stats.reads += 1
         self.stats.bytes_read += length
-        return store.pread(offset, length)
+        if not length:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        ready = self._ready
+        if ready.find(0, first, last + 1) < 0:
+            self.stats.bump("hits")
+            return store.pread(offset, length)
+        loaded: dict[int, bytes] = {}
+        todo = []
+        for i in range(first, last + 1):
+            if ready[i]:
+                continue
+            if store.present[i] and i not in self._fetches:
+                # Held from an earlier session: checked here, without a task, as this is
+                # CPU work only; a chunk that fails is dropped and fetched below.
+                data = self._held(store, i)
+                if data is not None:
+                    ready[i] = 1
+                    loaded[i] = data
+                    continue
+            todo.append(i)
+        if todo:
+            self.stats.bump("misses", len(todo))
+            loaded.update(zip(todo, await asyncio.gather(*(self._ensure(i) for i in todo)),
+                              strict=True))
+        # Chunks loaded now come from memory (they may not be stored: pass-through);
+        # runs of ready chunks between them are one pread each.
+        pieces: list[bytes] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            index = pos // cs
+            data = loaded.get(index)
+            if data is not None:
+                upto = min(end, (index + 1) * cs)
+                pieces.append(data[pos - index * cs : upto - index * cs])
+            else:
+                run_end = index + 1
+                while run_end <= last and run_end not in loaded:
+                    run_end += 1
+                upto = min(end, run_end * cs)
+                pieces.append(store.pread(pos, upto - pos))
+            pos = upto
+        return b"".join(pieces)
 
     async def prefetch(self, offset: int, length: int) -> None:
         """Bring a range into the cache (NBD_CMD_CACHE, warming)."""
         self.check_range(offset, length)
-        if not length or self._store is None:
-            return
+        if not length or self._store is None or self._passing_through():
+            return  # a cache that cannot keep chunks would only fetch and drop them
         cs = self.chunk_size
-        present = self._store.present
+        ready = self._ready
         await asyncio.gather(
             *(
                 self._ensure(i)
                 for i in range(offset // cs, (offset + length - 1) // cs + 1)
-                if not present[i]
+                if not ready[i]
             )
         )
 
-    async def _ensure(self, index: int) -> None:
+    async def _ensure(self, index: int) -> bytes:
         task = self._fetches.get(index)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(index))
+            task = asyncio.get_running_loop().create_task(self._load(index))
             self._fetches[index] = task
             task.add_done_callback(functools.partial(self._fetch_done, index))
         try:
-            await asyncio.shield(task)
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():  # the fetch was stopped (cache closing), not this reader
                 raise DeviceError(f"cache {self.path} closed while chunk {index} was fetched",
                                   errno=Errno.EIO) from None
             raise
 
-    def _fetch_done(self, index: int, task: asyncio.Task[None]) -> None:
+    def _fetch_done(self, index: int, task: asyncio.Task[bytes]) -> None:
         if self._fetches.get(index) is task:
             del self._fetches[index]
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter re-raises it through shield
 
-    async def _fetch(self, index: int) -> None:
+    async def _load(self, index: int) -> bytes:
+        """Chunk ``index``'s bytes, checked; ready (or passed through) on return."""
         store = self._store
         assert store is not None
+        if store.present[index]:
+            data = self._held(store, index)
+            if data is not None:
+                self._ready[index] = 1
+                return data
+        data = await self._fetch(index)
+        if self._store is store:  # else closed while fetching
+            self._keep(store, index, data)
+        return data
+
+    def _held(self, store: StoreFile, index: int) -> bytes | None:
+        """The stored bytes of a chunk from an earlier session if they pass their check;
+        None (and the chunk dropped) if they do not."""
+        start = index * self.chunk_size
+        data = store.pread(start, min(self.chunk_size, self.size - start))
+        if self.manifest is not None:
+            intact, against = self.manifest.matches(index, data), "the manifest"
+        else:
+            intact, against = store.checksum_matches(index, data), "its checksum"
+        if intact:
+            self.stats.bump("chunks_checked")
+            return data
+        self.stats.bump("rotten_chunks")
+        suppressed = self._rot_log.due(time.monotonic())
+        if suppressed is not None:
+            log.warning("cache %s: chunk %d failed %s (changed at rest); dropped and fetched "
+                        "again%s", self.path, index, against,
+                        f" ({suppressed} more such chunks since the last line)"
+                        if suppressed else "")
+        try:
+            store.drop(index)
+        except DeviceError as err:
+            # The map may still say "held" on disk; the chunk is checked again in the
+            # next session whatever it holds then, so refetching stays safe.
+            log.error("%s", err)
+        return None
+
+    async def _fetch(self, index: int) -> bytes:
         start = index * self.chunk_size
         length = min(self.chunk_size, self.size - start)
         async with self._fetch_slots:
             if self.manifest is None:
-                data = await self.upstream.read(start, length)
-            else:
-                manifest = self.manifest
-                mismatches = 0
+                return await self.upstream.read(start, length)
+            manifest = self.manifest
+            mismatches = 0
 
-                def check(data: bytes) -> bool:
-                    nonlocal mismatches
-                    if manifest.matches(index, data):
-                        return True
-                    mismatches += 1
-                    log.warning("chunk %d of %s failed its digest; refetching", index, self.path)
-                    return False
+            def check(data: bytes) -> bool:
+                nonlocal mismatches
+                if manifest.matches(index, data):
+                    return True
+                mismatches += 1
+                log.warning("chunk %d of %s failed its digest; refetching", index, self.path)
+                return False
 
-                try:
-                    data = await self.upstream.read_verified(
-                        start, length, check, self.max_digest_retries)
-                except DeviceError as err:
-                    if not mismatches:
-                        raise
-                    raise DeviceError(f"chunk {index} failed its digest {mismatches} times; "
-                                      f"not served ({err})", errno=Errno.EIO) from err
-                finally:
-                    if mismatches:
-                        self.stats.bump("digest_mismatches", mismatches)
-        if self._store is not store:
-            return  # closed while fetching
+            try:
+                return await self.upstream.read_verified(
+                    start, length, check, self.max_digest_retries)
+            except DeviceError as err:
+                if not mismatches:
+                    raise
+                raise DeviceError(f"chunk {index} failed its digest {mismatches} times; "
+                                  f"not served ({err})", errno=Errno.EIO) from err
+            finally:
+                if mismatches:
+                    self.stats.bump("digest_mismatches", mismatches)
+
+    # --- space ----------------------------------------------------------------------------
+
+    def _passing_through(self) -> bool:
+        return self.space is not CacheSpace.CACHING and time.monotonic() < self._store_again_at
+
+    def _keep(self, store: StoreFile, index: int, data: bytes) -> None:
+        """Store a fetched chunk, or pass it through when there is no room for it."""
+        if self._passing_through():
+            self._passed(self.space, len(data), None)
+            return
+        gate = self.space_gate
+        if gate is not None and not gate.admit(len(data)):
+            self._passed(CacheSpace.AT_CAPACITY, len(data), "the cache group is at capacity")
+            return
         try:
-            store.pwrite(start, data)
-        except (OSError, DeviceError) as err:
-            # A full or failed cache disk is this host's fault: EIO, so children fail
-            # over to another path instead of taking it for an error of theirs.
-            raise DeviceError(f"cache {self.path} cannot store chunk {index}: {err}",
-                              errno=Errno.EIO) from err
-        store.mark_present(index, index)
-        self.stats.bump("fetched_bytes", length)
+            store.fill(index, data)
+        except DeviceError as err:
+            full = err.errno == Errno.ENOSPC
+            self._passed(CacheSpace.DISK_FULL if full else CacheSpace.STORE_FAILED, len(data),
+                         str(err))
+            if full and gate is not None:
+                gate.disk_full()
+            return
+        self._ready[index] = 1
+        self.stats.bump("fetched_bytes", len(data))
+        if self.space is not CacheSpace.CACHING:
+            if self._episode_logged:  # a cache flapping at the edge logs once per interval
+                log.info("cache %s stores chunks again after %.1f s; %d chunks were passed "
+                         "through meanwhile", self.path, time.monotonic() - self._space_since,
+                         self._passed_this_episode)
+            self.space = CacheSpace.CACHING
+            self._passed_this_episode = 0
+
+    def _passed(self, state: CacheSpace, nbytes: int, reason: str | None) -> None:
+        """Count a chunk served without storing it; log the condition, throttled."""
+        now = time.monotonic()
+        if self.space is CacheSpace.CACHING:
+            self._space_since = now
+            self._passed_this_episode = 0
+            self._episode_logged = False
+        if reason is not None:  # a fresh attempt failed: wait before the next one
+            self.space = state
+            self._store_again_at = now + self.full_retry
+        self.stats.bump("passthrough_chunks")
+        self.stats.bump("passthrough_bytes", nbytes)
+        self._passed_this_episode += 1
+        if self._full_log.due(now) is not None:
+            self._episode_logged = True
+            log.warning("cache %s cannot store chunks (%s: %s); serving uncached reads "
+                        "straight from upstream, %d chunks so far; trying again every "
+                        "%g s", self.path, self.space.value, reason or "as before",
+                        self._passed_this_episode, self.full_retry)
+
+    def space_returned(self) -> None:
+        """Space was made (e.g. an image was evicted): try storing on the next fetch."""
+        self._store_again_at = 0.0
 
     async def flush(self) -> None:
         self.stats.flushes += 1

@@ -21,18 +21,21 @@ as a path failure:
 ``set_paths`` replaces the path lists (Volt hands out new parents) without disturbing
 requests in flight: kept paths keep their connections, removed ones finish what they
 carry and then close, new ones connect in the background.
+
+Background work (reconnects, connects of new paths, draining retired ones) runs in tasks
+the device holds until they end; one that fails other than by the network is logged with
+its traceback, and ``close()`` cancels whatever is still running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.errors import (
@@ -41,6 +44,7 @@ from virtman.errors import (
     InvalidRequest,
     NbdRequestError,
     NetworkError,
+    NetworkTimeout,
 )
 from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
@@ -126,6 +130,7 @@ class RemoteDevice(BlockDevice):
         max_rounds: int = MAX_REQUEST_ROUNDS,
         reconnect_delay: float = RECONNECT_DELAY_SECONDS,
         reconnect_delay_max: float = RECONNECT_DELAY_MAX_SECONDS,
+        retire_grace: float = RETIRE_GRACE_SECONDS,
     ) -> None:
         super().__init__()
         if not paths and not fallbacks:
@@ -136,6 +141,8 @@ class RemoteDevice(BlockDevice):
         self.max_rounds = max_rounds
         self.reconnect_delay = reconnect_delay
         self.reconnect_delay_max = reconnect_delay_max
+        self.retire_grace = retire_grace
+        self._tasks: set[asyncio.Task[None]] = set()
         self._paths: list[_Path] = [_Path(a, False) for a in _addresses(paths)]
         self._paths += [_Path(a, True) for a in _addresses(fallbacks)]
         self._retired: list[_Path] = []
@@ -148,12 +155,28 @@ class RemoteDevice(BlockDevice):
 
     # --- lifecycle ------------------------------------------------------------------------
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """Run background work in a task this device holds until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, what))
+        return task
+
+    def _task_done(self, task: asyncio.Task[None], what: str) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: %s failed", self.describe(), what, exc_info=task.exception())
+
     async def open(self) -> None:
         if self.state is DeviceState.OPEN:
             return
         results = await asyncio.gather(
             *(self._connect(p) for p in self._paths), return_exceptions=True
         )
+        for result in results:
+            # A path that cannot be reached is expected; anything else is a bug to raise.
+            if isinstance(result, BaseException) and not isinstance(result, NetworkError):
+                raise result
         if not any(p.state is PathState.UP for p in self._paths):
             reasons = "; ".join(f"{p.key}: {r}" for p, r in zip(self._paths, results, strict=True))
             for p in self._paths:
@@ -170,6 +193,10 @@ class RemoteDevice(BlockDevice):
             client, path.client = path.client, None
             if client is not None:
                 await client.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.state = DeviceState.CLOSED
 
     async def open_offline(self, size: int) -> bool:
@@ -192,6 +219,8 @@ class RemoteDevice(BlockDevice):
             client, path.client = path.client, None
             if client is not None:
                 client.abort()
+        for task in list(self._tasks):
+            task.cancel()
         self.state = DeviceState.CLOSED
 
     async def _connect(self, path: _Path) -> None:
@@ -239,7 +268,7 @@ class RemoteDevice(BlockDevice):
         if was_up:
             log.warning("upstream %s is down: %s", path.key, reason)
         if path.reconnect_task is None or path.reconnect_task.done():
-            path.reconnect_task = asyncio.get_running_loop().create_task(self._reconnect(path))
+            path.reconnect_task = self._spawn(self._reconnect(path), f"reconnect of {path.key}")
 
     async def _reconnect(self, path: _Path) -> None:
         delay = self.reconnect_delay
@@ -273,8 +302,8 @@ class RemoteDevice(BlockDevice):
             if path is None:
                 path = _Path(address, fallback)
                 path.state = PathState.DOWN
-                path.reconnect_task = asyncio.get_running_loop().create_task(
-                    self._connect_new(path)
+                path.reconnect_task = self._spawn(
+                    self._connect_new(path), f"connect of new path {path.key}"
                 )
             path.fallback = fallback
             new.append(path)
@@ -289,7 +318,9 @@ class RemoteDevice(BlockDevice):
         except NetworkError:
             if path.state is not PathState.RETIRED:
                 path.state = PathState.DOWN
-                path.reconnect_task = asyncio.get_running_loop().create_task(self._reconnect(path))
+                path.reconnect_task = self._spawn(
+                    self._reconnect(path), f"reconnect of {path.key}"
+                )
 
     def _retire(self, path: _Path) -> None:
         path.state = PathState.RETIRED
@@ -298,22 +329,26 @@ class RemoteDevice(BlockDevice):
         if path.client is not None:
             client = path.client
             path.client = None
-            asyncio.get_running_loop().create_task(self._drain_retired(client))
+            self._spawn(self._drain_retired(client), f"drain of retired path {path.key}")
         self._retired.append(path)
 
     async def _drain_retired(self, client: NbdClient) -> None:
         """Close a retired path once the requests it carries are answered. A parent that
         died without closing its connection would hold them until their timeout (30 s);
-        after RETIRE_GRACE_SECONDS the connection is dropped instead, and the requests
+        after ``retire_grace`` seconds the connection is dropped instead, and the requests
         still on it fail over to the current paths (``_call_path`` goes on with them)."""
         closing = asyncio.ensure_future(client.close())
-        done, _ = await asyncio.wait({closing}, timeout=RETIRE_GRACE_SECONDS)
-        if not done:
-            log.info("retired path %s: requests unanswered after %.0f s; moving them",
-                     client.address, RETIRE_GRACE_SECONDS)
-            client.abort()
-        with contextlib.suppress(Exception):
+        try:
+            done, _ = await asyncio.wait({closing}, timeout=self.retire_grace)
+            if not done:
+                log.info("retired path %s: requests unanswered after %.0f s; moving them",
+                         client.address, self.retire_grace)
+                client.abort()
             await closing
+        except asyncio.CancelledError:
+            client.abort()  # the device is closing: drop the connection, wait for nothing
+            closing.cancel()
+            raise
 
     # --- status ---------------------------------------------------------------------------
 
@@ -400,10 +435,12 @@ class RemoteDevice(BlockDevice):
                     path.stats.errors += 1
                     failures.append(f"{path.key}: {err}")
                     continue
-                except TimeoutError:
+                except NetworkTimeout as err:
+                    # Before NetworkError, its parent: a path that does not answer goes
+                    # down even while its connection looks alive.
                     path.stats.errors += 1
-                    failures.append(f"{path.key}: timed out after {self.request_timeout} s")
-                    self._mark_down(path, f"{what} timed out")
+                    failures.append(f"{path.key}: {err}")
+                    self._mark_down(path, f"{what} timed out after {err.limit:g} s")
                     continue
                 except NetworkError as err:
                     path.stats.errors += 1

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virtman.agent.images import DeliveryMode
 from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
 from virtman.coordinator.models import NAME_PATTERN
+from virtman.delivery import DeliveryMode
 from virtman.errors import ConfigError
 from virtman.limits import DEFAULT_CACHE_CAPACITY
 from virtman.protocol.uri import parse_listen

@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from virtman.cli.common import add_volt_option, print_json
-from virtman.limits import DEFAULT_CHUNK_SIZE
+from virtman.limits import DEFAULT_CHUNK_SIZE, IMAGE_REGISTER_TIMEOUT_SECONDS
 from virtman.sizes import parse_size
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from virtman.runtime import run_async
 
     async def call() -> int:
-        async with ApiClient(args.volt, timeout=3600) as api:
+        async with ApiClient(args.volt, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
             if args.action == "add":
                 doc = await api.post(
                     "/images",

@@ -6,6 +6,8 @@
 
 ``--listen HOST:PORT`` may replace or accompany ``--socket``. SIGTERM and SIGINT stop
 the server cleanly: requests in flight finish, writes are flushed, sockets removed.
+``--max-connections`` and ``--idle-timeout`` set the server's client limits (see
+``virtman.nbd.server``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from typing import Any
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.remote import PathPolicy
 from virtman.errors import ConfigError
-from virtman.limits import DEFAULT_CHUNK_SIZE, DEFAULT_COW_BLOCK_SIZE
+from virtman.limits import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COW_BLOCK_SIZE,
+    IDLE_CLOSE_FROM_FRACTION,
+    IDLE_TIMEOUT_SECONDS,
+)
 from virtman.protocol.uri import parse_listen, parse_nbd_uri
 from virtman.sizes import parse_size
 
@@ -93,7 +100,43 @@ def add_parser(sub: Any) -> None:
         "--export", metavar="NAME", help="export name (default: derived from the source)"
     )
     p.add_argument("--read-only", action="store_true", help="refuse writes")
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="connections held at once; more are refused before the handshake "
+        "(default: half of the descriptor limit less 64)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_idle_timeout,
+        default=IDLE_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="close connections with no request for this long while the server holds "
+        f"{IDLE_CLOSE_FROM_FRACTION * 100:.0f}%% of --max-connections or more; 0: never "
+        f"(default {IDLE_TIMEOUT_SECONDS:.0f})",
+    )
     p.set_defaults(run=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _idle_timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:40]!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text[:40]!r}")
+    return value or None
 
 
 def _mode(args: argparse.Namespace) -> str:
@@ -152,16 +195,34 @@ def run(args: argparse.Namespace) -> int:
     from virtman.runtime import configure_logging, run_async
 
     configure_logging(args.log_level)
-    return run_async(_serve(device, args.export or default_name, args.socket, listens))
+    return run_async(
+        _serve(
+            device,
+            args.export or default_name,
+            args.socket,
+            listens,
+            max_connections=args.max_connections,
+            idle_timeout=args.idle_timeout,
+        )
+    )
 
 
 async def _serve(
-    device: BlockDevice, name: str, sockets: list[str], listens: list[tuple[str, int]]
+    device: BlockDevice,
+    name: str,
+    sockets: list[str],
+    listens: list[tuple[str, int]],
+    *,
+    max_connections: int | None,
+    idle_timeout: float | None,
 ) -> int:
     from virtman.nbd.server import NbdServer
 
     await device.open()
-    server = NbdServer({name: device})
+    server = NbdServer({name: device}, max_connections=max_connections, idle_timeout=idle_timeout)
+    # A signal only sets this event; the stop runs here, in this coroutine, so nothing
+    # runs in a task nobody holds and an error of the stop reaches run_async.
+    stop_requested = asyncio.Event()
     try:
         for path in sockets:
             await server.listen_unix(path)
@@ -169,15 +230,15 @@ async def _serve(
             await server.listen_tcp(host, port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, _stop, server, sig)
+            loop.add_signal_handler(sig, _stop, stop_requested, sig)
         print(f"serving {device.describe()} as export {name!r}", flush=True)
-        await server.wait_stopped()
+        await stop_requested.wait()
     finally:
         await server.stop()
         await device.close()
     return 0
 
 
-def _stop(server: Any, sig: signal.Signals) -> None:
+def _stop(stop_requested: asyncio.Event, sig: signal.Signals) -> None:
     log.info("received %s, shutting down", sig.name)
-    asyncio.get_running_loop().create_task(server.stop())
+    stop_requested.set()

@@ -25,6 +25,7 @@ import argparse
 from typing import Any
 
 from virtman.cli.common import add_agent_option, print_json
+from virtman.limits import VM_CREATE_TIMEOUT_SECONDS
 
 
 def add_parser(sub: Any) -> None:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from virtman.runtime import run_async
 
     async def call() -> int:
-        async with ApiClient(args.agent, timeout=3600) as api:
+        async with ApiClient(args.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as api:
             if args.action == "create":
                 body = {"name": args.name}
                 if args.image:

@@ -56,22 +56,18 @@ def run(args: argparse.Namespace) -> int:
     from virtman.coordinator.app import create_app
     from virtman.coordinator.state import VoltState
     from virtman.coordinator.volt import Volt
-    from virtman.errors import ConfigError
     from virtman.httpapi import HttpService, bind
-    from virtman.planner.tree import PlannerError
     from virtman.runtime import configure_logging, run_async
 
     host, port = parse_listen(args.listen)
-    try:
-        volt = Volt(
-            VoltState(args.db),
-            fanout=args.fanout,
-            parents_per_node=args.parents,
-            interval=args.heartbeat_interval,
-            timeout=args.heartbeat_timeout,
-        )
-    except PlannerError as err:
-        raise ConfigError(str(err)) from err
+    # A fan-out the planner refuses is a PlannerError, a ConfigError: exit status 2.
+    volt = Volt(
+        VoltState(args.db),
+        fanout=args.fanout,
+        parents_per_node=args.parents,
+        interval=args.heartbeat_interval,
+        timeout=args.heartbeat_timeout,
+    )
     configure_logging(args.log_level)
 
     async def main() -> int:

@@ -10,38 +10,35 @@ Everything listens on loopback or on Unix sockets in directories this cluster ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from virtman.blockdev.file import FileDevice
-from virtman.errors import NetworkError, VirtmanError
+from virtman.childprocess import ChildProcess
+from virtman.errors import NetworkError
 from virtman.httpapi import ApiClient, wait_for
 from virtman.limits import (
     DEFAULT_CACHE_CAPACITY,
     DEFAULT_CHUNK_SIZE,
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_TIMEOUT_SECONDS,
+    IMAGE_REGISTER_TIMEOUT_SECONDS,
+    SERVICE_START_TIMEOUT_SECONDS,
+    STATUS_TIMEOUT_SECONDS,
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
+    VM_CREATE_TIMEOUT_SECONDS,
 )
 from virtman.nbd.server import Export, NbdServer
 
 log = logging.getLogger(__name__)
 
-#: Seconds one VM creation may take (the first of an image may copy it whole).
-VM_CREATE_TIMEOUT_SECONDS = 3600.0
-#: Seconds a started process has to say where it serves.
-START_TIMEOUT_SECONDS = 30.0
 _SERVING = re.compile(rb"serving on (http://\S+)")
 
 
@@ -67,7 +64,9 @@ class ClusterSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     cache_size: int = DEFAULT_CACHE_CAPACITY
     log_level: str = "info"
-    #: Delivery mode of every agent (see ``virtman.agent.images.DeliveryMode``).
+    #: Seconds a started Volt or agent has to say where it serves.
+    start_timeout: float = SERVICE_START_TIMEOUT_SECONDS
+    #: Delivery mode of every agent (a ``virtman.delivery.DeliveryMode`` value).
     mode: str = "virtman"
     #: PAPER mode: seconds per tree level to attach.
     attach_delay: float = 0.0
@@ -77,17 +76,18 @@ class ClusterSettings:
 class Service:
     """A running virtman process and where it serves."""
 
-    name: str
-    argv: list[str]
-    log_path: str
-    proc: subprocess.Popen[bytes]
+    child: ChildProcess
     url: str = ""
     killed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        return self.child.name
+
+    @property
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.child.alive
 
 
 class LocalCluster:
@@ -122,37 +122,18 @@ class LocalCluster:
             self.settings.log_level,
             *args,
         ]
-        log_path = os.path.join(self.workdir, f"{name}.log")
-        offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        service = Service(name, argv, log_path, proc)
+        # A restart appends to the log; readiness reads this run's lines only.
+        child = ChildProcess.start(name, argv, os.path.join(self.workdir, f"{name}.log"),
+                                   append=True)
+        match = await child.wait_ready_async(lambda: child.search(_SERVING),
+                                             self.settings.start_timeout)
+        service = Service(child, url=match.group(1).decode())
         try:
-            deadline = time.monotonic() + START_TIMEOUT_SECONDS
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise VirtmanError(
-                        f"{name} exited with status {proc.returncode}: {_tail(log_path)}"
-                    )
-                with open(log_path, "rb") as f:
-                    f.seek(offset)  # this run's lines only, not a previous run's
-                    match = _SERVING.search(f.read())
-                if match:
-                    service.url = match.group(1).decode()
-                    await wait_for(service.url)
-                    return service
-                await asyncio.sleep(0.05)
+            await wait_for(service.url)
         except BaseException:
-            _stop_process(proc)  # started but never ready: it must not outlive us
+            await asyncio.to_thread(child.stop)  # started but never ready: not to outlive us
             raise
-        _stop_process(proc)
-        raise VirtmanError(f"{name} did not start in {START_TIMEOUT_SECONDS} s: {_tail(log_path)}")
+        return service
 
     # --- origin -----------------------------------------------------------------------------------
 
@@ -200,8 +181,7 @@ class LocalCluster:
 
     def kill_volt(self) -> None:
         if self.volt is not None:
-            self.volt.proc.send_signal(signal.SIGKILL)
-            self.volt.proc.wait()
+            self.volt.child.kill()
             self.volt.killed = True
 
     # --- agents -----------------------------------------------------------------------------------
@@ -252,19 +232,17 @@ class LocalCluster:
 
     def kill_agent(self, name: str) -> None:
         agent = self.agents[name]
-        agent.proc.send_signal(signal.SIGKILL)
-        agent.proc.wait()
+        agent.child.kill()
         agent.killed = True
         log.info("killed agent %s (SIGKILL)", name)
 
     async def stop_agent(self, name: str) -> int:
-        agent = self.agents[name]
-        return await asyncio.to_thread(_stop_process, agent.proc)
+        return await asyncio.to_thread(self.agents[name].child.stop)
 
     # --- API helpers ------------------------------------------------------------------------------
 
     async def register_image(self, name: str, origins: list[str] | None = None) -> Any:
-        async with ApiClient(self.volt_url, timeout=3600) as api:
+        async with ApiClient(self.volt_url, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
             return await api.post(
                 "/images",
                 json={
@@ -291,7 +269,7 @@ class LocalCluster:
         if not agent.alive:
             return None
         try:
-            async with ApiClient(agent.url, timeout=10) as api:
+            async with ApiClient(agent.url, timeout=STATUS_TIMEOUT_SECONDS) as api:
                 return await api.get("/status")
         except NetworkError:
             return None
@@ -299,33 +277,13 @@ class LocalCluster:
     # --- teardown ---------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        procs = [a.proc for a in self.agents.values()]
+        children = [a.child for a in self.agents.values()]
         if self.volt is not None:
-            procs.append(self.volt.proc)
-        await asyncio.gather(*(asyncio.to_thread(_stop_process, p) for p in procs))
+            children.append(self.volt.child)
+        await asyncio.gather(*(asyncio.to_thread(c.stop) for c in children))
         if self.origin is not None:
             await self.origin.stop()
         if self.origin_device is not None:
             await self.origin_device.close()
         shutil.rmtree(self.socket_root, ignore_errors=True)
 
-
-def _stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).strip()
-    except OSError:
-        return ""

@@ -24,6 +24,7 @@ from virtman.blockdev.file import FileDevice
 from virtman.blockdev.store import copy_sparse
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.errors import ConfigError
+from virtman.limits import MIN_TEST_IMAGE_SIZE
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
 from virtman.replay.replayer import ReplayResult, replay
@@ -33,8 +34,6 @@ from virtman.sizes import format_size
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = "test-image"
-#: Smallest generated test image.
-MIN_IMAGE_SIZE = 64 * 1024 * 1024
 
 
 @dataclass
@@ -59,9 +58,10 @@ def parse_kill(text: str) -> tuple[str, float]:
     return host, seconds
 
 
-def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42) -> int:
+def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42,
+                   min_size: int = MIN_TEST_IMAGE_SIZE) -> int:
     """A sparse test image big enough for the trace, with random bytes where it reads."""
-    size = max(trace.end_offset, MIN_IMAGE_SIZE)
+    size = max(trace.end_offset, min_size)
     size = -(-size // chunk_size) * chunk_size
     rng = random.Random(seed)
     chunks = sorted(

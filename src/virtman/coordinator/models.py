@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from virtman.errors import ConfigError
+from virtman.errors import ConfigError, quote
 from virtman.limits import DEFAULT_CHUNK_SIZE, MAX_NAME_LENGTH
 from virtman.protocol.uri import parse_nbd_uri
 
@@ -17,9 +17,14 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, description="letters, digits, 
 
 def _nbd_uri(value: str) -> str:
     try:
-        parse_nbd_uri(value)
+        address = parse_nbd_uri(value)
     except ConfigError as err:  # its message quotes the URI as a bounded prefix
         raise ValueError(str(err)) from err
+    if address.host is not None:
+        try:  # what the resolver would refuse later with a UnicodeError, not an answer
+            address.host.encode("idna")
+        except UnicodeError as err:
+            raise ValueError(f"host {quote(address.host)} is not a valid host name") from err
     return value
 
 

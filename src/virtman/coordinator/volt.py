@@ -55,6 +55,7 @@ from virtman.errors import (
     DeviceError,
     LifecycleError,
     NotFound,
+    PlannerError,
     VirtmanError,
 )
 from virtman.limits import (
@@ -64,7 +65,7 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
-from virtman.planner.tree import PlannerError, RelayTree, TreeSettings
+from virtman.planner.tree import RelayTree, TreeSettings
 
 log = logging.getLogger(__name__)
 

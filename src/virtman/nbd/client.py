@@ -4,19 +4,31 @@
 method sends one request (split at the server's maximum payload) and waits for its
 reply, so callers get concurrency by running several at once. When the connection
 breaks, every request waiting on it fails with ``NetworkError`` and the client is
-``closed``: the caller (``RemoteDevice``) decides whether to reconnect.
+``CLOSED``: the caller (``RemoteDevice``) decides whether to reconnect.
+
+Lifecycle (``ClientStatus``): ``CONNECTING → READY → CLOSING → CLOSED``; a connection
+that breaks goes from any state to ``CLOSED`` with ``error`` set. Everything raised to a
+caller is a ``VirtmanError``: timeouts of the connect, the handshake or one request are
+``NetworkTimeout`` (a ``NetworkError``) naming the address, the operation and the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 from collections.abc import Callable
 from typing import cast
 
-from virtman.errors import NbdRequestError, NetworkError, PeerProtocolError, VirtmanError
-from virtman.limits import CONNECT_TIMEOUT_SECONDS
+from virtman.errors import (
+    NbdRequestError,
+    NetworkError,
+    NetworkTimeout,
+    PeerProtocolError,
+    VirtmanError,
+)
+from virtman.limits import CONNECT_TIMEOUT_SECONDS, DISCONNECT_WAIT_SECONDS
 from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import NEED_DATA, ClientConnection, Command, CommandFlag, ExportInfo
 from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyReceived, errno_name
@@ -24,6 +36,13 @@ from virtman.protocol.nbd.constants import TransmissionFlag
 from virtman.protocol.uri import NbdAddress, parse_nbd_uri
 
 log = logging.getLogger(__name__)
+
+
+class ClientStatus(enum.Enum):
+    CONNECTING = "connecting"  # socket or handshake in progress
+    READY = "ready"  # requests may be sent
+    CLOSING = "closing"  # close() waits for the requests in flight, then sends DISC
+    CLOSED = "closed"  # closed by us, by the server, or broken (``error`` says why)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -36,6 +55,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.waiters: dict[int, asyncio.Future[ReplyReceived]] = {}
         self.closed = loop.create_future()
         self.error: VirtmanError | None = None
+        #: Called, synchronously, when the connection is gone or broken.
+        self.on_lost: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
@@ -74,6 +95,8 @@ class _ClientProtocol(asyncio.Protocol):
     def _fail(self, err: VirtmanError) -> None:
         if self.error is None:
             self.error = err
+        if self.on_lost is not None:
+            self.on_lost()
         if not self.handshake.done():
             self.handshake.set_exception(err)
         for waiter in self.waiters.values():
@@ -98,14 +121,33 @@ async def _open(
                     lambda: _ClientProtocol(codec, address), address.host, address.port
                 )
     except TimeoutError as err:
-        raise NetworkError(f"connect timed out after {timeout} s", address=str(address)) from err
+        raise NetworkTimeout("connect", limit=timeout, address=str(address)) from err
     except OSError as err:
         raise NetworkError(f"cannot connect: {err.strerror or err}", address=str(address)) from err
     return transport, protocol
 
 
+async def _handshake(
+    address: NbdAddress, transport: asyncio.Transport, protocol: _ClientProtocol, timeout: float
+) -> HandshakeDone | ExportsListed:
+    try:
+        async with asyncio.timeout(timeout):
+            return await protocol.handshake
+    except TimeoutError as err:
+        transport.abort()
+        raise NetworkTimeout("handshake", limit=timeout, address=str(address)) from err
+    except BaseException:
+        transport.abort()
+        raise
+
+
 class NbdClient:
-    """A connected client. Use ``NbdClient.connect``; close with ``close()``."""
+    """A connected client. Use ``NbdClient.connect``; close with ``close()``.
+
+    Requests raise ``NbdRequestError`` when the server answers with an error,
+    ``NetworkTimeout`` when no reply came within ``request_timeout`` (the connection stays
+    up; a late reply is dropped), and ``NetworkError`` when the connection is gone.
+    """
 
     def __init__(
         self,
@@ -121,6 +163,12 @@ class NbdClient:
         self._codec = protocol.codec
         #: Seconds a request may wait for its reply (None: forever).
         self.request_timeout: float | None = None
+        #: Seconds ``close()`` waits for the server to close its side after DISC.
+        self.disconnect_wait = DISCONNECT_WAIT_SECONDS
+        self.status = ClientStatus.READY
+        protocol.on_lost = self._lost
+        if protocol.error is not None or transport.is_closing():
+            self.status = ClientStatus.CLOSED  # lost between the handshake and here
 
     @classmethod
     async def connect(
@@ -135,18 +183,9 @@ class NbdClient:
         codec = ClientConnection(
             address.export, structured_replies=structured_replies, block_status=block_status
         )
+        # Status CONNECTING lasts until here: the object exists once the export is known.
         transport, protocol = await _open(address, codec, timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                done = await protocol.handshake
-        except TimeoutError as err:
-            transport.abort()
-            raise NetworkError(
-                f"handshake timed out after {timeout} s", address=str(address)
-            ) from err
-        except BaseException:
-            transport.abort()
-            raise
+        done = await _handshake(address, transport, protocol, timeout)
         assert isinstance(done, HandshakeDone)
         return cls(address, transport, protocol, done.export)
 
@@ -162,7 +201,15 @@ class NbdClient:
 
     @property
     def closed(self) -> bool:
-        return self._protocol.error is not None or self._transport.is_closing()
+        return self.status is ClientStatus.CLOSED
+
+    @property
+    def error(self) -> VirtmanError | None:
+        """Why the connection broke, if it did."""
+        return self._protocol.error
+
+    def _lost(self) -> None:
+        self.status = ClientStatus.CLOSED
 
     @property
     def in_flight(self) -> int:
@@ -181,8 +228,11 @@ class NbdClient:
         # The timeout is a timer on the reply future, not asyncio.timeout(): callers may
         # run outside a task (the server steps device coroutines by hand).
         protocol = self._protocol
-        if protocol.error is not None:
-            raise protocol.error
+        if self.status is not ClientStatus.READY:
+            raise protocol.error or NetworkError(
+                f"{command.name} on a client that is {self.status.value}",
+                address=str(self.address),
+            )
         cookie, header = self._codec.request(command, offset, length, flags, data)
         waiter: asyncio.Future[ReplyReceived] = asyncio.get_running_loop().create_future()
         protocol.waiters[cookie] = waiter
@@ -193,7 +243,7 @@ class NbdClient:
         timer = None
         if self.request_timeout is not None:
             timer = asyncio.get_running_loop().call_later(
-                self.request_timeout, self._expire, cookie, waiter
+                self.request_timeout, self._expire, cookie, waiter, command, offset, length
             )
         try:
             reply = await waiter
@@ -210,11 +260,22 @@ class NbdClient:
             )
         return reply
 
-    def _expire(self, cookie: int, waiter: asyncio.Future[ReplyReceived]) -> None:
+    def _expire(
+        self,
+        cookie: int,
+        waiter: asyncio.Future[ReplyReceived],
+        command: Command,
+        offset: int,
+        length: int,
+    ) -> None:
         if not waiter.done():
             self._protocol.waiters.pop(cookie, None)
             waiter.set_exception(
-                TimeoutError(f"no reply from {self.address} in {self.request_timeout} s")
+                NetworkTimeout(
+                    f"{command.name} offset={offset} length={length}",
+                    limit=self.request_timeout or 0.0,
+                    address=str(self.address),
+                )
             )
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -261,21 +322,28 @@ class NbdClient:
     async def close(self) -> None:
         """Wait for requests in flight, send DISC and close. Idempotent."""
         protocol = self._protocol
+        if self.status is ClientStatus.READY:
+            self.status = ClientStatus.CLOSING
         if protocol.waiters and protocol.error is None:
             await asyncio.gather(*protocol.waiters.values(), return_exceptions=True)
         if protocol.error is None and not self._transport.is_closing():
-            with contextlib.suppress(VirtmanError):
+            with contextlib.suppress(VirtmanError):  # DISC refused by the codec: just close
                 _, header = self._codec.request(Command.DISC)
                 self._transport.write(header)
             self._transport.close()
         else:
             self._transport.abort()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
+        try:
+            async with asyncio.timeout(self.disconnect_wait):
                 await protocol.closed
+        except TimeoutError:
+            self._transport.abort()  # the server did not close its side: drop ours
+        self.status = ClientStatus.CLOSED
 
     def abort(self) -> None:
+        """Drop the connection now; requests in flight fail with ``NetworkError``."""
         self._transport.abort()
+        self.status = ClientStatus.CLOSED
 
     def on_close(self, callback: Callable[[NbdClient], object]) -> None:
         """Call ``callback(self)`` once the connection is gone, for whatever reason."""
@@ -289,10 +357,7 @@ async def list_exports(
     address = parse_nbd_uri(target) if isinstance(target, str) else target
     codec = ClientConnection(list_exports=True)
     transport, protocol = await _open(address, codec, timeout)
-    try:
-        async with asyncio.timeout(timeout):
-            done = await protocol.handshake
-    finally:
-        transport.close()
+    done = await _handshake(address, transport, protocol, timeout)
+    transport.close()
     assert isinstance(done, ExportsListed)
     return done.names

@@ -15,6 +15,27 @@ coroutine is stepped once by hand and only handed to a task if it suspends.
 Lifecycle: ``CREATED → SERVING → STOPPING → STOPPED``. ``stop()`` closes the listeners,
 lets every request in flight finish (up to a grace period), flushes every writable
 export and closes the connections, so a write that was acknowledged is never lost.
+
+Limits on clients (all named in ``limits.py``, all constructor arguments):
+
+- ``max_connections``: connections held at once, in the handshake or past it. A client
+  over the limit is closed as soon as it is accepted, before the greeting, and logged;
+  clients already connected are served as before. The default is derived from the
+  process's descriptor limit (``default_max_connections``), so idle clients can never
+  use up the descriptors the process needs to accept, open files and reach upstreams.
+- ``handshake_timeout``: a client that has not chosen an export by then is closed
+  (slowloris).
+- ``idle_timeout``: a connection past its handshake with no request in flight for that
+  long is closed, but only while the server holds at least ``idle_close_from`` of its
+  connection limit. QEMU keeps one connection per drive for the VM's lifetime and does
+  not survive it being closed (without ``reconnect-delay`` every later request fails with
+  EIO), so a server with room never cuts a paused or quiet VM; one filling up with idle
+  connections frees their slots.
+
+Warnings caused by a client (refused requests and options, protocol violations, failed
+requests, refused connections, handshake and idle timeouts) go through one
+``RateLimitedLog`` keyed by peer (TCP host, or Unix uid) and kind, so a client repeating
+a mistake costs two log lines per interval, not one per request.
 """
 
 from __future__ import annotations
@@ -25,20 +46,29 @@ import enum
 import errno as os_errno
 import logging
 import os
+import resource
+import socket
+import struct
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from virtman.blockdev.base import BlockDevice
+from virtman.device import Device
 from virtman.errors import (
     DeviceError,
     InvalidRequest,
     NbdRequestError,
+    NotFound,
     PeerProtocolError,
     VirtmanError,
 )
 from virtman.limits import (
+    DESCRIPTOR_HEADROOM,
     HANDSHAKE_TIMEOUT_SECONDS,
+    IDLE_CLOSE_FROM_FRACTION,
+    IDLE_TIMEOUT_SECONDS,
+    LOG_REPEAT_INTERVAL_SECONDS,
+    MAX_CONNECTIONS_PER_SERVER,
     MAX_INFLIGHT_PER_CONNECTION,
     MAX_REQUEST_PAYLOAD,
     PREFERRED_BLOCK_SIZE,
@@ -61,8 +91,50 @@ from virtman.protocol.nbd import (
     TransmissionFlag,
 )
 from virtman.protocol.nbd.constants import FUA_BIT
+from virtman.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+#: Stands for an unlimited RLIMIT_NOFILE when deriving the connection limit.
+_UNLIMITED_DESCRIPTORS = 1 << 20
+
+
+def default_max_connections(
+    nofile: int | None = None, headroom: int = DESCRIPTOR_HEADROOM
+) -> int:
+    """The connection limit of a server when none is given.
+
+    ``(soft RLIMIT_NOFILE - headroom) // 2``, at least 1: one server full of clients
+    leaves the process half of its descriptors for everything else (an agent runs a relay
+    server and one server per VM, plus cache files, upstream connections and QEMU). Under
+    ``ulimit -n 1024`` that is 480.
+    """
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY or nofile < 0:
+        nofile = _UNLIMITED_DESCRIPTORS
+    return max(1, (nofile - headroom) // 2)
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
+    """(name for log lines, key for rate limits) of a connection's peer.
+
+    TCP: ``host:port`` and the host (a client reconnecting gets a new port). Unix: the
+    peer's pid and uid from SO_PEERCRED, keyed by uid, since every Unix peer has the
+    same address.
+    """
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "SO_PEERCRED"):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return "unix", "unix"
+        pid, uid, _ = struct.unpack("3i", raw)
+        return f"unix pid={pid} uid={uid}", f"unix uid={uid}"
+    return "unix", "unix"
 
 
 class ServerStatus(enum.Enum):
@@ -77,7 +149,7 @@ class Export:
     """A device published under a name."""
 
     name: str
-    device: BlockDevice
+    device: Device
     description: str = ""
 
     def info(self, max_payload: int) -> ExportInfo:
@@ -99,7 +171,10 @@ class Export:
 
 @dataclass
 class ServerStats:
-    connections: int = 0
+    connections: int = 0  # admitted
+    connections_refused: int = 0  # over max_connections
+    handshake_timeouts: int = 0
+    idle_closed: int = 0
     requests: int = 0
     refused: int = 0
     errors: int = 0
@@ -113,17 +188,23 @@ class NbdServer:
 
     ``default_export`` is what a client gets when it asks for the empty name (QEMU and
     ``nbd://host`` URIs without a path do); by default the only export, if there is one.
+    ``max_connections=None`` derives the limit from the descriptor limit
+    (``default_max_connections``); ``idle_timeout=None`` never closes idle connections.
     """
 
     def __init__(
         self,
-        exports: Mapping[str, BlockDevice] | list[Export],
+        exports: Mapping[str, Device] | list[Export],
         *,
         default_export: str | None = None,
         max_payload: int = MAX_REQUEST_PAYLOAD,
         max_inflight: int = MAX_INFLIGHT_PER_CONNECTION,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
         shutdown_grace: float = SHUTDOWN_GRACE_SECONDS,
+        max_connections: int | None = MAX_CONNECTIONS_PER_SERVER,
+        idle_timeout: float | None = IDLE_TIMEOUT_SECONDS,
+        idle_close_from: float = IDLE_CLOSE_FROM_FRACTION,
+        log_interval: float = LOG_REPEAT_INTERVAL_SECONDS,
     ) -> None:
         if isinstance(exports, Mapping):
             items = [Export(name, dev) for name, dev in exports.items()]
@@ -137,6 +218,13 @@ class NbdServer:
         self.max_inflight = max_inflight
         self.handshake_timeout = handshake_timeout
         self.shutdown_grace = shutdown_grace
+        self.max_connections = (
+            default_max_connections() if max_connections is None else max_connections
+        )
+        self.idle_timeout = idle_timeout
+        self.idle_close_from = idle_close_from
+        #: Every warning a client can cause goes through here (see the module docstring).
+        self.ratelog = RateLimitedLog(log, interval=log_interval, schedule=_call_later)
         self.status = ServerStatus.CREATED
         self.stats = ServerStats()
         #: Called with every request a client sends (recording boot traces).
@@ -177,6 +265,16 @@ class NbdServer:
     def _names(self) -> list[str]:
         return sorted(self.exports)
 
+    # --- connections ----------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def crowded(self) -> bool:
+        """Whether idle connections are closed now (see ``idle_timeout``)."""
+        return len(self._connections) >= self.idle_close_from * self.max_connections
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def listen_unix(self, path: str) -> None:
@@ -198,7 +296,12 @@ class NbdServer:
     def _started(self, server: asyncio.AbstractServer, where: str) -> None:
         self._servers.append(server)
         self.status = ServerStatus.SERVING
-        log.info("nbd server listening on %s, exports %s", where, ", ".join(self._names()))
+        log.info(
+            "nbd server listening on %s, exports %s (at most %d connections)",
+            where,
+            ", ".join(self._names()),
+            self.max_connections,
+        )
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -230,14 +333,47 @@ class NbdServer:
                 except VirtmanError as err:
                     log.error("flush of export %r at shutdown failed: %s", export.name, err)
         for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+            await server.wait_closed()
         for path in self._unix_paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        self.ratelog.flush()
         self.status = ServerStatus.STOPPED
         self._stopped.set()
         log.info("nbd server stopped")
+
+    def replace_device(self, export: str, device: Device) -> Device:
+        """Serve ``device`` under ``export`` from the next request on; return the old one.
+
+        Requests already running finish on the old device. Raises ``NotFound`` when
+        there is no such export, and ``InvalidRequest`` when the sizes differ (clients
+        have been told the size).
+        """
+        current = self.exports.get(export)
+        if current is None:
+            raise NotFound(f"no export named {export!r}")
+        if device.size != current.device.size:
+            raise InvalidRequest(
+                f"export {export!r} is {current.device.size} bytes; "
+                f"a replacement of {device.size} bytes would change it under its clients",
+                errno=Errno.EINVAL,
+            )
+        old = current.device
+        current.device = device
+        return old
+
+
+def _call_later(delay: float, callback: Callable[[], None]) -> None:
+    # The rate-limited log is only written from callbacks of the running loop.
+    asyncio.get_running_loop().call_later(delay, callback)
+
+
+def _kind(request: Request) -> str:
+    """A bounded name for a request's command (unknown numbers share one)."""
+    try:
+        return Command(request.command).name
+    except ValueError:
+        return "unknown command"
 
 
 #: Commands whose failure, unless the request itself was invalid, is always EIO.
@@ -292,6 +428,7 @@ class _Connection(asyncio.Protocol):
         self.codec = ServerConnection(server._lookup, server._names)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_key = "?"
         self.export: Export | None = None
         self.inflight = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -301,29 +438,53 @@ class _Connection(asyncio.Protocol):
         self._draining = False  # no new requests: DISC received or server stopping
         self._closed = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Loop time the last request was answered (for ``idle_timeout``; a request in
+        #: flight is seen by ``inflight``, so its start needs no timestamp).
+        self._active_at = 0.0
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
-        set_socket_buffers(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-        self.server._connections.add(self)
-        self.server.stats.connections += 1
-        if self.server.status is not ServerStatus.SERVING:
-            self.transport.abort()
+        server = self.server
+        self.peer, self.peer_key = _peer_of(transport)
+        if server.status is not ServerStatus.SERVING:
+            self._refuse()
             return
+        if len(server._connections) >= server.max_connections:
+            server.stats.connections_refused += 1
+            server.ratelog.warning(
+                self.peer_key,
+                "connection over the limit",
+                "nbd server at its limit of %d connections: refused %s",
+                server.max_connections,
+                self.peer,
+            )
+            self._refuse()
+            return
+        server._connections.add(self)
+        server.stats.connections += 1
+        set_socket_buffers(transport)
         self.transport.write(self.codec.initiate())
-        self._handshake_timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._handshake_expired
+        self._handshake_timer = self._loop.call_later(
+            server.handshake_timeout, self._handshake_expired
         )
+
+    def _refuse(self) -> None:
+        assert self.transport is not None
+        self.transport.abort()
+        self._closed = True
+        self.finished.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self.server._connections.discard(self)
         if not self.tasks:
             self.finished.set()
@@ -350,12 +511,46 @@ class _Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         if self.export is None and self.transport is not None:
-            log.warning(
+            self.server.stats.handshake_timeouts += 1
+            self.server.ratelog.warning(
+                self.peer_key,
+                "handshake timeout",
                 "nbd client %s did not finish the handshake in %.0f s; closing",
                 self.peer,
                 self.server.handshake_timeout,
             )
             self.transport.abort()
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        server = self.server
+        timeout = server.idle_timeout
+        if timeout is None or self._closed or self._draining:
+            return
+        wait = timeout
+        if self.inflight == 0 and not self.tasks:
+            idle_for = self._loop.time() - self._active_at
+            if idle_for < timeout:
+                wait = timeout - idle_for
+            elif server.crowded():
+                server.stats.idle_closed += 1
+                server.ratelog.log(
+                    logging.INFO,
+                    self.peer_key,
+                    "idle connection closed",
+                    "nbd client %s sent no request for %.0f s, with %d of %d connections "
+                    "taken; closing it",
+                    self.peer,
+                    idle_for,
+                    len(server._connections),
+                    server.max_connections,
+                )
+                self.drain()
+                # Free the slot now, not when the loop reports the close: another idle
+                # check due in this same turn must see that the server has room again.
+                server._connections.discard(self)
+                return
+        self._idle_timer = self._loop.call_later(wait, self._idle_check)
 
     def _process(self) -> None:
         codec = self.codec
@@ -370,7 +565,13 @@ class _Connection(asyncio.Protocol):
             try:
                 event = codec.next_event()
             except PeerProtocolError as err:
-                log.warning("nbd client %s broke the protocol: %s; closing", self.peer, err)
+                self.server.ratelog.warning(
+                    self.peer_key,
+                    "protocol violation",
+                    "nbd client %s broke the protocol: %s; closing",
+                    self.peer,
+                    err,
+                )
                 out = codec.data_to_send()
                 if out:
                     transport.write(out)
@@ -383,7 +584,9 @@ class _Connection(asyncio.Protocol):
                 self._dispatch(event.request)
             elif isinstance(event, RequestRefused):
                 self.server.stats.refused += 1
-                log.warning(
+                self.server.ratelog.warning(
+                    self.peer_key,
+                    f"refused {_kind(event.request)}",
                     "nbd client %s: refused %s: %s (%s)",
                     self.peer,
                     event.request.name,
@@ -391,7 +594,9 @@ class _Connection(asyncio.Protocol):
                     event.errno.name,
                 )
             elif isinstance(event, OptionRefused):
-                log.warning(
+                self.server.ratelog.warning(
+                    self.peer_key,
+                    "option refused",
                     "nbd client %s: option refused: %s (%s)",
                     self.peer,
                     event.reason,
@@ -403,6 +608,11 @@ class _Connection(asyncio.Protocol):
                 )
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()
+                if self.server.idle_timeout is not None:
+                    self._active_at = self._loop.time()
+                    self._idle_timer = self._loop.call_later(
+                        self.server.idle_timeout, self._idle_check
+                    )
                 log.debug("nbd client %s attached to %r", self.peer, event.export.name)
             elif isinstance(event, ClientDisconnected):
                 self._draining = True
@@ -456,10 +666,14 @@ class _Connection(asyncio.Protocol):
             self.inflight -= 1
             raise
         except Exception as err:
+            # Every request gets an answer: an error that is not ours to expect is still
+            # answered (EIO) and logged with its traceback by _reply_error.
             self.inflight -= 1
+            self._active_at = self._loop.time()
             self._reply_error(request, err)
             return
         self.inflight -= 1
+        self._active_at = self._loop.time()
         transport = self.transport
         if transport is None or self._closed:
             return
@@ -510,8 +724,11 @@ class _Connection(asyncio.Protocol):
             errno = Errno.EIO  # a failed read is never "no space" or "not permitted"
         self.server.stats.errors += 1
         name = self.export.name if self.export else "?"
+        ratelog = self.server.ratelog
         if isinstance(err, VirtmanError):
-            log.warning(
+            ratelog.warning(
+                self.peer_key,
+                f"{_kind(request)} failed",
                 "nbd %s %s offset=%d length=%d on %r failed: %s",
                 self.peer,
                 request.name,
@@ -521,7 +738,9 @@ class _Connection(asyncio.Protocol):
                 err,
             )
         else:
-            log.error(
+            ratelog.error(
+                self.peer_key,
+                "unexpected error",
                 "nbd %s %s offset=%d length=%d on %r failed unexpectedly",
                 self.peer,
                 request.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from virtman.planner.tree import ORIGIN, Change, PlannerError, RelayTree, TreeSettings
+from virtman.errors import PlannerError
+from virtman.planner.tree import ORIGIN, Change, RelayTree, TreeSettings
 
 __all__ = ["ORIGIN", "Change", "PlannerError", "RelayTree", "TreeSettings"]

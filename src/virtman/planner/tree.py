@@ -26,11 +26,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from virtman.errors import PlannerError
+
 ORIGIN = "origin"
-
-
-class PlannerError(ValueError):
-    """A request the planner cannot carry out (unknown host, host already placed)."""
 
 
 @dataclass(frozen=True)

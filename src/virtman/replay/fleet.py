@@ -31,13 +31,9 @@ from typing import Any
 
 from virtman.errors import VirtmanError
 from virtman.httpapi import ApiClient
+from virtman.limits import FLEET_READY_TIMEOUT_SECONDS, VM_CREATE_TIMEOUT_SECONDS
 from virtman.replay.replayer import ReplayResult, replay
 from virtman.replay.trace import Trace, load_trace
-
-#: Seconds one VM creation may take (COPY mode downloads the whole image first).
-CREATE_TIMEOUT_SECONDS = 3600.0
-#: Seconds a fleet process has to load and say it is ready.
-READY_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,7 @@ def _report(name: str, r: ReplayResult, seconds: float) -> dict[str, Any]:
 
 async def run_fleet(spec: FleetSpec, t0: float) -> list[dict[str, Any]]:
     trace = load_trace(spec.trace)
-    async with ApiClient(spec.agent, timeout=CREATE_TIMEOUT_SECONDS) as agent:
+    async with ApiClient(spec.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as agent:
         return list(
             await asyncio.gather(
                 *(boot_vm(agent, n, spec.image, trace, spec.speed, t0) for n in spec.vms)
@@ -99,7 +95,7 @@ class FleetProcess:
         self.spec_path = spec_path
         self.proc: asyncio.subprocess.Process | None = None
 
-    async def start(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    async def start(self, timeout: float = FLEET_READY_TIMEOUT_SECONDS) -> None:
         with open(self.spec_path, "w", encoding="utf-8") as f:
             f.write(self.spec.to_json())
         self.proc = await asyncio.create_subprocess_exec(

@@ -1,7 +1,7 @@
 """``virtman bench simulate``: run the discrete-event model over modes and host counts.
 
 Prints one table row per (mode, host count) as it finishes, and with ``--json FILE``
-writes the runs in the format of ``virtman.bench.results`` (kind ``simulation``). The
+writes the runs in the format of ``virtman.results`` (kind ``simulation``). The
 model and its simplifications are described in ``virtman.sim.model``.
 """
 
@@ -11,8 +11,8 @@ import argparse
 import shlex
 from typing import Any
 
-from virtman.bench.results import Run, write_results
 from virtman.errors import ConfigError, VirtmanError
+from virtman.results import Run, write_results
 from virtman.sim.model import (
     DEFAULT_ATTACH_DELAY,
     DEFAULT_RTT,

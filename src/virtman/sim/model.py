@@ -107,25 +107,21 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from virtman.bench.results import Run
+from virtman.delivery import MODE_NAMES, DeliveryMode
 from virtman.errors import ConfigError
+from virtman.limits import DEFAULT_CHUNK_SIZE, GiB, MiB
 from virtman.planner.tree import RelayTree, TreeSettings
+from virtman.results import Run
 
 if TYPE_CHECKING:
     from virtman.replay.trace import Trace
 
-MODES = ("paper", "virtman", "star", "copy")
-TREE_MODES = ("paper", "virtman")
+MODES = MODE_NAMES
+TREE_MODES = tuple(m.value for m in DeliveryMode if m.in_tree)
 #: Link models: "coupled" reserves both ends of a transfer together (the default);
 #: "switch" queues each end on its own (see the module docstring).
 NETWORKS = ("coupled", "switch")
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
-
-#: Chunk of the cache and of every transfer.
-DEFAULT_CHUNK_SIZE = 256 * KiB
 #: 1 Gbit/s in bytes per second.
 DEFAULT_LINK_RATE = 125_000_000.0
 #: One request's round trip: 2 x 0.2 ms.

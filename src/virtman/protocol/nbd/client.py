@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 
 from virtman.errors import LocalProtocolError, PeerProtocolError
-from virtman.limits import MAX_ERROR_MESSAGE
+from virtman.limits import MAX_ERROR_MESSAGE, MAX_OPTION_REPLY
 from virtman.protocol.nbd.constants import (
     BASE_ALLOCATION,
     DONE_BIT,
@@ -63,9 +63,6 @@ from virtman.protocol.nbd.messages import (
 # Prebuilt: building a Struct costs more than the rest of decoding a reply header.
 _SIMPLE_REST = struct.Struct(">IQ")  # error, cookie (after the magic)
 _CHUNK_REST = struct.Struct(">HHQI")  # flags, type, cookie, length (after the magic)
-
-#: Largest option reply payload a client accepts (a name plus a description).
-MAX_OPTION_REPLY = 64 * 1024
 
 
 class ClientState(enum.Enum):
@@ -120,8 +117,10 @@ class ClientConnection:
         structured_replies: bool = True,
         list_exports: bool = False,
         block_status: bool = False,
+        max_option_reply: int = MAX_OPTION_REPLY,
     ) -> None:
         encode_string(export_name)  # validates the length
+        self.max_option_reply = max_option_reply
         self.export_name = export_name
         self._want_structured = structured_replies
         self._want_block_status = block_status and structured_replies
@@ -223,8 +222,9 @@ class ClientConnection:
                 raise self._fail(f"option reply magic {magic:#x} is wrong")
             if option != self._option:
                 raise self._fail(f"reply to option {option} while {self._option} was asked")
-            if length > MAX_OPTION_REPLY:
-                raise self._fail(f"option reply of {length} bytes exceeds {MAX_OPTION_REPLY}")
+            if length > self.max_option_reply:
+                raise self._fail(
+                    f"option reply of {length} bytes exceeds {self.max_option_reply}")
             self._pending_option_reply = (option, reply, length)
         option, reply, length = self._pending_option_reply
         data = self._buf.take(length)
@@ -310,7 +310,7 @@ class ClientConnection:
                 raise self._fail("NBD_INFO_BLOCK_SIZE of wrong length")
             try:
                 sizes = BlockSizes(*struct.unpack(">III", bs))
-            except ValueError as err:
+            except LocalProtocolError as err:
                 raise self._fail(f"server sent invalid block sizes: {err}") from err
         return self._ready(size, flags, sizes)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from virtman.errors import PeerProtocolError
+from virtman.errors import LocalProtocolError, PeerProtocolError
 from virtman.protocol.nbd.constants import (
     DEFAULT_MAX_PAYLOAD,
     IHAVEOPT,
@@ -44,7 +44,11 @@ U64 = struct.Struct(">Q")
 
 @dataclass(frozen=True)
 class BlockSizes:
-    """Block size constraints (``NBD_INFO_BLOCK_SIZE``)."""
+    """Block size constraints (``NBD_INFO_BLOCK_SIZE``).
+
+    Invalid constraints raise ``LocalProtocolError`` (we must not send them); a client
+    that decodes them from a server turns that into ``PeerProtocolError``.
+    """
 
     minimum: int = 1
     preferred: int = 4096
@@ -53,11 +57,11 @@ class BlockSizes:
     def __post_init__(self) -> None:
         for name, value in (("minimum", self.minimum), ("preferred", self.preferred)):
             if value < 1 or value & (value - 1):
-                raise ValueError(f"block size {name}={value} is not a power of two")
+                raise LocalProtocolError(f"block size {name}={value} is not a power of two")
         if self.minimum > 65536:
-            raise ValueError(f"block size minimum={self.minimum} exceeds 64 KiB")
+            raise LocalProtocolError(f"block size minimum={self.minimum} exceeds 64 KiB")
         if not (self.minimum <= self.preferred and self.maximum >= self.minimum):
-            raise ValueError(f"block sizes out of order: {self}")
+            raise LocalProtocolError(f"block sizes out of order: {self}")
 
     def encode(self) -> bytes:
         return struct.pack(">HIII", Info.BLOCK_SIZE, self.minimum, self.preferred, self.maximum)
@@ -131,9 +135,10 @@ class ReceiveBuffer:
 
 
 def encode_string(text: str) -> bytes:
+    """UTF-8 bytes of a protocol string; ``LocalProtocolError`` if it is over the limit."""
     data = text.encode()
     if len(data) > MAX_STRING:
-        raise ValueError(f"string of {len(data)} bytes exceeds the protocol's {MAX_STRING}")
+        raise LocalProtocolError(f"string of {len(data)} bytes exceeds the protocol's {MAX_STRING}")
     return data
 
 

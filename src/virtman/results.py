@@ -1,4 +1,7 @@
-"""The result documents of the scale benchmark and the simulator (one format for both).
+"""The result documents of boot-at-scale runs: one format for the testbed and the simulator.
+
+It sits below both ``virtman.bench`` (which measures runs) and ``virtman.sim`` (which
+models them), so neither imports the other to share it.
 
     {"machine": {...}, "kind": "testbed" | "simulation", "command": "virtman bench ...",
      "settings": {...},
@@ -6,7 +9,7 @@
                "p99_boot_seconds", "single_vm_seconds", "origin_bytes_sent",
                "max_host_bytes_sent", ...more keys welcome}]}
 
-``mode`` is one of ``MODES``. Times are seconds, bytes are bytes.
+``mode`` is a ``virtman.delivery.DeliveryMode`` value. Times are seconds, bytes are bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MODES = ("star", "copy", "paper", "virtman")
 RUN_KEYS = ("mode", "hosts", "vms_per_host", "all_booted_seconds", "mean_boot_seconds",
             "p99_boot_seconds", "single_vm_seconds", "origin_bytes_sent", "max_host_bytes_sent")
 

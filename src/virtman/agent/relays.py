@@ -1,0 +1,189 @@
+"""The agent's image relays: one NBD server for all relay exports, the cache group, and
+joining each image's tree when an image is first used.
+
+Theory of operation
+-------------------
+An image is set up on first use (``image(name)``): its record comes from the image
+directory (Volt), is saved beside its cache so the agent restarts without Volt, its
+relay is opened and exported at once, and only then does the agent join the image's
+tree, so its parents are known before any data is read. A join that fails leaves the
+relay reading from the origin until the next heartbeat brings paths. Concurrent first
+uses of one image wait on one lock and share one relay.
+
+Volt's heartbeat answers move each relay to new parents (``apply``). Images that no VM
+uses are evicted when the cache group is over capacity (``evict``); an evicted image
+leaves its tree at once instead of waiting for the next heartbeat to say so.
+
+Lifecycle: ``start()`` listens and reopens every image found in the cache directory;
+``stop()`` stops the relay server (requests in flight finish), then closes the relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Protocol
+
+from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
+from virtman.coordinator.models import Paths
+from virtman.errors import ApiError, NetworkError, PeerProtocolError, VirtmanError
+from virtman.limits import DEFAULT_CACHE_CAPACITY, PARENT_CONNECT_WAIT_SECONDS
+from virtman.nbd.server import NbdServer
+from virtman.protocol.uri import NbdAddress
+
+log = logging.getLogger(__name__)
+
+
+class ImageDirectory(Protocol):
+    """Where image records come from and trees are joined (Volt: ``VoltLink``)."""
+
+    async def image_spec(self, name: str) -> ImageSpec: ...
+
+    async def join(self, image: str, relay_uri: str) -> Paths: ...
+
+    async def leave(self, image: str) -> None: ...
+
+
+class RelayManager:
+    def __init__(
+        self,
+        cache_dir: str,
+        directory: ImageDirectory,
+        *,
+        capacity: int = DEFAULT_CACHE_CAPACITY,
+        nbd_host: str = "127.0.0.1",
+        nbd_port: int = 0,
+        mode: DeliveryMode = DeliveryMode.VIRTMAN,
+        attach_delay: float = 0.0,
+        parent_wait: float = PARENT_CONNECT_WAIT_SECONDS,
+    ) -> None:
+        self.directory = directory
+        self.cache = CacheGroup(cache_dir, capacity)
+        self.server = NbdServer([])
+        self.nbd_host = nbd_host
+        self.nbd_port = nbd_port
+        #: How images reach this host (benchmarks compare the alternatives).
+        self.mode = mode
+        #: PAPER mode: seconds one tree level takes to attach (the paper: 10 s of iSCSI).
+        self.attach_delay = attach_delay
+        self.parent_wait = parent_wait
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def relays(self) -> dict[str, ImageRelay]:
+        return self.cache.relays
+
+    def get(self, name: str) -> ImageRelay | None:
+        return self.cache.relays.get(name)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.nbd_port = await self.server.listen_tcp(self.nbd_host, self.nbd_port)
+        for spec in self.cache.known_specs():
+            try:
+                await self._open(spec)
+            except (VirtmanError, OSError) as err:  # one bad image must not keep the others down
+                log.error("image %r could not be reopened: %s", spec.name, err)
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        for relay in list(self.cache.relays.values()):
+            await relay.close()
+
+    # --- images -------------------------------------------------------------------------
+
+    def relay_uri(self, image: str) -> str:
+        return NbdAddress(export=image, host=self.nbd_host, port=self.nbd_port).uri()
+
+    async def _open(self, spec: ImageSpec) -> ImageRelay:
+        relay = ImageRelay(
+            spec, self.cache.image_dir(spec.name), self.server, self.relay_uri(spec.name), self.mode
+        )
+        await relay.open()
+        self.cache.add(relay)
+        return relay
+
+    async def image(self, name: str) -> ImageRelay:
+        """The relay of an image, set up (and joined to its tree) on first use.
+
+        Raises ``NotFound`` for an image the directory does not know."""
+        relay = self.cache.relays.get(name)
+        if relay is not None:
+            return relay
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            relay = self.cache.relays.get(name)
+            if relay is not None:
+                return relay
+            spec = await self.directory.image_spec(name)
+            os.makedirs(self.cache.image_dir(name), exist_ok=True)
+            spec.save(self.cache.spec_path(name))
+            relay = await self._open(spec)
+            if relay.mode.in_tree:
+                await self._join(relay)
+            return relay
+
+    async def _join(self, relay: ImageRelay) -> None:
+        # The relay export is up: join now, so parents come before any data.
+        try:
+            paths = await self.directory.join(relay.name, relay.relay_uri)
+        except (NetworkError, ApiError, PeerProtocolError) as err:
+            log.warning(
+                "image %r: could not join its tree yet (%s); reading from the "
+                "origin until the next heartbeat",
+                relay.name,
+                err,
+            )
+            return
+        relay.apply(paths)
+        if self.mode is DeliveryMode.PAPER and self.attach_delay:
+            # A host attaches only after its parent finished attaching.
+            await asyncio.sleep(paths.level * self.attach_delay)
+        await self._wait_parents(relay)
+
+    async def _wait_parents(self, relay: ImageRelay) -> None:
+        deadline = time.monotonic() + self.parent_wait
+        while time.monotonic() < deadline:
+            states = [p["state"] for p in relay.remote.path_status() if not p["fallback"]]
+            if all(s in ("up", "retired") for s in states):
+                return
+            await asyncio.sleep(0.01)
+
+    def apply(self, paths: dict[str, Paths]) -> None:
+        """Volt's paths per image; one relay refusing its paths does not stop the others."""
+        for image, p in paths.items():
+            relay = self.cache.relays.get(image)
+            if relay is None:
+                continue
+            try:
+                relay.apply(p)
+            except VirtmanError as err:
+                log.error("image %r: volt's paths %s refused: %s", image, p.parents, err)
+
+    def in_tree(self) -> dict[str, str]:
+        """Image name -> relay URI of every relay children may attach to."""
+        return {n: r.relay_uri for n, r in self.cache.relays.items() if r.mode.in_tree}
+
+    async def evict(self) -> list[str]:
+        """Evict unused images while over capacity; each one leaves its tree."""
+        evicted = await self.cache.evict()
+        for name in evicted:
+            if not self.mode.in_tree:
+                continue
+            try:
+                await self.directory.leave(name)
+            except (NetworkError, ApiError) as err:
+                # The next heartbeat no longer lists it: Volt drops it then.
+                log.warning("image %r evicted; leaving its tree failed: %s", name, err)
+        return evicted
+
+    def status(self) -> dict[str, object]:
+        return {
+            "relay_nbd": f"{self.nbd_host}:{self.nbd_port}",
+            "mode": self.mode.value,
+            "relay_bytes_sent": self.server.stats.bytes_read,
+            "cache": self.cache.status(),
+            "images": {n: r.status() for n, r in self.cache.relays.items()},
+        }

@@ -1,0 +1,39 @@
+"""The device interface the NBD server is typed against, below both ``nbd/`` and ``blockdev/``.
+
+``nbd/server.py`` serves any object with this shape; ``blockdev/`` implements it (every
+``BlockDevice`` matches it structurally). Keeping it here, in a module that imports
+nothing of virtman, means the server never imports ``blockdev`` and ``blockdev`` (whose
+``RemoteDevice`` uses the NBD client) never sees an arrow pointing back at it.
+
+The semantics are NBD's and are stated once, on ``virtman.blockdev.base.BlockDevice``:
+requests that cannot be served as asked raise ``InvalidRequest`` (with its NBD errno),
+failing storage raises ``DeviceError``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Device(Protocol):
+    """What a server needs of a device: its size, whether it takes writes, the requests."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+    def describe(self) -> str: ...
