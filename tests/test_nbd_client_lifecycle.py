@@ -111,3 +111,12 @@ async def test_handshake_timeout_is_a_network_timeout(tmp_path: Path, listing: b
 async def test_connect_to_nothing_is_a_network_error(tmp_path: Path) -> None:
     with pytest.raises(NetworkError, match="cannot connect"):
         await NbdClient.connect(f"nbd+unix:///img?socket={tmp_path}/none.sock", timeout=0.5)
+
+
+async def test_a_host_name_the_resolver_refuses_is_a_bounded_network_error() -> None:
+    # A 100 kB DNS label makes the resolver's IDNA codec raise UnicodeError, not OSError.
+    host = "a" * 100_000
+    with pytest.raises(NetworkError) as caught:
+        await NbdClient.connect(f"nbd://{host}:10809/img")
+    assert "host name refused" in str(caught.value)
+    assert len(str(caught.value)) < 1000

@@ -45,6 +45,7 @@ from virtman.errors import (
     NbdRequestError,
     NetworkError,
     NetworkTimeout,
+    excerpt,
 )
 from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
@@ -178,7 +179,10 @@ class RemoteDevice(BlockDevice):
             if isinstance(result, BaseException) and not isinstance(result, NetworkError):
                 raise result
         if not any(p.state is PathState.UP for p in self._paths):
-            reasons = "; ".join(f"{p.key}: {r}" for p, r in zip(self._paths, results, strict=True))
+            reasons = "; ".join(
+                f"{excerpt(p.key)}: {excerpt(str(r))}"
+                for p, r in zip(self._paths, results, strict=True)
+            )
             for p in self._paths:
                 if p.reconnect_task is not None:
                     p.reconnect_task.cancel()

@@ -27,6 +27,7 @@ from virtman.errors import (
     NetworkTimeout,
     PeerProtocolError,
     VirtmanError,
+    excerpt,
 )
 from virtman.limits import CONNECT_TIMEOUT_SECONDS, DISCONNECT_WAIT_SECONDS
 from virtman.nbd.sockets import set_socket_buffers
@@ -124,6 +125,9 @@ async def _open(
         raise NetworkTimeout("connect", limit=timeout, address=str(address)) from err
     except OSError as err:
         raise NetworkError(f"cannot connect: {err.strerror or err}", address=str(address)) from err
+    except UnicodeError as err:  # the resolver's IDNA codec refuses the host name
+        raise NetworkError(f"cannot connect: host name refused: {err}",
+                           address=excerpt(str(address))) from err
     return transport, protocol
 
 
