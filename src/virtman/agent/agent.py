@@ -40,7 +40,14 @@ from virtman.agent.vms import (
 from virtman.coordinator.models import HeartbeatReply, Paths
 from virtman.errors import ApiError, Conflict, NetworkError, NotFound, VirtmanError
 from virtman.httpapi import ApiClient
-from virtman.hypervisor.qemu import Guest, GuestConfig, domain_xml, qemu_argv
+from virtman.hypervisor.qemu import (
+    Accel,
+    Guest,
+    GuestConfig,
+    Hypervisor,
+    HypervisorSettings,
+    domain_xml,
+)
 from virtman.limits import DEFAULT_CACHE_CAPACITY, HEARTBEAT_INTERVAL_SECONDS
 from virtman.nbd.server import NbdServer
 from virtman.protocol.uri import NbdAddress
@@ -74,6 +81,7 @@ class Agent:
         heartbeat_interval: float = HEARTBEAT_INTERVAL_SECONDS,
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
         attach_delay: float = 0.0,
+        hypervisor: HypervisorSettings | None = None,
     ) -> None:
         self.name = name
         self.data_dir = os.path.abspath(data_dir)
@@ -87,6 +95,8 @@ class Agent:
         self.mode = mode
         #: PAPER mode: seconds one tree level takes to attach (the paper: 10 s of iSCSI).
         self.attach_delay = attach_delay
+        #: Starts guests (QEMU) with an accelerator that runs them here.
+        self.hypervisor = Hypervisor(hypervisor)
         self.state = AgentState.CREATED
         self.cache = CacheGroup(os.path.join(self.data_dir, "cache"), cache_capacity)
         self.relay_server = NbdServer([])
@@ -411,9 +421,13 @@ class Agent:
     # --- guests -------------------------------------------------------------------------
 
     async def start_guest(
-        self, name: str, guest: GuestConfig | None = None, record: bool = False
+        self,
+        name: str,
+        guest: GuestConfig | None = None,
+        record: bool = False,
+        accel: Accel | None = None,
     ) -> Vm:
-        """Boot a QEMU guest on the VM's export (KVM when usable, else TCG)."""
+        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting)."""
         vm = self.vm(name)
         if vm.record.state != VmState.RUNNING.value or vm.server is None:
             raise Conflict(f"VM {name!r} is detached: create it again first")
@@ -425,7 +439,7 @@ class Agent:
         vm.save()
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
-        vm.guest = Guest(name, qemu_argv(name, vm.uri, guest, vm.console_log), vm.console_log)
+        vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel)
         await vm.guest.start()
         asyncio.get_running_loop().create_task(self._watch_guest(vm, vm.guest))
         return vm
@@ -470,7 +484,8 @@ class Agent:
     def domain_xml(self, name: str) -> str:
         vm = self.vm(name)
         guest = GuestConfig.from_dict(vm.record.guest) if vm.record.guest else GuestConfig()
-        return domain_xml(name, name, vm.socket_path, guest, vm.console_log)
+        accel = vm.guest.accel if vm.guest is not None else None
+        return domain_xml(name, name, vm.socket_path, guest, vm.console_log, accel)
 
     def boot_trace(self, name: str) -> str:
         vm = self.vm(name)

@@ -9,6 +9,11 @@ powering off (it boots, writes its name, prints its marker and powers off):
 
 for one guest alone and for ``--guests`` at once (three by default, spread over two
 agents). Prints the table and writes ``--json``.
+
+``--accel`` (default ``auto``), ``--qemu`` and ``--accel-cache`` are those of
+``virtman agent`` and apply to both sides; the document records the accelerator every
+guest ended up under (a KVM guest that stayed silent is restarted under TCG and timed
+from its first start).
 """
 
 from __future__ import annotations
@@ -23,42 +28,56 @@ import time
 from typing import Any
 
 from virtman.bench.results import machine
+from virtman.cli.accel import add_hypervisor_options, hypervisor_settings
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
-from virtman.hypervisor.qemu import GuestConfig, accelerator, qemu_argv
+from virtman.hypervisor.qemu import GuestConfig, Hypervisor, HypervisorSettings
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
 
 
-async def _boot_local(image: GuestImage, names: list[str], workdir: str) -> list[float]:
-    async def one(name: str) -> float:
+async def _boot_local(
+    hypervisor: Hypervisor, image: GuestImage, names: list[str], workdir: str
+) -> tuple[list[float], list[str]]:
+    async def one(name: str) -> tuple[float, str]:
         disk = os.path.join(workdir, f"{name}.raw")
         await asyncio.to_thread(shutil.copyfile, image.image, disk)
         log = os.path.join(workdir, f"{name}.console")
         cfg = GuestConfig(
             memory_mib=256, kernel=image.kernel, initrd=image.initrd, append=image.append(name)
         )
-        argv = qemu_argv(name, disk, cfg, log)
+        guest = hypervisor.guest(name, disk, cfg, log)
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        await asyncio.wait_for(proc.wait(), GUEST_TIMEOUT_SECONDS)
+        await guest.start()
+        try:
+            await asyncio.wait_for(guest.wait(), GUEST_TIMEOUT_SECONDS)
+        finally:
+            await guest.stop()
         elapsed = time.monotonic() - started
         with open(log, errors="replace") as f:
             if f"{MARKER} {name}" not in f.read():
                 raise RuntimeError(f"local guest {name} did not print its marker")
-        return elapsed
+        return elapsed, guest.accel.value if guest.accel else "?"
 
-    return list(await asyncio.gather(*(one(n) for n in names)))
+    done = await asyncio.gather(*(one(n) for n in names))
+    return [t for t, _ in done], [a for _, a in done]
 
 
-async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> list[float]:
+async def _boot_virtman(
+    settings: HypervisorSettings, image: GuestImage, names: list[str], workdir: str
+) -> list[float]:
     cluster = LocalCluster(
         os.path.join(workdir, f"cluster-{len(names)}"),  # a fresh cluster per run
-        ClusterSettings(hosts=2, chunk_size=64 * 1024, log_level="warning"),
+        ClusterSettings(
+            hosts=2,
+            chunk_size=64 * 1024,
+            log_level="warning",
+            accel=settings.accel.value,
+            qemu=settings.qemu,
+            accel_cache=settings.verdict_cache,
+        ),
     )
     try:
         await cluster.start_origin(image.image)
@@ -100,23 +119,30 @@ async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> li
         await cluster.stop()
 
 
-async def measure(guests: int) -> dict[str, Any]:
+async def measure(guests: int, settings: HypervisorSettings) -> dict[str, Any]:
+    hypervisor = Hypervisor(settings)
     workdir = tempfile.mkdtemp(prefix="virtman-guests-")
     try:
         image = await asyncio.to_thread(build_test_image, workdir)
         results: dict[str, Any] = {
             "machine": machine(),
-            "accelerator": accelerator(),
+            "accel": settings.accel.value,
+            "accelerator": (await hypervisor.resolve(None, image.kernel)).value,
             "kernel": image.kernel,
             "runs": [],
         }
         for count in (1, guests):
             names = [f"g{count}-{i + 1}" for i in range(count)]
-            local = await _boot_local(image, names, workdir)
+            local, accels = await _boot_local(hypervisor, image, names, workdir)
             names = [f"v{count}-{i + 1}" for i in range(count)]
-            through = await _boot_virtman(image, names, workdir)
+            through = await _boot_virtman(settings, image, names, workdir)
             results["runs"].append(
-                {"guests": count, "local_seconds": local, "virtman_seconds": through}
+                {
+                    "guests": count,
+                    "local_seconds": local,
+                    "local_accelerators": accels,
+                    "virtman_seconds": through,
+                }
             )
             print(
                 f"{count} guest(s) at once: local raw file {max(local):.2f} s, "
@@ -132,15 +158,17 @@ async def measure(guests: int) -> dict[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, default=3, help="guests booted at once (default 3)")
     p.add_argument("--json", default="bench-guests.json", metavar="FILE")
+    add_hypervisor_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from virtman.runtime import configure_logging, run_async
 
+    settings = hypervisor_settings(args)
     configure_logging("warning")
 
     async def main() -> int:
-        doc = await measure(args.guests)
+        doc = await measure(args.guests, settings)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         print(f"accelerator {doc['accelerator']}; wrote {args.json}")
