@@ -31,8 +31,8 @@ from virtman.bench.results import machine
 from virtman.cli.accel import add_hypervisor_options, hypervisor_settings
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
-from virtman.hypervisor.qemu import GuestConfig, Hypervisor, HypervisorSettings
-from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
+from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
+from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
@@ -128,6 +128,11 @@ async def measure(guests: int, settings: HypervisorSettings) -> dict[str, Any]:
             "machine": machine(),
             "accel": settings.accel.value,
             "accelerator": (await hypervisor.resolve(None, image.kernel)).value,
+            "accelerator_reason": (
+                (await hypervisor.choose(image.kernel)).reason
+                if settings.accel is Accel.AUTO
+                else "given with --accel"
+            ),
             "kernel": image.kernel,
             "runs": [],
         }
@@ -155,8 +160,42 @@ async def measure(guests: int, settings: HypervisorSettings) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+async def measure_probe(settings: HypervisorSettings) -> dict[str, Any]:
+    """What ``--accel auto`` costs: the probe of the host's test kernel, then a cache hit.
+
+    Run it with a fresh ``--accel-cache`` file to see a cold probe.
+    """
+    kernel, _ = find_kernel()
+    started = time.monotonic()
+    first = await Hypervisor(settings).choose(kernel)
+    cold = time.monotonic() - started
+    started = time.monotonic()
+    await Hypervisor(settings).choose(kernel)  # a new process on this host
+    warm = time.monotonic() - started
+    print(f"accelerator {first.accel.value} for {kernel}: {first.reason}")
+    print(
+        f"first choice {cold:.3f} s (probe {first.probe_seconds:.3f} s), "
+        f"next process {warm:.3f} s (cache {settings.verdict_cache or 'off'})",
+        flush=True,
+    )
+    return {
+        "machine": machine(),
+        "kernel": kernel,
+        "accelerator": first.accel.value,
+        "reason": first.reason,
+        "probe_seconds": first.probe_seconds,
+        "first_choice_seconds": cold,
+        "cached_choice_seconds": warm,
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, default=3, help="guests booted at once (default 3)")
+    p.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only time the KVM probe of --accel auto and a cached choice",
+    )
     p.add_argument("--json", default="bench-guests.json", metavar="FILE")
     add_hypervisor_options(p)
 
@@ -168,7 +207,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("warning")
 
     async def main() -> int:
-        doc = await measure(args.guests, settings)
+        if args.probe_only:
+            doc = await measure_probe(settings)
+        else:
+            doc = await measure(args.guests, settings)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         print(f"accelerator {doc['accelerator']}; wrote {args.json}")
