@@ -98,6 +98,12 @@ def default_verdict_cache(env: dict[str, str]) -> str:
     return os.path.join(base, "virtman", "accel.json")
 
 
+def _one_line_tail(stderr: bytes) -> str:
+    """The end of QEMU's stderr as one log-friendly line."""
+    lines = (line.strip() for line in stderr.decode(errors="replace").splitlines())
+    return " / ".join(line for line in lines if line)[-_STDERR_TAIL:]
+
+
 def _kill_group(pid: int, sig: int) -> None:
     """Signal a guest's whole process session (QEMU, or a wrapper and what it runs)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -170,7 +176,7 @@ def probe_kvm(qemu: str, kernel: str, limit: float) -> Verdict:
             elapsed,
         )
     if exited:
-        tail = err.decode(errors="replace").strip()[-_STDERR_TAIL:]
+        tail = _one_line_tail(err)
         return Verdict(
             Accel.TCG,
             f"QEMU under KVM exited with status {proc.returncode} before the kernel printed "
@@ -677,7 +683,7 @@ class Guest:
             _, err = self._exit.result()
             if self.proc.returncode == 0:
                 return  # it powered off quietly: nothing failed
-            tail = err.decode(errors="replace").strip()[-_STDERR_TAIL:]
+            tail = _one_line_tail(err)
             reason = (
                 f"exited with status {self.proc.returncode} before printing anything"
                 f"{': ' + tail if tail else ''}"
@@ -712,7 +718,7 @@ class Guest:
             self.name,
             rc,
             self.accel.value if self.accel else "?",
-            f": {self.stderr[-_STDERR_TAIL:]}" if rc else "",
+            f": {_one_line_tail(err)}" if rc else "",
         )
         return rc
 
