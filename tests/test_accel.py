@@ -253,6 +253,26 @@ async def test_stop_during_the_kvm_trial_does_not_restart(tmp_path: Path) -> Non
         os.kill(pid, 0)  # the silent process is gone, not orphaned
 
 
+async def test_stop_while_the_probe_runs_stops_the_guest_it_starts(tmp_path: Path) -> None:
+    require(QEMU)
+    qemu, calls = script(tmp_path, "hanging", HANGING)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    hv = Hypervisor(HypervisorSettings(qemu=qemu, probe_seconds=2))
+    cfg = GuestConfig(kernel=str(kernel))
+    guest = hv.guest("g1", str(tmp_path / "disk.raw"), cfg, str(tmp_path / "c.log"))
+    starting = asyncio.ensure_future(guest.start())
+    while not calls_of(calls):  # the probe runs
+        await asyncio.sleep(0.05)
+    assert guest.running and guest.state is GuestState.STARTING
+    await guest.stop()
+    assert guest.state is GuestState.STOPPING
+    await asyncio.wait_for(starting, 10)  # the probe ends (TCG), QEMU starts, is stopped
+    await asyncio.wait_for(guest.wait(), 10)
+    assert guest.state is GuestState.STOPPED and not guest.running
+    assert ["accel=kvm" in c for c in calls_of(calls)] == [True, False]
+
+
 async def test_watcher_error_reaches_the_waiter(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

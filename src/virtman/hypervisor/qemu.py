@@ -593,6 +593,8 @@ class Guest:
             self._supervise(), name=f"guest {self.name}"
         )
         self._task.add_done_callback(self._task_done)
+        if self._stopping:  # stop() came while the probe ran
+            self._signal(signal.SIGTERM)
 
     async def wait(self) -> int:
         """Until QEMU has exited for good; its exit status. Raises what the watcher raised."""
@@ -602,6 +604,10 @@ class Guest:
 
     async def stop(self, grace: float | None = None) -> None:
         """SIGTERM, then SIGKILL after ``grace`` s (default: the setting); until it exited."""
+        if self._task is None and self.state is GuestState.STARTING:
+            self._stopping = True  # still probing: start() stops QEMU as soon as it runs
+            self.state = GuestState.STOPPING
+            return
         if self._task is None or self._task.done():
             return
         grace = self.settings.stop_grace_seconds if grace is None else grace
