@@ -165,6 +165,19 @@ async def test_unreadable_cache_is_probed_again_and_rewritten(tmp_path: Path) ->
     assert json.loads(cache.read_text())["verdicts"][key]["accel"] == "tcg"
 
 
+async def test_unusable_cache_costs_a_probe_not_an_error(tmp_path: Path) -> None:
+    require(QEMU)
+    qemu, calls = script(tmp_path, "hanging", HANGING)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (tmp_path / "not-a-dir").write_text("")
+    cache = tmp_path / "not-a-dir" / "accel.json"  # cannot be made
+    hv = Hypervisor(HypervisorSettings(qemu=qemu, verdict_cache=str(cache), probe_seconds=0.3))
+    assert await hv.resolve(None, str(kernel)) is Accel.TCG
+    assert await hv.resolve(None, str(kernel)) is Accel.TCG  # remembered in the process
+    assert len(calls_of(calls)) == 1
+
+
 async def test_given_accelerator_is_not_probed(tmp_path: Path) -> None:
     qemu, calls = script(tmp_path, "fake", FAKE)
     for accel in (Accel.KVM, Accel.TCG):

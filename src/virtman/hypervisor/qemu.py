@@ -351,27 +351,34 @@ class Hypervisor:
             except ConfigError:
                 key = "no-kernel"
                 if key not in self._verdicts:
-                    verdict = Verdict(
+                    none = Verdict(
                         Accel.TCG,
                         "no Linux kernel to probe KVM with (the guest has none, /boot neither)",
                     )
-                    self._remember(key, None, verdict, "")
+                    self._remember(key, None, none, "")
                 return self._verdicts[key]
         key = VerdictCache.key(qemu, kernel)
         if key in self._verdicts:
             return self._verdicts[key]
         path = self.settings.verdict_cache
         if path is None:
-            verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
-            source = f"probed in {verdict.probe_seconds:.1f} s, not cached"
-            return self._remember(key, kernel, verdict, source)
+            fresh = probe_kvm(qemu, kernel, self.settings.probe_seconds)
+            source = f"probed in {fresh.probe_seconds:.1f} s, not cached"
+            return self._remember(key, kernel, fresh, source)
         cache = VerdictCache(path)
-        with cache.locked():
-            cached = cache.get(key)
-            if cached is not None:
-                return self._remember(key, kernel, cached, f"cached in {path}")
-            verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
-            cache.put(key, verdict)
+        verdict: Verdict | None = None
+        try:
+            with cache.locked():
+                cached = cache.get(key)
+                if cached is not None:
+                    return self._remember(key, kernel, cached, f"cached in {path}")
+                verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
+                cache.put(key, verdict)
+        except OSError as err:  # an unwritable cache costs a probe per process, no more
+            if verdict is None:
+                verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
+            source = f"probed in {verdict.probe_seconds:.1f} s, not cached: {err}"
+            return self._remember(key, kernel, verdict, source)
         return self._remember(
             key, kernel, verdict, f"probed in {verdict.probe_seconds:.1f} s, cached in {path}"
         )
@@ -387,8 +394,11 @@ class Hypervisor:
         self._verdicts[key] = verdict
         if self.settings.verdict_cache is not None:
             cache = VerdictCache(self.settings.verdict_cache)
-            with cache.locked():
-                cache.put(key, verdict)
+            try:
+                with cache.locked():
+                    cache.put(key, verdict)
+            except OSError as err:  # the restart under TCG matters more than the cache
+                log.warning("KVM verdict cache %s not updated: %s", cache.path, err)
 
 
 # --- guests -----------------------------------------------------------------------------------
@@ -700,6 +710,8 @@ class Guest:
         self.fell_back = True
         if self.requested is Accel.AUTO:
             await self.hypervisor.distrust_kvm(self.cfg.kernel, reason)
+            if self._stopping:
+                return
         await self._launch(Accel.TCG)
         if self._stopping:  # stop() came while the restart was under way
             self._signal(signal.SIGTERM)
