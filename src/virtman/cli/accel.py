@@ -25,7 +25,8 @@ def add_accel_option(p: argparse.ArgumentParser, *, default: str | None = "auto"
         "--accel",
         choices=ACCEL_CHOICES,
         default=default,
-        help=f"{ACCEL_HELP} (default {default or 'the agent' + chr(39) + 's --accel'})",
+        help=f"{ACCEL_HELP} (default {default})" if default else f"{ACCEL_HELP} (default: "
+        "the agent's --accel)",
     )
 
 

@@ -7,7 +7,8 @@
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
-stops everything it started (also on Ctrl-C).
+stops everything it started (also on Ctrl-C). ``--accel`` is every agent's, for QEMU
+guests started on them meanwhile (the replayed VMs run no QEMU).
 """
 
 from __future__ import annotations
