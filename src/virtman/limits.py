@@ -174,3 +174,18 @@ MAX_ERROR_INPUT_CHARS = 200
 MAX_ERROR_DETAIL_CHARS = 2000
 #: Validation errors listed in one 422 answer; the rest are counted in one more line.
 MAX_ERROR_ITEMS = 10
+
+# --- Guests (QEMU) ------------------------------------------------------------------------
+#: Seconds the KVM probe gives a Linux kernel under KVM to print its first console line
+#: before ``--accel auto`` decides KVM does not work here. Under TCG the same kernel
+#: prints it in about 3 s on this project's 2-core machines and under a working KVM in
+#: well under 1 s, so a KVM that needs more than this is broken (or slower than TCG).
+KVM_PROBE_SECONDS = 10.0
+#: Seconds a guest started under KVM may stay silent on its serial console before it
+#: is stopped and started again under TCG (once). Larger than the probe's limit: many
+#: guests starting at once share the CPUs, and a bootloader may wait before it prints.
+KVM_SILENCE_SECONDS = 30.0
+#: Seconds between looks at a starting guest's console log for its first byte.
+GUEST_CONSOLE_POLL_SECONDS = 0.1
+#: Seconds a guest gets to exit after SIGTERM before it is killed.
+GUEST_STOP_GRACE_SECONDS = 5.0

@@ -30,6 +30,7 @@ from virtman.agent.vm_manager import VmManager
 from virtman.agent.voltlink import VoltLink
 from virtman.coordinator.models import HeartbeatReply
 from virtman.errors import Conflict, LocalProtocolError
+from virtman.hypervisor.qemu import HypervisorSettings
 from virtman.limits import DEFAULT_CACHE_CAPACITY, HEARTBEAT_INTERVAL_SECONDS
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Agent:
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
         attach_delay: float = 0.0,
         copy_limits: CopyLimits | None = None,
+        hypervisor: HypervisorSettings | None = None,
     ) -> None:
         self.name = name
         self.data_dir = os.path.abspath(data_dir)
@@ -84,6 +86,7 @@ class Agent:
             os.path.abspath(socket_dir or os.path.join(self.data_dir, "sock")),
             self.relays,
             copy_limits=copy_limits,
+            hypervisor=hypervisor,
         )
 
     @property

@@ -8,7 +8,8 @@
     POST   /vms/{name}/migrate       {destination}
     POST   /vms/import?name=&image=  body: the VM's copy stream (agent to agent; the
                                      format is ``virtman.protocol.copystream``)
-    POST   /vms/{name}/start         {guest: {memory_mib, cpus, kernel, initrd, append}, record}
+    POST   /vms/{name}/start         {guest: {memory_mib, cpus, kernel, initrd, append}, record,
+                                      accel: auto | kvm | tcg (default: the agent's --accel)}
     POST   /vms/{name}/stop
     GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
     GET    /status, /health
@@ -23,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
@@ -35,7 +36,7 @@ from virtman.agent.agent import Agent
 from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
-from virtman.hypervisor.qemu import GuestConfig
+from virtman.hypervisor.qemu import Accel, GuestConfig
 from virtman.protocol.copystream import CopyStreamError
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
@@ -54,9 +55,18 @@ class GuestSpec(BaseModel):
         return GuestConfig(**self.model_dump())
 
 
+AccelName = Literal["auto", "kvm", "tcg"]
+ACCEL_FIELD = Field(None, description="auto, kvm or tcg (default: the agent's --accel)")
+
+
+def _accel(name: AccelName | None) -> Accel | None:
+    return Accel(name) if name is not None else None
+
+
 class GuestStart(BaseModel):
     guest: GuestSpec | None = None
     record: bool = Field(False, description="record the guest's disk requests as a trace")
+    accel: AccelName | None = ACCEL_FIELD
 
 
 class VmCreate(BaseModel):
@@ -71,6 +81,7 @@ class VmCreate(BaseModel):
     start: bool = Field(False, description="boot a QEMU guest on it at once")
     guest: GuestSpec | None = None
     record: bool = False
+    accel: AccelName | None = ACCEL_FIELD
 
     @model_validator(mode="after")
     def _one_source(self) -> VmCreate:
@@ -130,15 +141,14 @@ def create_app(agent: Agent) -> FastAPI:
         guest = body.guest.config() if body.guest else None  # checked before anything is made
         vm = await agent.vms.create(body.name, body.image, body.from_snapshot)
         if body.start:
-            vm = await agent.vms.start_guest(body.name, guest, body.record)
+            vm = await agent.vms.start_guest(body.name, guest, body.record, _accel(body.accel))
         return VmInfo.model_validate(vm.info())
 
     @app.post("/vms/{name}/start", responses=errors)
     async def start(name: Name, body: GuestStart) -> VmInfo:
         guest = body.guest.config() if body.guest else None
-        return VmInfo.model_validate(
-            (await agent.vms.start_guest(name, guest, body.record)).info()
-        )
+        vm = await agent.vms.start_guest(name, guest, body.record, _accel(body.accel))
+        return VmInfo.model_validate(vm.info())
 
     @app.post("/vms/{name}/stop", responses=errors)
     async def stop(name: Name) -> VmInfo:

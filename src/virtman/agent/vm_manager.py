@@ -40,7 +40,14 @@ from virtman.agent.vms import (
 )
 from virtman.blockdev.cow import CowDevice
 from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
-from virtman.hypervisor.qemu import Guest, GuestConfig, domain_xml, qemu_argv
+from virtman.hypervisor.qemu import (
+    Accel,
+    Guest,
+    GuestConfig,
+    Hypervisor,
+    HypervisorSettings,
+    domain_xml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +61,11 @@ class VmManager:
         relays: RelayManager,
         *,
         copy_limits: CopyLimits | None = None,
+        hypervisor: HypervisorSettings | None = None,
     ) -> None:
         self.agent = agent
+        #: Starts guests (QEMU) with an accelerator that runs them here.
+        self.hypervisor = Hypervisor(hypervisor)
         self.vms_dir = os.path.join(data_dir, "vms")
         self.imports_dir = os.path.join(data_dir, "imports")
         self.socket_dir = socket_dir
@@ -252,9 +262,13 @@ class VmManager:
     # --- guests -------------------------------------------------------------------------
 
     async def start_guest(
-        self, name: str, guest: GuestConfig | None = None, record: bool = False
+        self,
+        name: str,
+        guest: GuestConfig | None = None,
+        record: bool = False,
+        accel: Accel | None = None,
     ) -> Vm:
-        """Boot a QEMU guest on the VM's export (KVM when usable, else TCG)."""
+        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting)."""
         vm = self.get(name)
         if vm.record.state is not VmState.RUNNING or vm.server is None:
             raise Conflict(f"VM {name!r} is detached: create it again first")
@@ -266,7 +280,7 @@ class VmManager:
         vm.save()
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
-        vm.guest = Guest(name, qemu_argv(name, vm.uri, guest, vm.console_log), vm.console_log)
+        vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel)
         await vm.guest.start()
         self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")
         return vm
@@ -315,7 +329,8 @@ class VmManager:
     def domain_xml(self, name: str) -> str:
         vm = self.get(name)
         guest = GuestConfig.from_dict(vm.record.guest) if vm.record.guest else GuestConfig()
-        return domain_xml(name, name, vm.socket_path, guest, vm.console_log)
+        accel = vm.guest.accel if vm.guest is not None else None
+        return domain_xml(name, name, vm.socket_path, guest, vm.console_log, accel)
 
     def boot_trace(self, name: str) -> str:
         vm = self.get(name)

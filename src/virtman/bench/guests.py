@@ -9,6 +9,11 @@ powering off (it boots, writes its name, prints its marker and powers off):
 
 for one guest alone and for ``--guests`` at once (three by default, spread over two
 agents). Prints the table and writes ``--json``.
+
+``--accel`` (default ``auto``), ``--qemu`` and ``--accel-cache`` are those of
+``virtman agent`` and apply to both sides; the document records the accelerator every
+guest ended up under (a KVM guest that stayed silent is restarted under TCG and timed
+from its first start).
 """
 
 from __future__ import annotations
@@ -24,41 +29,55 @@ from typing import Any
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.httpapi import ApiClient
-from virtman.hypervisor.qemu import GuestConfig, accelerator, qemu_argv
-from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
+from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
+from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
+from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
 from virtman.results import machine
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
 
 
-async def _boot_local(image: GuestImage, names: list[str], workdir: str) -> list[float]:
-    async def one(name: str) -> float:
+async def _boot_local(
+    hypervisor: Hypervisor, image: GuestImage, names: list[str], workdir: str
+) -> tuple[list[float], list[str]]:
+    async def one(name: str) -> tuple[float, str]:
         disk = os.path.join(workdir, f"{name}.raw")
         await asyncio.to_thread(shutil.copyfile, image.image, disk)
         log = os.path.join(workdir, f"{name}.console")
         cfg = GuestConfig(
             memory_mib=256, kernel=image.kernel, initrd=image.initrd, append=image.append(name)
         )
-        argv = qemu_argv(name, disk, cfg, log)
+        guest = hypervisor.guest(name, disk, cfg, log)
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        await asyncio.wait_for(proc.wait(), GUEST_TIMEOUT_SECONDS)
+        await guest.start()
+        try:
+            await asyncio.wait_for(guest.wait(), GUEST_TIMEOUT_SECONDS)
+        finally:
+            await guest.stop()
         elapsed = time.monotonic() - started
         with open(log, errors="replace") as f:
             if f"{MARKER} {name}" not in f.read():
                 raise RuntimeError(f"local guest {name} did not print its marker")
-        return elapsed
+        return elapsed, guest.accel.value if guest.accel else "?"
 
-    return list(await asyncio.gather(*(one(n) for n in names)))
+    done = await asyncio.gather(*(one(n) for n in names))
+    return [t for t, _ in done], [a for _, a in done]
 
 
-async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> list[float]:
+async def _boot_virtman(
+    settings: HypervisorSettings, image: GuestImage, names: list[str], workdir: str
+) -> list[float]:
     cluster = LocalCluster(
         os.path.join(workdir, f"cluster-{len(names)}"),  # a fresh cluster per run
-        ClusterSettings(hosts=2, chunk_size=64 * 1024, log_level="warning"),
+        ClusterSettings(
+            hosts=2,
+            chunk_size=64 * 1024,
+            log_level="warning",
+            accel=settings.accel.value,
+            qemu=settings.qemu,
+            accel_cache=settings.verdict_cache,
+        ),
     )
     try:
         await cluster.start_origin(image.image)
@@ -100,23 +119,35 @@ async def _boot_virtman(image: GuestImage, names: list[str], workdir: str) -> li
         await cluster.stop()
 
 
-async def measure(guests: int) -> dict[str, Any]:
+async def measure(guests: int, settings: HypervisorSettings) -> dict[str, Any]:
+    hypervisor = Hypervisor(settings)
     workdir = tempfile.mkdtemp(prefix="virtman-guests-")
     try:
         image = await asyncio.to_thread(build_test_image, workdir)
         results: dict[str, Any] = {
             "machine": machine(),
-            "accelerator": accelerator(),
+            "accel": settings.accel.value,
+            "accelerator": (await hypervisor.resolve(None, image.kernel)).value,
+            "accelerator_reason": (
+                (await hypervisor.choose(image.kernel)).reason
+                if settings.accel is Accel.AUTO
+                else "given with --accel"
+            ),
             "kernel": image.kernel,
             "runs": [],
         }
-        for count in (1, guests):
+        for count in sorted({1, guests}):  # --guests 1: one run, not the same twice
             names = [f"g{count}-{i + 1}" for i in range(count)]
-            local = await _boot_local(image, names, workdir)
+            local, accels = await _boot_local(hypervisor, image, names, workdir)
             names = [f"v{count}-{i + 1}" for i in range(count)]
-            through = await _boot_virtman(image, names, workdir)
+            through = await _boot_virtman(settings, image, names, workdir)
             results["runs"].append(
-                {"guests": count, "local_seconds": local, "virtman_seconds": through}
+                {
+                    "guests": count,
+                    "local_seconds": local,
+                    "local_accelerators": accels,
+                    "virtman_seconds": through,
+                }
             )
             print(
                 f"{count} guest(s) at once: local raw file {max(local):.2f} s, "
@@ -129,18 +160,57 @@ async def measure(guests: int) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+async def measure_probe(settings: HypervisorSettings) -> dict[str, Any]:
+    """What ``--accel auto`` costs: the probe of the host's test kernel, then a cache hit.
+
+    Run it with a fresh ``--accel-cache`` file to see a cold probe.
+    """
+    kernel, _ = find_kernel()
+    started = time.monotonic()
+    first = await Hypervisor(settings).choose(kernel)
+    cold = time.monotonic() - started
+    started = time.monotonic()
+    await Hypervisor(settings).choose(kernel)  # a new process on this host
+    warm = time.monotonic() - started
+    print(f"accelerator {first.accel.value} for {kernel}: {first.reason}")
+    print(
+        f"first choice {cold:.3f} s (probe {first.probe_seconds:.3f} s), "
+        f"next process {warm:.3f} s (cache {settings.verdict_cache or 'off'})",
+        flush=True,
+    )
+    return {
+        "machine": machine(),
+        "kernel": kernel,
+        "accelerator": first.accel.value,
+        "reason": first.reason,
+        "probe_seconds": first.probe_seconds,
+        "first_choice_seconds": cold,
+        "cached_choice_seconds": warm,
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guests", type=int, default=3, help="guests booted at once (default 3)")
+    p.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only time the KVM probe of --accel auto and a cached choice",
+    )
     p.add_argument("--json", default="bench-guests.json", metavar="FILE")
+    add_hypervisor_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from virtman.runtime import configure_logging, run_async
 
+    settings = hypervisor_settings(args)
     configure_logging("warning")
 
     async def main() -> int:
-        doc = await measure(args.guests)
+        if args.probe_only:
+            doc = await measure_probe(settings)
+        else:
+            doc = await measure(args.guests, settings)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         print(f"accelerator {doc['accelerator']}; wrote {args.json}")

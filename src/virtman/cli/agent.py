@@ -2,12 +2,16 @@
 
     virtman agent --volt URL --name HOST --listen HOST:PORT --data-dir DIR
                   [--cache-size SIZE] [--nbd-listen HOST:PORT] [--socket-dir DIR]
+                  [--accel auto|kvm|tcg] [--qemu PATH] [--accel-cache FILE]
 
 The agent relays images to its children over NBD on ``--nbd-listen`` (default: the
 ``--listen`` host, any free port), exports each VM's disk on a Unix socket in
 ``--socket-dir`` (default ``DIR/sock``) and serves the VM API over HTTP on ``--listen``.
 Its VMs, snapshots and cache live in ``DIR`` and survive a restart. SIGTERM or SIGINT
 stops it cleanly.
+
+Guests run under ``--accel`` (default ``auto``: KVM only where a Linux kernel is seen
+to boot under it, see docs/guests.md); ``vm start --accel`` overrides it per guest.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
 from virtman.coordinator.models import NAME_PATTERN
 from virtman.delivery import DeliveryMode
 from virtman.errors import ConfigError
+from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.limits import DEFAULT_CACHE_CAPACITY
 from virtman.protocol.uri import parse_listen
 from virtman.sizes import format_size, parse_size
@@ -67,6 +72,7 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="paper mode: seconds each tree level takes to attach",
     )
+    add_hypervisor_options(p)
     p.set_defaults(run=run)
 
 
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-'")
     host, port = parse_listen(args.listen)
     nbd_host, nbd_port = parse_listen(args.nbd_listen) if args.nbd_listen else (host, 0)
+    hypervisor = hypervisor_settings(args)
     configure_logging(args.log_level)
 
     async def main() -> int:
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             cache_capacity=args.cache_size,
             mode=DeliveryMode(args.mode),
             attach_delay=args.attach_delay,
+            hypervisor=hypervisor,
         )
         service = HttpService(create_app(agent), bind(host, port))
         agent.url = service.url

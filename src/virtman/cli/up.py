@@ -2,11 +2,13 @@
 
     virtman up [--hosts 8] [--vms-per-host 4] [--trace FILE] [--speed X] [--image FILE]
                [--kill HOST@SECONDS ...] [--json FILE] [--workdir DIR]
+               [--accel auto|kvm|tcg]
 
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
-stops everything it started (also on Ctrl-C).
+stops everything it started (also on Ctrl-C). ``--accel`` is every agent's, for QEMU
+guests started on them meanwhile (the replayed VMs run no QEMU).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 from typing import Any
 
+from virtman.hypervisor.options import add_accel_option
 from virtman.limits import (
     DEFAULT_CHUNK_SIZE,
     HEARTBEAT_INTERVAL_SECONDS,
@@ -56,6 +59,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE")
     p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_SECONDS)
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_SECONDS)
+    add_accel_option(p)
     p.set_defaults(run=run)
 
 
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             heartbeat_timeout=args.heartbeat_timeout,
             chunk_size=args.chunk_size,
             log_level="warning" if args.log_level == "info" else args.log_level,
+            accel=args.accel,
         ),
     )
     configure_logging("warning" if args.log_level == "info" else args.log_level)

@@ -10,10 +10,11 @@
     virtman vm stop | console | xml | trace NAME                   [--agent URL]
 
 GUEST OPTIONS (also on ``create --start``): --kernel FILE --initrd FILE --append TEXT
---memory MIB --cpus N. The guest is QEMU on the VM's export, KVM when /dev/kvm works,
-TCG otherwise, its serial console logged (``console``). ``xml`` prints a libvirt domain
-for ``virsh define``. ``--record`` keeps every disk request of the guest as a boot
-trace (``trace`` prints it once the guest has exited).
+--memory MIB --cpus N --accel auto|kvm|tcg. The guest is QEMU on the VM's export, its
+serial console logged (``console``). ``--accel`` defaults to the agent's ``--accel``
+(``auto``: KVM only where a Linux kernel is seen to boot under it, else TCG). ``xml``
+prints a libvirt domain for ``virsh define``. ``--record`` keeps every disk request of
+the guest as a boot trace (``trace`` prints it once the guest has exited).
 
 ``create`` prints the VM's NBD URI (give it to QEMU: ``-drive file=URI,format=raw``).
 DEST_AGENT is an agent's name (looked up in Volt by the source agent) or its URL.
@@ -25,6 +26,7 @@ import argparse
 from typing import Any
 
 from virtman.cli.common import add_agent_option, print_json
+from virtman.hypervisor.options import add_accel_option
 from virtman.limits import VM_CREATE_TIMEOUT_SECONDS
 
 
@@ -83,6 +85,7 @@ def _guest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=int, metavar="MIB", help="guest memory (default 512)")
     p.add_argument("--cpus", type=int, metavar="N", help="guest CPUs (default 1)")
     p.add_argument("--record", action="store_true", help="record the boot as a trace")
+    add_accel_option(p, default=None)
 
 
 def _guest(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -115,15 +118,18 @@ def run(args: argparse.Namespace) -> int:
                     body["from_snapshot"] = args.from_snapshot
                 if args.start:
                     body.update(start=True, record=args.record)
+                    if args.accel is not None:
+                        body["accel"] = args.accel
                     if _guest(args):
                         body["guest"] = _guest(args)
                 doc = await api.post("/vms", json=body)
                 print(doc["uri"])
                 return 0
             if args.action == "start":
-                doc = await api.post(
-                    f"/vms/{args.name}/start", json={"guest": _guest(args), "record": args.record}
-                )
+                start: dict[str, Any] = {"guest": _guest(args), "record": args.record}
+                if args.accel is not None:
+                    start["accel"] = args.accel
+                doc = await api.post(f"/vms/{args.name}/start", json=start)
             elif args.action == "stop":
                 doc = await api.post(f"/vms/{args.name}/stop")
             elif args.action in ("console", "xml", "trace"):

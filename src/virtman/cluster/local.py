@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 _SERVING = re.compile(rb"serving on (http://\S+)")
 
 
+def _option(flag: str, value: str | None) -> list[str]:
+    return [flag, value] if value else []
+
+
 class Placement:
     """Where each service runs: this machine's loopback (the default)."""
 
@@ -70,6 +74,11 @@ class ClusterSettings:
     mode: str = "virtman"
     #: PAPER mode: seconds per tree level to attach.
     attach_delay: float = 0.0
+    #: Every agent's ``--accel`` (auto, kvm, tcg), and its ``--qemu`` and
+    #: ``--accel-cache`` when set (else the agent's defaults).
+    accel: str = "auto"
+    qemu: str | None = None
+    accel_cache: str | None = None
 
 
 @dataclass
@@ -219,6 +228,10 @@ class LocalCluster:
                 self.settings.mode,
                 "--attach-delay",
                 str(self.settings.attach_delay),
+                "--accel",
+                self.settings.accel,
+                *_option("--qemu", self.settings.qemu),
+                *_option("--accel-cache", self.settings.accel_cache),
             ],
         )
         async with ApiClient(service.url) as api:
