@@ -108,7 +108,7 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
     # (KVM or TCG, whichever runs a Linux kernel here), host2 read host1's verdict.
     chosen = {}
     for host in ("host1", "host2"):
-        lines = [line for line in Path(cluster.agents[host].log_path).read_text().splitlines()
+        lines = [line for line in Path(cluster.agents[host].child.log_path).read_text().splitlines()
                  if "accelerator " in line and " for guests of kernel " in line]
         assert len(lines) == 1, lines
         chosen[host] = lines[0].split("accelerator ")[1].split()[0]
@@ -138,7 +138,7 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
     assert trace.reads and sum(r.length for r in trace.reads) > 0
     assert any(r.op == "write" for r in trace.requests)
     # The domain runs the guest as it ran here (a TCG restart included).
-    fell_back = "again under TCG" in Path(cluster.agents["host2"].log_path).read_text()
+    fell_back = "again under TCG" in Path(cluster.agents["host2"].child.log_path).read_text()
     ran_kvm = chosen["host2"] == "kvm" and not fell_back
     assert f"<domain type='{'kvm' if ran_kvm else 'qemu'}'>" in xml
     xml_file = tmp_path / "vm3.xml"

@@ -189,3 +189,10 @@ KVM_SILENCE_SECONDS = 30.0
 GUEST_CONSOLE_POLL_SECONDS = 0.1
 #: Seconds a guest gets to exit after SIGTERM before it is killed.
 GUEST_STOP_GRACE_SECONDS = 5.0
+
+# --- Images ------------------------------------------------------------------------------
+#: Chunk reads in flight while a manifest is computed.
+MANIFEST_READS_IN_FLIGHT = 8
+#: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
+COPY_READ_BYTES = 4 * MiB
+COPY_READS_IN_FLIGHT = 8

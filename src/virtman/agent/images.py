@@ -40,6 +40,7 @@ from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
 from virtman.errors import ConfigError
+from virtman.limits import COPY_READ_BYTES, COPY_READS_IN_FLIGHT
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
 
@@ -74,9 +75,6 @@ class ImageSpec:
         return cls(**doc)
 
 
-#: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
-COPY_READ_BYTES = 4 * 1024 * 1024
-COPY_READS_IN_FLIGHT = 8
 
 
 class ImageRelay:

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.errors import BenchError
 from virtman.httpapi import ApiClient
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
@@ -58,7 +59,7 @@ async def _boot_local(
         elapsed = time.monotonic() - started
         with open(log, errors="replace") as f:
             if f"{MARKER} {name}" not in f.read():
-                raise RuntimeError(f"local guest {name} did not print its marker")
+                raise BenchError(f"local guest {name} did not print its marker")
         return elapsed, guest.accel.value if guest.accel else "?"
 
     done = await asyncio.gather(*(one(n) for n in names))
@@ -106,12 +107,12 @@ async def _boot_virtman(
                 deadline = started + GUEST_TIMEOUT_SECONDS
                 while (await api.get(f"/vms/{name}"))["guest_running"]:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"guest {name} still running")
+                        raise BenchError(f"guest {name} still running")
                     await asyncio.sleep(0.05)
                 elapsed = time.monotonic() - started
                 console = await api.get_text(f"/vms/{name}/console")
             if f"{MARKER} {name}" not in console:
-                raise RuntimeError(f"virtman guest {name} did not print its marker")
+                raise BenchError(f"virtman guest {name} did not print its marker")
             return elapsed
 
         return list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))

@@ -29,10 +29,8 @@ from dataclasses import dataclass
 
 from virtman.blockdev.base import BlockDevice
 from virtman.errors import ConfigError
+from virtman.limits import MANIFEST_READS_IN_FLIGHT
 from virtman.protocol.nbd.constants import STATE_ZERO
-
-#: Chunk reads in flight while a manifest is computed.
-MANIFEST_READS_IN_FLIGHT = 8
 
 ALGORITHM = "sha256"
 DIGEST_BYTES = 32

@@ -4,6 +4,7 @@ and a scratch device for tests and fault injection (see ``faults``)."""
 from __future__ import annotations
 
 from virtman.blockdev.base import BlockDevice
+from virtman.errors import ConfigError
 
 
 class MemoryDevice(BlockDevice):
@@ -15,7 +16,7 @@ class MemoryDevice(BlockDevice):
         super().__init__()
         if data is None:
             if size is None:
-                raise ValueError("MemoryDevice needs a size or data")
+                raise ConfigError("MemoryDevice needs a size or data")
             data = bytes(size)
         self.buffer = bytearray(data)
         self.size = len(self.buffer)
