@@ -179,6 +179,10 @@ async def copy_stream(
 ) -> AsyncIterator[bytes]:
     """The whole record stream of ``vm``: live passes, then one with writes held."""
     yield encode_header(tracker.size)
+    # A write that started on the layer before the tracker took over is seen neither
+    # by the tracker nor, while it still waits (a copy-on-write reading its base), by
+    # the layer's map: let it land before the map is read, or it is never sent.
+    await vm.settle()
     runs = vm.written_runs()
     for _ in range(limits.live_passes):
         progress.passes += 1
