@@ -393,3 +393,29 @@ async def test_migrate_keeps_a_write_that_was_waiting_for_its_base_when_the_copy
     await check.close()
     await client.close()
     assert got == bytes(want), "a write acknowledged by the source is missing at the destination"
+
+
+async def test_no_guest_starts_on_a_vm_while_it_is_migrated(world: World) -> None:
+    # A guest started mid-migrate would write through the copy's tracker, have its
+    # held writes refused (EIO) when the move completes, and be killed with the VM.
+    import shutil
+
+    from virtman.hypervisor.qemu import Accel, HypervisorSettings
+
+    stand_in = HypervisorSettings(qemu=shutil.which("true") or "/bin/true", accel=Accel.TCG)
+    limits = CopyLimits(connect_timeout=1.0, idle_timeout=1.0, total_timeout=20.0)
+    agent = await world.agent("host1", limits, hypervisor=stand_in)
+    await agent.vms.create("vm", "img")
+    silent = Silent()
+    url = await silent.start()
+    try:
+        migrate = asyncio.ensure_future(agent.copy_vm("vm", url, move=True))
+        while agent.vms.get("vm").operation is None and not migrate.done():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Conflict, match="busy: migrate"):
+            await agent.vms.start_guest("vm")
+        with pytest.raises(NetworkError):
+            await migrate
+    finally:
+        await silent.close()
+    assert agent.vms.get("vm").operation is None
