@@ -419,3 +419,30 @@ async def test_no_guest_starts_on_a_vm_while_it_is_migrated(world: World) -> Non
     finally:
         await silent.close()
     assert agent.vms.get("vm").operation is None
+
+
+async def test_a_write_still_running_when_a_pass_takes_the_dirty_ranges_is_sent_again() -> None:
+    # A copy-on-write waits for its base before its bytes land: a pass that takes the
+    # dirty ranges meanwhile reads the old bytes, so the range must come back once the
+    # write is done, or no later pass (nor the held one) sends the new bytes.
+    from virtman.agent.copy import WriteTracker
+    from virtman.blockdev.memory import MemoryDevice
+
+    class SlowWrites(MemoryDevice):
+        def __init__(self) -> None:
+            super().__init__(64 * KiB)
+            self.gate = asyncio.Event()
+
+        async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+            await self.gate.wait()
+            await super().write(offset, data, fua=fua)
+
+    inner = SlowWrites()
+    tracker = WriteTracker(inner)
+    write = asyncio.ensure_future(tracker.write(4096, b"x" * 512))
+    await asyncio.sleep(0)  # the write is under way, its bytes not yet in place
+    tracker.take_dirty()  # a pass ends here and the next one reads the range now
+    inner.gate.set()
+    await write
+    await tracker.hold()
+    assert tracker.take_dirty() == [(4096, 512)]

@@ -112,11 +112,14 @@ class WriteTracker(BlockDevice):
         await self._open.wait()
         if self._refusal is not None:
             raise DeviceError(self._refusal, errno=Errno.EIO)
-        self._dirty.append((offset, length))
         self._in_flight += 1
         self._drained.clear()
 
-    def _done(self) -> None:
+    def _done(self, offset: int, length: int) -> None:
+        # Noted once the write is over, not when it starts: a pass that took the dirty
+        # ranges while the write still waited (a copy-on-write reading its base) read
+        # the old bytes, and only this note makes a later pass send the new ones.
+        self._dirty.append((offset, length))
         self._in_flight -= 1
         if self._in_flight == 0:
             self._drained.set()
@@ -129,21 +132,21 @@ class WriteTracker(BlockDevice):
         try:
             await self.inner.write(offset, data, fua=fua)
         finally:
-            self._done()
+            self._done(offset, len(data))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.write_zeroes(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.trim(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def flush(self) -> None:
         await self.inner.flush()
