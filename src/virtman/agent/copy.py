@@ -112,11 +112,14 @@ class WriteTracker(BlockDevice):
         await self._open.wait()
         if self._refusal is not None:
             raise DeviceError(self._refusal, errno=Errno.EIO)
-        self._dirty.append((offset, length))
         self._in_flight += 1
         self._drained.clear()
 
-    def _done(self) -> None:
+    def _done(self, offset: int, length: int) -> None:
+        # Noted once the write is over, not when it starts: a pass that took the dirty
+        # ranges while the write still waited (a copy-on-write reading its base) read
+        # the old bytes, and only this note makes a later pass send the new ones.
+        self._dirty.append((offset, length))
         self._in_flight -= 1
         if self._in_flight == 0:
             self._drained.set()
@@ -129,21 +132,21 @@ class WriteTracker(BlockDevice):
         try:
             await self.inner.write(offset, data, fua=fua)
         finally:
-            self._done()
+            self._done(offset, len(data))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.write_zeroes(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.trim(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -179,6 +182,10 @@ async def copy_stream(
 ) -> AsyncIterator[bytes]:
     """The whole record stream of ``vm``: live passes, then one with writes held."""
     yield encode_header(tracker.size)
+    # A write that started on the layer before the tracker took over is seen neither
+    # by the tracker nor, while it still waits (a copy-on-write reading its base), by
+    # the layer's map: let it land before the map is read, or it is never sent.
+    await vm.settle()
     runs = vm.written_runs()
     for _ in range(limits.live_passes):
         progress.passes += 1

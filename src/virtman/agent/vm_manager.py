@@ -268,8 +268,12 @@ class VmManager:
         record: bool = False,
         accel: Accel | None = None,
     ) -> Vm:
-        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting)."""
+        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting).
+
+        Raises ``Conflict`` while the VM is cloned or migrated: a migrate refuses the
+        writes it holds at its end, which a guest would see as I/O errors."""
         vm = self.get(name)
+        vm.check_idle()
         if vm.record.state is not VmState.RUNNING or vm.server is None:
             raise Conflict(f"VM {name!r} is detached: create it again first")
         if vm.guest is not None and vm.guest.running:

@@ -163,6 +163,11 @@ class Vm:
         if self.server is not None:
             self.server.replace_device(self.name, device)
 
+    async def settle(self) -> None:
+        """Wait for the requests its export had running (see ``NbdServer.settle``)."""
+        if self.server is not None:
+            await self.server.settle(self.name)
+
     async def unexport(self) -> None:
         if self.server is not None:
             await self.server.stop()

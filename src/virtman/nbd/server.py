@@ -362,6 +362,22 @@ class NbdServer:
         current.device = device
         return old
 
+    async def settle(self, export: str) -> None:
+        """Return once every request already running on ``export`` has finished.
+
+        After ``replace_device`` a request that started earlier may still be working on
+        the old device (a copy-on-write waiting for its base); whoever needs to know
+        everything the old device took waits here. Requests that start meanwhile are
+        not waited for."""
+        running = [
+            task
+            for conn in self._connections
+            if conn.export is not None and conn.export.name == export
+            for task in conn.tasks
+        ]
+        if running:
+            await asyncio.wait(running)
+
 
 def _call_later(delay: float, callback: Callable[[], None]) -> None:
     # The rate-limited log is only written from callbacks of the running loop.
