@@ -175,6 +175,11 @@ MAX_ERROR_DETAIL_CHARS = 2000
 #: Validation errors listed in one 422 answer; the rest are counted in one more line.
 MAX_ERROR_ITEMS = 10
 
+#: Random bytes in a token ``virtman token issue`` makes (``secrets.token_urlsafe``).
+TOKEN_BYTES = 32
+#: Longest credential a service reads from a request; a longer one is refused unread.
+MAX_TOKEN_CHARS = 256
+
 # --- Guests (QEMU) ------------------------------------------------------------------------
 #: Seconds the KVM probe gives a Linux kernel under KVM to print its first console line
 #: before ``--accel auto`` decides KVM does not work here. Under TCG the same kernel
