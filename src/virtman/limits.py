@@ -99,6 +99,15 @@ CACHE_LOG_INTERVAL_SECONDS = 60.0
 #: Default overlay block: the unit of allocation and of read-modify-write.
 DEFAULT_COW_BLOCK_SIZE = 4 * KiB
 
+# --- TLS (``virtman ca``, NBD over TLS) -------------------------------------------------------
+#: Days a CA made by ``virtman ca init`` is valid.
+CA_VALIDITY_DAYS = 3650
+#: Days a certificate issued by ``virtman ca issue`` is valid.
+CERT_VALIDITY_DAYS = 825
+#: Seconds a TLS handshake (after NBD_OPT_STARTTLS) may take; it counts against the
+#: NBD handshake's own limit too.
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
 # --- Coordinator (Volt) and agents ---------------------------------------------------------
 #: Seconds between an agent's heartbeats.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
