@@ -243,9 +243,9 @@ class Authenticator:
                 token = query["token"][0]
                 return self._token(token, "token in the URL"), token
         if method in _SAFE_METHODS and "cookie" in headers:
-            token = _cookie(headers["cookie"], TOKEN_COOKIE)
-            if token is not None:
-                return self._token(token, f"{TOKEN_COOKIE} cookie"), None
+            carried = _cookie(headers["cookie"], TOKEN_COOKIE)
+            if carried is not None:
+                return self._token(carried, f"{TOKEN_COOKIE} cookie"), None
         peer = scope.get("state", {}).get(PEER_CERT_NAME)
         if peer is not None and self.certificates:
             if not _NAME.match(peer):
@@ -400,7 +400,7 @@ def protect(app: FastAPI, authenticator: Authenticator) -> None:
     """Check credentials on every request to ``app``. Call it last, once every route is
     declared: it raises ``ConfigError`` for a route without exactly one guard."""
     open_routes = [
-        f"{','.join(sorted(route.methods))} {route.path}"
+        f"{','.join(sorted(route.methods or ()))} {route.path}"
         for route, guard in route_guards(app)
         if guard is None
     ]

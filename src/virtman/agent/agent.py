@@ -27,9 +27,11 @@ from virtman.agent.copy import CopyLimits
 from virtman.agent.images import DeliveryMode
 from virtman.agent.relays import RelayManager
 from virtman.agent.vm_manager import VmManager
+from virtman.agent.vms import SocketOwner
 from virtman.agent.voltlink import VoltLink
 from virtman.coordinator.models import HeartbeatReply
-from virtman.errors import Conflict, LocalProtocolError
+from virtman.errors import Conflict, Forbidden, LocalProtocolError
+from virtman.httpapi import Credentials
 from virtman.hypervisor.qemu import HypervisorSettings
 from virtman.limits import DEFAULT_CACHE_CAPACITY, HEARTBEAT_INTERVAL_SECONDS
 
@@ -60,8 +62,13 @@ class Agent:
         attach_delay: float = 0.0,
         copy_limits: CopyLimits | None = None,
         hypervisor: HypervisorSettings | None = None,
+        credentials: Credentials | None = None,
+        socket_owner: SocketOwner | None = None,
     ) -> None:
         self.name = name
+        #: What this agent presents to Volt and to the agents it sends VMs to: its
+        #: certificate (``tls``) and/or its agent token.
+        self.credentials = credentials or Credentials()
         self.data_dir = os.path.abspath(data_dir)
         self.state = AgentState.CREATED
         self.link = VoltLink(
@@ -70,6 +77,7 @@ class Agent:
             report=self._heartbeat_report,
             on_reply=self._heartbeat_reply,
             interval=heartbeat_interval,
+            credentials=self.credentials,
         )
         self.relays = RelayManager(
             os.path.join(self.data_dir, "cache"),
@@ -87,6 +95,8 @@ class Agent:
             self.relays,
             copy_limits=copy_limits,
             hypervisor=hypervisor,
+            credentials=self.credentials,
+            socket_owner=socket_owner,
         )
 
     @property
@@ -151,15 +161,28 @@ class Agent:
     # --- clone and migrate ----------------------------------------------------------------
 
     async def copy_vm(self, name: str, destination: str, *, move: bool) -> dict[str, Any]:
-        """Send a VM to another agent (by name, through Volt, or by URL)."""
+        """Send a VM to another agent, named as Volt knows it: the address is Volt's
+        record of that agent, never the caller's word. Over TLS the destination must
+        be https:// and present that agent's certificate (``copy.send``).
+
+        Raises ``NotFound`` (no such VM, or Volt knows no such agent), ``Conflict``
+        (the destination is this agent) and ``Forbidden`` (Volt's address is plain
+        http:// while this agent uses TLS)."""
         self.vms.get(name)  # an unknown VM is reported before the destination is looked up
-        if destination.startswith(("http://", "https://")):
-            url = destination
-        else:
-            url = await self.link.agent_url(destination)
-        if url.rstrip("/") == self.url.rstrip("/"):
+        if destination == self.name:
             raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
-        return await self.vms.copy_out(name, url.rstrip("/"), move=move)
+        url = (await self.link.agent_url(destination)).rstrip("/")
+        tls = self.credentials.tls is not None
+        if tls and not url.startswith("https://"):
+            raise Forbidden(
+                f"agent {destination!r} is registered at {url}, not https://: "
+                f"a VM is sent only over verified TLS"
+            )
+        if url == self.url.rstrip("/"):
+            raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
+        return await self.vms.copy_out(
+            name, url, move=move, peer=destination if tls else None
+        )
 
     # --- status ---------------------------------------------------------------------------
 

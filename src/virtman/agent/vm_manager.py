@@ -29,6 +29,7 @@ from virtman.agent.copy import CopyLimits, CopyProgress, WriteTracker, copy_stre
 from virtman.agent.relays import RelayManager
 from virtman.agent.vms import (
     Layer,
+    SocketOwner,
     TraceRecorder,
     Vm,
     VmRecord,
@@ -40,6 +41,7 @@ from virtman.agent.vms import (
 )
 from virtman.blockdev.cow import CowDevice
 from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
+from virtman.httpapi import Credentials
 from virtman.hypervisor.qemu import (
     Accel,
     Guest,
@@ -62,8 +64,14 @@ class VmManager:
         *,
         copy_limits: CopyLimits | None = None,
         hypervisor: HypervisorSettings | None = None,
+        credentials: Credentials | None = None,
+        socket_owner: SocketOwner | None = None,
     ) -> None:
         self.agent = agent
+        #: What this agent presents to the agents it sends VMs to.
+        self.credentials = credentials or Credentials()
+        #: Who may use the VMs' export sockets (0600, this user's).
+        self.socket_owner = socket_owner or SocketOwner.me()
         #: Starts guests (QEMU) with an accelerator that runs them here.
         self.hypervisor = Hypervisor(hypervisor)
         self.vms_dir = os.path.join(data_dir, "vms")
@@ -78,8 +86,9 @@ class VmManager:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        for d in (self.vms_dir, self.imports_dir, self.socket_dir):
+        for d in (self.vms_dir, self.imports_dir):
             os.makedirs(d, exist_ok=True)
+        self.socket_owner.secure_dir(self.socket_dir)  # ConfigError: at start, not per VM
         for leftover in os.listdir(self.imports_dir):
             log.warning("removing unfinished import %s", leftover)
             remove_tree(os.path.join(self.imports_dir, leftover))
@@ -137,7 +146,7 @@ class VmManager:
             relay.users.add(vm.name)
             relay.touch()
             if record.state is VmState.RUNNING:
-                await vm.export()
+                await vm.export(self.socket_owner)
         except BaseException:
             await vm.close()  # closes the layers it opened, never the shared cache
             relay.users.discard(vm.name)
@@ -160,7 +169,7 @@ class VmManager:
                 ):
                     existing.record.state = VmState.RUNNING
                     existing.save()
-                    await existing.export()
+                    await existing.export(self.socket_owner)
                     log.info("VM %r attached again", name)
                     return existing
                 raise Conflict(f"a VM named {name!r} already exists on agent {self.agent!r}")
@@ -344,8 +353,11 @@ class VmManager:
 
     # --- clone and migrate: the source ----------------------------------------------------
 
-    async def copy_out(self, name: str, url: str, *, move: bool) -> dict[str, Any]:
+    async def copy_out(
+        self, name: str, url: str, *, move: bool, peer: str | None = None
+    ) -> dict[str, Any]:
         """Send the VM to the agent at ``url``; with ``move``, then remove it here.
+        ``peer``: the agent name its TLS certificate must carry (``copy.send``).
 
         The VM serves here until the destination has acknowledged the whole copy; on any
         failure it goes on serving here and the error is raised (``NetworkError`` for a
@@ -368,6 +380,8 @@ class VmManager:
                 {"name": name, "image": vm.record.image},
                 copy_stream(vm, tracker, self.copy_limits, progress),
                 self.copy_limits,
+                credentials=self.credentials,
+                peer=peer,
             )
         except BaseException as err:
             vm.serve_device(tracker.inner)

@@ -40,7 +40,7 @@ from virtman.errors import (
     PeerProtocolError,
     VirtmanError,
 )
-from virtman.httpapi import ApiClient
+from virtman.httpapi import Credentials
 from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HTTP_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class VoltLink:
         on_reply: Callable[[HeartbeatReply], Awaitable[None]],
         interval: float = HEARTBEAT_INTERVAL_SECONDS,
         timeout: float = HTTP_TIMEOUT_SECONDS,
+        credentials: Credentials | None = None,
     ) -> None:
         self.agent = agent
         self.volt_url = volt_url
@@ -73,7 +74,8 @@ class VoltLink:
         self.failure: BaseException | None = None
         self._report = report
         self._on_reply = on_reply
-        self._api = ApiClient(volt_url, timeout=timeout)
+        # Volt knows this agent by its certificate or its agent token.
+        self._api = (credentials or Credentials()).api(volt_url, timeout=timeout)
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         self._last_error: str | None = None
