@@ -234,6 +234,12 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
         await expect_error(env.call(host, method, path, **kw), status, *words)
         assert await env.state() == before, f"{method} {path} {kw} changed something"
 
+    async def bad_import(status: int, *words: str, **kw: Any) -> None:
+        # Imports come from agents: host1 sends, host2 receives.
+        call = env.call_as("host1", "host2", "POST", "/vms/import", **kw)
+        await expect_error(call, status, *words)
+        assert await env.state() == before, f"import {kw} changed something"
+
     # Malformed requests: 422, naming the field.
     await bad("host1", "POST", "/vms", 422, "JSON", content=b"{", headers=json_headers)
     await bad("host1", "POST", "/vms", 422, "name", json={"image": "img"})
@@ -254,18 +260,18 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
         await bad("host1", "POST", f"/vms/vm1/{op}", 422, "destination", json={})
         await bad("host1", "POST", f"/vms/vm1/{op}", 422, "destination",
                   json={"destination": ""})
-    await bad("host2", "POST", "/vms/import", 422, "name",
+    await bad_import(422, "name",
               params={"name": "a b", "image": "img"}, content=b"")
-    await bad("host2", "POST", "/vms/import", 422, "image",
+    await bad_import(422, "image",
               params={"name": "x", "image": "../img"}, content=b"")
-    await bad("host2", "POST", "/vms/import", 422, "copy record",
+    await bad_import(422, "copy record",
               params={"name": "x", "image": "img"},
               content=COPY_HEADER + b"\x01" + (IMAGE_SIZE).to_bytes(8, "big")
               + (4096).to_bytes(4, "big") + bytes(4096))
-    await bad("host2", "POST", "/vms/import", 422, "COPY_RECORD_BYTES",
+    await bad_import(422, "COPY_RECORD_BYTES",
               params={"name": "x", "image": "img"},
               content=COPY_HEADER + b"\x01" + bytes(8) + (2 * MiB).to_bytes(4, "big"))
-    await bad("host2", "POST", "/vms/import", 422, "not a copy stream",
+    await bad_import(422, "not a copy stream",
               params={"name": "x", "image": "img"}, content=b"GET / HTTP/1.0\r\n")
 
     # Unknown things: 404.
@@ -283,7 +289,7 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
         await bad("host1", "POST", f"/vms/ghost/{op}", 404, "ghost", json={"destination": "host2"})
         await bad("host1", "POST", f"/vms/vm1/{op}", 404, "nohost",
                   json={"destination": "nohost"})
-    await bad("host2", "POST", "/vms/import", 404, "nope",
+    await bad_import(404, "nope",
               params={"name": "x", "image": "nope"}, content=b"")
 
     # Names in use: 409.
@@ -292,12 +298,15 @@ async def test_agent_api_rejects_bad_input_and_changes_nothing(start_cluster) ->
     await bad("host1", "POST", "/vms/vm1/snapshots", 409, "s1", json={"name": "s1"})
     for op in ("clone", "migrate"):
         await bad("host1", "POST", f"/vms/vm1/{op}", 409, "host1", json={"destination": "host1"})
-    await bad("host1", "POST", "/vms/import", 409, "vm1",
-              params={"name": "vm1", "image": "img"}, content=b"")
+    await expect_error(env.call_as("host2", "host1", "POST", "/vms/import",
+                                   params={"name": "vm1", "image": "img"}, content=b""),
+                       409, "vm1")
+    assert await env.state() == before
 
     # A copy stream cut inside a record is refused and leaves nothing behind.
     with pytest.raises(ApiError) as info:
-        await env.call("host2", "POST", "/vms/import", params={"name": "x", "image": "img"},
+        await env.call_as("host1", "host2", "POST", "/vms/import",
+                          params={"name": "x", "image": "img"},
                        content=COPY_HEADER + b"\x01" + (0).to_bytes(8, "big")
                        + (4096).to_bytes(4, "big") + b"abc")
     assert info.value.status in (422, 502) and "inside a record" in info.value.detail
