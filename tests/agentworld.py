@@ -52,6 +52,8 @@ class World:
         self.origin_uri = ""
         self.volt_url = ""
         self.agents: dict[str, Agent] = {}
+        #: Every HTTP app served, by service name ("volt", agent names): their routes.
+        self.apps: dict[str, Any] = {}
         self._services: list[tuple[HttpService, asyncio.Task[None]]] = []
         self._by_agent: dict[str, tuple[HttpService, asyncio.Task[None]]] = {}
 
@@ -93,9 +95,8 @@ class World:
         port = await self.origin.listen_tcp("127.0.0.1", 0)
         self.origin_uri = f"nbd://127.0.0.1:{port}/image"
         volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2)
-        self.volt_url = await self._serve(
-            volt_app(volt, authenticator=self.authenticator), self.tls_files("volt")
-        )
+        self.apps["volt"] = volt_app(volt, authenticator=self.authenticator)
+        self.volt_url = await self._serve(self.apps["volt"], self.tls_files("volt"))
         async with self.api(self.volt_url) as api:
             await api.post(
                 "/images",
@@ -121,9 +122,8 @@ class World:
             credentials=self.agent_credentials(name, tls),
             **kw,
         )
-        service = HttpService(
-            agent_app(agent, authenticator=self.authenticator), bind("127.0.0.1", 0), tls=tls
-        )
+        self.apps[name] = agent_app(agent, authenticator=self.authenticator)
+        service = HttpService(self.apps[name], bind("127.0.0.1", 0), tls=tls)
         agent.url = service.url
         task = asyncio.get_running_loop().create_task(service.run())
         self._services.append((service, task))
