@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from virtman.errors import VirtmanError
 from virtman.auth import read_token_file
+from virtman.errors import VirtmanError
 from virtman.httpapi import ApiClient, Credentials
 from virtman.limits import FLEET_READY_TIMEOUT_SECONDS, VM_CREATE_TIMEOUT_SECONDS
 from virtman.replay.replayer import ReplayResult, replay
