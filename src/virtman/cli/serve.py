@@ -8,6 +8,10 @@
 the server cleanly: requests in flight finish, writes are flushed, sockets removed.
 ``--max-connections`` and ``--idle-timeout`` set the server's client limits (see
 ``virtman.nbd.server``).
+
+``--tls-cert FILE --tls-key FILE --tls-ca FILE`` turn TLS on: clients must send
+STARTTLS first and present a certificate signed by the CA, and the upstreams of a relay
+and the base of an overlay are reached over TLS with the same certificate.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from virtman.limits import (
 )
 from virtman.protocol.uri import parse_listen, parse_nbd_uri
 from virtman.sizes import parse_size
+from virtman.tlsconfig import TlsFiles, add_tls_options, tls_files
 
 log = logging.getLogger("virtman.serve")
 
@@ -116,6 +121,7 @@ def add_parser(sub: Any) -> None:
         f"{IDLE_CLOSE_FROM_FRACTION * 100:.0f}%% of --max-connections or more; 0: never "
         f"(default {IDLE_TIMEOUT_SECONDS:.0f})",
     )
+    add_tls_options(p)
     p.set_defaults(run=run)
 
 
@@ -163,7 +169,9 @@ def _mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
+def build_device(
+    args: argparse.Namespace, tls: TlsFiles | None = None
+) -> tuple[BlockDevice, str]:
     """The device the arguments describe, and its default export name."""
     from virtman.blockdev.cached import CachedDevice
     from virtman.blockdev.cow import CowDevice
@@ -180,17 +188,20 @@ def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
         addresses = [parse_nbd_uri(u) for u in args.upstream]
         fallbacks = [parse_nbd_uri(u) for u in args.fallback]
         manifest = load_manifest(args.manifest) if args.manifest else None
-        remote = RemoteDevice(addresses, fallbacks=fallbacks, policy=PathPolicy(args.path_policy))
+        remote = RemoteDevice(
+            addresses, fallbacks=fallbacks, policy=PathPolicy(args.path_policy), tls=tls
+        )
         device = CachedDevice(remote, args.cache_dir, chunk_size=args.chunk_size, manifest=manifest)
         return device, addresses[0].export
     base_address = parse_nbd_uri(args.base)
-    base = RemoteDevice([base_address])
+    base = RemoteDevice([base_address], tls=tls)
     cow = CowDevice(base, args.overlay, block_size=args.block_size, read_only=args.read_only)
     return cow, os.path.splitext(os.path.basename(args.overlay))[0]
 
 
 def run(args: argparse.Namespace) -> int:
-    device, default_name = build_device(args)
+    tls = tls_files(args)
+    device, default_name = build_device(args, tls)
     listens = [parse_listen(text) for text in args.listen]
     from virtman.runtime import configure_logging, run_async
 
@@ -203,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
             listens,
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
+            tls=tls,
         )
     )
 
@@ -215,11 +227,14 @@ async def _serve(
     *,
     max_connections: int | None,
     idle_timeout: float | None,
+    tls: TlsFiles | None = None,
 ) -> int:
     from virtman.nbd.server import NbdServer
 
     await device.open()
-    server = NbdServer({name: device}, max_connections=max_connections, idle_timeout=idle_timeout)
+    server = NbdServer(
+        {name: device}, max_connections=max_connections, idle_timeout=idle_timeout, tls=tls
+    )
     # A signal only sets this event; the stop runs here, in this coroutine, so nothing
     # runs in a task nobody holds and an error of the stop reaches run_async.
     stop_requested = asyncio.Event()
