@@ -43,6 +43,7 @@ from virtman.errors import ConfigError
 from virtman.limits import COPY_READ_BYTES, COPY_READS_IN_FLIGHT
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
+from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class ImageRelay:
         server: NbdServer,
         relay_uri: str,
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
+        *,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -93,9 +96,9 @@ class ImageRelay:
         self.relay_uri = relay_uri
         self.mode = mode
         if mode is DeliveryMode.STAR or mode is DeliveryMode.COPY:
-            self.remote = RemoteDevice(spec.origins)
+            self.remote = RemoteDevice(spec.origins, tls=tls)
         else:
-            self.remote = RemoteDevice([], fallbacks=spec.origins)
+            self.remote = RemoteDevice([], fallbacks=spec.origins, tls=tls)
         self.cache = CachedDevice(
             self.remote, cache_dir, chunk_size=spec.chunk_size, manifest=spec.manifest()
         )
