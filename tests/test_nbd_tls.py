@@ -268,3 +268,23 @@ def test_qemu_img_over_tls_through_origin_relay_overlay(serve, pki: Pki, tmp_pat
     plain = run("qemu-img", "info", f"nbd://127.0.0.1:{p_overlay}/vm", check=False)
     assert plain.returncode != 0
     assert overlay.proc.poll() is None
+
+
+def test_serve_needs_all_three_tls_files(pki: Pki, tmp_path: Path) -> None:
+    import sys
+
+    img = tmp_path / "d.img"
+    make_image(img, MiB)
+    files = pki.hosts["origin"]
+    done = subprocess.run(
+        [sys.executable, "-m", "virtman", "serve", str(img), "--socket", str(tmp_path / "s"),
+         "--tls-cert", files.cert, "--tls-ca", files.ca],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
+    assert done.returncode == 2
+    assert "missing --tls-key" in done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_tls_hostname_of_an_address() -> None:
+    assert NbdAddress("d", host="10.0.0.1", tls=True).tls_hostname == "10.0.0.1"
+    assert NbdAddress("d", socket="/s", tls=True).tls_hostname == "localhost"
