@@ -219,7 +219,8 @@ async def test_tls_relay_process_refuses_plaintext_no_and_foreign_certificates(
 
 def test_nbdinfo_and_nbdcopy_over_tls(serve, pki: Pki, tmp_path: Path) -> None:
     require("nbdinfo", "nbdcopy")
-    data, _, (origin, p_origin), (relay, p_relay), _ = _tls_chain(serve, pki, tmp_path)
+    data, _, (origin, p_origin), (relay, p_relay), (overlay, _) = _tls_chain(
+        serve, pki, tmp_path)
     certs = f"tls-certificates={pki.libnbd_dir}"
     info = json.loads(run("nbdinfo", "--json", f"nbds://127.0.0.1:{p_relay}/disk?{certs}").stdout)
     assert info["exports"][0]["export-size"] == len(data)
@@ -247,6 +248,9 @@ def test_nbdinfo_and_nbdcopy_over_tls(serve, pki: Pki, tmp_path: Path) -> None:
               check=False)
     assert bad.returncode != 0
     assert relay.proc.poll() is None and origin.proc.poll() is None
+    for served in (origin, relay, overlay):
+        log = served.log.read_text()
+        assert "eof_received" not in log and "Traceback" not in log, log
 
 
 def _qemu_nbd_opts(port: int, export: str) -> str:

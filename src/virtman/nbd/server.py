@@ -532,7 +532,10 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._draining = True
         self._maybe_close()
-        return True  # keep the transport open until replies in flight are written
+        # Keep the transport open until replies in flight are written. TLS has no half
+        # close (the TLS layer closes the transport whatever we answer, and warns if
+        # asked to keep it).
+        return not self.codec.tls_active
 
     # --- request flow ---------------------------------------------------------------------
 
