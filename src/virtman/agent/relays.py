@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
@@ -58,8 +59,11 @@ class RelayManager:
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
         attach_delay: float = 0.0,
         parent_wait: float = PARENT_CONNECT_WAIT_SECONDS,
+        on_fetch: Callable[[float], None] | None = None,
     ) -> None:
         self.directory = directory
+        #: Called with each chunk fetch's seconds (the agent's fetch-latency histogram).
+        self.on_fetch = on_fetch
         self.cache = CacheGroup(cache_dir, capacity)
         self.server = NbdServer([])
         self.nbd_host = nbd_host
@@ -100,7 +104,8 @@ class RelayManager:
 
     async def _open(self, spec: ImageSpec) -> ImageRelay:
         relay = ImageRelay(
-            spec, self.cache.image_dir(spec.name), self.server, self.relay_uri(spec.name), self.mode
+            spec, self.cache.image_dir(spec.name), self.server, self.relay_uri(spec.name),
+            self.mode, self.on_fetch,
         )
         await relay.open()
         self.cache.add(relay)
