@@ -298,3 +298,14 @@ async def test_serve_exports_its_metrics(tmp_path: Path) -> None:
         await origin.stop()
         await device.close()
     assert proc.returncode == 0, (await proc.stderr.read()).decode() if proc.stderr else ""
+
+
+async def test_serve_names_a_bad_metrics_address(tmp_path: Path) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "virtman", "serve", str(tmp_path / "disk.raw"),
+        "--socket", str(tmp_path / "s.sock"), "--metrics-listen", "nowhere",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "--metrics-listen 'nowhere': expected HOST:PORT" in err.decode()

@@ -203,7 +203,9 @@ def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
 def run(args: argparse.Namespace) -> int:
     device, default_name = build_device(args)
     listens = [parse_listen(text) for text in args.listen]
-    metrics_listen = parse_listen(args.metrics_listen) if args.metrics_listen else None
+    metrics_listen = (
+        parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
+    )
     from virtman.runtime import configure_logging, run_async
 
     configure_logging(args.log_level)
