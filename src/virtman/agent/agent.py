@@ -237,11 +237,11 @@ class Agent:
         vms = gauge("vms", "VMs on this host by state: detached (disk kept, no export), "
                     "no_guest (disk exported, no guest running), booting (guest started, "
                     "no console output yet), running, stopping.", ["state"])
-        counts = dict.fromkeys(VM_PHASES, 0)
+        counts = dict.fromkeys(VmPhase, 0)
         for vm in self.vms.list():
-            counts[vm_phase(vm)] += 1
+            counts[VmPhase.of(vm)] += 1
         for phase, n in counts.items():
-            vms.add_metric([phase], n)
+            vms.add_metric([phase.value], n)
         answered = counter("heartbeats_answered", "Heartbeats Volt answered.")
         answered.add_metric([], self.link.heartbeats_answered)
         missed = counter("heartbeats_missed", "Heartbeats that got no usable answer "
@@ -253,19 +253,24 @@ class Agent:
                 reachable]
 
 
-#: The values of the ``state`` label of ``virtman_vms``, in order.
-VM_PHASES = ("detached", "no_guest", "booting", "running", "stopping")
+class VmPhase(enum.Enum):
+    """Where a VM is, as ``virtman_vms`` counts it (the value is its ``state`` label)."""
 
+    DETACHED = "detached"  # disk kept, no export
+    NO_GUEST = "no_guest"  # disk exported, no guest running
+    BOOTING = "booting"  # QEMU started, no console output yet
+    RUNNING = "running"  # the console has printed
+    STOPPING = "stopping"  # QEMU asked to stop
 
-def vm_phase(vm: Vm) -> str:
-    """One of ``VM_PHASES``."""
-    if vm.record.state is VmState.DETACHED:
-        return "detached"
-    guest = vm.guest
-    if guest is None or not guest.running:
-        return "no_guest"
-    if guest.state is GuestState.STARTING:
-        return "booting"
-    if guest.state is GuestState.STOPPING:
-        return "stopping"
-    return "running"
+    @classmethod
+    def of(cls, vm: Vm) -> VmPhase:
+        if vm.record.state is VmState.DETACHED:
+            return cls.DETACHED
+        guest = vm.guest
+        if guest is None or not guest.running:
+            return cls.NO_GUEST
+        if guest.state is GuestState.STARTING:
+            return cls.BOOTING
+        if guest.state is GuestState.STOPPING:
+            return cls.STOPPING
+        return cls.RUNNING

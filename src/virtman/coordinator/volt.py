@@ -70,8 +70,20 @@ from virtman.planner.tree import RelayTree, TreeSettings
 
 log = logging.getLogger(__name__)
 
-#: ``leave(reason=...)`` as logged -> the ``reason`` label of ``virtman_tree_leaves_total``.
-LEAVE_REASONS = {"left": "left", "stopped relaying": "stopped", "failed out of": "failed"}
+
+class LeaveReason(enum.Enum):
+    """Why a host left a tree; the value is the ``reason`` label of
+    ``virtman_tree_leaves_total``."""
+
+    LEFT = "left"  # it asked (DELETE /images/{name}/members/{agent})
+    STOPPED = "stopped"  # its heartbeat no longer lists the image
+    FAILED = "failed"  # silent past the heartbeat timeout
+
+    @property
+    def said(self) -> str:
+        """How the log line says it: "agent 'a' <said> the tree of 'img'"."""
+        return {"left": "left", "stopped": "stopped relaying", "failed": "failed out of"}[
+            self.value]
 
 
 class Lifecycle(enum.Enum):
@@ -276,9 +288,9 @@ class Volt:
         for family in (self._joins, self._repairs):
             with contextlib.suppress(KeyError):
                 family.remove(name)
-        for reason in LEAVE_REASONS.values():
+        for reason in LeaveReason:
             with contextlib.suppress(KeyError):
-                self._leaves.remove(name, reason)
+                self._leaves.remove(name, reason.value)
         log.info("image %r removed", name)
 
     # --- trees ----------------------------------------------------------------------------------
@@ -312,7 +324,7 @@ class Volt:
         )
         return self.paths(image, agent)
 
-    def leave(self, image: str, agent: str, *, reason: str = "left") -> None:
+    def leave(self, image: str, agent: str, *, reason: LeaveReason = LeaveReason.LEFT) -> None:
         self._check_open("remove an agent")
         tree = self.tree(image)
         if agent not in tree:
@@ -320,12 +332,12 @@ class Volt:
         change = tree.leave(agent)
         del self._relays[image][agent]
         self._save(image)
-        self._leaves.labels(image, LEAVE_REASONS.get(reason, "left")).inc()
+        self._leaves.labels(image, reason.value).inc()
         moved = ", ".join(f"{h} {a}->{b}" for h, a, b in change.moved) or "none"
         log.info(
             "agent %r %s the tree of %r: moved %s; %d hosts get new parents",
             agent,
-            reason,
+            reason.said,
             image,
             moved,
             len(change.affected),
@@ -391,7 +403,7 @@ class Volt:
             paths[image] = self.join(image, agent, relay_uri)
         for image, tree in self._trees.items():
             if agent in tree and image not in beat.relays:
-                self.leave(image, agent, reason="stopped relaying")
+                self.leave(image, agent, reason=LeaveReason.STOPPED)
         return HeartbeatReply(interval=self.interval, timeout=self.timeout, paths=paths)
 
     def agent_url(self, agent: str) -> str:
@@ -428,7 +440,7 @@ class Volt:
                 images or "no image",
             )
             for image in images:
-                self.leave(image, agent, reason="failed out of")
+                self.leave(image, agent, reason=LeaveReason.FAILED)
                 self.repairs += 1
                 self._repairs.labels(image).inc()
             del self._last_seen[agent]
