@@ -10,6 +10,7 @@ parser and checked against the naming rules.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import stat
 import sys
@@ -22,10 +23,15 @@ from agentworld import KiB, World
 from prometheus_client.parser import text_string_to_metric_families
 
 from virtman.agent.agent import Agent
+from virtman.blockdev.cached import CachedDevice
+from virtman.blockdev.faults import FaultyDevice
 from virtman.blockdev.file import FileDevice
+from virtman.blockdev.manifest import compute_manifest
+from virtman.blockdev.remote import RemoteDevice
+from virtman.blockdev.store import StoreFile
 from virtman.httpapi import ApiClient
 from virtman.hypervisor.qemu import Accel, HypervisorSettings
-from virtman.metrics import LABELS, Metrics, counter
+from virtman.metrics import LABELS, ImageFigures, Metric, Metrics, counter, data_path_families
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import Export, NbdServer
 
@@ -254,6 +260,69 @@ async def test_agent_metrics_count_missed_heartbeats(tmp_path: Path) -> None:
         assert value(found, "virtman_volt_reachable") == 0
     finally:
         await agent.stop()
+
+
+# --- faults on the data path -------------------------------------------------------------------
+
+
+async def test_failovers_digest_mismatches_and_rotten_chunks_are_counted(tmp_path: Path) -> None:
+    chunk = 64 * KiB
+    (tmp_path / "image.raw").write_bytes(bytes(range(256)) * (4 * chunk // 256))
+    good = FileDevice(str(tmp_path / "image.raw"), read_only=True)
+    await good.open()
+    manifest = await compute_manifest(good, chunk)
+    # The parent fails its first read (EIO) and corrupts its second; the origin is sound.
+    parent_dev = FaultyDevice(FileDevice(str(tmp_path / "image.raw"), read_only=True),
+                              fail_reads=1, corrupt_reads=1)
+    await parent_dev.open()
+    parent, origin = NbdServer([Export("p", parent_dev)]), NbdServer([Export("o", good)])
+    parent_uri = f"nbd://127.0.0.1:{await parent.listen_tcp('127.0.0.1', 0)}/p"
+    origin_uri = f"nbd://127.0.0.1:{await origin.listen_tcp('127.0.0.1', 0)}/o"
+
+    async def figures_after(reads: int) -> Samples:
+        remote = RemoteDevice([parent_uri], fallbacks=[origin_uri])
+        cache = CachedDevice(remote, tmp_path / "cache", chunk_size=chunk, manifest=manifest)
+        await cache.open()
+        try:
+            for i in range(reads):  # one chunk at a time: the faults land in order
+                await cache.read(i * chunk, chunk)
+            figures = ImageFigures.read("img", cache, remote, 0, lambda _u, fallback: fallback)
+        finally:
+            await cache.close()
+        text = generate_latest_of(data_path_families([figures]))
+        assert naming_faults(text) == []
+        return samples(text)
+
+    try:
+        found = await figures_after(3)
+        assert value(found, "virtman_failovers_total", image="img") == 1
+        assert value(found, "virtman_digest_mismatches_total", image="img") == 1
+        assert value(found, "virtman_upstream_bytes_total", image="img",
+                     source="origin") == 2 * chunk  # the failed-over and the refetched chunk
+        assert value(found, "virtman_upstream_bytes_total", image="img",
+                     source="parent") == 2 * chunk  # the corrupt one and a sound one
+        assert value(found, "virtman_refetches_total", image="img") == 1
+        # Rot at rest: chunk 0 changes in the cache file while nothing runs.
+        store = StoreFile.open(str(tmp_path / "cache" / "cache.vmstore"))
+        try:
+            at = store.data_offset + chunk // 2
+            os.pwrite(store.fd, bytes(b ^ 0xFF for b in os.pread(store.fd, 16, at)), at)
+        finally:
+            os.close(store.fd)
+        again = await figures_after(1)
+        assert value(again, "virtman_rotten_chunks_total", image="img") == 1
+        assert value(again, "virtman_refetches_total", image="img") == 1
+        assert value(again, "virtman_cache_misses_total", image="img") == 1
+    finally:
+        await parent.stop()
+        await origin.stop()
+        await good.close()
+
+
+def generate_latest_of(families: list[Metric]) -> str:
+    metrics = Metrics()
+    metrics.collect_with(lambda: families)
+    return metrics.render().decode()
 
 
 # --- virtman serve --metrics-listen ----------------------------------------------------------
