@@ -29,9 +29,12 @@ MiB = 1024 * KiB
 
 
 class World:
-    def __init__(self, tmp: Path, image_size: int = 4 * MiB) -> None:
+    def __init__(self, tmp: Path, image_size: int = 4 * MiB, fanout: int | None = None) -> None:
         self.tmp = tmp
         self.image_size = image_size
+        #: Volt's tree fan-out (None: its default); 1 makes every new host a child of
+        #: the one before.
+        self.fanout = fanout
         self.image = random.Random(7).randbytes(image_size)
         self.socket_root = tempfile.mkdtemp(prefix="vm-")  # short: socket paths are capped
         self.origin: NbdServer | None = None
@@ -49,7 +52,8 @@ class World:
         self.origin = NbdServer([Export("image", device)])
         port = await self.origin.listen_tcp("127.0.0.1", 0)
         self.origin_uri = f"nbd://127.0.0.1:{port}/image"
-        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2)
+        tree: dict[str, int] = {} if self.fanout is None else {"fanout": self.fanout}
+        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2, **tree)
         self.volt_url = await self._serve(volt_app(volt))
         async with ApiClient(self.volt_url) as api:
             await api.post(

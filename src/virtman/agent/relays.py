@@ -28,6 +28,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
@@ -64,8 +65,11 @@ class RelayManager:
         attach_delay: float = 0.0,
         parent_wait: float = PARENT_CONNECT_WAIT_SECONDS,
         tls: TlsFiles | None = None,
+        on_fetch: Callable[[float], None] | None = None,
     ) -> None:
         self.directory = directory
+        #: Called with each chunk fetch's seconds (the agent's fetch-latency histogram).
+        self.on_fetch = on_fetch
         self.cache = CacheGroup(cache_dir, capacity)
         self.tls = tls
         self.server = NbdServer([], tls=tls)
@@ -115,6 +119,7 @@ class RelayManager:
             self.server,
             self.relay_uri(spec.name),
             self.mode,
+            self.on_fetch,
             tls=self.tls,
         )
         await relay.open()

@@ -30,6 +30,7 @@ from virtman.coordinator.models import (
 from virtman.coordinator.volt import Volt
 from virtman.errors import NotFound
 from virtman.httpapi import ERROR_RESPONSES, HttpLimits, install_error_handlers
+from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 
 _ERRORS = ERROR_RESPONSES
 
@@ -55,6 +56,11 @@ def create_app(volt: Volt, limits: HttpLimits | None = None) -> FastAPI:
             "images": len(volt.images()),
             "repairs": volt.repairs,
         }
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format (``virtman.metrics``)."""
+        return Response(volt.metrics.render(), media_type=METRICS_TYPE)
 
     @app.post("/images", status_code=201, responses=_ERRORS)
     async def add_image(body: ImageCreate) -> Image:

@@ -292,6 +292,12 @@ class NbdServer:
     def open_connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests received on open connections and not answered yet (read when
+        metrics are scraped; the request path keeps this count anyway)."""
+        return sum(c.inflight for c in self._connections)
+
     def crowded(self) -> bool:
         """Whether idle connections are closed now (see ``idle_timeout``)."""
         return len(self._connections) >= self.idle_close_from * self.max_connections

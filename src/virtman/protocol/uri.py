@@ -111,16 +111,16 @@ def parse_nbd_uri(uri: str) -> NbdAddress:
                       tls_certificates=tls_dir)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) for ``--listen``."""
+def parse_listen(text: str, option: str = "--listen") -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6) given to ``option``."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ConfigError(f"--listen {text!r}: expected HOST:PORT")
+        raise ConfigError(f"{option} {text!r}: expected HOST:PORT")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         number = int(port)
     except ValueError as err:
-        raise ConfigError(f"--listen {text!r}: port {port!r} is not a number") from err
+        raise ConfigError(f"{option} {text!r}: port {port!r} is not a number") from err
     if not 0 <= number <= 65535:
-        raise ConfigError(f"--listen {text!r}: port {number} out of range")
+        raise ConfigError(f"{option} {text!r}: port {number} out of range")
     return host, number
