@@ -36,7 +36,9 @@ MiB = 1024 * KiB
 
 
 class World:
-    def __init__(self, tmp: Path, image_size: int = 4 * MiB, *, tls: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, image_size: int = 4 * MiB, fanout: int | None = None, *, tls: bool = True
+    ) -> None:
         self.tmp = tmp
         self.tls = tls
         self.pki = str(tmp / "pki")
@@ -46,6 +48,9 @@ class World:
         self.authenticator = Authenticator(self.tokens, certificates=tls)
         self.operator = Credentials(token=self.token(Role.OPERATOR, "op"), ca=self.ca)
         self.image_size = image_size
+        #: Volt's tree fan-out (None: its default); 1 makes every new host a child of
+        #: the one before.
+        self.fanout = fanout
         self.image = random.Random(7).randbytes(image_size)
         self.socket_root = tempfile.mkdtemp(prefix="vm-")  # short: socket paths are capped
         self.origin: NbdServer | None = None
@@ -94,7 +99,8 @@ class World:
         self.origin = NbdServer([Export("image", device)])
         port = await self.origin.listen_tcp("127.0.0.1", 0)
         self.origin_uri = f"nbd://127.0.0.1:{port}/image"
-        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2)
+        tree: dict[str, int] = {} if self.fanout is None else {"fanout": self.fanout}
+        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2, **tree)
         self.apps["volt"] = volt_app(volt, authenticator=self.authenticator)
         self.volt_url = await self._serve(self.apps["volt"], self.tls_files("volt"))
         async with self.api(self.volt_url) as api:

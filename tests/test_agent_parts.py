@@ -249,8 +249,10 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
             relays.cache.capacity = 0
             first.users.add("vm")
             assert await relays.evict() == []  # in use: never evicted
+            assert relays.cache.evicted_over_capacity == 0
             first.users.clear()
             assert await relays.evict() == ["img"]
+            assert relays.cache.evicted_over_capacity == 1  # virtman_cache_evictions_total
             assert relays.get("img") is None
             tree = await api.get("/images/img/tree")
             assert tree["nodes"] == [], "the evicted image is still in Volt's tree"

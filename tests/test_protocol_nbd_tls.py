@@ -135,7 +135,7 @@ def test_plaintext_bytes_after_starttls_close() -> None:
 
 def test_starttls_with_data_is_invalid() -> None:
     conn = server()
-    events, out = feed(conn, opt(STARTTLS, b"x"))
+    _, out = feed(conn, opt(STARTTLS, b"x"))
     assert out[8:16] == struct.pack(">II", STARTTLS, ERR_INVALID)
     assert conn.state is ServerState.OPTIONS and not conn.tls_active
 

@@ -122,3 +122,14 @@ def tls_files(args: Any) -> TlsFiles | None:
     files = TlsFiles(cert=str(args.tls_cert), key=str(args.tls_key), ca=str(args.tls_ca))
     files.check()
     return files
+
+
+def libnbd_files(directory: str) -> TlsFiles:
+    """The TLS files of a directory laid out as libnbd and QEMU expect it
+    (``tls-certificates=DIR``, ``tls-creds-x509,dir=DIR``): ``ca-cert.pem``,
+    ``client-cert.pem`` and ``client-key.pem``."""
+    return TlsFiles(
+        cert=os.path.join(directory, "client-cert.pem"),
+        key=os.path.join(directory, "client-key.pem"),
+        ca=os.path.join(directory, "ca-cert.pem"),
+    )

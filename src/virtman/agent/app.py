@@ -12,7 +12,7 @@
                                       accel: auto | kvm | tcg (default: the agent's --accel)}
     POST   /vms/{name}/stop
     GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
-    GET    /status, /health
+    GET    /status, /health, /metrics (Prometheus text format)
 
 Errors: 401 no valid credential; 403 a role without the right; 404 unknown VM, image,
 snapshot or agent; 409 a name in use; 422 malformed requests (and a malformed copy
@@ -43,6 +43,7 @@ from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
 from virtman.hypervisor.qemu import Accel, GuestConfig
+from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 from virtman.protocol.copystream import CopyStreamError
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
@@ -136,6 +137,11 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
     @app.get("/health", dependencies=[Depends(require(*ANYONE))])
     async def health() -> dict[str, str]:
         return {"status": agent.state.value, "name": agent.name}
+
+    @app.get("/metrics", response_class=Response, dependencies=[_VIEW])
+    async def metrics() -> Response:
+        """Prometheus text format (``virtman.metrics``)."""
+        return Response(agent.metrics.render(), media_type=METRICS_TYPE)
 
     @app.get("/status", dependencies=[_VIEW])
     async def status() -> dict[str, Any]:

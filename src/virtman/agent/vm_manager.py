@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from virtman.agent.copy import CopyLimits, CopyProgress, WriteTracker, copy_stream, receive, send
@@ -66,12 +66,18 @@ class VmManager:
         hypervisor: HypervisorSettings | None = None,
         credentials: Credentials | None = None,
         socket_owner: SocketOwner | None = None,
+        on_created: Callable[[float], None] | None = None,
+        on_booted: Callable[[float], None] | None = None,
     ) -> None:
         self.agent = agent
         #: What this agent presents to the agents it sends VMs to.
         self.credentials = credentials or Credentials()
         #: Who may use the VMs' export sockets (0600, this user's).
         self.socket_owner = socket_owner or SocketOwner.me()
+        #: Called with the seconds a create took (request to export serving) and a
+        #: guest's boot took (QEMU start to first console output): the agent's histograms.
+        self.on_created = on_created
+        self.on_booted = on_booted
         #: Starts guests (QEMU) with an accelerator that runs them here.
         self.hypervisor = Hypervisor(hypervisor)
         self.vms_dir = os.path.join(data_dir, "vms")
@@ -159,6 +165,13 @@ class VmManager:
     async def create(
         self, name: str, image: str | None = None, from_snapshot: str | None = None
     ) -> Vm:
+        began = time.monotonic()
+        vm = await self._create(name, image, from_snapshot)
+        if self.on_created is not None:
+            self.on_created(time.monotonic() - began)
+        return vm
+
+    async def _create(self, name: str, image: str | None, from_snapshot: str | None) -> Vm:
         async with self._lock:
             existing = self.vms.get(name)
             if existing is not None:
@@ -290,6 +303,7 @@ class VmManager:
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
         vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel)
+        vm.guest.on_console = self.on_booted
         await vm.guest.start()
         self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")
         return vm

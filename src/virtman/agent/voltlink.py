@@ -79,6 +79,10 @@ class VoltLink:
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         self._last_error: str | None = None
+        #: Heartbeats Volt answered, and those that got no usable answer (Volt
+        #: unreachable, an error status, an answer that does not parse): for /metrics.
+        self.heartbeats_answered = 0
+        self.heartbeats_missed = 0
 
     @property
     def reachable(self) -> bool:
@@ -141,6 +145,7 @@ class VoltLink:
         try:
             doc = await self._api.post(f"/agents/{self.agent}/heartbeat", json=self._report())
         except (NetworkError, ApiError) as err:
+            self.heartbeats_missed += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("volt unreachable (%s); serving with the paths we have", err)
@@ -151,10 +156,12 @@ class VoltLink:
         try:
             reply = HeartbeatReply.model_validate(doc)
         except ValidationError as err:
+            self.heartbeats_missed += 1
             raise PeerProtocolError(
                 f"volt's heartbeat answer is malformed: {err.error_count()} errors, "
                 f"first: {err.errors()[0]['msg']}"
             ) from err
+        self.heartbeats_answered += 1
         self.interval = reply.interval
         await self._on_reply(reply)
 

@@ -36,10 +36,12 @@ from virtman.coordinator.models import (
 from virtman.coordinator.volt import Volt
 from virtman.errors import NotFound
 from virtman.httpapi import ERROR_RESPONSES, HttpLimits, install_error_handlers
+from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 
 _ERRORS = ERROR_RESPONSES
 _READ = Depends(require(*ANYONE))
 _OPERATOR = Depends(require(Role.OPERATOR))
+_VIEW = Depends(require(Role.VIEWER, Role.OPERATOR))  # dashboards, metrics
 #: An agent, whichever: the route checks the name it acts as (it is in the body).
 AgentCaller = Annotated[Principal, Depends(require(Role.AGENT))]
 
@@ -67,6 +69,11 @@ def create_app(
             "images": len(volt.images()),
             "repairs": volt.repairs,
         }
+
+    @app.get("/metrics", response_class=Response, dependencies=[_VIEW])
+    async def metrics() -> Response:
+        """Prometheus text format (``virtman.metrics``)."""
+        return Response(volt.metrics.render(), media_type=METRICS_TYPE)
 
     @app.post("/images", status_code=201, responses=_ERRORS, dependencies=[_OPERATOR])
     async def add_image(body: ImageCreate) -> Image:
