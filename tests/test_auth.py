@@ -638,6 +638,21 @@ async def test_hypervisor_user_owns_the_sockets(world: World) -> None:
         os.chmod(world.socket_root, 0o700)
 
 
+def test_a_shared_socket_directory_is_refused_not_closed(tmp_path: Path) -> None:
+    from virtman.agent.vms import SocketOwner
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(ConfigError, match="shared with other users"):
+        SocketOwner.me().secure_dir(str(shared))
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    SocketOwner.me().secure_dir(str(mine))
+    assert stat.S_IMODE(os.stat(mine).st_mode) == 0o700
+
+
 def test_an_unknown_hypervisor_user_is_a_config_error() -> None:
     from virtman.agent.vms import SocketOwner
 

@@ -40,7 +40,6 @@ import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
@@ -409,8 +408,3 @@ def protect(app: FastAPI, authenticator: Authenticator) -> None:
             f"routes without one require(...) guard: {'; '.join(open_routes)}"
         )
     app.add_middleware(Authenticate, authenticator=authenticator)
-
-
-def describe(authenticator: Authenticator) -> dict[str, Any]:
-    """What a service accepts, for its log line at start (no secrets)."""
-    return {"tokens": len(authenticator.tokens), "certificates": authenticator.certificates}

@@ -32,6 +32,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -91,8 +92,18 @@ class SocketOwner:
                 ) from err
 
     def secure_dir(self, path: str) -> None:
-        """Make ``path`` (the socket directory) 0700 and this user's."""
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        """Make ``path`` (the socket directory) 0700 and this user's. A directory other
+        users may write to (``/tmp``) is refused rather than closed: it is not ours."""
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700)
+        else:
+            if mode & (stat.S_IWOTH | stat.S_ISVTX):
+                raise ConfigError(
+                    f"socket directory {path!r} is shared with other users (mode "
+                    f"{stat.S_IMODE(mode):o}): give the agent a --socket-dir of its own"
+                )
         self._give(path, 0o700)
 
     def secure_socket(self, path: str) -> None:
