@@ -2,7 +2,10 @@
 
 An origin, Volt and the agents run in this test's event loop (``agentworld``); the VM
 is read and written over its real NBD export with the project's ``NbdClient`` while
-the copy runs, and destinations that misbehave are plain TCP listeners of the test.
+the copy runs, and destinations that misbehave are plain TCP listeners of the test,
+registered with Volt under agent names of their own (a destination is always a name
+Volt knows). The world runs on plain HTTP with tokens: a listener that stands in for an
+agent has no certificate of that agent (test_auth.py covers TLS).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 from agentworld import KiB, MiB, World
 
 from virtman.agent.copy import CopyLimits
+from virtman.auth import Role
 from virtman.errors import ApiError, Conflict, NbdRequestError, NetworkError, NotFound
 from virtman.nbd.client import NbdClient
 
@@ -27,7 +31,7 @@ SMALL = CopyLimits(connect_timeout=1.0, idle_timeout=1.0, total_timeout=20.0, re
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
+    w = World(tmp_path, tls=False)
     try:
         await w.start()
         yield w
@@ -124,7 +128,8 @@ async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_thro
     caplog.set_level(logging.INFO, logger="virtman.agent")
     try:
         started = time.monotonic()
-        migrate = asyncio.ensure_future(agent.copy_vm("vm", url, move=True))
+        await world.pose_as_agent("silent", url)
+        migrate = asyncio.ensure_future(agent.copy_vm("vm", "silent", move=True))
         await asyncio.sleep(0.4)
         # Meanwhile: nothing else may change the VM, and a write waits (the last pass
         # holds writes) rather than failing.
@@ -181,10 +186,11 @@ async def test_copy_to_a_listener_that_never_accepts_fails_on_the_connect_timeou
             pass
         fillers.append(s)
     await asyncio.sleep(0.1)
+    await world.pose_as_agent("filled", f"http://127.0.0.1:{port}")
     try:
         started = time.monotonic()
         with pytest.raises(NetworkError, match="COPY_CONNECT_TIMEOUT_SECONDS=1"):
-            await agent.copy_vm("vm", f"http://127.0.0.1:{port}", move=False)
+            await agent.copy_vm("vm", "filled", move=False)
         assert time.monotonic() - started < SMALL.connect_timeout + 2
     finally:
         for s in fillers:
@@ -242,12 +248,12 @@ async def test_destination_lost_midway_leaves_the_source_serving_and_no_half_vm(
     dest = await world.agent("host2", SMALL)
     await dest.vms.create("other", "img")  # host2 holds the image: the copy gets under way
     cutter = Cutter(dest.url, 200 * KiB)  # inside the stream (about 400 KiB of records)
-    url = await cutter.start()
+    await world.pose_as_agent("cutter", await cutter.start())
     reader = Reader(client, bytes(want))
     reader.start()
     try:
         with pytest.raises((NetworkError, ApiError)):
-            await agent.copy_vm("vm", url, move=move)
+            await agent.copy_vm("vm", "cutter", move=move)
     finally:
         await reader.stop()
         await cutter.close()
@@ -265,7 +271,7 @@ async def test_destination_lost_midway_leaves_the_source_serving_and_no_half_vm(
     assert sorted(os.listdir(Path(world.tmp) / "host2" / "vms")) == ["other"]
     assert "vm" not in dest.relays.get("img").users  # type: ignore[union-attr]
     # And a clean copy goes through afterwards.
-    await agent.copy_vm("vm", dest.url, move=move)
+    await agent.copy_vm("vm", "host2", move=move)
     moved = dest.vms.get("vm")
     check = await NbdClient.connect(moved.uri)
     assert await check.read(0, world.image_size) == bytes(want)
@@ -282,8 +288,10 @@ async def test_a_stalled_source_is_given_up_by_the_destination_which_keeps_nothi
     header = b"VMCOPY1\n" + world.image_size.to_bytes(8, "big")
     first = b"\x01" + bytes(8) + (4).to_bytes(4, "big") + b"abcd"
     body = header + first  # then nothing: no more records, no end
+    token = world.token(Role.AGENT, "host1").encode()  # the source: an agent
     writer.write(
         b"POST /vms/import?name=vm&image=img HTTP/1.1\r\nhost: x\r\n"
+        b"authorization: Bearer " + token + b"\r\n"
         b"content-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         + f"{len(body):x}\r\n".encode() + body + b"\r\n"
     )
@@ -324,7 +332,7 @@ async def test_migrate_keeps_every_write_acknowledged_during_the_copy(world: Wor
 
     task = asyncio.ensure_future(writer())
     await asyncio.sleep(0.05)
-    await agent.copy_vm("vm", dest.url, move=True)
+    await agent.copy_vm("vm", "host2", move=True)
     stop.set()
     await asyncio.wait_for(task, 10)
     assert len(acknowledged) > 10, "the writer did not get going"

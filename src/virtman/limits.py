@@ -99,6 +99,15 @@ CACHE_LOG_INTERVAL_SECONDS = 60.0
 #: Default overlay block: the unit of allocation and of read-modify-write.
 DEFAULT_COW_BLOCK_SIZE = 4 * KiB
 
+# --- TLS (``virtman ca``, NBD over TLS) -------------------------------------------------------
+#: Days a CA made by ``virtman ca init`` is valid.
+CA_VALIDITY_DAYS = 3650
+#: Days a certificate issued by ``virtman ca issue`` is valid.
+CERT_VALIDITY_DAYS = 825
+#: Seconds a TLS handshake (after NBD_OPT_STARTTLS) may take; it counts against the
+#: NBD handshake's own limit too.
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
 # --- Coordinator (Volt) and agents ---------------------------------------------------------
 #: Seconds between an agent's heartbeats.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
@@ -174,6 +183,11 @@ MAX_ERROR_INPUT_CHARS = 200
 MAX_ERROR_DETAIL_CHARS = 2000
 #: Validation errors listed in one 422 answer; the rest are counted in one more line.
 MAX_ERROR_ITEMS = 10
+
+#: Random bytes in a token ``virtman token issue`` makes (``secrets.token_urlsafe``).
+TOKEN_BYTES = 32
+#: Longest credential a service reads from a request; a longer one is refused unread.
+MAX_TOKEN_CHARS = 256
 
 # --- Guests (QEMU) ------------------------------------------------------------------------
 #: Seconds the KVM probe gives a Linux kernel under KVM to print its first console line

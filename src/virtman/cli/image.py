@@ -5,6 +5,9 @@
 
 ``add`` makes Volt read the image once from its origin and store its digest manifest;
 an origin that cannot be reached is refused with the reason.
+
+``add`` and ``rm`` need an operator token, the others any token (``--token-file FILE``,
+``--token`` or ``$VIRTMAN_TOKEN``); Volt is verified against ``--tls-ca``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virtman.cli.common import add_volt_option, print_json
+from virtman.cli.common import (
+    add_client_options,
+    add_volt_option,
+    client_credentials,
+    print_json,
+)
 from virtman.limits import DEFAULT_CHUNK_SIZE, IMAGE_REGISTER_TIMEOUT_SECONDS
 from virtman.sizes import parse_size
 
@@ -41,15 +49,17 @@ def add_parser(sub: Any) -> None:
             q.add_argument("name", metavar="NAME")
     for q in (add, *[actions.choices[n] for n in ("list", "show", "tree", "rm")]):
         add_volt_option(q)
+        add_client_options(q)
         q.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from virtman.httpapi import ApiClient
     from virtman.runtime import run_async
 
+    credentials = client_credentials(args, args.volt)
+
     async def call() -> int:
-        async with ApiClient(args.volt, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
+        async with credentials.api(args.volt, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
             if args.action == "add":
                 doc = await api.post(
                     "/images",

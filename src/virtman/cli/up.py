@@ -2,13 +2,19 @@
 
     virtman up [--hosts 8] [--vms-per-host 4] [--trace FILE] [--speed X] [--image FILE]
                [--kill HOST@SECONDS ...] [--json FILE] [--workdir DIR]
-               [--accel auto|kvm|tcg]
+               [--accel auto|kvm|tcg] [--insecure]
 
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
 stops everything it started (also on Ctrl-C). ``--accel`` is every agent's, for QEMU
 guests started on them meanwhile (the replayed VMs run no QEMU).
+
+Volt and the agents serve HTTPS and require credentials: the cluster makes a CA, a
+certificate per service and the tokens in ``WORKDIR/credentials``
+(``operator.token`` works with ``virtman vm``/``image --token-file`` and
+``--tls-ca WORKDIR/credentials/ca.crt`` while it runs). ``--insecure`` runs them on
+plain HTTP instead (tokens still required).
 """
 
 from __future__ import annotations
@@ -60,6 +66,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_SECONDS)
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_SECONDS)
     add_accel_option(p)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP between the services instead of TLS (tokens still required)",
+    )
     p.set_defaults(run=run)
 
 
@@ -90,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             log_level="warning" if args.log_level == "info" else args.log_level,
             accel=args.accel,
+            insecure=args.insecure,
         ),
     )
     configure_logging("warning" if args.log_level == "info" else args.log_level)

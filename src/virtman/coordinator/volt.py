@@ -65,9 +65,25 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
+from virtman.metrics import Metric, Metrics, gauge
 from virtman.planner.tree import RelayTree, TreeSettings
 
 log = logging.getLogger(__name__)
+
+
+class LeaveReason(enum.Enum):
+    """Why a host left a tree; the value is the ``reason`` label of
+    ``virtman_tree_leaves_total``."""
+
+    LEFT = "left"  # it asked (DELETE /images/{name}/members/{agent})
+    STOPPED = "stopped"  # its heartbeat no longer lists the image
+    FAILED = "failed"  # silent past the heartbeat timeout
+
+    @property
+    def said(self) -> str:
+        """How the log line says it: "agent 'a' <said> the tree of 'img'"."""
+        return {"left": "left", "stopped": "stopped relaying", "failed": "failed out of"}[
+            self.value]
 
 
 class Lifecycle(enum.Enum):
@@ -126,6 +142,23 @@ class Volt:
         #: Why the failure detector ended, if it did (a bug): reported by ``/health``.
         self.detector_error: BaseException | None = None
         self.repairs = 0
+        #: Volt's Prometheus metrics (``GET /metrics``), in a registry of its own. Tree
+        #: changes are counted as Volt decides them: no object remembers them otherwise.
+        self.metrics = Metrics()
+        self._joins = self.metrics.counter(
+            "tree_joins", "Hosts placed in an image's relay tree.", ["image"])
+        self._leaves = self.metrics.counter(
+            "tree_leaves", "Hosts removed from an image's relay tree: asked to leave "
+            "(reason=left), no longer relaying it by their heartbeat (reason=stopped), or "
+            "silent past the heartbeat timeout (reason=failed).", ["image", "reason"])
+        self._repairs = self.metrics.counter(
+            "tree_repairs", "Holes a failed host left in an image's tree, refilled by the "
+            "planner (its children get new parents in their next heartbeat).", ["image"])
+        self._failed = self.metrics.counter(
+            "agents_failed", "Agents that missed heartbeats for longer than the timeout "
+            "and were removed from every tree.")
+        self._beats = self.metrics.counter("heartbeats_received", "Heartbeats received.")
+        self.metrics.collect_with(self._metric_families)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -252,6 +285,12 @@ class Volt:
         self.image(name)
         self.state.remove_image(name)
         del self._images[name], self._trees[name], self._relays[name]
+        for family in (self._joins, self._repairs):
+            with contextlib.suppress(KeyError):
+                family.remove(name)
+        for reason in LeaveReason:
+            with contextlib.suppress(KeyError):
+                self._leaves.remove(name, reason.value)
         log.info("image %r removed", name)
 
     # --- trees ----------------------------------------------------------------------------------
@@ -274,6 +313,7 @@ class Volt:
         tree.join(agent)
         self._relays[image][agent] = relay_uri
         self._save(image)
+        self._joins.labels(image).inc()
         log.info(
             "agent %r joined the tree of %r at position %d (level %d, parents %s)",
             agent,
@@ -284,7 +324,7 @@ class Volt:
         )
         return self.paths(image, agent)
 
-    def leave(self, image: str, agent: str, *, reason: str = "left") -> None:
+    def leave(self, image: str, agent: str, *, reason: LeaveReason = LeaveReason.LEFT) -> None:
         self._check_open("remove an agent")
         tree = self.tree(image)
         if agent not in tree:
@@ -292,11 +332,12 @@ class Volt:
         change = tree.leave(agent)
         del self._relays[image][agent]
         self._save(image)
+        self._leaves.labels(image, reason.value).inc()
         moved = ", ".join(f"{h} {a}->{b}" for h, a, b in change.moved) or "none"
         log.info(
             "agent %r %s the tree of %r: moved %s; %d hosts get new parents",
             agent,
-            reason,
+            reason.said,
             image,
             moved,
             len(change.affected),
@@ -350,6 +391,7 @@ class Volt:
     def heartbeat(self, agent: str, beat: Heartbeat) -> HeartbeatReply:
         """Record a heartbeat; reconcile the agent's memberships; answer its paths."""
         self._check_open("take a heartbeat")
+        self._beats.inc()
         known = agent in self._last_seen
         self._touch(agent, beat.url)
         if not known:
@@ -361,7 +403,7 @@ class Volt:
             paths[image] = self.join(image, agent, relay_uri)
         for image, tree in self._trees.items():
             if agent in tree and image not in beat.relays:
-                self.leave(image, agent, reason="stopped relaying")
+                self.leave(image, agent, reason=LeaveReason.STOPPED)
         return HeartbeatReply(interval=self.interval, timeout=self.timeout, paths=paths)
 
     def agent_url(self, agent: str) -> str:
@@ -398,10 +440,28 @@ class Volt:
                 images or "no image",
             )
             for image in images:
-                self.leave(image, agent, reason="failed out of")
+                self.leave(image, agent, reason=LeaveReason.FAILED)
                 self.repairs += 1
+                self._repairs.labels(image).inc()
             del self._last_seen[agent]
+            self._failed.inc()
         return dead
+
+    # --- metrics --------------------------------------------------------------------------
+
+    def _metric_families(self) -> list[Metric]:
+        """Read at every scrape of ``/metrics``: the registry and the trees as they are."""
+        images = gauge("images", "Images registered.")
+        images.add_metric([], len(self._images))
+        agents = gauge("agents", "Agents heard from within the heartbeat timeout (or "
+                       "given a fresh timeout by a restart of Volt).")
+        agents.add_metric([], len(self._last_seen))
+        hosts = gauge("tree_hosts", "Hosts in an image's relay tree.", ["image"])
+        depth = gauge("tree_depth", "Levels of an image's relay tree.", ["image"])
+        for name, tree in sorted(self._trees.items()):
+            hosts.add_metric([name], len(tree.hosts))
+            depth.add_metric([name], tree.depth)
+        return [images, agents, hosts, depth]
 
     async def _detect_failures(self) -> None:
         while True:
