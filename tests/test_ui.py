@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -365,8 +367,11 @@ async def test_the_page_in_a_browser_follows_the_tree_through_a_failure(tmp_path
 
         async def vm_chips() -> bool:
             text = await browser.evaluate(
-                "[...document.querySelectorAll('[data-host] .vm')].map(e => e.textContent).join('|')")
-            return str(text).count("1 booted") == 7 and str(text).count("1 booting") == 7
+                "[...document.querySelectorAll('[data-host] .vm')]"
+                ".map(e => e.textContent).join('|')"
+            )
+            chips = str(text)
+            return chips.count("1 booted") == 7 and chips.count("1 booting") == 7
 
         await until(vm_chips, "each host shows one VM booted and one booting")
         from_parents = await browser.evaluate(
@@ -399,6 +404,55 @@ async def test_the_page_in_a_browser_follows_the_tree_through_a_failure(tmp_path
         await asyncio.gather(*booting, return_exceptions=True)
         await browser.stop()  # first: an open event stream holds Volt's shutdown
         await cluster.stop()
+
+
+def test_virtman_up_ui_prints_the_page_and_keeps_it_until_ctrl_c(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "t,op,offset,length\n" + "".join(f"{i * 0.01:.2f},read,{i * 65536},65536\n"
+                                          for i in range(50))
+    )
+    out = tmp_path / "up.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtman", "up", "--hosts", "2", "--vms-per-host", "1",
+         "--trace", str(trace), "--speed", "4", "--json", str(out),
+         "--workdir", str(tmp_path / "work"), "--heartbeat-interval", "0.3",
+         "--heartbeat-timeout", "1.2", "--ui"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen: list[str] = []
+
+    def read_until(prefix: str) -> str:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting {prefix!r} in:\n{''.join(seen)}")
+
+    try:
+        url = read_until("live view: ").split()[-1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/ui", url), url
+        assert httpx.get(url, timeout=10).status_code == 200
+        read_until("live view stays at ")
+        # The run is over and the cluster still up: the page shows both hosts.
+        deadline = time.monotonic() + 20
+        while True:  # the agents tell of the ended boots in their next heartbeat
+            hosts = httpx.get(url + "/snapshot", timeout=10).json()["images"][0]["hosts"]
+            assert sorted(h["name"] for h in hosts) == ["host1", "host2"]
+            if all(h["vms"]["booted"] == 1 for h in hosts):
+                break
+            assert time.monotonic() < deadline, f"the boots never show as ended: {hosts}"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(seen) + (proc.stdout.read() if proc.stdout else "")
+        assert json.loads(out.read_text())["errors_on_surviving_hosts"] == 0
+        with pytest.raises(httpx.TransportError):  # Ctrl-C stopped the cluster
+            httpx.get(url, timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def _gone(dom: Callable[[], Awaitable[dict[str, Any]]], name: str) -> bool:
