@@ -210,8 +210,7 @@ class UiHub:
             return
         self._last = body
         self.version += 1
-        doc["version"] = self.version
-        data = json.dumps(doc, sort_keys=True)
+        data = f'{body[:-1]}, "version": {self.version}}}'  # not encoded twice: 1000s of hosts
         for queue in self._queues:
             if queue.full():  # whole snapshots: the newest replaces the oldest
                 queue.get_nowait()
