@@ -210,3 +210,18 @@ MANIFEST_READS_IN_FLIGHT = 8
 #: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
 COPY_READ_BYTES = 4 * MiB
 COPY_READS_IN_FLIGHT = 8
+
+# --- Volt's live view (/ui) ---------------------------------------------------------------
+#: Browsers watching ``/ui/events`` at once; one more is answered 503. Each holds a
+#: connection and a queue, and every change is rendered once and copied to each.
+UI_MAX_CLIENTS = 32
+#: Snapshots queued for one watcher. Every event is a whole snapshot, so a watcher that
+#: reads slowly loses the oldest ones and still ends on the newest.
+UI_QUEUE_EVENTS = 4
+#: Seconds changes are gathered into one event: a boot of many hosts changes the stats
+#: with every heartbeat, and the page needs no more than a few frames a second.
+UI_MIN_EVENT_SECONDS = 0.25
+#: Seconds between keep-alive comments on an idle event stream (proxies close silent ones).
+UI_KEEPALIVE_SECONDS = 15.0
+#: Tree changes (joins, leaves, repairs) the page lists, newest first.
+UI_RECENT_CHANGES = 20

@@ -45,6 +45,7 @@ from virtman.metrics import (
     gauge,
     nbd_families,
 )
+from virtman.planner.tree import ORIGIN
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,25 @@ class Agent:
         return {
             "url": self.url,
             "relays": self.relays.in_tree(),
-            "stats": {"vms": len(self.vms.vms)},
+            "stats": self._heartbeat_stats(),
         }
+
+    def _heartbeat_stats(self) -> dict[str, Any]:
+        """A few numbers for Volt's live view: VMs by phase, and per image the bytes
+        fetched from the origin and from parents (a handful of integers per image)."""
+        phases: dict[str, int] = {}
+        for vm in self.vms.vms.values():
+            phase = vm.phase()
+            phases[phase] = phases.get(phase, 0) + 1
+        images: dict[str, dict[str, int]] = {}
+        for name, relay in self.relays.relays.items():
+            received = relay.bytes_received()
+            from_origin = received.get(ORIGIN, 0)
+            images[name] = {
+                "from_origin": from_origin,
+                "from_parents": sum(received.values()) - from_origin,
+            }
+        return {"vms": len(self.vms.vms), "vm_phases": phases, "images": images}
 
     async def _heartbeat_reply(self, reply: HeartbeatReply) -> None:
         self.relays.apply(reply.paths)

@@ -262,6 +262,16 @@ class Vm:
             marks += dev.allocated_runs()
         return merge_runs(marks)
 
+    def phase(self) -> str:
+        """How far its boot is, for Volt's live view: ``new`` (never read), ``booting``
+        (a client reads it now: a replayed boot or a guest), ``booted`` (its client came
+        and left: a replayed boot ended), or ``detached`` (no export)."""
+        if self.record.state is VmState.DETACHED or self.server is None:
+            return "detached"
+        if self.server.open_connections:
+            return "booting"
+        return "booted" if self.server.stats.connections else "new"
+
     def info(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -273,6 +283,7 @@ class Vm:
             "written_bytes": sum(n for _, n in self.written_runs()) if self.devices else 0,
             "guest_running": self.guest is not None and self.guest.running,
             "recording": self.recorder is not None,
+            "phase": self.phase(),
         }
 
 

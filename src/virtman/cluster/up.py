@@ -5,15 +5,19 @@ registers the image; measures one VM booting alone from a local copy; then creat
 ``--vms-per-host`` VMs on every host and replays the boot trace through all of them at
 once, SIGKILLing agents as ``--kill HOST@SECONDS`` says. Prints the tree and a summary
 and returns the result document (``--json``). Everything it started is stopped at the
-end, on error and on Ctrl-C.
+end, on error and on Ctrl-C. With ``ui``, Volt's live view is open all along: its
+address is printed once Volt is up, and the cluster is kept after the summary until
+Ctrl-C (or for ``ui_hold`` seconds) so the page can still be looked at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
+import signal
 import statistics
 import tempfile
 import time
@@ -22,7 +26,8 @@ from typing import Any
 
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.cluster.local import VIEWER, ClusterSettings, LocalCluster
+from virtman.coordinator.ui import ui_url
 from virtman.errors import ConfigError
 from virtman.limits import MIN_TEST_IMAGE_SIZE
 from virtman.nbd.server import Export, NbdServer
@@ -45,6 +50,10 @@ class UpOptions:
     kills: list[tuple[str, float]] = field(default_factory=list)
     workdir: str | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: Print Volt's live view address and keep the cluster after the run.
+    ui: bool = False
+    #: Seconds to keep it after the run (None: until Ctrl-C).
+    ui_hold: float | None = None
 
 
 def parse_kill(text: str) -> tuple[str, float]:
@@ -78,6 +87,30 @@ def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42,
             f.seek(c * chunk_size)
             f.write(rng.randbytes(chunk_size))
     return size
+
+
+def live_view_url(cluster: LocalCluster) -> str:
+    """The address of the cluster's live view, as printed (the one place it is made),
+    with the cluster's viewer token: opening it sets the browser's cookie."""
+    return ui_url(cluster.volt_url, token=cluster.token(VIEWER))
+
+
+async def hold_live_view(url: str, seconds: float | None) -> None:
+    """Keep the cluster (and its page) up for ``seconds``, or until Ctrl-C when None;
+    Ctrl-C ends the wait early either way, and the run then ends as usual."""
+    print(
+        f"live view stays at {url} "
+        + ("until Ctrl-C" if seconds is None else f"for {seconds:g} s (Ctrl-C ends it sooner)"),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupted.wait(), seconds)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str) -> float:
@@ -125,6 +158,8 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
     try:
         await cluster.start_origin(image)
         await cluster.start_volt()
+        if options.ui:
+            print(f"live view: {live_view_url(cluster)}", flush=True)
         await cluster.start_agents()
         started = time.monotonic()
         await cluster.register_image(IMAGE_NAME)
@@ -151,9 +186,11 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
             options,
             cluster.origin_bytes_sent - origin_before,
         )
+        _print_summary(doc)
+        if options.ui:
+            await hold_live_view(live_view_url(cluster), options.ui_hold)
     finally:
         await cluster.stop()
-    _print_summary(doc)
     return doc
 
 

@@ -33,6 +33,7 @@ from virtman.coordinator.models import (
     Paths,
     TreeView,
 )
+from virtman.coordinator.ui import UiHub, UiLimits, ui_router
 from virtman.coordinator.volt import Volt
 from virtman.errors import NotFound
 from virtman.httpapi import ERROR_RESPONSES, HttpLimits, install_error_handlers
@@ -47,18 +48,26 @@ AgentCaller = Annotated[Principal, Depends(require(Role.AGENT))]
 
 
 def create_app(
-    volt: Volt, limits: HttpLimits | None = None, *, authenticator: Authenticator
+    volt: Volt,
+    limits: HttpLimits | None = None,
+    ui_limits: UiLimits | None = None,
+    *,
+    authenticator: Authenticator,
 ) -> FastAPI:
+    hub = UiHub(volt, ui_limits)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         volt.start()
         yield
+        hub.close()
         await volt.stop()
 
     app = FastAPI(title="virtman Volt coordinator", version=__version__, lifespan=lifespan)
     app.state.volt = volt
 
     install_error_handlers(app, limits)
+    app.include_router(ui_router(hub), dependencies=[_VIEW])  # the live view: /ui, /ui/events
 
     @app.get("/health", dependencies=[_READ])
     async def health() -> dict[str, object]:

@@ -15,6 +15,10 @@ host, and the hosts whose parents changed learn them in their next heartbeat ans
 so the tree is whole again within ``timeout + interval`` of the failure. The origin
 path means no agent ever waits on the repair to keep its VMs reading.
 
+Watchers (``watch``; the live view, ``coordinator/ui.py``) are called synchronously
+after each change of a tree, of the image registry or of an agent's heartbeat stats,
+with a ``VoltChange`` saying what changed; they must not block or raise.
+
 On restart, trees come back from SQLite and every known agent is given a fresh
 ``timeout`` to heartbeat, so a Volt restart does not look like a mass failure.
 
@@ -35,6 +39,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.remote import RemoteDevice
@@ -93,6 +98,21 @@ class Lifecycle(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+class ChangeKind(enum.Enum):
+    """What a ``VoltChange`` is about."""
+
+    TREE = "tree"  # a host joined, left or failed out of a tree (repairs included)
+    IMAGES = "images"  # an image was registered or removed
+    STATS = "stats"  # an agent's heartbeat stats differ from its previous ones
+
+
+@dataclass(frozen=True)
+class VoltChange:
+    kind: ChangeKind
+    #: One line for an operator (empty for stats, which change with every heartbeat).
+    text: str = ""
 
 
 class Volt:
@@ -159,6 +179,9 @@ class Volt:
             "and were removed from every tree.")
         self._beats = self.metrics.counter("heartbeats_received", "Heartbeats received.")
         self.metrics.collect_with(self._metric_families)
+        #: The stats of each agent's last heartbeat (as sent: readers check what they use).
+        self._stats: dict[str, dict[str, object]] = {}
+        self._watchers: list[Callable[[VoltChange], None]] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -211,6 +234,18 @@ class Volt:
                 self.detector_error,
                 exc_info=self.detector_error,
             )
+
+    # --- watchers ------------------------------------------------------------------------------
+
+    def watch(self, watcher: Callable[[VoltChange], None]) -> Callable[[], None]:
+        """Call ``watcher`` after every change; returns the function that stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
+
+    def _changed(self, kind: ChangeKind, text: str = "") -> None:
+        change = VoltChange(kind, text)
+        for watcher in list(self._watchers):
+            watcher(change)
 
     # --- images -------------------------------------------------------------------------------
 
@@ -278,6 +313,7 @@ class Volt:
             len(manifest.data_digests),
             self.clock() - started,
         )
+        self._changed(ChangeKind.IMAGES, f"image {record.name} registered")
         return self._image_doc(record)
 
     def remove_image(self, name: str) -> None:
@@ -292,6 +328,7 @@ class Volt:
             with contextlib.suppress(KeyError):
                 self._leaves.remove(name, reason.value)
         log.info("image %r removed", name)
+        self._changed(ChangeKind.IMAGES, f"image {name} removed")
 
     # --- trees ----------------------------------------------------------------------------------
 
@@ -309,6 +346,7 @@ class Volt:
             if self._relays[image][agent] != relay_uri:
                 self._relays[image][agent] = relay_uri
                 self._save(image)
+                self._changed(ChangeKind.TREE, f"{agent} moved its relay of {image}")
             return self.paths(image, agent)
         tree.join(agent)
         self._relays[image][agent] = relay_uri
@@ -321,6 +359,9 @@ class Volt:
             tree.position(agent),
             tree.level(agent),
             tree.parents(agent) or ["origin"],
+        )
+        self._changed(
+            ChangeKind.TREE, f"{agent} joined {image} at level {tree.level(agent)}"
         )
         return self.paths(image, agent)
 
@@ -342,6 +383,8 @@ class Volt:
             moved,
             len(change.affected),
         )
+        moves = "".join(f"; {h} moved up" for h, _, _ in change.moved)
+        self._changed(ChangeKind.TREE, f"{agent} {reason} {image}{moves}")
 
     def _save(self, image: str) -> None:
         self.state.save_tree(image, self._trees[image].positions(), self._relays[image])
@@ -396,6 +439,9 @@ class Volt:
         self._touch(agent, beat.url)
         if not known:
             log.info("agent %r registered at %s", agent, beat.url)
+        if self._stats.get(agent) != beat.stats:
+            self._stats[agent] = beat.stats
+            self._changed(ChangeKind.STATS)
         paths: dict[str, Paths] = {}
         for image, relay_uri in beat.relays.items():
             if image not in self._images:
@@ -411,6 +457,10 @@ class Volt:
             return self._agent_urls[agent]
         except KeyError:
             raise NotFound(f"no agent named {agent!r}") from None
+
+    def agent_stats(self, agent: str) -> dict[str, object]:
+        """The stats of the agent's last heartbeat ({} before its first)."""
+        return self._stats.get(agent, {})
 
     def agents(self) -> list[AgentInfo]:
         now = self.clock()
@@ -445,6 +495,9 @@ class Volt:
                 self._repairs.labels(image).inc()
             del self._last_seen[agent]
             self._failed.inc()
+            self._stats.pop(agent, None)
+        if dead:
+            self._changed(ChangeKind.STATS)
         return dead
 
     # --- metrics --------------------------------------------------------------------------
