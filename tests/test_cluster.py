@@ -94,6 +94,13 @@ async def test_vms_on_every_host_read_the_image_and_keep_writes_private(
     tree = await cluster.tree("img")
     assert [n["agent"] for n in tree["nodes"]] == ["host1", "host2", "host3", "host4"]
     assert tree["nodes"][2]["parents"] == ["host1", "host2"] and tree["depth"] == 2
+    # Secure by default: the origin and every relay speak NBD only over mutual TLS, and a
+    # plaintext client (libnbd's) is refused.
+    assert cluster.origin_uri.startswith("nbds://")
+    assert all(n["relay_uri"].startswith("nbds://") for n in tree["nodes"]), tree
+    for plain in (cluster.origin_uri, tree["nodes"][0]["relay_uri"]):
+        r = await run("nbdinfo", plain.replace("nbds://", "nbd://", 1))
+        assert r.returncode != 0, f"a plaintext client read {plain}"
     for host_uris in uris.values():
         for uri in host_uris:
             r = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), uri)

@@ -110,6 +110,7 @@ class Agent:
             mode=mode,
             attach_delay=attach_delay,
             on_fetch=fetches.observe,
+            tls=self.credentials.tls,  # relay exports and upstream reads: mutual TLS
         )
         self.vms = VmManager(
             name,

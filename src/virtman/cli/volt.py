@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         parents_per_node=args.parents,
         interval=args.heartbeat_interval,
         timeout=args.heartbeat_timeout,
+        tls=tls,
     )
     configure_logging(args.log_level)
 

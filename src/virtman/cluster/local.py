@@ -221,10 +221,14 @@ class LocalCluster:
     async def start_origin(self, image_path: str, export: str = "image") -> str:
         self.origin_device = FileDevice(image_path, read_only=True)
         await self.origin_device.open()
-        self.origin = NbdServer([Export(export, self.origin_device, "virtman origin")])
+        # Only hosts of the cluster read the image: a secure cluster's origin requires
+        # STARTTLS and a client certificate of its CA, like every relay.
+        tls = self.tls_files("origin")
+        self.origin = NbdServer([Export(export, self.origin_device, "virtman origin")], tls=tls)
         host = self.placement.address("origin")
         port = await self.origin.listen_tcp(host, 0)
-        self.origin_uri = f"nbd://{host}:{port}/{export}"
+        scheme = "nbd" if tls is None else "nbds"
+        self.origin_uri = f"{scheme}://{host}:{port}/{export}"
         return self.origin_uri
 
     @property

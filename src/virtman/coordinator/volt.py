@@ -72,6 +72,7 @@ from virtman.limits import (
 )
 from virtman.metrics import Metric, Metrics, gauge
 from virtman.planner.tree import RelayTree, TreeSettings
+from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,11 @@ class Volt:
         interval: float = HEARTBEAT_INTERVAL_SECONDS,
         timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsFiles | None = None,
     ) -> None:
+        #: Volt's certificate, presented when it reads an origin to digest an image
+        #: (origins of a secure cluster require a client certificate of its CA).
+        self.tls = tls
         if timeout <= interval:
             raise ConfigError(
                 f"heartbeat timeout {timeout} s must exceed the interval {interval} s"
@@ -276,7 +281,8 @@ class Volt:
             raise Conflict(f"an image named {request.name!r} already exists")
         try:
             origin = RemoteDevice(
-                request.origins, connect_timeout=CONNECT_TIMEOUT_SECONDS, max_rounds=1
+                request.origins, connect_timeout=CONNECT_TIMEOUT_SECONDS, max_rounds=1,
+                tls=self.tls,
             )
             await origin.open()
         except VirtmanError as err:  # messages quote the URIs as bounded prefixes
