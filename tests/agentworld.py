@@ -96,11 +96,14 @@ class World:
         path.write_bytes(self.image)
         device = FileDevice(str(path), read_only=True)
         await device.open()
-        self.origin = NbdServer([Export("image", device)])
+        # As in a real cluster: with TLS the origin requires STARTTLS and a certificate
+        # of the world's CA, and Volt presents its own to digest the image.
+        self.origin = NbdServer([Export("image", device)], tls=self.tls_files("origin"))
         port = await self.origin.listen_tcp("127.0.0.1", 0)
-        self.origin_uri = f"nbd://127.0.0.1:{port}/image"
+        self.origin_uri = f"{'nbds' if self.tls else 'nbd'}://127.0.0.1:{port}/image"
         tree: dict[str, int] = {} if self.fanout is None else {"fanout": self.fanout}
-        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2, **tree)
+        volt = Volt(VoltState(str(self.tmp / "volt.db")), interval=0.3, timeout=1.2,
+                    tls=self.tls_files("volt"), **tree)
         self.apps["volt"] = volt_app(volt, authenticator=self.authenticator)
         self.volt_url = await self._serve(self.apps["volt"], self.tls_files("volt"))
         async with self.api(self.volt_url) as api:

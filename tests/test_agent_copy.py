@@ -386,7 +386,7 @@ async def test_migrate_keeps_a_write_that_was_waiting_for_its_base_when_the_copy
     offset, data = 3 * MiB + 200 * KiB + 100, b"\xee" * 1000
     write = asyncio.ensure_future(client.write(offset, data))
     await asyncio.wait_for(gated.waiting.wait(), 10)
-    copy = asyncio.ensure_future(agent.copy_vm("vm", dest.url, move=True))
+    copy = asyncio.ensure_future(agent.copy_vm("vm", "host2", move=True))
     # Unfixed, the copy is done within this wait; fixed, it waits for the write (the
     # bound only ends the wait, nothing is judged by it).
     deadline = time.monotonic() + 1
@@ -417,7 +417,8 @@ async def test_no_guest_starts_on_a_vm_while_it_is_migrated(world: World) -> Non
     silent = Silent()
     url = await silent.start()
     try:
-        migrate = asyncio.ensure_future(agent.copy_vm("vm", url, move=True))
+        await world.pose_as_agent("silent", url)
+        migrate = asyncio.ensure_future(agent.copy_vm("vm", "silent", move=True))
         while agent.vms.get("vm").operation is None and not migrate.done():
             await asyncio.sleep(0.01)
         with pytest.raises(Conflict, match="busy: migrate"):

@@ -230,7 +230,9 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
     link = VoltLink(
         "h1", world.volt_url, credentials=world.as_agent("h1"),
         report=lambda: {"url": "x"}, on_reply=on_reply)
-    relays = RelayManager(str(tmp_path / "cache"), link, capacity=1 << 30, parent_wait=0.1)
+    tls = world.tls_files("h1")
+    relays = RelayManager(str(tmp_path / "cache"), link, capacity=1 << 30, parent_wait=0.1,
+                          tls=tls)
     await relays.start()
     try:
         first, second = await asyncio.gather(relays.image("img"), relays.image("img"))
@@ -242,7 +244,7 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
             tree = await api.get("/images/img/tree")
             assert [n["agent"] for n in tree["nodes"]] == ["h1"]
             # Its relay export serves the image (and fills the cache).
-            client = await NbdClient.connect(relays.relay_uri("img"))
+            client = await NbdClient.connect(relays.relay_uri("img"), tls=tls)
             assert await client.read(0, 64 * KiB) == world.image[: 64 * KiB]
             await client.close()
             # The group is now over a capacity shrunk below what it holds.
@@ -270,14 +272,15 @@ async def test_relay_manager_reopens_its_images_without_volt(world: World, tmp_p
     link = VoltLink(
         "h1", world.volt_url, credentials=world.as_agent("h1"),
         report=lambda: {"url": "x"}, on_reply=on_reply)
-    relays = RelayManager(str(tmp_path / "cache"), link, parent_wait=0.1)
+    tls = world.tls_files("h1")
+    relays = RelayManager(str(tmp_path / "cache"), link, parent_wait=0.1, tls=tls)
     await relays.start()
     await relays.image("img")
     await relays.stop()
     await link.stop()
     # Volt is out of reach now: the image comes back from the spec kept in the cache.
     gone = VoltLink("h1", f"http://127.0.0.1:{free_port()}", report=dict, on_reply=on_reply)
-    again = RelayManager(str(tmp_path / "cache"), gone, parent_wait=0.1)
+    again = RelayManager(str(tmp_path / "cache"), gone, parent_wait=0.1, tls=tls)
     await again.start()
     try:
         relay = again.get("img")

@@ -36,6 +36,7 @@ from virtman.agent.vms import (
     VmState,
     check_socket_path,
     copy_layers,
+    fsync_dir,
     layer_file,
     remove_tree,
 )
@@ -213,6 +214,7 @@ class VmManager:
                 record = VmRecord(name, image, layers)
                 record.save(os.path.join(tmp, "vm.json"))
                 os.rename(tmp, directory)
+                fsync_dir(self.vms_dir)
             except BaseException:
                 remove_tree(tmp)
                 raise
@@ -473,6 +475,7 @@ class VmManager:
                 record = VmRecord(name, image, [Layer(layer_file(1))])
                 record.save(os.path.join(tmp, "vm.json"))
                 os.rename(tmp, os.path.join(self.vms_dir, name))
+                fsync_dir(self.vms_dir)  # durable before the source is told it may delete
         except BaseException as err:
             remove_tree(tmp)
             relay.users.discard(name)

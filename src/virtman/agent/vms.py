@@ -156,10 +156,22 @@ class VmRecord:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
 
     @property
     def snapshots(self) -> list[str]:
         return [layer.snapshot for layer in self.layers if layer.snapshot]
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new name in ``path`` durable: without it a power cut can undo
+    a move that was already acknowledged (a migrate's destination answers, the source
+    then deletes its copy)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Vm:
