@@ -117,7 +117,12 @@ async def test_full_disk_evicts_unused_image_then_passes_through(
 async def test_capacity_evicts_unused_image_then_passes_through(
         tmp_path: Path, origin: Origin) -> None:
     capacity = 3 * MiB // 2
-    group = CacheGroup(str(tmp_path / "group"), capacity=capacity)
+    told: list[str] = []
+
+    async def evicted(name: str) -> None:  # the agent leaves the image's tree here
+        told.append(name)
+
+    group = CacheGroup(str(tmp_path / "group"), capacity=capacity, on_evicted=evicted)
     idle = await relay(group, origin, "idle")
     assert await read_all(idle) == origin.data["idle"]
     assert group.bytes_held == capacity  # stopped storing at the capacity, served it all
@@ -125,7 +130,7 @@ async def test_capacity_evicts_unused_image_then_passes_through(
     busy.users.add("vm1")
     for _ in range(3):
         assert await read_all(busy) == origin.data["busy"]
-    assert "idle" not in group.relays
+    assert "idle" not in group.relays and told == ["idle"]
     assert group.bytes_held == capacity
     assert busy.cache.chunks_present * CHUNK == capacity
     assert group.status()["passing_through"] == {"busy": "at_capacity"}

@@ -25,12 +25,13 @@ and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from virtman.blockdev.base import BlockDevice
@@ -254,9 +255,17 @@ class _RelayGate:
 class CacheGroup:
     """Every image relay of this host, in one directory, within one capacity."""
 
-    def __init__(self, root: str, capacity: int) -> None:
+    def __init__(
+        self,
+        root: str,
+        capacity: int,
+        on_evicted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self.root = root
         self.capacity = capacity
+        #: Told of each image evicted to make room (the agent leaves its tree at once, so
+        #: children stop being sent to an export that is gone).
+        self.on_evicted = on_evicted
         self.relays: dict[str, ImageRelay] = {}
         #: The eviction a cache's lack of space started (one at a time).
         self._making_room: asyncio.Task[None] | None = None
@@ -302,6 +311,15 @@ class CacheGroup:
         self.evicted_for_space += 1
         for other in self.relays.values():
             other.cache.space_returned()
+        if self.on_evicted is not None:
+            await self.on_evicted(relay.name)
+
+    async def close(self) -> None:
+        """Stop an eviction under way (the agent is stopping)."""
+        if self._making_room is not None and not self._making_room.done():
+            self._making_room.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._making_room
 
     async def _remove(self, relay: ImageRelay) -> None:
         del self.relays[relay.name]  # before closing: nobody may pick it up meanwhile

@@ -70,7 +70,7 @@ class RelayManager:
         self.directory = directory
         #: Called with each chunk fetch's seconds (the agent's fetch-latency histogram).
         self.on_fetch = on_fetch
-        self.cache = CacheGroup(cache_dir, capacity)
+        self.cache = CacheGroup(cache_dir, capacity, on_evicted=self._leave_evicted)
         self.tls = tls
         self.server = NbdServer([], tls=tls)
         self.nbd_host = nbd_host
@@ -100,6 +100,7 @@ class RelayManager:
                 log.error("image %r could not be reopened: %s", spec.name, err)
 
     async def stop(self) -> None:
+        await self.cache.close()
         await self.server.stop()
         for relay in list(self.cache.relays.values()):
             await relay.close()
@@ -190,14 +191,17 @@ class RelayManager:
         """Evict unused images while over capacity; each one leaves its tree."""
         evicted = await self.cache.evict()
         for name in evicted:
-            if not self.mode.in_tree:
-                continue
-            try:
-                await self.directory.leave(name)
-            except (NetworkError, ApiError) as err:
-                # The next heartbeat no longer lists it: Volt drops it then.
-                log.warning("image %r evicted; leaving its tree failed: %s", name, err)
+            await self._leave_evicted(name)
         return evicted
+
+    async def _leave_evicted(self, name: str) -> None:
+        if not self.mode.in_tree:
+            return
+        try:
+            await self.directory.leave(name)
+        except (NetworkError, ApiError) as err:
+            # The next heartbeat no longer lists it: Volt drops it then.
+            log.warning("image %r evicted; leaving its tree failed: %s", name, err)
 
     def status(self) -> dict[str, object]:
         return {
