@@ -118,7 +118,10 @@ async def make_vm(world: World, agent_name: str, limits: CopyLimits = SMALL):
 async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_throughout(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limits = CopyLimits(connect_timeout=1.0, idle_timeout=2.0, total_timeout=20.0,
+    # An idle limit well above a loaded machine's scheduling hiccups, so the VM's longest
+    # unread gap (a fraction of it when the VM serves throughout, all of it when the copy
+    # takes it offline) tells the two apart.
+    limits = CopyLimits(connect_timeout=1.0, idle_timeout=4.0, total_timeout=30.0,
                         record_bytes=64 * KiB)
     agent, vm, client, want = await make_vm(world, "host1", limits)
     silent = Silent()
@@ -149,7 +152,7 @@ async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_thro
         await silent.close()
     assert silent.accepted == 1
     assert "silent" in str(info.value) and url in str(info.value)
-    assert limits.idle_timeout <= elapsed < limits.connect_timeout + limits.idle_timeout + 3
+    assert limits.idle_timeout <= elapsed < limits.connect_timeout + limits.idle_timeout + 10
     assert reader.errors == [], reader.errors
     assert reader.reads >= 20, f"only {reader.reads} reads in {elapsed:.1f} s"
     # Never blocked for the wait: reads came well within each idle period.
@@ -191,7 +194,7 @@ async def test_copy_to_a_listener_that_never_accepts_fails_on_the_connect_timeou
         started = time.monotonic()
         with pytest.raises(NetworkError, match="COPY_CONNECT_TIMEOUT_SECONDS=1"):
             await agent.copy_vm("vm", "filled", move=False)
-        assert time.monotonic() - started < SMALL.connect_timeout + 2
+        assert time.monotonic() - started < SMALL.connect_timeout + 10
     finally:
         for s in fillers:
             s.close()
