@@ -196,3 +196,12 @@ MANIFEST_READS_IN_FLIGHT = 8
 #: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
 COPY_READ_BYTES = 4 * MiB
 COPY_READS_IN_FLIGHT = 8
+
+# --- Command-line output -------------------------------------------------------------------
+#: Seconds between redraws of a progress display on a terminal. Each redraw reads counters
+#: the command already holds (the origin's bytes sent, VMs finished), so it adds no load to
+#: what is measured; four a second is smooth enough for steps that take seconds.
+PROGRESS_REFRESH_SECONDS = 0.25
+#: Seconds between ``virtman image add``'s looks at how far Volt's manifest is: one small
+#: GET each, beside a registration that reads the whole image.
+REGISTRATION_POLL_SECONDS = 0.5

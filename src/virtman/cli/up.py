@@ -7,7 +7,8 @@
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
-stops everything it started (also on Ctrl-C). ``--accel`` is every agent's, for QEMU
+stops everything it started (also on Ctrl-C). On a terminal each step draws a progress
+bar and the summary is tables; piped, it prints plain lines. ``--accel`` is every agent's, for QEMU
 guests started on them meanwhile (the replayed VMs run no QEMU).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtman.hypervisor.options import add_accel_option
 from virtman.limits import (
@@ -25,7 +26,10 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
-from virtman.sizes import parse_size
+from virtman.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_parser(sub: Any) -> None:
@@ -64,9 +68,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtman.cli.console import RichDisplay, is_terminal, make_console
     from virtman.cluster.local import ClusterSettings
-    from virtman.cluster.up import UpOptions, parse_kill, run_up
+    from virtman.cluster.up import UpOptions, parse_kill, print_summary, run_up
     from virtman.errors import ConfigError
+    from virtman.limits import PROGRESS_REFRESH_SECONDS
+    from virtman.progress import PlainDisplay
     from virtman.replay.trace import load_trace
     from virtman.runtime import configure_logging, run_async
 
@@ -94,8 +101,15 @@ def run(args: argparse.Namespace) -> int:
     )
     configure_logging("warning" if args.log_level == "info" else args.log_level)
 
+    console = make_console() if is_terminal() else None
+    display = PlainDisplay() if console is None else RichDisplay(console, PROGRESS_REFRESH_SECONDS)
+
     async def main() -> int:
-        doc = await run_up(options)
+        doc = await run_up(options, display)
+        if console is None:
+            print_summary(doc)
+        else:
+            print_tables(console, doc)
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
@@ -103,3 +117,60 @@ def run(args: argparse.Namespace) -> int:
         return 0 if doc["errors_on_surviving_hosts"] == 0 else 1
 
     return run_async(main())
+
+
+def print_tables(console: Console, doc: dict[str, Any]) -> None:
+    """The summary of ``virtman up`` as tables: the tree, bytes per host, boot times."""
+    from virtman.cli.console import print_table
+    from virtman.planner.tree import ORIGIN
+
+    tree, hosts = doc["tree"], doc["hosts"]
+    console.print()
+    print_table(
+        console,
+        f"relay tree (depth {tree['depth']}, fan-out {tree['fanout']}, "
+        f"{tree['parents_per_node']} parents per node)",
+        ["level", "host", "parents"],
+        [
+            [str(h["level"]) if h["level"] else "not in tree",
+             h["name"] + (" (killed)" if h["killed"] else ""),
+             ", ".join(h["parents"])]
+            for h in sorted(hosts, key=lambda h: (h["level"] or 1 << 30, h["position"] or 0))
+        ],
+        right=["level"],
+    )
+    rows = []
+    for h in hosts:
+        received = h["bytes_received"]
+        from_parents = sum(v for k, v in received.items() if k != ORIGIN)
+        rows.append([
+            h["name"],
+            str(h["level"] or "-"),
+            format_size(from_parents),
+            format_size(received.get(ORIGIN, 0)),
+            "yes" if h["killed"] else "",
+        ])
+    print_table(
+        console,
+        "bytes fetched per host",
+        ["host", "level", "from parents", "from origin", "killed"],
+        rows,
+        right=["level", "from parents", "from origin"],
+    )
+    survivors = sum(1 for v in doc["vms"] if not v["killed_host"])
+    ws = doc["working_set_bytes"]
+    print_table(
+        console,
+        f"boot times ({survivors} VMs on surviving hosts)",
+        ["", "value"],
+        [
+            ["all booted", f"{doc['all_booted_seconds']} s"],
+            ["mean boot", f"{doc['mean_boot_seconds']} s"],
+            ["p99 boot", f"{doc['p99_boot_seconds']} s"],
+            ["one VM alone from a local copy", f"{doc['single_vm_seconds']} s"],
+            ["I/O errors on surviving hosts", str(doc["errors_on_surviving_hosts"])],
+            ["origin sent", f"{format_size(doc['origin_bytes_sent'])} "
+             f"({doc['origin_bytes_sent'] / ws:.2f}x the working set of {format_size(ws)}; "
+             f"{tree['roots']} tree roots)"],
+        ],
+    )

@@ -25,6 +25,7 @@ from virtman.coordinator.models import (
     JoinRequest,
     Name,
     Paths,
+    Registration,
     TreeView,
 )
 from virtman.coordinator.volt import Volt
@@ -59,6 +60,18 @@ def create_app(volt: Volt, limits: HttpLimits | None = None) -> FastAPI:
     @app.post("/images", status_code=201, responses=_ERRORS)
     async def add_image(body: ImageCreate) -> Image:
         return await volt.add_image(body)
+
+    @app.get("/registrations/{name}", responses=_ERRORS)
+    async def get_registration(name: Name) -> Registration:
+        # What ``virtman image add`` polls while its POST /images reads the origin.
+        p = volt.registration(name)
+        return Registration(
+            name=name,
+            size=p.size,
+            chunks=p.chunks,
+            chunks_done=p.chunks_done,
+            bytes_read=p.bytes_read,
+        )
 
     @app.get("/images")
     async def list_images() -> list[Image]:
