@@ -236,7 +236,7 @@ def test_up_draws_progress_and_tables_on_a_terminal(tmp_path: Path) -> None:
                  "bytes from the origin"):
         assert step in shown, shown
     assert "4/4" in shown  # every VM counted as it finished
-    for title in ("relay tree", "bytes fetched per host", "boot times"):
+    for title in ("relay tree", "from origin", "boot times", "origin sent"):
         assert title in shown
     assert "┏" in shown and "━" in shown
     # The result document is the same whatever the terminal.

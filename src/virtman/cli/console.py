@@ -69,6 +69,17 @@ class _ValueColumn(ProgressColumn):
         return Text(text)
 
 
+class _SpinnerColumn(SpinnerColumn):
+    """A spinner while the step runs, nothing once it has ended (even short of a total:
+    a meter need not reach its total, e.g. a manifest reads less than the file holds)."""
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("ended"):
+            return Text(" ")
+        rendered = super().render(task)
+        return rendered if isinstance(rendered, Text) else Text(" ")
+
+
 class RichDisplay:
     """Live progress bars and notes on a terminal (``virtman.progress.Display``)."""
 
@@ -82,7 +93,7 @@ class RichDisplay:
     @contextlib.asynccontextmanager
     async def step(self, title: str, meters: Sequence[Meter] = ()) -> AsyncIterator[None]:
         progress = Progress(
-            SpinnerColumn(),
+            _SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
             _ValueColumn(),
@@ -117,6 +128,7 @@ class RichDisplay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await drawing
                 for task, meter in tasks:
+                    progress.update(task, ended=True)
                     if meter is None:  # done: a full bar, not a pulsing one
                         progress.update(task, total=1, completed=1)
                 redraw()
@@ -131,7 +143,8 @@ def print_table(
     right: Sequence[str] = (),
 ) -> None:
     """A boxed table; the columns named in ``right`` (numbers) are right-aligned."""
-    table = Table(title=title, title_justify="left")
+    # As wide as its title at least: a narrow table would wrap its title over two lines.
+    table = Table(title=title, title_justify="left", min_width=len(title))
     for name in columns:
         table.add_column(name, justify="right" if name in right else "left")
     for row in rows:

@@ -120,57 +120,49 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_tables(console: Console, doc: dict[str, Any]) -> None:
-    """The summary of ``virtman up`` as tables: the tree, bytes per host, boot times."""
+    """The summary of ``virtman up`` as tables: the tree with each host's bytes, then
+    the boot times."""
     from virtman.cli.console import print_table
     from virtman.planner.tree import ORIGIN
 
-    tree, hosts = doc["tree"], doc["hosts"]
-    console.print()
-    print_table(
-        console,
-        f"relay tree (depth {tree['depth']}, fan-out {tree['fanout']}, "
-        f"{tree['parents_per_node']} parents per node)",
-        ["level", "host", "parents"],
-        [
-            [str(h["level"]) if h["level"] else "not in tree",
-             h["name"] + (" (killed)" if h["killed"] else ""),
-             ", ".join(h["parents"])]
-            for h in sorted(hosts, key=lambda h: (h["level"] or 1 << 30, h["position"] or 0))
-        ],
-        right=["level"],
-    )
+    tree = doc["tree"]
     rows = []
-    for h in hosts:
+    for h in sorted(doc["hosts"], key=lambda h: (h["level"] or 1 << 30, h["position"] or 0)):
         received = h["bytes_received"]
-        from_parents = sum(v for k, v in received.items() if k != ORIGIN)
         rows.append([
-            h["name"],
             str(h["level"] or "-"),
-            format_size(from_parents),
+            h["name"],
+            ", ".join(h["parents"]),
+            format_size(sum(v for k, v in received.items() if k != ORIGIN)),
             format_size(received.get(ORIGIN, 0)),
             "yes" if h["killed"] else "",
         ])
+    console.print()
     print_table(
         console,
-        "bytes fetched per host",
-        ["host", "level", "from parents", "from origin", "killed"],
+        f"relay tree: depth {tree['depth']}, fan-out {tree['fanout']}, "
+        f"{tree['parents_per_node']} parents per host",
+        ["level", "host", "parents", "from parents", "from origin", "killed"],
         rows,
         right=["level", "from parents", "from origin"],
     )
     survivors = sum(1 for v in doc["vms"] if not v["killed_host"])
-    ws = doc["working_set_bytes"]
+    sent, ws = doc["origin_bytes_sent"], doc["working_set_bytes"]
     print_table(
         console,
-        f"boot times ({survivors} VMs on surviving hosts)",
-        ["", "value"],
+        f"boot times of {survivors} VMs on surviving hosts",
+        ["", "seconds"],
         [
-            ["all booted", f"{doc['all_booted_seconds']} s"],
-            ["mean boot", f"{doc['mean_boot_seconds']} s"],
-            ["p99 boot", f"{doc['p99_boot_seconds']} s"],
-            ["one VM alone from a local copy", f"{doc['single_vm_seconds']} s"],
-            ["I/O errors on surviving hosts", str(doc["errors_on_surviving_hosts"])],
-            ["origin sent", f"{format_size(doc['origin_bytes_sent'])} "
-             f"({doc['origin_bytes_sent'] / ws:.2f}x the working set of {format_size(ws)}; "
-             f"{tree['roots']} tree roots)"],
+            ["all booted", str(doc["all_booted_seconds"])],
+            ["mean", str(doc["mean_boot_seconds"])],
+            ["p99", str(doc["p99_boot_seconds"])],
+            ["one VM alone from a local copy", str(doc["single_vm_seconds"])],
         ],
+        right=["seconds"],
+    )
+    console.print(
+        f"I/O errors seen by VMs on surviving hosts: {doc['errors_on_surviving_hosts']}\n"
+        f"origin sent {format_size(sent)}: {sent / ws:.2f} x the working set of "
+        f"{format_size(ws)} ({tree['roots']} tree roots)",
+        markup=False,
     )
