@@ -8,8 +8,8 @@ Starts an origin (a generated test image unless ``--image``), Volt and the agent
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
 stops everything it started (also on Ctrl-C). On a terminal each step draws a progress
-bar and the summary is tables; piped, it prints plain lines. ``--accel`` is every agent's, for QEMU
-guests started on them meanwhile (the replayed VMs run no QEMU).
+bar and the summary is tables; piped, it prints plain lines. ``--accel`` is every
+agent's, for QEMU guests started on them meanwhile (the replayed VMs run no QEMU).
 """
 
 from __future__ import annotations
