@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import httpx
 from fastapi import FastAPI
 
+from virtman.auth import Authenticator, Principal, Role, TokenTable, new_token
 from virtman.coordinator.app import create_app
 from virtman.coordinator.models import ImageCreate
 from virtman.coordinator.state import VoltState
@@ -33,6 +34,11 @@ from virtman.httpapi import HttpLimits, HttpService, bind
 from virtman.runtime import run_async
 
 MB = 1000 * 1000
+# Volt takes requests with a credential only: every request here carries an operator's
+# token (the bare app ignores it), so the figures include checking it.
+TOKEN = new_token()
+AUTH = Authenticator(TokenTable())
+AUTH.tokens.add(Principal(Role.OPERATOR, "bench"), TOKEN)
 
 
 def bare_app() -> FastAPI:
@@ -50,7 +56,8 @@ def bare_app() -> FastAPI:
 
 
 async def rate(url: str, requests: int, method: str, path: str, **kw: object) -> float:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
         started = time.perf_counter()
         for _ in range(requests):
             await http.request(method, path, **kw)  # type: ignore[arg-type]
@@ -58,7 +65,8 @@ async def rate(url: str, requests: int, method: str, path: str, **kw: object) ->
 
 
 async def once(url: str, **kw: object) -> tuple[int, int, float]:
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
         started = time.perf_counter()
         r = await http.post("/images", **kw)  # type: ignore[arg-type]
         return r.status_code, len(r.content), time.perf_counter() - started
@@ -71,10 +79,15 @@ async def main(requests: int) -> int:
         services = {
             "bare FastAPI": HttpService(bare_app(), bind("127.0.0.1", 0)),
             "virtman (capped, bounded)": HttpService(
-                create_app(Volt(VoltState(f"{tmp}/a.db"))), bind("127.0.0.1", 0)
+                create_app(Volt(VoltState(f"{tmp}/a.db")), authenticator=AUTH),
+                bind("127.0.0.1", 0),
             ),
             "virtman, cap 16 MB": HttpService(
-                create_app(Volt(VoltState(f"{tmp}/b.db")), HttpLimits(max_body_bytes=16 * MB)),
+                create_app(
+                    Volt(VoltState(f"{tmp}/b.db")),
+                    HttpLimits(max_body_bytes=16 * MB),
+                    authenticator=AUTH,
+                ),
                 bind("127.0.0.1", 0),
             ),
         }

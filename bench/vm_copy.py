@@ -29,23 +29,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from virtman.agent.agent import Agent
 from virtman.agent.app import create_app as agent_app
+from virtman.auth import Authenticator, Principal, Role, TokenTable, new_token
 from virtman.blockdev.file import FileDevice
 from virtman.coordinator.app import create_app as volt_app
 from virtman.coordinator.state import VoltState
 from virtman.coordinator.volt import Volt
 from virtman.errors import NbdRequestError, NetworkError
-from virtman.httpapi import ApiClient, HttpService, bind, wait_for
+from virtman.httpapi import Credentials, HttpService, bind, wait_for
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import Export, NbdServer
 from virtman.sizes import format_size, parse_size
 
 KiB = 1024
+# Plain HTTP with tokens, as ``--insecure``: the figures are the copy's, not TLS's.
+TOKENS = TokenTable()
+AUTH = Authenticator(TOKENS, certificates=False)
+
+
+def token(role: Role, name: str) -> Credentials:
+    secret = new_token()
+    TOKENS.add(Principal(role, name), secret)
+    return Credentials(token=secret)
+
+
+OPERATOR = token(Role.OPERATOR, "bench")
 
 
 async def serve(app: Any, tasks: list[tuple[HttpService, asyncio.Task[None]]]) -> str:
     service = HttpService(app, bind("127.0.0.1", 0))
     tasks.append((service, asyncio.get_running_loop().create_task(service.run())))
-    await wait_for(service.url)
+    await wait_for(service.url, credentials=OPERATOR)
     return service.url
 
 
@@ -82,17 +95,19 @@ async def main(args: argparse.Namespace) -> None:
         await device.open()
         origin = NbdServer([Export("image", device)])
         port = await origin.listen_tcp("127.0.0.1", 0)
-        volt_url = await serve(volt_app(Volt(VoltState(str(tmp / "volt.db")))), tasks)
-        async with ApiClient(volt_url, timeout=600) as api:
+        volt = Volt(VoltState(str(tmp / "volt.db")))
+        volt_url = await serve(volt_app(volt, authenticator=AUTH), tasks)
+        async with OPERATOR.api(volt_url, timeout=600) as api:
             await api.post("/images", json={"name": "img",
                                             "origins": [f"nbd://127.0.0.1:{port}/image"]})
         agents = []
         for name in ("a1", "a2"):
-            agent = Agent(name, str(tmp / name), volt_url, socket_dir=str(tmp / f"s{name}"))
-            service = HttpService(agent_app(agent), bind("127.0.0.1", 0))
+            agent = Agent(name, str(tmp / name), volt_url, socket_dir=str(tmp / f"s{name}"),
+                          credentials=token(Role.AGENT, name))
+            service = HttpService(agent_app(agent, authenticator=AUTH), bind("127.0.0.1", 0))
             agent.url = service.url
             tasks.append((service, asyncio.get_running_loop().create_task(service.run())))
-            await wait_for(service.url)
+            await wait_for(service.url, credentials=OPERATOR)
             agents.append(agent)
         print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}")
@@ -125,7 +140,7 @@ async def main(args: argparse.Namespace) -> None:
                 task = asyncio.get_running_loop().create_task(
                     writer(client, args.image, stop, during))
             started = time.perf_counter()
-            await src.copy_vm("vm", dst.url, move=True)
+            await src.copy_vm("vm", dst.name, move=True)
             took = time.perf_counter() - started
             stop.set()
             if task is not None:

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 #   bootable test image; libvirt-clients + libxml2-utils: virt-xml-validate (it calls
 #   xmllint) for `virtman vm xml`
 PACKAGES=(qemu-utils libnbd-bin nbdkit fio python3-venv iproute2 qemu-system-x86
-          linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils)
+          linux-image-amd64 busybox-static e2fsprogs libvirt-clients libxml2-utils
+          # chromium: tests/test_ui.py loads Volt's live view in a real (headless) browser
+          chromium)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -2,7 +2,10 @@
 
 An origin, Volt and the agents run in this test's event loop (``agentworld``); the VM
 is read and written over its real NBD export with the project's ``NbdClient`` while
-the copy runs, and destinations that misbehave are plain TCP listeners of the test.
+the copy runs, and destinations that misbehave are plain TCP listeners of the test,
+registered with Volt under agent names of their own (a destination is always a name
+Volt knows). The world runs on plain HTTP with tokens: a listener that stands in for an
+agent has no certificate of that agent (test_auth.py covers TLS).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 from agentworld import KiB, MiB, World
 
 from virtman.agent.copy import CopyLimits
+from virtman.auth import Role
 from virtman.errors import ApiError, Conflict, NbdRequestError, NetworkError, NotFound
 from virtman.nbd.client import NbdClient
 
@@ -27,7 +31,7 @@ SMALL = CopyLimits(connect_timeout=1.0, idle_timeout=1.0, total_timeout=20.0, re
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
+    w = World(tmp_path, tls=False)
     try:
         await w.start()
         yield w
@@ -124,7 +128,8 @@ async def test_migrate_to_a_silent_listener_fails_in_time_and_the_vm_serves_thro
     caplog.set_level(logging.INFO, logger="virtman.agent")
     try:
         started = time.monotonic()
-        migrate = asyncio.ensure_future(agent.copy_vm("vm", url, move=True))
+        await world.pose_as_agent("silent", url)
+        migrate = asyncio.ensure_future(agent.copy_vm("vm", "silent", move=True))
         await asyncio.sleep(0.4)
         # Meanwhile: nothing else may change the VM, and a write waits (the last pass
         # holds writes) rather than failing.
@@ -181,10 +186,11 @@ async def test_copy_to_a_listener_that_never_accepts_fails_on_the_connect_timeou
             pass
         fillers.append(s)
     await asyncio.sleep(0.1)
+    await world.pose_as_agent("filled", f"http://127.0.0.1:{port}")
     try:
         started = time.monotonic()
         with pytest.raises(NetworkError, match="COPY_CONNECT_TIMEOUT_SECONDS=1"):
-            await agent.copy_vm("vm", f"http://127.0.0.1:{port}", move=False)
+            await agent.copy_vm("vm", "filled", move=False)
         assert time.monotonic() - started < SMALL.connect_timeout + 2
     finally:
         for s in fillers:
@@ -242,12 +248,12 @@ async def test_destination_lost_midway_leaves_the_source_serving_and_no_half_vm(
     dest = await world.agent("host2", SMALL)
     await dest.vms.create("other", "img")  # host2 holds the image: the copy gets under way
     cutter = Cutter(dest.url, 200 * KiB)  # inside the stream (about 400 KiB of records)
-    url = await cutter.start()
+    await world.pose_as_agent("cutter", await cutter.start())
     reader = Reader(client, bytes(want))
     reader.start()
     try:
         with pytest.raises((NetworkError, ApiError)):
-            await agent.copy_vm("vm", url, move=move)
+            await agent.copy_vm("vm", "cutter", move=move)
     finally:
         await reader.stop()
         await cutter.close()
@@ -265,7 +271,7 @@ async def test_destination_lost_midway_leaves_the_source_serving_and_no_half_vm(
     assert sorted(os.listdir(Path(world.tmp) / "host2" / "vms")) == ["other"]
     assert "vm" not in dest.relays.get("img").users  # type: ignore[union-attr]
     # And a clean copy goes through afterwards.
-    await agent.copy_vm("vm", dest.url, move=move)
+    await agent.copy_vm("vm", "host2", move=move)
     moved = dest.vms.get("vm")
     check = await NbdClient.connect(moved.uri)
     assert await check.read(0, world.image_size) == bytes(want)
@@ -282,8 +288,10 @@ async def test_a_stalled_source_is_given_up_by_the_destination_which_keeps_nothi
     header = b"VMCOPY1\n" + world.image_size.to_bytes(8, "big")
     first = b"\x01" + bytes(8) + (4).to_bytes(4, "big") + b"abcd"
     body = header + first  # then nothing: no more records, no end
+    token = world.token(Role.AGENT, "host1").encode()  # the source: an agent
     writer.write(
         b"POST /vms/import?name=vm&image=img HTTP/1.1\r\nhost: x\r\n"
+        b"authorization: Bearer " + token + b"\r\n"
         b"content-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n"
         + f"{len(body):x}\r\n".encode() + body + b"\r\n"
     )
@@ -324,7 +332,7 @@ async def test_migrate_keeps_every_write_acknowledged_during_the_copy(world: Wor
 
     task = asyncio.ensure_future(writer())
     await asyncio.sleep(0.05)
-    await agent.copy_vm("vm", dest.url, move=True)
+    await agent.copy_vm("vm", "host2", move=True)
     stop.set()
     await asyncio.wait_for(task, 10)
     assert len(acknowledged) > 10, "the writer did not get going"
@@ -338,3 +346,111 @@ async def test_migrate_keeps_every_write_acknowledged_during_the_copy(world: Wor
     with pytest.raises(NotFound):
         agent.vms.get("vm")  # moved: gone from the source
     await client.close()
+
+
+class GatedReads:
+    """The origin's device with reads held until ``gate`` is set: a slow upstream."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.size = inner.size
+        self.read_only = True
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    def describe(self) -> str:
+        return "gated " + self.inner.describe()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.waiting.set()
+        await self.gate.wait()
+        return await self.inner.read(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.inner.block_status(offset, length)
+
+
+async def test_migrate_keeps_a_write_that_was_waiting_for_its_base_when_the_copy_began(
+    world: World,
+) -> None:
+    # A partial-block write to a chunk the relay does not hold waits for the base (the
+    # origin, held here) before it lands in the overlay. It started before the copy's
+    # tracker took over, so only waiting for it keeps it from being lost by the move.
+    limits = CopyLimits(idle_timeout=5.0, total_timeout=20.0, record_bytes=64 * KiB)
+    agent, _, client, want = await make_vm(world, "host1", limits)
+    dest = await world.agent("host2", limits)
+    await dest.vms.create("other", "img")
+    assert world.origin is not None
+    gated = GatedReads(world.origin.exports["image"].device)
+    world.origin.replace_device("image", gated)
+    offset, data = 3 * MiB + 200 * KiB + 100, b"\xee" * 1000
+    write = asyncio.ensure_future(client.write(offset, data))
+    await asyncio.wait_for(gated.waiting.wait(), 10)
+    copy = asyncio.ensure_future(agent.copy_vm("vm", dest.url, move=True))
+    # Unfixed, the copy is done within this wait; fixed, it waits for the write (the
+    # bound only ends the wait, nothing is judged by it).
+    deadline = time.monotonic() + 1
+    while "vm" not in dest.vms.vms and not copy.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    gated.gate.set()
+    await asyncio.wait_for(write, 10)  # acknowledged by the source
+    await asyncio.wait_for(copy, 20)
+    want[offset : offset + len(data)] = data
+    check = await NbdClient.connect(dest.vms.get("vm").uri)
+    got = await check.read(0, world.image_size)
+    await check.close()
+    await client.close()
+    assert got == bytes(want), "a write acknowledged by the source is missing at the destination"
+
+
+async def test_no_guest_starts_on_a_vm_while_it_is_migrated(world: World) -> None:
+    # A guest started mid-migrate would write through the copy's tracker, have its
+    # held writes refused (EIO) when the move completes, and be killed with the VM.
+    import shutil
+
+    from virtman.hypervisor.qemu import Accel, HypervisorSettings
+
+    stand_in = HypervisorSettings(qemu=shutil.which("true") or "/bin/true", accel=Accel.TCG)
+    limits = CopyLimits(connect_timeout=1.0, idle_timeout=1.0, total_timeout=20.0)
+    agent = await world.agent("host1", limits, hypervisor=stand_in)
+    await agent.vms.create("vm", "img")
+    silent = Silent()
+    url = await silent.start()
+    try:
+        migrate = asyncio.ensure_future(agent.copy_vm("vm", url, move=True))
+        while agent.vms.get("vm").operation is None and not migrate.done():
+            await asyncio.sleep(0.01)
+        with pytest.raises(Conflict, match="busy: migrate"):
+            await agent.vms.start_guest("vm")
+        with pytest.raises(NetworkError):
+            await migrate
+    finally:
+        await silent.close()
+    assert agent.vms.get("vm").operation is None
+
+
+async def test_a_write_still_running_when_a_pass_takes_the_dirty_ranges_is_sent_again() -> None:
+    # A copy-on-write waits for its base before its bytes land: a pass that takes the
+    # dirty ranges meanwhile reads the old bytes, so the range must come back once the
+    # write is done, or no later pass (nor the held one) sends the new bytes.
+    from virtman.agent.copy import WriteTracker
+    from virtman.blockdev.memory import MemoryDevice
+
+    class SlowWrites(MemoryDevice):
+        def __init__(self) -> None:
+            super().__init__(64 * KiB)
+            self.gate = asyncio.Event()
+
+        async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+            await self.gate.wait()
+            await super().write(offset, data, fua=fua)
+
+    inner = SlowWrites()
+    tracker = WriteTracker(inner)
+    write = asyncio.ensure_future(tracker.write(4096, b"x" * 512))
+    await asyncio.sleep(0)  # the write is under way, its bytes not yet in place
+    tracker.take_dirty()  # a pass ends here and the next one reads the range now
+    inner.gate.set()
+    await write
+    await tracker.hold()
+    assert tracker.take_dirty() == [(4096, 512)]

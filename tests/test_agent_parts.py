@@ -22,7 +22,6 @@ from virtman.agent.voltlink import LinkState, VoltLink
 from virtman.blockdev.memory import MemoryDevice
 from virtman.coordinator.models import HeartbeatReply
 from virtman.errors import ConfigError, InvalidRequest, NotFound
-from virtman.httpapi import ApiClient
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import NbdServer
 
@@ -129,7 +128,7 @@ async def test_volt_link_heartbeats_and_hands_each_answer_on(world: World) -> No
         replies.append(reply)
 
     link = VoltLink(
-        "h1", world.volt_url, interval=0.05,
+        "h1", world.volt_url, credentials=world.as_agent("h1"), interval=0.05,
         report=lambda: {"url": "http://127.0.0.1:1", "relays": {}}, on_reply=on_reply,
     )
     link.url = "http://127.0.0.1:1"
@@ -138,7 +137,7 @@ async def test_volt_link_heartbeats_and_hands_each_answer_on(world: World) -> No
         await until(lambda: len(replies) >= 2)
         assert link.reachable and link.state is LinkState.RUNNING
         assert link.interval == 0.3  # Volt's interval replaces ours
-        async with ApiClient(world.volt_url) as api:
+        async with world.api(world.volt_url) as api:
             assert [a["name"] for a in await api.get("/agents")] == ["h1"]
         spec = await link.image_spec("img")
         assert (spec.name, spec.size, spec.chunk_size) == ("img", world.image_size, 64 * KiB)
@@ -178,8 +177,10 @@ async def test_an_unexpected_heartbeat_error_ends_the_task_and_is_reported(
     async def on_reply(reply: HeartbeatReply) -> None:
         raise RuntimeError("a bug in the reply handler")
 
-    link = VoltLink("h1", world.volt_url, interval=0.02, report=lambda: {"url": "x"},
-                    on_reply=on_reply)
+    link = VoltLink(
+        "h1", world.volt_url, credentials=world.as_agent("h1"),
+        interval=0.02, report=lambda: {"url": "x"}, on_reply=on_reply,
+    )
     caplog.set_level(logging.ERROR, logger="virtman.agent.voltlink")
     link.start()
     try:
@@ -202,8 +203,10 @@ async def test_volt_link_keeps_beating_through_expected_errors(
         calls += 1
         raise ConfigError("paths refused")  # an expected kind of trouble
 
-    link = VoltLink("h1", world.volt_url, interval=0.02, report=lambda: {"url": "x"},
-                    on_reply=on_reply)
+    link = VoltLink(
+        "h1", world.volt_url, credentials=world.as_agent("h1"),
+        interval=0.02, report=lambda: {"url": "x"}, on_reply=on_reply,
+    )
     caplog.set_level(logging.ERROR, logger="virtman.agent.voltlink")
     link.start()
     try:
@@ -224,7 +227,9 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
     async def on_reply(reply: HeartbeatReply) -> None:
         return None
 
-    link = VoltLink("h1", world.volt_url, report=lambda: {"url": "x"}, on_reply=on_reply)
+    link = VoltLink(
+        "h1", world.volt_url, credentials=world.as_agent("h1"),
+        report=lambda: {"url": "x"}, on_reply=on_reply)
     relays = RelayManager(str(tmp_path / "cache"), link, capacity=1 << 30, parent_wait=0.1)
     await relays.start()
     try:
@@ -233,7 +238,7 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
         assert relays.in_tree() == {"img": relays.relay_uri("img")}
         with pytest.raises(NotFound, match="nope"):
             await relays.image("nope")
-        async with ApiClient(world.volt_url) as api:
+        async with world.api(world.volt_url) as api:
             tree = await api.get("/images/img/tree")
             assert [n["agent"] for n in tree["nodes"]] == ["h1"]
             # Its relay export serves the image (and fills the cache).
@@ -244,8 +249,10 @@ async def test_relay_manager_opens_an_image_once_and_leaves_its_tree_when_evicte
             relays.cache.capacity = 0
             first.users.add("vm")
             assert await relays.evict() == []  # in use: never evicted
+            assert relays.cache.evicted_over_capacity == 0
             first.users.clear()
             assert await relays.evict() == ["img"]
+            assert relays.cache.evicted_over_capacity == 1  # virtman_cache_evictions_total
             assert relays.get("img") is None
             tree = await api.get("/images/img/tree")
             assert tree["nodes"] == [], "the evicted image is still in Volt's tree"
@@ -260,7 +267,9 @@ async def test_relay_manager_reopens_its_images_without_volt(world: World, tmp_p
     async def on_reply(reply: HeartbeatReply) -> None:
         return None
 
-    link = VoltLink("h1", world.volt_url, report=lambda: {"url": "x"}, on_reply=on_reply)
+    link = VoltLink(
+        "h1", world.volt_url, credentials=world.as_agent("h1"),
+        report=lambda: {"url": "x"}, on_reply=on_reply)
     relays = RelayManager(str(tmp_path / "cache"), link, parent_wait=0.1)
     await relays.start()
     await relays.image("img")

@@ -25,7 +25,7 @@ import pytest
 
 from virtman.blockdev import MemoryDevice
 from virtman.blockdev.faults import FaultyDevice
-from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.cluster.local import OPERATOR, VIEWER, ClusterSettings, LocalCluster
 from virtman.errors import ApiError
 from virtman.httpapi import ApiClient
 from virtman.nbd.server import Export, NbdServer
@@ -89,6 +89,11 @@ def plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
 
 
+def operator(cluster: LocalCluster) -> list[str]:
+    """The CLI's options for the cluster's operator credentials (HTTPS, its own CA)."""
+    return ["--token-file", cluster.token_file(OPERATOR), "--tls-ca", cluster.ca_file]
+
+
 def assert_plain(out: str) -> None:
     assert ESCAPE not in out and not BOX.search(out), out
 
@@ -121,7 +126,7 @@ async def test_image_add_draws_the_manifest_progress_on_a_terminal_and_json_when
     volt = cluster.volt_url
     code, out = await asyncio.to_thread(
         run_in_pty, virtman("image", "add", "tty", "--origin", origin, "--chunk-size", "64K",
-                            "--volt", volt)
+                            "--volt", volt, *operator(cluster))
     )
     assert code == 0, out
     assert ESCAPE in out and BOX.search(out)
@@ -134,7 +139,7 @@ async def test_image_add_draws_the_manifest_progress_on_a_terminal_and_json_when
 
     piped = await asyncio.to_thread(
         run_piped, virtman("image", "add", "piped", "--origin", origin, "--chunk-size", "64K",
-                           "--volt", volt)
+                           "--volt", volt, *operator(cluster))
     )
     assert piped.returncode == 0, piped.stderr
     assert_plain(piped.stdout)
@@ -144,7 +149,7 @@ async def test_image_add_draws_the_manifest_progress_on_a_terminal_and_json_when
 
     # --json on a terminal: the document, as piped.
     code, out = await asyncio.to_thread(
-        run_in_pty, virtman("image", "list", "--json", "--volt", volt)
+        run_in_pty, virtman("image", "list", "--json", "--volt", volt, *operator(cluster))
     )
     assert code == 0, out
     assert {i["name"] for i in json.loads(out)} == {"tty", "piped"}
@@ -155,7 +160,7 @@ async def test_volt_reports_a_registration_while_it_runs_and_refuses_a_second(
 ) -> None:
     cluster, origin = volt_and_agent
     body = {"name": "img", "origins": [origin], "chunk_size": CHUNK}
-    async with ApiClient(cluster.volt_url, timeout=60) as api:
+    async with cluster.api(cluster.volt_url, timeout=60) as api:
         adding = asyncio.ensure_future(api.post("/images", json=body))
         seen: list[dict[str, int]] = []
         while not adding.done():
@@ -185,6 +190,11 @@ async def test_volt_reports_a_registration_while_it_runs_and_refuses_a_second(
                 assert not first.done()
         with pytest.raises(ApiError, match=r"being registered.*HTTP 409"):
             await api.post("/images", json={**body, "name": "again"})
+        # Its progress is an operator's, like the POST: a viewer is refused, even now.
+        viewer = ApiClient(cluster.volt_url, token=cluster.token(VIEWER), ca=cluster.ca_file)
+        async with viewer:
+            with pytest.raises(ApiError, match="HTTP 403"):
+                await viewer.get("/registrations/again")
         assert (await first)["name"] == "again"
 
 
@@ -195,19 +205,20 @@ async def test_vm_list_is_a_table_on_a_terminal_and_json_when_piped(
     await cluster.register_image("img", [origin])
     await cluster.create_vm("host1", "vm1", "img")
     agent = cluster.agents["host1"].url
-    code, out = await asyncio.to_thread(run_in_pty, virtman("vm", "list", "--agent", agent))
+    listing = virtman("vm", "list", "--agent", agent, *operator(cluster))
+    code, out = await asyncio.to_thread(run_in_pty, listing)
     assert code == 0, out
     assert BOX.search(out)
     shown = plain(out)
     assert "vm1" in shown and "img" in shown and "NBD URI" in shown
 
-    piped = await asyncio.to_thread(run_piped, virtman("vm", "list", "--agent", agent))
+    piped = await asyncio.to_thread(run_piped, listing)
     assert piped.returncode == 0, piped.stderr
     assert_plain(piped.stdout)
     assert [v["name"] for v in json.loads(piped.stdout)] == ["vm1"]
 
     code, out = await asyncio.to_thread(
-        run_in_pty, virtman("vm", "list", "--json", "--agent", agent)
+        run_in_pty, virtman("vm", "list", "--json", "--agent", agent, *operator(cluster))
     )
     assert code == 0 and [v["name"] for v in json.loads(out)] == ["vm1"]
 

@@ -271,10 +271,15 @@ async def test_fleet_processes_boot_vms_and_count_what_fails(
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    operator = (cluster.token_file("operator"), cluster.ca_file)
     specs = {
-        "host1": FleetSpec(cluster.agents["host1"].url, "img", ["a1", "taken"], str(trace_path), 1),
-        "host2": FleetSpec(cluster.agents["host2"].url, "img", ["b1", "b2"], str(trace_path), 1),
-        "gone": FleetSpec(dead, "img", ["c1"], str(trace_path), 1),
+        "host1": FleetSpec(
+            cluster.agents["host1"].url, "img", ["a1", "taken"], str(trace_path), 1, *operator
+        ),
+        "host2": FleetSpec(
+            cluster.agents["host2"].url, "img", ["b1", "b2"], str(trace_path), 1, *operator
+        ),
+        "gone": FleetSpec(dead, "img", ["c1"], str(trace_path), 1, *operator),
     }
     fleets = [FleetProcess([], spec, str(tmp_path / f"{h}.json")) for h, spec in specs.items()]
     try:

@@ -15,7 +15,6 @@ import pytest
 from conftest import require
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
-from virtman.httpapi import ApiClient
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
 from virtman.replay.trace import parse_trace
 
@@ -71,7 +70,7 @@ async def wait_guests_done(cluster: LocalCluster, vms: dict[str, str], budget: B
     pending = dict(vms)
     while pending and budget.end - time.monotonic() > 1:
         for name, host in list(pending.items()):
-            async with ApiClient(cluster.agents[host].url, timeout=budget.left()) as api:
+            async with cluster.api(cluster.agents[host].url, timeout=budget.left()) as api:
                 doc = await api.get(f"/vms/{name}")
             if not doc["guest_running"]:
                 del pending[name]
@@ -97,7 +96,7 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
     base_digest = hashlib.sha256(Path(test_image.image).read_bytes()).hexdigest()
     placement = {"vm1": "host1", "vm2": "host1", "vm3": "host2"}
     for name, host in placement.items():
-        async with ApiClient(cluster.agents[host].url, timeout=budget.left()) as api:
+        async with cluster.api(cluster.agents[host].url, timeout=budget.left()) as api:
             await api.post("/vms", json={
                 "name": name, "image": "guest", "start": True, "record": name == "vm3",
                 "guest": {"kernel": test_image.kernel, "initrd": test_image.initrd,
@@ -116,7 +115,7 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
     assert "[cached in" in lines[0]
 
     for name, host in placement.items():
-        async with ApiClient(cluster.agents[host].url, timeout=budget.left()) as api:
+        async with cluster.api(cluster.agents[host].url, timeout=budget.left()) as api:
             console = await api.get_text(f"/vms/{name}/console")
             uri = (await api.get(f"/vms/{name}"))["uri"]
         assert f"{MARKER} {name}" in console, f"{name} console:\n{console[-2000:]}"
@@ -130,7 +129,7 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
 
     # The relay tree carried the image: one host read it from the other or both from
     # the origin, and the recorded boot trace is a trace.
-    async with ApiClient(cluster.agents["host2"].url, timeout=budget.left()) as api:
+    async with cluster.api(cluster.agents["host2"].url, timeout=budget.left()) as api:
         trace_text = await api.get_text("/vms/vm3/trace")
         xml = await api.get_text("/vms/vm3/xml")
     trace = parse_trace(trace_text, "recorded")

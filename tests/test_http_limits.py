@@ -17,6 +17,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from virtman.auth import Authenticator, Principal, Role, TokenTable, new_token
 from virtman.coordinator.app import create_app
 from virtman.coordinator.state import VoltState
 from virtman.coordinator.volt import Volt
@@ -33,6 +34,14 @@ MB = 1000 * 1000
 KiB = 1024
 #: An answer that quotes at most a bounded prefix of the input is a few KiB at most.
 SMALL_ANSWER = 4 * KiB
+#: Volt checks credentials first (virtman.auth): these tests call as an operator.
+TOKEN = new_token()
+AUTH = Authenticator(TokenTable())
+AUTH.tokens.add(Principal(Role.OPERATOR, "test"), TOKEN)
+OPERATOR = {"authorization": f"Bearer {TOKEN}"}
+A1_TOKEN = new_token()
+AUTH.tokens.add(Principal(Role.AGENT, "a1"), A1_TOKEN)
+AGENT_A1 = {"authorization": f"Bearer {A1_TOKEN}"}
 
 Serve = Callable[..., Awaitable[str]]
 
@@ -45,7 +54,8 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serve]:
 
     async def start(app: FastAPI | None = None, *, limits: HttpLimits | None = None) -> str:
         if app is None:
-            app = create_app(Volt(VoltState(str(tmp_path / f"volt{len(services)}.db"))), limits)
+            volt = Volt(VoltState(str(tmp_path / f"volt{len(services)}.db")))
+            app = create_app(volt, limits, authenticator=AUTH)
         service = HttpService(app, bind("127.0.0.1", 0))
         await service.start()
         services.append(service)
@@ -71,7 +81,7 @@ async def test_a_10_mb_bad_origin_uri_is_422_naming_the_field_in_a_small_answer(
     # A body cap above the input, so that the error path itself is what is bounded.
     url = await serve(limits=HttpLimits(max_body_bytes=16 * MB))
     bad = "x" * (10 * MB)
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         r = await http.post("/images", json={"name": "img", "origins": [bad]})
         assert r.status_code == 422
         assert len(r.content) < SMALL_ANSWER, len(r.content)
@@ -82,7 +92,7 @@ async def test_a_10_mb_bad_origin_uri_is_422_naming_the_field_in_a_small_answer(
         assert "scheme must be nbd://" in error["msg"]
         assert (await http.get("/health")).json()["images"] == 0  # nothing registered
     # The CLI's rendering: one short line naming the field.
-    async with ApiClient(url) as api:
+    async with ApiClient(url, token=TOKEN) as api:
         with pytest.raises(ApiError) as caught:
             await api.post("/images", json={"name": "img", "origins": [bad]})
     assert caught.value.status == 422
@@ -94,7 +104,7 @@ async def test_volt_own_error_messages_are_bounded(serve: Serve) -> None:
     # A well-formed URI nothing listens on: Volt's own ConfigError names it, cut short.
     url = await serve(limits=HttpLimits(max_body_bytes=16 * MB))
     origin = "nbd+unix:///img?socket=/" + "s" * (5 * MB)
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         r = await http.post("/images", json={"name": "img", "origins": [origin]})
     assert r.status_code == 422
     detail = r.json()["detail"]
@@ -105,7 +115,7 @@ async def test_volt_own_error_messages_are_bounded(serve: Serve) -> None:
 
 async def test_errors_listed_and_keys_quoted_are_bounded(serve: Serve) -> None:
     url = await serve()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         # 20,000 bad origins: ten errors are listed, the rest counted.
         r = await http.post("/images", json={"name": "img", "origins": ["bad"] * 20_000})
         assert r.status_code == 422 and len(r.content) < SMALL_ANSWER
@@ -115,7 +125,8 @@ async def test_errors_listed_and_keys_quoted_are_bounded(serve: Serve) -> None:
         # A dict key is input too: a 500 kB image name in a heartbeat's relays.
         key = "k" * 500_000
         r = await http.post(
-            "/agents/a1/heartbeat", json={"url": "http://h", "relays": {key: "nbd://h/img"}}
+            "/agents/a1/heartbeat", json={"url": "http://h", "relays": {key: "nbd://h/img"}},
+            headers=AGENT_A1,  # heartbeats are agents' own
         )
         assert r.status_code == 422 and len(r.content) < SMALL_ANSWER
         assert any(str(x).startswith("k" * 10) for x in r.json()["detail"][0]["loc"])
@@ -131,7 +142,7 @@ async def test_errors_listed_and_keys_quoted_are_bounded(serve: Serve) -> None:
 async def test_an_oversize_body_is_413_and_the_service_keeps_serving(serve: Serve) -> None:
     url = await serve()
     body = json.dumps({"name": "img", "origins": ["nbd://h/" + "e" * (2 * MAX_HTTP_BODY_BYTES)]})
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         r = await http.post("/images", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 413
         assert r.json()["detail"] == (
@@ -149,7 +160,7 @@ async def test_an_oversize_chunked_body_is_413_and_the_service_keeps_serving(
     serve: Serve,
 ) -> None:
     url = await serve()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         r = await http.post(
             "/images",
             content=chunks(4 * MAX_HTTP_BODY_BYTES),
@@ -197,7 +208,7 @@ def sink_app(limits: HttpLimits) -> FastAPI:
 async def test_a_streamed_route_has_its_own_larger_cap(serve: Serve) -> None:
     limits = HttpLimits(max_body_bytes=4 * KiB, max_stream_body_bytes=256 * KiB)
     url = await serve(sink_app(limits))
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=OPERATOR) as http:
         # Far over the JSON cap, within the stream's: streamed through whole.
         r = await http.post("/sink", content=chunks(200 * KiB, 16 * KiB))
         assert r.status_code == 200 and r.json() == {"received": 200 * KiB}
@@ -229,7 +240,7 @@ async def test_the_cli_rendering_of_a_huge_detail_is_bounded(serve: Serve) -> No
         return JSONResponse({"detail": items}, status_code=422)
 
     url = await serve(app)
-    async with ApiClient(url) as api:
+    async with ApiClient(url, token=TOKEN) as api:
         for path in ("/plain", "/listed"):
             with pytest.raises(ApiError) as caught:
                 await api.get(path)

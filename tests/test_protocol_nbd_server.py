@@ -448,7 +448,7 @@ def test_structured_reply_with_data_is_invalid() -> None:
 
 
 @pytest.mark.parametrize(
-    "option", [Option.PEEK_EXPORT, Option.STARTTLS, Option.EXTENDED_HEADERS, 12, 0x1234, 0xFFFFFFFF]
+    "option", [Option.PEEK_EXPORT, Option.EXTENDED_HEADERS, 12, 0x1234, 0xFFFFFFFF]
 )
 def test_unknown_option_unsupported_and_connection_goes_on(option: int) -> None:
     server = in_options()

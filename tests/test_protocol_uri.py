@@ -42,6 +42,21 @@ PARSED = {
         NbdAddress("d", socket="/s?x&y"), "nbd+unix:///d?socket=/s%3Fx%26y"),
     "nbd+unix:///d?socket=%00abstract": (
         NbdAddress("d", socket="\x00abstract"), "nbd+unix:///d?socket=%00abstract"),
+    # TLS, as QEMU and libnbd write it.
+    "nbds://example.com/disk": (
+        NbdAddress("disk", host="example.com", tls=True), "nbds://example.com/disk"),
+    "NBDS://h:10810/": (NbdAddress("", host="h", port=10810, tls=True), "nbds://h:10810/"),
+    "nbds://[::1]/d?tls-certificates=/etc/pki/libnbd": (
+        NbdAddress("d", host="::1", tls=True, tls_certificates="/etc/pki/libnbd"),
+        "nbds://[::1]/d?tls-certificates=/etc/pki/libnbd"),
+    "nbds://h/d?tls-verify-peer=false&tls-hostname=x": (
+        NbdAddress("d", host="h", tls=True), "nbds://h/d"),
+    "nbds+unix:///disk?socket=/run/s.sock": (
+        NbdAddress("disk", socket="/run/s.sock", tls=True),
+        "nbds+unix:///disk?socket=/run/s.sock"),
+    "nbds+unix:///disk?socket=/s&tls-certificates=/p%20q": (
+        NbdAddress("disk", socket="/s", tls=True, tls_certificates="/p q"),
+        "nbds+unix:///disk?socket=/s&tls-certificates=/p%20q"),
 }
 
 
@@ -81,9 +96,14 @@ BAD_URIS = [
     "nbd+unix:///disk?socket=",
     "nbd+unix:///disk?sock=/s",
     "nbd+unix://host/disk?socket=/s",  # authority on unix
-    "nbds://h/disk",  # TLS is not supported
-    "nbds+unix:///disk?socket=/s",
     "nbd+vsock://1:2/disk",
+    "nbds+vsock://1:2/disk",
+    "nbds+unix:///disk",  # missing socket, TLS or not
+    "nbds+unix://host/disk?socket=/s",
+    "nbds://h/disk?socket=/s",
+    "nbds:///disk",
+    "nbds://h/disk?tls-certificates=",  # an empty directory
+    "nbd://h/disk?tls-certificates=/etc/pki",  # certificates without TLS
     "http://h/disk",  # unknown scheme
     "nbd+tcp://h/disk",
     "h/disk",
@@ -103,9 +123,9 @@ def test_bad_uris(uri: str) -> None:
         parse_nbd_uri(uri)
 
 
-def test_tls_scheme_error_says_why() -> None:
-    with pytest.raises(ConfigError, match="nbds"):
-        parse_nbd_uri("nbds://h/disk")
+def test_vsock_scheme_error_says_why() -> None:
+    with pytest.raises(ConfigError, match="no vsock"):
+        parse_nbd_uri("nbd+vsock://1:2/disk")
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from virtman.auth import Authenticator, Principal, Role, TokenTable, new_token
 from virtman.blockdev import MemoryDevice
 from virtman.coordinator.app import create_app
 from virtman.coordinator.models import Heartbeat, ImageCreate
@@ -29,6 +30,11 @@ TIMEOUT = 6.0
 EPS = 1e-6
 T0 = 1000.0
 AGENTS = [f"a{i}" for i in range(7)]
+#: Volt's HTTP API takes requests with a credential only (virtman.auth).
+TOKEN = new_token()
+AUTH = Authenticator(TokenTable())
+AUTH.tokens.add(Principal(Role.VIEWER, "test"), TOKEN)
+VIEWER = {"authorization": f"Bearer {TOKEN}"}
 
 
 class Clock:
@@ -169,9 +175,9 @@ async def test_a_crash_of_the_failure_detector_reaches_the_log_and_health(
 ) -> None:
     clock = FailingClock(T0)
     volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=0.02, timeout=0.05, clock=clock)
-    service = HttpService(create_app(volt), bind("127.0.0.1", 0))
+    service = HttpService(create_app(volt, authenticator=AUTH), bind("127.0.0.1", 0))
     await service.start()
-    async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http:
         assert (await http.get("/health")).json()["status"] == "ok"
         clock.broken = True
         for _ in range(200):  # the detector's next round, with a bound
@@ -244,11 +250,11 @@ async def test_volt_lifecycle(tmp_path: Path, origin: str) -> None:
 
 async def test_volt_follows_its_http_service(tmp_path: Path) -> None:
     volt = Volt(VoltState(str(tmp_path / "volt.db")))
-    service = HttpService(create_app(volt), bind("127.0.0.1", 0))
+    service = HttpService(create_app(volt, authenticator=AUTH), bind("127.0.0.1", 0))
     assert (service.state, volt.lifecycle) == (ServiceState.NEW, Lifecycle.NEW)
     await service.start()
     assert (service.state, volt.lifecycle) == (ServiceState.RUNNING, Lifecycle.RUNNING)
-    async with httpx.AsyncClient(base_url=service.url) as http:
+    async with httpx.AsyncClient(base_url=service.url, headers=VIEWER) as http:
         health = (await http.get("/health")).json()
     assert health["status"] == "ok" and health["state"] == "running"
     await service.close()

@@ -114,6 +114,16 @@ class ApiError(VirtmanError):
         self.url = url
 
 
+class Unauthorized(VirtmanError):
+    """A request to a virtman service without a valid credential (HTTP 401). The message
+    says what was missing or wrong, never the credential itself."""
+
+
+class Forbidden(VirtmanError):
+    """A request whose credential is valid but does not allow it (HTTP 403): a role
+    without the right, or an agent acting as another."""
+
+
 class NotFound(VirtmanError):
     """A named thing (image, agent, VM, snapshot) that does not exist."""
 

@@ -16,6 +16,14 @@ What a caller sends is bounded at this boundary, for every app that
 - An error never echoes a caller's input whole: pydantic's validation errors (whose
   ``input`` is what was sent) and virtman's own messages quote a bounded prefix and its
   size, and an answer lists a bounded number of errors.
+
+HTTPS: an ``HttpService`` given ``TlsFiles`` serves TLS with the cluster's certificate
+and asks every client for a certificate without requiring one (browsers and the CLI
+have none and use tokens). A certificate the CA verified is named (its common name) in
+each request's scope, under ``PEER_CERT_NAME`` in ``scope["state"]``, for
+``virtman.auth`` to identify agents by. ``ApiClient`` verifies the service against the
+CA (host names checked), presents its own certificate when it has one and sends its
+token as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import json
 import logging
 import signal
 import socket
-from collections.abc import Collection, Mapping
+import ssl
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +47,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from virtman.errors import (
     ApiError,
     ConfigError,
     Conflict,
     DeviceError,
+    Forbidden,
     InvalidRequest,
     LifecycleError,
     NetworkError,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     VirtmanError,
     excerpt,
 )
@@ -60,6 +72,7 @@ from virtman.limits import (
     MAX_HTTP_BODY_BYTES,
     MAX_STREAM_BODY_BYTES,
 )
+from virtman.tlsconfig import TlsFiles, client_context, peer_name, server_context
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +83,13 @@ class Problem(BaseModel):
 
 #: The error answers every route may give, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem},
-    422: {"model": Problem}, 500: {"model": Problem}, 502: {"model": Problem}}
+    401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem},
+    409: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem},
+    500: {"model": Problem}, 502: {"model": Problem}}
 
-_STATUS = ((NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413), (ConfigError, 422),
-           (InvalidRequest, 422), (DeviceError, 500), (LifecycleError, 503))
+_STATUS = ((Unauthorized, 401), (Forbidden, 403), (NotFound, 404), (Conflict, 409),
+           (PayloadTooLarge, 413), (ConfigError, 422), (InvalidRequest, 422),
+           (DeviceError, 500), (LifecycleError, 503))
 
 
 @dataclass(frozen=True)
@@ -250,12 +265,19 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _refuse(send: Send, err: PayloadTooLarge) -> None:
     log.debug("refused: %s", err)
-    body = json.dumps({"detail": str(err)}).encode()
+    await json_refusal(send, 413, str(err))
+
+
+async def json_refusal(
+    send: Send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer an ASGI request with ``{"detail": ...}`` from a middleware, before the app."""
+    body = json.dumps({"detail": detail}).encode()
     await send({
         "type": "http.response.start",
-        "status": 413,
+        "status": status,
         "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
+                    (b"content-length", str(len(body)).encode()), *headers],
     })
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -273,6 +295,43 @@ def bind(host: str, port: int) -> socket.socket:
         raise NetworkError(f"cannot listen on {host}:{port}: {err.strerror}") from err
     sock.setblocking(False)
     return sock
+
+
+#: Key in an HTTP request's ``scope["state"]``: the common name of the client
+#: certificate the service's CA verified on this connection (absent without one).
+PEER_CERT_NAME = "virtman.peer_cert_name"
+
+
+class _PeerNamingH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, telling each request of a TLS connection whose
+    verified certificate the client presented. uvicorn hands a copy of ``app_state`` to
+    every request as ``scope["state"]``; a connection gets its own copy with the name
+    (the handshake is over when ``connection_made`` runs)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        name = peer_name(transport.get_extra_info("ssl_object"))
+        if name is not None:
+            self.app_state = {**self.app_state, PEER_CERT_NAME: name}
+
+
+def https_context(files: TlsFiles) -> ssl.SSLContext:
+    """The server side of HTTPS: the host's certificate; a client certificate is asked
+    for and verified when sent, not required (browsers and the CLI use tokens)."""
+    context = server_context(files, require_client_cert=False)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def ca_context(ca: str) -> ssl.SSLContext:
+    """A client context that verifies servers against ``ca`` and presents no certificate
+    (the CLI, which identifies itself by a token). ``ConfigError`` if it does not load."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"TLS CA file {ca!r} does not load: {err}") from err
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class _Server(uvicorn.Server):
@@ -312,12 +371,20 @@ class HttpService:
     does a startup that fails (the app's own error is logged by uvicorn).
     """
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, *, tls: TlsFiles | None = None) -> None:
         self.sock = sock
         self.port = int(sock.getsockname()[1])
         self.host = str(sock.getsockname()[0])
+        self.tls = tls
+        context = https_context(tls) if tls is not None else None  # ConfigError: now, not later
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", access_log=False, timeout_graceful_shutdown=5
+            app,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            http=_PeerNamingH11Protocol,
+            ssl_context_factory=(lambda _config, _default: context) if context else None,
         )
         self.server = _Server(config)
         self.state = ServiceState.NEW
@@ -326,7 +393,7 @@ class HttpService:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{host}:{self.port}"
 
     def _fail(self, action: str, reason: str = "") -> LifecycleError:
         return LifecycleError(
@@ -397,19 +464,59 @@ class HttpService:
             await self._task
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a caller presents to virtman services: a token (``Authorization: Bearer``),
+    and for HTTPS either its own certificate, key and CA (``tls``: agents) or only the
+    CA to verify services against (``ca``: the CLI). Neither: the system's CAs."""
+
+    token: str | None = None
+    tls: TlsFiles | None = None
+    ca: str | None = None
+
+    def __repr__(self) -> str:  # a token never reaches a log line through a repr
+        return f"Credentials(token={'***' if self.token else None}, tls={self.tls}, ca={self.ca})"
+
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify``: a context for the cluster's CA, or True (system CAs)."""
+        if self.tls is not None:
+            return client_context(self.tls)
+        if self.ca is not None:
+            return ca_context(self.ca)
+        return True
+
+    def api(self, base_url: str, **kwargs: Any) -> ApiClient:
+        return ApiClient(base_url, token=self.token, tls=self.tls, ca=self.ca, **kwargs)
+
+
 class ApiClient:
-    """Calls one virtman service. Use as ``async with ApiClient(url) as api``."""
+    """Calls one virtman service. Use as ``async with ApiClient(url) as api``.
+
+    ``token`` is sent with every request; ``tls`` (certificate, key, CA) or ``ca`` alone
+    is what an ``https://`` service is verified against (see ``Credentials``)."""
 
     def __init__(
         self,
         base_url: str,
         *,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        ca: str | None = None,
         timeout: float = HTTP_TIMEOUT_SECONDS,
         max_detail_chars: int = MAX_ERROR_DETAIL_CHARS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_detail_chars = max_detail_chars
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        credentials = Credentials(token, tls, ca)
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=credentials.headers(),
+            verify=credentials.verify(),
+        )
 
     async def __aenter__(self) -> ApiClient:
         return self
@@ -481,15 +588,23 @@ def _detail_text(detail: Any, limit: int = MAX_ERROR_DETAIL_CHARS) -> str:
     return excerpt(str(detail), limit)
 
 
-async def wait_for(url: str, path: str = "/health", timeout: float = 20.0) -> None:
+async def wait_for(
+    url: str,
+    path: str = "/health",
+    timeout: float = 20.0,
+    *,
+    credentials: Credentials | None = None,
+) -> None:
     """Poll a service until it answers (used when starting processes)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    async with ApiClient(url, timeout=2) as api:
+    async with (credentials or Credentials()).api(url, timeout=2) as api:
         while True:
             try:
                 await api.get(path)
                 return
-            except (NetworkError, ApiError):
+            except (NetworkError, ApiError) as err:
+                if isinstance(err, ApiError) and err.status in (401, 403):
+                    raise  # waiting longer will not make the credential good
                 if asyncio.get_running_loop().time() > deadline:
                     raise NetworkError(
                         f"service did not answer in {timeout} s", address=url

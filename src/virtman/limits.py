@@ -99,6 +99,15 @@ CACHE_LOG_INTERVAL_SECONDS = 60.0
 #: Default overlay block: the unit of allocation and of read-modify-write.
 DEFAULT_COW_BLOCK_SIZE = 4 * KiB
 
+# --- TLS (``virtman ca``, NBD over TLS) -------------------------------------------------------
+#: Days a CA made by ``virtman ca init`` is valid.
+CA_VALIDITY_DAYS = 3650
+#: Days a certificate issued by ``virtman ca issue`` is valid.
+CERT_VALIDITY_DAYS = 825
+#: Seconds a TLS handshake (after NBD_OPT_STARTTLS) may take; it counts against the
+#: NBD handshake's own limit too.
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
 # --- Coordinator (Volt) and agents ---------------------------------------------------------
 #: Seconds between an agent's heartbeats.
 HEARTBEAT_INTERVAL_SECONDS = 2.0
@@ -175,6 +184,11 @@ MAX_ERROR_DETAIL_CHARS = 2000
 #: Validation errors listed in one 422 answer; the rest are counted in one more line.
 MAX_ERROR_ITEMS = 10
 
+#: Random bytes in a token ``virtman token issue`` makes (``secrets.token_urlsafe``).
+TOKEN_BYTES = 32
+#: Longest credential a service reads from a request; a longer one is refused unread.
+MAX_TOKEN_CHARS = 256
+
 # --- Guests (QEMU) ------------------------------------------------------------------------
 #: Seconds the KVM probe gives a Linux kernel under KVM to print its first console line
 #: before ``--accel auto`` decides KVM does not work here. Under TCG the same kernel
@@ -196,6 +210,21 @@ MANIFEST_READS_IN_FLIGHT = 8
 #: Bytes per read while a COPY-mode host downloads an image, and reads in flight.
 COPY_READ_BYTES = 4 * MiB
 COPY_READS_IN_FLIGHT = 8
+
+# --- Volt's live view (/ui) ---------------------------------------------------------------
+#: Browsers watching ``/ui/events`` at once; one more is answered 503. Each holds a
+#: connection and a queue, and every change is rendered once and copied to each.
+UI_MAX_CLIENTS = 32
+#: Snapshots queued for one watcher. Every event is a whole snapshot, so a watcher that
+#: reads slowly loses the oldest ones and still ends on the newest.
+UI_QUEUE_EVENTS = 4
+#: Seconds changes are gathered into one event: a boot of many hosts changes the stats
+#: with every heartbeat, and the page needs no more than a few frames a second.
+UI_MIN_EVENT_SECONDS = 0.25
+#: Seconds between keep-alive comments on an idle event stream (proxies close silent ones).
+UI_KEEPALIVE_SECONDS = 15.0
+#: Tree changes (joins, leaves, repairs) the page lists, newest first.
+UI_RECENT_CHANGES = 20
 
 # --- Command-line output -------------------------------------------------------------------
 #: Seconds between redraws of a progress display on a terminal. Each redraw reads counters

@@ -27,11 +27,25 @@ from virtman.agent.copy import CopyLimits
 from virtman.agent.images import DeliveryMode
 from virtman.agent.relays import RelayManager
 from virtman.agent.vm_manager import VmManager
+from virtman.agent.vms import SocketOwner, Vm, VmState
 from virtman.agent.voltlink import VoltLink
 from virtman.coordinator.models import HeartbeatReply
-from virtman.errors import Conflict, LocalProtocolError
-from virtman.hypervisor.qemu import HypervisorSettings
+from virtman.errors import Conflict, Forbidden, LocalProtocolError
+from virtman.httpapi import Credentials
+from virtman.hypervisor.qemu import GuestState, HypervisorSettings
 from virtman.limits import DEFAULT_CACHE_CAPACITY, HEARTBEAT_INTERVAL_SECONDS
+from virtman.metrics import (
+    BOOT_BUCKETS,
+    CREATE_BUCKETS,
+    Metric,
+    Metrics,
+    counter,
+    data_path_families,
+    fetch_histogram,
+    gauge,
+    nbd_families,
+)
+from virtman.planner.tree import ORIGIN
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +74,32 @@ class Agent:
         attach_delay: float = 0.0,
         copy_limits: CopyLimits | None = None,
         hypervisor: HypervisorSettings | None = None,
+        credentials: Credentials | None = None,
+        socket_owner: SocketOwner | None = None,
     ) -> None:
         self.name = name
+        #: What this agent presents to Volt and to the agents it sends VMs to: its
+        #: certificate (``tls``) and/or its agent token.
+        self.credentials = credentials or Credentials()
         self.data_dir = os.path.abspath(data_dir)
         self.state = AgentState.CREATED
+        #: This agent's Prometheus metrics (``GET /metrics``), in a registry of its own.
+        self.metrics = Metrics()
+        fetches = fetch_histogram(self.metrics)
+        creates = self.metrics.histogram(
+            "vm_create_seconds", "Time from a VM create request to its disk export serving "
+            "(a first create of an image also sets up its relay and joins its tree).",
+            CREATE_BUCKETS)
+        boots = self.metrics.histogram(
+            "vm_boot_seconds", "Time from a guest's QEMU start to its first console output "
+            "(a KVM trial and a TCG restart included).", BOOT_BUCKETS)
         self.link = VoltLink(
             name,
             volt_url,
             report=self._heartbeat_report,
             on_reply=self._heartbeat_reply,
             interval=heartbeat_interval,
+            credentials=self.credentials,
         )
         self.relays = RelayManager(
             os.path.join(self.data_dir, "cache"),
@@ -79,6 +109,7 @@ class Agent:
             nbd_port=nbd_port,
             mode=mode,
             attach_delay=attach_delay,
+            on_fetch=fetches.observe,
         )
         self.vms = VmManager(
             name,
@@ -87,7 +118,13 @@ class Agent:
             self.relays,
             copy_limits=copy_limits,
             hypervisor=hypervisor,
+            credentials=self.credentials,
+            socket_owner=socket_owner,
+            on_created=creates.observe,
+            on_booted=boots.observe,
         )
+        # Registered last: the registry collects once now, to check the names are unique.
+        self.metrics.collect_with(self._metric_families)
 
     @property
     def url(self) -> str:
@@ -141,8 +178,25 @@ class Agent:
         return {
             "url": self.url,
             "relays": self.relays.in_tree(),
-            "stats": {"vms": len(self.vms.vms)},
+            "stats": self._heartbeat_stats(),
         }
+
+    def _heartbeat_stats(self) -> dict[str, Any]:
+        """A few numbers for Volt's live view: VMs by phase, and per image the bytes
+        fetched from the origin and from parents (a handful of integers per image)."""
+        phases: dict[str, int] = {}
+        for vm in self.vms.vms.values():
+            phase = vm.phase()
+            phases[phase] = phases.get(phase, 0) + 1
+        images: dict[str, dict[str, int]] = {}
+        for name, relay in self.relays.relays.items():
+            received = relay.bytes_received()
+            from_origin = received.get(ORIGIN, 0)
+            images[name] = {
+                "from_origin": from_origin,
+                "from_parents": sum(received.values()) - from_origin,
+            }
+        return {"vms": len(self.vms.vms), "vm_phases": phases, "images": images}
 
     async def _heartbeat_reply(self, reply: HeartbeatReply) -> None:
         self.relays.apply(reply.paths)
@@ -151,15 +205,28 @@ class Agent:
     # --- clone and migrate ----------------------------------------------------------------
 
     async def copy_vm(self, name: str, destination: str, *, move: bool) -> dict[str, Any]:
-        """Send a VM to another agent (by name, through Volt, or by URL)."""
+        """Send a VM to another agent, named as Volt knows it: the address is Volt's
+        record of that agent, never the caller's word. Over TLS the destination must
+        be https:// and present that agent's certificate (``copy.send``).
+
+        Raises ``NotFound`` (no such VM, or Volt knows no such agent), ``Conflict``
+        (the destination is this agent) and ``Forbidden`` (Volt's address is plain
+        http:// while this agent uses TLS)."""
         self.vms.get(name)  # an unknown VM is reported before the destination is looked up
-        if destination.startswith(("http://", "https://")):
-            url = destination
-        else:
-            url = await self.link.agent_url(destination)
-        if url.rstrip("/") == self.url.rstrip("/"):
+        if destination == self.name:
             raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
-        return await self.vms.copy_out(name, url.rstrip("/"), move=move)
+        url = (await self.link.agent_url(destination)).rstrip("/")
+        tls = self.credentials.tls is not None
+        if tls and not url.startswith("https://"):
+            raise Forbidden(
+                f"agent {destination!r} is registered at {url}, not https://: "
+                f"a VM is sent only over verified TLS"
+            )
+        if url == self.url.rstrip("/"):
+            raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
+        return await self.vms.copy_out(
+            name, url, move=move, peer=destination if tls else None
+        )
 
     # --- status ---------------------------------------------------------------------------
 
@@ -179,3 +246,71 @@ class Agent:
             "images": relays["images"],
             "vms": [vm.info() for vm in self.vms.list()],
         }
+
+    # --- metrics --------------------------------------------------------------------------
+
+    def _metric_families(self) -> list[Metric]:
+        """Read at every scrape of ``/metrics`` (in the event loop): the counters the
+        relays, caches, NBD servers and the Volt link keep anyway."""
+        relays = list(self.relays.relays.values())
+        families = data_path_families(r.figures() for r in relays)
+        families += nbd_families({
+            "relay": [self.relays.server],
+            "vm": [vm.server for vm in self.vms.list() if vm.server is not None],
+        })
+        group = self.relays.cache
+        held = gauge("cache_bytes", "Bytes of image chunks this host's cache group holds.")
+        held.add_metric([], group.bytes_held)
+        capacity = gauge("cache_capacity_bytes", "The cache group's capacity.")
+        capacity.add_metric([], group.capacity)
+        evictions = counter(
+            "cache_evictions", "Images evicted from the cache group (none of this host's "
+            "VMs used them): over its capacity (reason=capacity), or to make room for a "
+            "chunk of another image (reason=space).", ["reason"])
+        evictions.add_metric(["capacity"], group.evicted_over_capacity)
+        evictions.add_metric(["space"], group.evicted_for_space)
+        level = gauge("tree_level", "This host's level in the image's relay tree "
+                      "(1: below the origin).", ["image"])
+        for r in relays:
+            if r.paths is not None:
+                level.add_metric([r.name], r.paths.level)
+        vms = gauge("vms", "VMs on this host by state: detached (disk kept, no export), "
+                    "no_guest (disk exported, no guest running), booting (guest started, "
+                    "no console output yet), running, stopping.", ["state"])
+        counts = dict.fromkeys(VmPhase, 0)
+        for vm in self.vms.list():
+            counts[VmPhase.of(vm)] += 1
+        for phase, n in counts.items():
+            vms.add_metric([phase.value], n)
+        answered = counter("heartbeats_answered", "Heartbeats Volt answered.")
+        answered.add_metric([], self.link.heartbeats_answered)
+        missed = counter("heartbeats_missed", "Heartbeats that got no usable answer "
+                         "(Volt unreachable, an error, a malformed answer).")
+        missed.add_metric([], self.link.heartbeats_missed)
+        reachable = gauge("volt_reachable", "1 while the last heartbeat reached Volt.")
+        reachable.add_metric([], 1 if self.link.reachable else 0)
+        return [*families, held, capacity, evictions, level, vms, answered, missed,
+                reachable]
+
+
+class VmPhase(enum.Enum):
+    """Where a VM is, as ``virtman_vms`` counts it (the value is its ``state`` label)."""
+
+    DETACHED = "detached"  # disk kept, no export
+    NO_GUEST = "no_guest"  # disk exported, no guest running
+    BOOTING = "booting"  # QEMU started, no console output yet
+    RUNNING = "running"  # the console has printed
+    STOPPING = "stopping"  # QEMU asked to stop
+
+    @classmethod
+    def of(cls, vm: Vm) -> VmPhase:
+        if vm.record.state is VmState.DETACHED:
+            return cls.DETACHED
+        guest = vm.guest
+        if guest is None or not guest.running:
+            return cls.NO_GUEST
+        if guest.state is GuestState.STARTING:
+            return cls.BOOTING
+        if guest.state is GuestState.STOPPING:
+            return cls.STOPPING
+        return cls.RUNNING

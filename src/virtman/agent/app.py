@@ -4,7 +4,7 @@
     GET    /vms, /vms/{name}
     DELETE /vms/{name}[?instance_only=true]
     POST   /vms/{name}/snapshots     {name}
-    POST   /vms/{name}/clone         {destination: agent name or URL}
+    POST   /vms/{name}/clone         {destination: an agent's name, as Volt knows it}
     POST   /vms/{name}/migrate       {destination}
     POST   /vms/import?name=&image=  body: the VM's copy stream (agent to agent; the
                                      format is ``virtman.protocol.copystream``)
@@ -12,31 +12,38 @@
                                       accel: auto | kvm | tcg (default: the agent's --accel)}
     POST   /vms/{name}/stop
     GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
-    GET    /status, /health
+    GET    /status, /health, /metrics (Prometheus text format)
 
-Errors: 404 unknown VM, image, snapshot or agent; 409 a name in use; 422 malformed
-requests (and a malformed copy stream); 502 a failure further away (Volt, another
-agent, a copy stream cut or stalled). Nothing changes on error.
+Errors: 401 no valid credential; 403 a role without the right; 404 unknown VM, image,
+snapshot or agent; 409 a name in use; 422 malformed requests (and a malformed copy
+stream); 502 a failure further away (Volt, another agent, a copy stream cut or
+stalled). Nothing changes on error.
+
+Who may call (``virtman.auth``): operators everything but ``/vms/import``; viewers the
+status and the VM list; other agents only ``/vms/import`` (a VM they send here) and
+``/health``. Consoles, domain XML and traces are operators': they show a guest's own
+output and paths, which a dashboard does not need.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 from starlette.requests import ClientDisconnect
 
 from virtman import __version__
 from virtman.agent.agent import Agent
+from virtman.auth import ANYONE, Authenticator, Role, protect, require
 from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
 from virtman.hypervisor.qemu import Accel, GuestConfig
+from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 from virtman.protocol.copystream import CopyStreamError
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
@@ -95,14 +102,9 @@ class SnapshotCreate(BaseModel):
 
 
 class CopyRequest(BaseModel):
-    destination: str = Field(min_length=1, description="agent name, or its URL")
-
-    @field_validator("destination")
-    @classmethod
-    def _name_or_url(cls, v: str) -> str:
-        if v.startswith(("http://", "https://")) or re.match(NAME_PATTERN, v):
-            return v
-        raise ValueError("give an agent name (letters, digits, '.', '_', '-') or its http:// URL")
+    # A name only: the address is Volt's record of that agent, never the caller's word,
+    # so a VM's data goes nowhere but to a host of the cluster.
+    destination: Name = Field(description="the destination agent's name, as Volt knows it")
 
 
 class VmInfo(BaseModel):
@@ -117,7 +119,11 @@ class VmInfo(BaseModel):
     recording: bool
 
 
-def create_app(agent: Agent) -> FastAPI:
+_OPERATOR = Depends(require(Role.OPERATOR))
+_VIEW = Depends(require(Role.VIEWER, Role.OPERATOR))
+
+
+def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await agent.start()
@@ -128,15 +134,20 @@ def create_app(agent: Agent) -> FastAPI:
     install_error_handlers(app, streamed=["/vms/import"])  # a VM copy: its own cap
     errors = ERROR_RESPONSES
 
-    @app.get("/health")
+    @app.get("/health", dependencies=[Depends(require(*ANYONE))])
     async def health() -> dict[str, str]:
         return {"status": agent.state.value, "name": agent.name}
 
-    @app.get("/status")
+    @app.get("/metrics", response_class=Response, dependencies=[_VIEW])
+    async def metrics() -> Response:
+        """Prometheus text format (``virtman.metrics``)."""
+        return Response(agent.metrics.render(), media_type=METRICS_TYPE)
+
+    @app.get("/status", dependencies=[_VIEW])
     async def status() -> dict[str, Any]:
         return agent.status()
 
-    @app.post("/vms", status_code=201, responses=errors)
+    @app.post("/vms", status_code=201, responses=errors, dependencies=[_OPERATOR])
     async def create(body: VmCreate) -> VmInfo:
         guest = body.guest.config() if body.guest else None  # checked before anything is made
         vm = await agent.vms.create(body.name, body.image, body.from_snapshot)
@@ -144,53 +155,70 @@ def create_app(agent: Agent) -> FastAPI:
             vm = await agent.vms.start_guest(body.name, guest, body.record, _accel(body.accel))
         return VmInfo.model_validate(vm.info())
 
-    @app.post("/vms/{name}/start", responses=errors)
+    @app.post("/vms/{name}/start", responses=errors, dependencies=[_OPERATOR])
     async def start(name: Name, body: GuestStart) -> VmInfo:
         guest = body.guest.config() if body.guest else None
         vm = await agent.vms.start_guest(name, guest, body.record, _accel(body.accel))
         return VmInfo.model_validate(vm.info())
 
-    @app.post("/vms/{name}/stop", responses=errors)
+    @app.post("/vms/{name}/stop", responses=errors, dependencies=[_OPERATOR])
     async def stop(name: Name) -> VmInfo:
         return VmInfo.model_validate((await agent.vms.stop_guest(name)).info())
 
-    @app.get("/vms/{name}/console", response_class=PlainTextResponse, responses=errors)
+    @app.get(
+        "/vms/{name}/console",
+        response_class=PlainTextResponse,
+        responses=errors,
+        dependencies=[_OPERATOR],
+    )
     async def console(name: Name) -> str:
         return agent.vms.console(name)
 
-    @app.get("/vms/{name}/xml", responses=errors)
+    @app.get("/vms/{name}/xml", responses=errors, dependencies=[_OPERATOR])
     async def xml(name: Name) -> Response:
         return Response(agent.vms.domain_xml(name), media_type="application/xml")
 
-    @app.get("/vms/{name}/trace", response_class=PlainTextResponse, responses=errors)
+    @app.get(
+        "/vms/{name}/trace",
+        response_class=PlainTextResponse,
+        responses=errors,
+        dependencies=[_OPERATOR],
+    )
     async def trace(name: Name) -> str:
         return agent.vms.boot_trace(name)
 
-    @app.get("/vms")
+    @app.get("/vms", dependencies=[_VIEW])
     async def list_vms() -> list[VmInfo]:
         return [VmInfo.model_validate(vm.info()) for vm in agent.vms.list()]
 
-    @app.get("/vms/{name}", responses=errors)
+    @app.get("/vms/{name}", responses=errors, dependencies=[_VIEW])
     async def get_vm(name: Name) -> VmInfo:
         return VmInfo.model_validate(agent.vms.get(name).info())
 
-    @app.delete("/vms/{name}", status_code=204, responses=errors)
+    @app.delete("/vms/{name}", status_code=204, responses=errors, dependencies=[_OPERATOR])
     async def destroy(name: Name, instance_only: bool = False) -> None:
         await agent.vms.destroy(name, instance_only=instance_only)
 
-    @app.post("/vms/{name}/snapshots", status_code=201, responses=errors)
+    @app.post(
+        "/vms/{name}/snapshots", status_code=201, responses=errors, dependencies=[_OPERATOR]
+    )
     async def snapshot(name: Name, body: SnapshotCreate) -> VmInfo:
         return VmInfo.model_validate((await agent.vms.snapshot(name, body.name)).info())
 
-    @app.post("/vms/{name}/clone", responses=errors)
+    @app.post("/vms/{name}/clone", responses=errors, dependencies=[_OPERATOR])
     async def clone(name: Name, body: CopyRequest) -> dict[str, Any]:
         return await agent.copy_vm(name, body.destination, move=False)
 
-    @app.post("/vms/{name}/migrate", responses=errors)
+    @app.post("/vms/{name}/migrate", responses=errors, dependencies=[_OPERATOR])
     async def migrate(name: Name, body: CopyRequest) -> dict[str, Any]:
         return await agent.copy_vm(name, body.destination, move=True)
 
-    @app.post("/vms/import", status_code=201, responses=errors)
+    @app.post(
+        "/vms/import",
+        status_code=201,
+        responses=errors,
+        dependencies=[Depends(require(Role.AGENT))],  # a VM another agent sends here
+    )
     async def import_vm(request: Request, name: QueryName, image: QueryName) -> VmInfo:
         try:
             vm = await agent.vms.import_vm(name, image, _body(request))
@@ -199,6 +227,7 @@ def create_app(agent: Agent) -> FastAPI:
             raise ConfigError(f"copy stream refused: {err}") from err
         return VmInfo.model_validate(vm.info())
 
+    protect(app, authenticator)  # last: it checks that every route above has a guard
     return app
 
 

@@ -19,6 +19,12 @@ exists there, flushed and exported.
   back to the VM's own top layer, held writes go on, one log line says why. The
   destination, whose stream stopped short of a whole END, removes its partial import.
 
+The destination is an agent Volt knows (``Agent.copy_vm`` resolves its name through
+Volt, never a caller's URL), and the source calls it with its own agent credential.
+Over HTTPS the destination is verified against the cluster's CA and must present the
+certificate of the agent it was asked for (its common name) before one byte of the VM
+is sent: a ``GET /health`` on the same client checks it first.
+
 The write hold lasts one pass over what changed during the previous pass plus the
 destination's answer, so it is bounded by ``COPY_IDLE_TIMEOUT_SECONDS`` of silence
 from the destination. One failure mode is left: the destination made the VM but its
@@ -38,7 +44,8 @@ import httpx
 
 from virtman.agent.vms import Vm, merge_runs
 from virtman.blockdev.base import BlockDevice
-from virtman.errors import ApiError, DeviceError, NetworkError
+from virtman.errors import ApiError, DeviceError, Forbidden, NetworkError
+from virtman.httpapi import Credentials
 from virtman.limits import (
     COPY_CONNECT_TIMEOUT_SECONDS,
     COPY_IDLE_TIMEOUT_SECONDS,
@@ -54,6 +61,7 @@ from virtman.protocol.copystream import (
     encode_header,
 )
 from virtman.protocol.nbd import Errno
+from virtman.tlsconfig import peer_name
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +120,14 @@ class WriteTracker(BlockDevice):
         await self._open.wait()
         if self._refusal is not None:
             raise DeviceError(self._refusal, errno=Errno.EIO)
-        self._dirty.append((offset, length))
         self._in_flight += 1
         self._drained.clear()
 
-    def _done(self) -> None:
+    def _done(self, offset: int, length: int) -> None:
+        # Noted once the write is over, not when it starts: a pass that took the dirty
+        # ranges while the write still waited (a copy-on-write reading its base) read
+        # the old bytes, and only this note makes a later pass send the new ones.
+        self._dirty.append((offset, length))
         self._in_flight -= 1
         if self._in_flight == 0:
             self._drained.set()
@@ -129,21 +140,21 @@ class WriteTracker(BlockDevice):
         try:
             await self.inner.write(offset, data, fua=fua)
         finally:
-            self._done()
+            self._done(offset, len(data))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.write_zeroes(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         await self._gate(offset, length)
         try:
             await self.inner.trim(offset, length, fua=fua)
         finally:
-            self._done()
+            self._done(offset, length)
 
     async def flush(self) -> None:
         await self.inner.flush()
@@ -179,6 +190,10 @@ async def copy_stream(
 ) -> AsyncIterator[bytes]:
     """The whole record stream of ``vm``: live passes, then one with writes held."""
     yield encode_header(tracker.size)
+    # A write that started on the layer before the tracker took over is seen neither
+    # by the tracker nor, while it still waits (a copy-on-write reading its base), by
+    # the layer's map: let it land before the map is read, or it is never sent.
+    await vm.settle()
     runs = vm.written_runs()
     for _ in range(limits.live_passes):
         progress.passes += 1
@@ -197,13 +212,20 @@ async def copy_stream(
 
 
 async def send(
-    url: str, params: dict[str, str], body: AsyncIterator[bytes], limits: CopyLimits
+    url: str,
+    params: dict[str, str],
+    body: AsyncIterator[bytes],
+    limits: CopyLimits,
+    *,
+    credentials: Credentials,
+    peer: str | None = None,
 ) -> dict[str, Any]:
     """POST the stream to the destination agent and return its answer.
 
-    The one boundary of this transport: every failure comes out as ``NetworkError``
-    (naming the limit that expired, if one did) or ``ApiError`` (the destination's own
-    answer)."""
+    ``peer``: the agent name the destination's TLS certificate must carry (checked
+    before the stream starts; ``Forbidden`` when it carries another). The one boundary
+    of this transport: every other failure comes out as ``NetworkError`` (naming the
+    limit that expired, if one did) or ``ApiError`` (the destination's own answer)."""
     timeout = httpx.Timeout(
         connect=limits.connect_timeout,
         read=limits.idle_timeout,
@@ -212,7 +234,14 @@ async def send(
     )
     try:
         async with asyncio.timeout(limits.total_timeout):
-            async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+            async with httpx.AsyncClient(
+                base_url=url,
+                timeout=timeout,
+                headers=credentials.headers(),
+                verify=credentials.verify(),
+            ) as client:
+                if peer is not None:
+                    await _check_peer(client, url, peer)
                 response = await client.post(
                     "/vms/import",
                     params=params,
@@ -241,16 +270,34 @@ async def send(
         why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise NetworkError(f"connection to the destination failed ({why})", address=url) from err
     if response.status_code >= 400:
-        try:
-            detail = str(response.json().get("detail", response.text))
-        except ValueError:
-            detail = response.text
-        raise ApiError(detail, status=response.status_code, url=f"{url}/vms/import")
+        raise ApiError(_detail(response), status=response.status_code, url=f"{url}/vms/import")
     try:
         doc: dict[str, Any] = response.json()
     except ValueError as err:
         raise NetworkError("destination's answer is not JSON", address=url) from err
     return doc
+
+
+async def _check_peer(client: httpx.AsyncClient, url: str, peer: str) -> None:
+    """Raise ``Forbidden`` unless the service at ``url`` proves, by a certificate the CA
+    verified, that it is agent ``peer`` (a host name in a certificate only says where)."""
+    response = await client.get("/health")
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    name = peer_name(ssl_object)
+    if name != peer:
+        raise Forbidden(
+            f"destination {url} presented the certificate of {name!r}, not of agent {peer!r}"
+        )
+    if response.status_code >= 400:
+        raise ApiError(_detail(response), status=response.status_code, url=f"{url}/health")
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text
 
 
 async def receive(

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from virtman.blockdev.base import BlockDevice
@@ -41,8 +42,10 @@ from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
 from virtman.errors import ConfigError
 from virtman.limits import COPY_READ_BYTES, COPY_READS_IN_FLIGHT
+from virtman.metrics import ImageFigures
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
+from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,9 @@ class ImageRelay:
         server: NbdServer,
         relay_uri: str,
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
+        on_fetch: Callable[[float], None] | None = None,
+        *,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -93,12 +99,13 @@ class ImageRelay:
         self.relay_uri = relay_uri
         self.mode = mode
         if mode is DeliveryMode.STAR or mode is DeliveryMode.COPY:
-            self.remote = RemoteDevice(spec.origins)
+            self.remote = RemoteDevice(spec.origins, tls=tls)
         else:
-            self.remote = RemoteDevice([], fallbacks=spec.origins)
+            self.remote = RemoteDevice([], fallbacks=spec.origins, tls=tls)
         self.cache = CachedDevice(
             self.remote, cache_dir, chunk_size=spec.chunk_size, manifest=spec.manifest()
         )
+        self.cache.on_fetch = on_fetch
         #: What the VMs of this host sit on (the cache, unless the mode says otherwise).
         self.base: BlockDevice = self.cache
         self.users: set[str] = set()
@@ -201,6 +208,16 @@ class ImageRelay:
             out[name] = out.get(name, 0) + n
         return out
 
+    def figures(self) -> ImageFigures:
+        """This image's data-path counters, for ``/metrics``."""
+        return ImageFigures.read(
+            self.name,
+            self.cache,
+            self.remote,
+            self.server.exports_bytes_sent().get(self.name, 0),
+            lambda uri, _fallback: self.source_names.get(uri) == ORIGIN,
+        )
+
     def status(self) -> dict[str, object]:
         return {
             "mode": self.mode.value,
@@ -244,6 +261,8 @@ class CacheGroup:
         #: The eviction a cache's lack of space started (one at a time).
         self._making_room: asyncio.Task[None] | None = None
         self.evicted_for_space = 0
+        #: Images evicted because the group held more than its capacity.
+        self.evicted_over_capacity = 0
         os.makedirs(root, exist_ok=True)
 
     def add(self, relay: ImageRelay) -> None:
@@ -326,6 +345,7 @@ class CacheGroup:
                 relay.name,
             )
             await self._remove(relay)
+            self.evicted_over_capacity += 1
             evicted.append(relay.name)
         return evicted
 

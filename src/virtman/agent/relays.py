@@ -14,6 +14,10 @@ Volt's heartbeat answers move each relay to new parents (``apply``). Images that
 uses are evicted when the cache group is over capacity (``evict``); an evicted image
 leaves its tree at once instead of waiting for the next heartbeat to say so.
 
+TLS (``tls``): the relay server requires STARTTLS and a client certificate signed by the
+cluster CA, its URI is ``nbds://``, and every relay reads from its parents and the
+origin over TLS with this host's certificate: the whole tree is mutually checked TLS.
+
 Lifecycle: ``start()`` listens and reopens every image found in the cache directory;
 ``stop()`` stops the relay server (requests in flight finish), then closes the relays.
 """
@@ -24,6 +28,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
@@ -32,6 +37,7 @@ from virtman.errors import ApiError, NetworkError, PeerProtocolError, VirtmanErr
 from virtman.limits import DEFAULT_CACHE_CAPACITY, PARENT_CONNECT_WAIT_SECONDS
 from virtman.nbd.server import NbdServer
 from virtman.protocol.uri import NbdAddress
+from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,15 @@ class RelayManager:
         mode: DeliveryMode = DeliveryMode.VIRTMAN,
         attach_delay: float = 0.0,
         parent_wait: float = PARENT_CONNECT_WAIT_SECONDS,
+        tls: TlsFiles | None = None,
+        on_fetch: Callable[[float], None] | None = None,
     ) -> None:
         self.directory = directory
+        #: Called with each chunk fetch's seconds (the agent's fetch-latency histogram).
+        self.on_fetch = on_fetch
         self.cache = CacheGroup(cache_dir, capacity)
-        self.server = NbdServer([])
+        self.tls = tls
+        self.server = NbdServer([], tls=tls)
         self.nbd_host = nbd_host
         self.nbd_port = nbd_port
         #: How images reach this host (benchmarks compare the alternatives).
@@ -96,11 +107,20 @@ class RelayManager:
     # --- images -------------------------------------------------------------------------
 
     def relay_uri(self, image: str) -> str:
-        return NbdAddress(export=image, host=self.nbd_host, port=self.nbd_port).uri()
+        address = NbdAddress(
+            export=image, host=self.nbd_host, port=self.nbd_port, tls=self.tls is not None
+        )
+        return address.uri()
 
     async def _open(self, spec: ImageSpec) -> ImageRelay:
         relay = ImageRelay(
-            spec, self.cache.image_dir(spec.name), self.server, self.relay_uri(spec.name), self.mode
+            spec,
+            self.cache.image_dir(spec.name),
+            self.server,
+            self.relay_uri(spec.name),
+            self.mode,
+            self.on_fetch,
+            tls=self.tls,
         )
         await relay.open()
         self.cache.add(relay)

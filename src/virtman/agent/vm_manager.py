@@ -22,13 +22,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from virtman.agent.copy import CopyLimits, CopyProgress, WriteTracker, copy_stream, receive, send
 from virtman.agent.relays import RelayManager
 from virtman.agent.vms import (
     Layer,
+    SocketOwner,
     TraceRecorder,
     Vm,
     VmRecord,
@@ -40,6 +41,7 @@ from virtman.agent.vms import (
 )
 from virtman.blockdev.cow import CowDevice
 from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
+from virtman.httpapi import Credentials
 from virtman.hypervisor.qemu import (
     Accel,
     Guest,
@@ -62,8 +64,20 @@ class VmManager:
         *,
         copy_limits: CopyLimits | None = None,
         hypervisor: HypervisorSettings | None = None,
+        credentials: Credentials | None = None,
+        socket_owner: SocketOwner | None = None,
+        on_created: Callable[[float], None] | None = None,
+        on_booted: Callable[[float], None] | None = None,
     ) -> None:
         self.agent = agent
+        #: What this agent presents to the agents it sends VMs to.
+        self.credentials = credentials or Credentials()
+        #: Who may use the VMs' export sockets (0600, this user's).
+        self.socket_owner = socket_owner or SocketOwner.me()
+        #: Called with the seconds a create took (request to export serving) and a
+        #: guest's boot took (QEMU start to first console output): the agent's histograms.
+        self.on_created = on_created
+        self.on_booted = on_booted
         #: Starts guests (QEMU) with an accelerator that runs them here.
         self.hypervisor = Hypervisor(hypervisor)
         self.vms_dir = os.path.join(data_dir, "vms")
@@ -78,8 +92,9 @@ class VmManager:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        for d in (self.vms_dir, self.imports_dir, self.socket_dir):
+        for d in (self.vms_dir, self.imports_dir):
             os.makedirs(d, exist_ok=True)
+        self.socket_owner.secure_dir(self.socket_dir)  # ConfigError: at start, not per VM
         for leftover in os.listdir(self.imports_dir):
             log.warning("removing unfinished import %s", leftover)
             remove_tree(os.path.join(self.imports_dir, leftover))
@@ -137,7 +152,7 @@ class VmManager:
             relay.users.add(vm.name)
             relay.touch()
             if record.state is VmState.RUNNING:
-                await vm.export()
+                await vm.export(self.socket_owner)
         except BaseException:
             await vm.close()  # closes the layers it opened, never the shared cache
             relay.users.discard(vm.name)
@@ -150,6 +165,13 @@ class VmManager:
     async def create(
         self, name: str, image: str | None = None, from_snapshot: str | None = None
     ) -> Vm:
+        began = time.monotonic()
+        vm = await self._create(name, image, from_snapshot)
+        if self.on_created is not None:
+            self.on_created(time.monotonic() - began)
+        return vm
+
+    async def _create(self, name: str, image: str | None, from_snapshot: str | None) -> Vm:
         async with self._lock:
             existing = self.vms.get(name)
             if existing is not None:
@@ -160,7 +182,7 @@ class VmManager:
                 ):
                     existing.record.state = VmState.RUNNING
                     existing.save()
-                    await existing.export()
+                    await existing.export(self.socket_owner)
                     log.info("VM %r attached again", name)
                     return existing
                 raise Conflict(f"a VM named {name!r} already exists on agent {self.agent!r}")
@@ -268,8 +290,12 @@ class VmManager:
         record: bool = False,
         accel: Accel | None = None,
     ) -> Vm:
-        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting)."""
+        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting).
+
+        Raises ``Conflict`` while the VM is cloned or migrated: a migrate refuses the
+        writes it holds at its end, which a guest would see as I/O errors."""
         vm = self.get(name)
+        vm.check_idle()
         if vm.record.state is not VmState.RUNNING or vm.server is None:
             raise Conflict(f"VM {name!r} is detached: create it again first")
         if vm.guest is not None and vm.guest.running:
@@ -281,6 +307,7 @@ class VmManager:
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
         vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel)
+        vm.guest.on_console = self.on_booted
         await vm.guest.start()
         self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")
         return vm
@@ -344,8 +371,11 @@ class VmManager:
 
     # --- clone and migrate: the source ----------------------------------------------------
 
-    async def copy_out(self, name: str, url: str, *, move: bool) -> dict[str, Any]:
+    async def copy_out(
+        self, name: str, url: str, *, move: bool, peer: str | None = None
+    ) -> dict[str, Any]:
         """Send the VM to the agent at ``url``; with ``move``, then remove it here.
+        ``peer``: the agent name its TLS certificate must carry (``copy.send``).
 
         The VM serves here until the destination has acknowledged the whole copy; on any
         failure it goes on serving here and the error is raised (``NetworkError`` for a
@@ -368,6 +398,8 @@ class VmManager:
                 {"name": name, "image": vm.record.image},
                 copy_stream(vm, tracker, self.copy_limits, progress),
                 self.copy_limits,
+                credentials=self.credentials,
+                peer=peer,
             )
         except BaseException as err:
             vm.serve_device(tracker.inner)

@@ -16,6 +16,12 @@ atomically, and its layer files. A restarted agent reopens them all. ``detached`
 has, so files written before the enum load unchanged. Clone and migrate live in
 ``virtman.agent.copy``; a VM being copied says so in ``operation`` so that nothing else
 (snapshot, destroy, another copy) changes it meanwhile.
+
+Export sockets are the hypervisor's and nobody else's: the socket directory is 0700
+and each socket 0600, both owned by ``SocketOwner`` (the agent's own user unless
+``--hypervisor-user`` names another, which takes an agent running as root). The
+directory is closed before any socket is made in it, so no socket is ever reachable
+by another user, not even between its bind and its chmod.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import enum
 import json
 import logging
 import os
+import pwd
 import shutil
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -42,6 +50,65 @@ log = logging.getLogger(__name__)
 
 #: Unix socket paths are limited to 107 bytes by the kernel.
 MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class SocketOwner:
+    """The user (and its primary group) that VM export sockets belong to: the one the
+    hypervisor runs as."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def me(cls) -> SocketOwner:
+        """The agent's own user (QEMU guests it starts run as it)."""
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return cls(uid, os.getegid(), name)
+
+    @classmethod
+    def named(cls, user: str) -> SocketOwner:
+        """A user by name or number; ``ConfigError`` when this system has none."""
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            raise ConfigError(f"--hypervisor-user {user!r}: no such user") from None
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    def _give(self, path: str, mode: int) -> None:
+        os.chmod(path, mode)
+        if (self.uid, self.gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(path, self.uid, self.gid)
+            except PermissionError as err:
+                raise ConfigError(
+                    f"cannot give {path!r} to user {self.name!r} ({err.strerror}): an agent "
+                    f"hands its VM sockets to another user only when it runs as root"
+                ) from err
+
+    def secure_dir(self, path: str) -> None:
+        """Make ``path`` (the socket directory) 0700 and this user's. A directory other
+        users may write to (``/tmp``) is refused rather than closed: it is not ours."""
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            os.makedirs(path, mode=0o700)
+        else:
+            if mode & (stat.S_IWOTH | stat.S_ISVTX):
+                raise ConfigError(
+                    f"socket directory {path!r} is shared with other users (mode "
+                    f"{stat.S_IMODE(mode):o}): give the agent a --socket-dir of its own"
+                )
+        self._give(path, 0o700)
+
+    def secure_socket(self, path: str) -> None:
+        """Make a socket 0600 and this user's."""
+        self._give(path, 0o600)
 
 
 class VmState(enum.Enum):
@@ -147,10 +214,17 @@ class Vm:
             self.devices.append(dev)
             below = dev
 
-    async def export(self) -> None:
+    async def export(self, owner: SocketOwner) -> None:
+        """Serve the VM on its Unix socket, 0600 and ``owner``'s (its directory, which
+        ``owner.secure_dir`` closed, keeps others out until then)."""
         self.server = NbdServer([Export(self.name, self.top, f"virtman VM {self.name}")])
         self.server.recorder = self.recorder.record if self.recorder else None
         await self.server.listen_unix(self.socket_path)
+        try:
+            owner.secure_socket(self.socket_path)
+        except BaseException:
+            await self.unexport()
+            raise
 
     def check_idle(self) -> None:
         """Raises ``Conflict`` while a clone or migrate of this VM is under way."""
@@ -162,6 +236,11 @@ class Vm:
         when the VM has no export: detached)."""
         if self.server is not None:
             self.server.replace_device(self.name, device)
+
+    async def settle(self) -> None:
+        """Wait for the requests its export had running (see ``NbdServer.settle``)."""
+        if self.server is not None:
+            await self.server.settle(self.name)
 
     async def unexport(self) -> None:
         if self.server is not None:
@@ -183,6 +262,16 @@ class Vm:
             marks += dev.allocated_runs()
         return merge_runs(marks)
 
+    def phase(self) -> str:
+        """How far its boot is, for Volt's live view: ``new`` (never read), ``booting``
+        (a client reads it now: a replayed boot or a guest), ``booted`` (its client came
+        and left: a replayed boot ended), or ``detached`` (no export)."""
+        if self.record.state is VmState.DETACHED or self.server is None:
+            return "detached"
+        if self.server.open_connections:
+            return "booting"
+        return "booted" if self.server.stats.connections else "new"
+
     def info(self) -> dict[str, object]:
         return {
             "name": self.name,
@@ -194,6 +283,7 @@ class Vm:
             "written_bytes": sum(n for _, n in self.written_runs()) if self.devices else 0,
             "guest_running": self.guest is not None and self.guest.running,
             "recording": self.recorder is not None,
+            "phase": self.phase(),
         }
 
 

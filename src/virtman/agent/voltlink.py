@@ -40,7 +40,7 @@ from virtman.errors import (
     PeerProtocolError,
     VirtmanError,
 )
-from virtman.httpapi import ApiClient
+from virtman.httpapi import Credentials
 from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HTTP_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class VoltLink:
         on_reply: Callable[[HeartbeatReply], Awaitable[None]],
         interval: float = HEARTBEAT_INTERVAL_SECONDS,
         timeout: float = HTTP_TIMEOUT_SECONDS,
+        credentials: Credentials | None = None,
     ) -> None:
         self.agent = agent
         self.volt_url = volt_url
@@ -73,10 +74,15 @@ class VoltLink:
         self.failure: BaseException | None = None
         self._report = report
         self._on_reply = on_reply
-        self._api = ApiClient(volt_url, timeout=timeout)
+        # Volt knows this agent by its certificate or its agent token.
+        self._api = (credentials or Credentials()).api(volt_url, timeout=timeout)
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         self._last_error: str | None = None
+        #: Heartbeats Volt answered, and those that got no usable answer (Volt
+        #: unreachable, an error status, an answer that does not parse): for /metrics.
+        self.heartbeats_answered = 0
+        self.heartbeats_missed = 0
 
     @property
     def reachable(self) -> bool:
@@ -139,6 +145,7 @@ class VoltLink:
         try:
             doc = await self._api.post(f"/agents/{self.agent}/heartbeat", json=self._report())
         except (NetworkError, ApiError) as err:
+            self.heartbeats_missed += 1
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("volt unreachable (%s); serving with the paths we have", err)
@@ -149,10 +156,12 @@ class VoltLink:
         try:
             reply = HeartbeatReply.model_validate(doc)
         except ValidationError as err:
+            self.heartbeats_missed += 1
             raise PeerProtocolError(
                 f"volt's heartbeat answer is malformed: {err.error_count()} errors, "
                 f"first: {err.errors()[0]['msg']}"
             ) from err
+        self.heartbeats_answered += 1
         self.interval = reply.interval
         await self._on_reply(reply)
 

@@ -29,7 +29,6 @@ from typing import Any
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.errors import BenchError
-from virtman.httpapi import ApiClient
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
@@ -89,7 +88,7 @@ async def _boot_virtman(
         async def one(i: int, name: str) -> float:
             host = cluster.host_names()[i % 2]
             started = time.monotonic()
-            async with ApiClient(cluster.agents[host].url, timeout=120) as api:
+            async with cluster.api(cluster.agents[host].url, timeout=120) as api:
                 await api.post(
                     "/vms",
                     json={

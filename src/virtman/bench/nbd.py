@@ -8,6 +8,15 @@ Servers (select with ``--servers``):
 * ``virtman-relay`` -- a virtman origin as above plus a virtman caching relay in front of it
   (``serve --upstream ... --cache-dir ...``); the relay is warmed with one full sequential read
   before it is measured.
+* ``virtman+tls``, ``virtman-relay+tls`` -- the same two with TLS (``--tls-cert/--tls-key/
+  --tls-ca``, client certificates required; the relay reads its origin over TLS too). ``--tls``
+  adds each right after its plaintext twin, so the two are measured in the same run, and
+  prints what TLS costs. Certificates come from ``virtman.pki`` in the temp dir; the clients
+  are libnbd: nbdinfo and nbdcopy with ``nbds+unix://...&tls-certificates=DIR``, fio (whose
+  engine does not allow that parameter) with ``HOME`` set so that libnbd finds the same
+  DIR at its default place, ``$HOME/.pki/libnbd``. libnbd looks only in /etc/pki/libnbd for
+  root, so as root fio runs in a user namespace (``unshare --user --map-user=65534``), where
+  it is not root but still owns the sockets and files.
 
 Every server listens on a Unix socket in a private temp dir; no network traffic is generated.
 
@@ -61,9 +70,12 @@ from virtman.limits import (
     CHILD_LOG_TAIL_CHARS,
     MiB,
 )
-from virtman.protocol.uri import NbdAddress
+from virtman.protocol.uri import NbdAddress, parse_nbd_uri
 
 ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
+#: TLS twins of the virtman servers (``--tls`` adds them; ``--servers`` may name them).
+TLS_SUFFIX = "+tls"
+TLS_SERVERS: tuple[str, ...] = ("virtman+tls", "virtman-relay+tls")
 BASELINE = "qemu-nbd"
 EXPORT_NAME = "bench"
 
@@ -109,17 +121,34 @@ def parse_int_list(text: str) -> list[int]:
 
 def parse_servers(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in ALL_SERVERS]
+    unknown = [n for n in names if n not in ALL_SERVERS + TLS_SERVERS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown server(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {','.join(ALL_SERVERS)}"
+            f"choose from {','.join(ALL_SERVERS + TLS_SERVERS)}"
         )
     return list(dict.fromkeys(names))
 
 
-def nbd_uri(socket_path: Path, export: str = EXPORT_NAME) -> str:
-    return NbdAddress(export=export, socket=str(socket_path)).uri()
+def with_tls_twins(servers: Sequence[str]) -> list[str]:
+    """``servers`` with each virtman server followed by its TLS twin (``--tls``)."""
+    out: list[str] = []
+    for name in servers:
+        out.append(name)
+        if name + TLS_SUFFIX in TLS_SERVERS:
+            out.append(name + TLS_SUFFIX)
+    return list(dict.fromkeys(out))
+
+
+def nbd_uri(socket_path: Path, export: str = EXPORT_NAME, tls_dir: Path | None = None) -> str:
+    """The libnbd URI of a benchmarked server; with ``tls_dir`` an ``nbds+unix`` URI whose
+    ``tls-certificates`` names libnbd's certificate directory."""
+    return NbdAddress(
+        export=export,
+        socket=str(socket_path),
+        tls=tls_dir is not None,
+        tls_certificates=str(tls_dir) if tls_dir is not None else None,
+    ).uri()
 
 
 def _tail(text: str, limit: int = CHILD_LOG_TAIL_CHARS) -> str:
@@ -143,13 +172,21 @@ def _run_capture(argv: Sequence[str], timeout: float = 10.0) -> str | None:
     return (cp.stdout or "") + (cp.stderr or "")
 
 
-def run_checked(argv: Sequence[str], log: CommandLog, timeout: float, what: str) -> float:
-    """Run a client command, return wall-clock seconds; raise BenchError on failure."""
-    log.add(argv)
+def run_checked(
+    argv: Sequence[str],
+    log: CommandLog,
+    timeout: float,
+    what: str,
+    env: dict[str, str] | None = None,
+) -> float:
+    """Run a client command, return wall-clock seconds; raise BenchError on failure.
+    ``env`` replaces the environment; its HOME is written into the command log."""
+    log.add(["env", f"HOME={env['HOME']}", *argv] if env and "HOME" in env else argv)
     t0 = time.perf_counter()
     try:
         cp = subprocess.run(
             list(argv),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -285,6 +322,7 @@ class Server:
     label: str
     socket: Path
     child: ChildProcess
+    tls_dir: Path | None = None  # libnbd's certificate directory, for a TLS server
 
     @property
     def argv(self) -> list[str]:
@@ -292,7 +330,7 @@ class Server:
 
     @property
     def uri(self) -> str:
-        return nbd_uri(self.socket)
+        return nbd_uri(self.socket, tls_dir=self.tls_dir)
 
     def describe_death(self) -> str | None:
         rc = self.child.returncode
@@ -309,6 +347,7 @@ def start_server(
     workdir: Path,
     log: CommandLog,
     env: dict[str, str] | None = None,
+    tls_dir: Path | None = None,
 ) -> Server:
     log.add(argv)
     log_path = workdir / (re.sub(r"[^A-Za-z0-9._-]", "_", label) + ".stderr")
@@ -319,7 +358,7 @@ def start_server(
                                    die_with_parent=True)
     except ProcessFailed as exc:
         raise BenchError(str(exc)) from exc
-    return Server(label, socket_path, child)
+    return Server(label, socket_path, child, tls_dir)
 
 
 def stop_server(server: Server, grace: float = BENCH_SERVER_STOP_GRACE_SECONDS) -> None:
@@ -392,6 +431,45 @@ class BenchContext:
     log: CommandLog
     timeout: float
     virtman_env: dict[str, str] = field(default_factory=dict)
+    tls: BenchTls | None = None
+
+
+@dataclass
+class BenchTls:
+    """Certificates of a TLS run: the servers' options and libnbd's client directory."""
+
+    server_args: list[str]
+    client_dir: Path  # HOME/.pki/libnbd
+    home: Path
+
+    def fio_target(self, uri: str) -> tuple[str, list[str], dict[str, str]]:
+        """The URI, command prefix and environment fio's nbd engine connects with: no
+        ``tls-certificates`` (the engine refuses it), HOME pointing at the directory, and
+        not root (see the module docstring)."""
+        address = parse_nbd_uri(uri)
+        plain = NbdAddress(address.export, address.host, address.port, address.socket, tls=True)
+        prefix = ["unshare", "--user", "--map-user=65534", "--map-group=65534"]
+        return (plain.uri(), prefix if os.geteuid() == 0 else [],
+                {**os.environ, "HOME": str(self.home)})
+
+
+def make_bench_tls(workdir: Path) -> BenchTls:
+    """A CA, a server certificate (valid for ``localhost``: libnbd checks that name over a
+    Unix socket) and a client directory in libnbd's layout, all under ``workdir``."""
+    from virtman.pki import init_ca, issue
+
+    ca_dir = workdir / "tls-ca"
+    init_ca(str(ca_dir))
+    server = issue("bench-server", str(workdir / "tls-server"), str(ca_dir))
+    client = issue("bench-client", str(workdir / "tls-client"), str(ca_dir))
+    home = workdir / "tls-home"
+    client_dir = home / ".pki" / "libnbd"
+    client_dir.mkdir(mode=0o700, parents=True)
+    shutil.copy(client.ca, client_dir / "ca-cert.pem")
+    shutil.copy(client.cert, client_dir / "client-cert.pem")
+    shutil.copy(client.key, client_dir / "client-key.pem")
+    args = ["--tls-cert", server.cert, "--tls-key", server.key, "--tls-ca", server.ca]
+    return BenchTls(args, client_dir, home)
 
 
 def qemu_nbd_argv(file: Path, socket_path: Path) -> list[str]:
@@ -424,7 +502,9 @@ def nbdkit_argv(file: Path, socket_path: Path) -> list[str]:
     ]
 
 
-def virtman_origin_argv(python: str, file: Path, socket_path: Path) -> list[str]:
+def virtman_origin_argv(
+    python: str, file: Path, socket_path: Path, extra: Sequence[str] = ()
+) -> list[str]:
     return [
         python,
         "-m",
@@ -436,10 +516,13 @@ def virtman_origin_argv(python: str, file: Path, socket_path: Path) -> list[str]
         "--export",
         EXPORT_NAME,
         "--read-only",
+        *extra,
     ]
 
 
-def virtman_relay_argv(python: str, upstream: str, cache_dir: Path, socket_path: Path) -> list[str]:
+def virtman_relay_argv(
+    python: str, upstream: str, cache_dir: Path, socket_path: Path, extra: Sequence[str] = ()
+) -> list[str]:
     return [
         python,
         "-m",
@@ -453,6 +536,7 @@ def virtman_relay_argv(python: str, upstream: str, cache_dir: Path, socket_path:
         str(socket_path),
         "--export",
         EXPORT_NAME,
+        *extra,
     ]
 
 
@@ -472,27 +556,34 @@ def running(name: str, ctx: BenchContext) -> Iterator[Running]:
     with contextlib.ExitStack() as stack:
         servers: list[Server] = []
 
+        tls = ctx.tls if name.endswith(TLS_SUFFIX) else None
+        if name.endswith(TLS_SUFFIX) and tls is None:
+            raise BenchError(f"{name} needs certificates: run with --tls")
+        extra = tls.server_args if tls else []
+        tls_dir = tls.client_dir if tls else None
+        base = name.removesuffix(TLS_SUFFIX)
+
         def launch(label: str, argv: list[str], sock: Path, env: dict[str, str] | None) -> Server:
-            srv = start_server(label, argv, sock, ctx.workdir, ctx.log, env)
+            srv = start_server(label, argv, sock, ctx.workdir, ctx.log, env, tls_dir)
             stack.callback(stop_server, srv)  # registered before waiting: always cleaned up
             servers.append(srv)
             wait_ready(srv, ctx.file_size, ctx.log)
             return srv
 
-        sock = ctx.workdir / f"{name}.sock"
+        sock = ctx.workdir / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.sock"
         if name == "qemu-nbd":
             srv = launch(name, qemu_nbd_argv(ctx.file, sock), sock, None)
         elif name == "nbdkit":
             srv = launch(name, nbdkit_argv(ctx.file, sock), sock, None)
-        elif name == "virtman":
+        elif base == "virtman":
             srv = launch(
-                name, virtman_origin_argv(ctx.python, ctx.file, sock), sock, ctx.virtman_env
+                name, virtman_origin_argv(ctx.python, ctx.file, sock, extra), sock, ctx.virtman_env
             )
-        elif name == "virtman-relay":
+        elif base == "virtman-relay":
             origin_sock = ctx.workdir / "virtman-origin.sock"
             origin = launch(
-                "virtman-relay/origin",
-                virtman_origin_argv(ctx.python, ctx.file, origin_sock),
+                f"{name}/origin",
+                virtman_origin_argv(ctx.python, ctx.file, origin_sock, extra),
                 origin_sock,
                 ctx.virtman_env,
             )
@@ -500,14 +591,14 @@ def running(name: str, ctx: BenchContext) -> Iterator[Running]:
             cache_dir.mkdir(exist_ok=True)
             stack.callback(shutil.rmtree, cache_dir, True)
             srv = launch(
-                "virtman-relay/relay",
-                virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock),
+                f"{name}/relay",
+                virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock, extra),
                 sock,
                 ctx.virtman_env,
             )
             # Warm the relay cache: one full sequential read through it (not measured).
             t = run_checked(
-                ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, "virtman-relay cache warm-up"
+                ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, f"{name} cache warm-up"
             )
             print(
                 f"  relay cold read (cache fill): {ctx.file_size / t / 1e6:,.0f} MB/s", flush=True
@@ -613,12 +704,22 @@ def parse_fio_read_iops(report: dict[str, Any]) -> float:
 
 
 def measure_fio_iops(
-    uri: str, numjobs: int, seconds: int, ramp: int, workdir: Path, log: CommandLog
+    uri: str,
+    numjobs: int,
+    seconds: int,
+    ramp: int,
+    workdir: Path,
+    log: CommandLog,
+    tls: BenchTls | None = None,
 ) -> float:
     out = workdir / f"fio-{os.getpid()}-{numjobs}.json"
-    argv = fio_argv(uri, numjobs, seconds, ramp, out)
+    env = None
+    prefix: list[str] = []
+    if tls is not None:
+        uri, prefix, env = tls.fio_target(uri)
+    argv = [*prefix, *fio_argv(uri, numjobs, seconds, ramp, out)]
     try:
-        run_checked(argv, log, seconds + ramp + 60.0, "fio")
+        run_checked(argv, log, seconds + ramp + 60.0, "fio", env)
         try:
             report = json.loads(out.read_text())
         except (OSError, ValueError) as exc:
@@ -714,6 +815,33 @@ def print_table(
             print(f"\n{name} FAILED:\n{r['error']}")
 
 
+def tls_costs(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Each TLS server against its plaintext twin of the same run: the ratios of its
+    figures (1.0: TLS costs nothing; 0.5: half the throughput)."""
+    costs: dict[str, dict[str, float | None]] = {}
+    for name, r in results.items():
+        plain = results.get(name.removesuffix(TLS_SUFFIX))
+        if not name.endswith(TLS_SUFFIX) or plain is None or r.get("error"):
+            continue
+        costs[name] = {
+            "seq": ratio(r.get("seq_mb_s"), plain.get("seq_mb_s")),
+            "seq_1conn": ratio(r.get("seq_mb_s_1conn"), plain.get("seq_mb_s_1conn")),
+            "iops_4k": ratio(r.get("iops_4k"), plain.get("iops_4k")),
+        }
+    return costs
+
+
+def print_tls_costs(costs: dict[str, dict[str, float | None]]) -> None:
+    if not costs:
+        return
+    print("\nTLS against plaintext (same run; TLS figure / plaintext figure):")
+    for name, c in costs.items():
+        print(
+            f"  {name:20} seq {_fmt(c['seq'], '.2f')}  seq 1-conn {_fmt(c['seq_1conn'], '.2f')}"
+            f"  4k IOPS {_fmt(c['iops_4k'], '.2f')}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -728,7 +856,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--servers",
         type=parse_servers,
         default=list(ALL_SERVERS),
-        help=f"comma-separated subset of {','.join(ALL_SERVERS)} (default: all)",
+        help=f"comma-separated subset of {','.join(ALL_SERVERS + TLS_SERVERS)} "
+        f"(default: {','.join(ALL_SERVERS)})",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure each virtman server with TLS and client certificates, right "
+        "after its plaintext twin, and print what TLS costs",
     )
     p.add_argument(
         "--size", type=parse_size, default=1 << 30, help="test file size, binary units (default 1G)"
@@ -832,7 +967,13 @@ def bench_server(
                 by: dict[str, float] = {}
                 for n in args.numjobs:
                     by[str(n)] = measure_fio_iops(
-                        run.uri, n, args.seconds, args.ramp_seconds, ctx.workdir, ctx.log
+                        run.uri,
+                        n,
+                        args.seconds,
+                        args.ramp_seconds,
+                        ctx.workdir,
+                        ctx.log,
+                        ctx.tls if name.endswith(TLS_SUFFIX) else None,
                     )
                     print(
                         f"  4k randread, iodepth 64, numjobs {n}: {by[str(n)]:,.0f} IOPS",
@@ -861,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1 or args.seconds < 1 or args.ramp_seconds < 0:
         print("error: --repeat and --seconds must be >= 1, --ramp-seconds >= 0", file=sys.stderr)
         return 2
-    servers: list[str] = args.servers
+    servers: list[str] = with_tls_twins(args.servers) if args.tls else args.servers
     json_path: Path = args.json if args.json is not None else Path.cwd() / "bench-nbd.json"
 
     has_fio_nbd = fio_has_nbd_engine()
@@ -914,6 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = BenchContext(
             test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env()
         )
+        if any(name.endswith(TLS_SUFFIX) for name in servers):
+            ctx.tls = make_bench_tls(workdir)
         for name in servers:
             try:
                 results[name] = bench_server(name, ctx, args, iops_method)
@@ -942,14 +1085,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{'' if BASELINE in results else ' (not measured: n/a)'}):"
     )
     print_table(results, args.numjobs, iops_method, args.stat)
+    costs = tls_costs(results)
+    print_tls_costs(costs)
 
     doc: dict[str, Any] = {
         "machine": info,
         "file_size": file_size,
         "results": results,
+        "tls_vs_plaintext": costs,
         "commands": log.commands,
         "settings": {
             "servers": servers,
+            "tls": args.tls,
             "repeat": args.repeat,
             "stat": args.stat,
             "seconds": args.seconds,

@@ -218,6 +218,8 @@ async def _one_run(
                     [f"{h}-vm{j + 1}" for j in range(plan.vms_per_host)],
                     trace_path,
                     plan.speed,
+                    cluster.token_file("operator"),
+                    cluster.ca_file,
                 ),
                 os.path.join(plan.workdir, f"run{index}", f"fleet-{h}.json"),
             )

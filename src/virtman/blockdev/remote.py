@@ -22,6 +22,11 @@ as a path failure:
 requests in flight: kept paths keep their connections, removed ones finish what they
 carry and then close, new ones connect in the background.
 
+TLS: with ``tls`` files every path (``nbd://`` or ``nbds://``) is reached over TLS with
+this host's certificate as the client certificate, verified against the CA: relays
+read from their parents and the origin only over mutually checked TLS. Without it an
+``nbds://`` path uses its ``tls-certificates=DIR``.
+
 Background work (reconnects, connects of new paths, draining retired ones) runs in tasks
 the device holds until they end; one that fails other than by the network is logged with
 its traceback, and ``close()`` cancels whatever is still running.
@@ -58,6 +63,7 @@ from virtman.limits import (
 from virtman.nbd.client import NbdClient
 from virtman.protocol.nbd.constants import Errno
 from virtman.protocol.uri import NbdAddress, parse_nbd_uri
+from virtman.tlsconfig import TlsFiles, client_context
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -132,10 +138,14 @@ class RemoteDevice(BlockDevice):
         reconnect_delay: float = RECONNECT_DELAY_SECONDS,
         reconnect_delay_max: float = RECONNECT_DELAY_MAX_SECONDS,
         retire_grace: float = RETIRE_GRACE_SECONDS,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__()
         if not paths and not fallbacks:
             raise ConfigError("RemoteDevice needs at least one upstream path")
+        self.tls = tls
+        # Built once: every connect and reconnect of every path shares it.
+        self._tls_context = client_context(tls) if tls else None
         self.policy = policy
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
@@ -229,7 +239,9 @@ class RemoteDevice(BlockDevice):
 
     async def _connect(self, path: _Path) -> None:
         try:
-            client = await NbdClient.connect(path.address, timeout=self.connect_timeout)
+            client = await NbdClient.connect(
+                path.address, timeout=self.connect_timeout, tls=self._tls_context
+            )
         except NetworkError as err:
             self._mark_down(path, str(err))
             raise

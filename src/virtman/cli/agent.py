@@ -1,7 +1,9 @@
 """``virtman agent``: run the compute agent of one host.
 
-    virtman agent --volt URL --name HOST --listen HOST:PORT --data-dir DIR
+    virtman agent --volt URL --name HOST --listen HOST:PORT --data-dir DIR --tokens FILE
+                  (--tls-cert FILE --tls-key FILE --tls-ca FILE | --insecure --token-file FILE)
                   [--cache-size SIZE] [--nbd-listen HOST:PORT] [--socket-dir DIR]
+                  [--hypervisor-user USER]
                   [--accel auto|kvm|tcg] [--qemu PATH] [--accel-cache FILE]
 
 The agent relays images to its children over NBD on ``--nbd-listen`` (default: the
@@ -9,6 +11,13 @@ The agent relays images to its children over NBD on ``--nbd-listen`` (default: t
 ``--socket-dir`` (default ``DIR/sock``) and serves the VM API over HTTP on ``--listen``.
 Its VMs, snapshots and cache live in ``DIR`` and survive a restart. SIGTERM or SIGINT
 stops it cleanly.
+
+The VM API is HTTPS with the TLS files; every request needs a credential (a token
+from ``--tokens``, or another agent's certificate for ``/vms/import``). The agent
+presents its certificate (CN = ``--name``) and/or ``--token-file`` to Volt and to the
+agents it sends VMs to. ``--insecure``: plain HTTP, known by its token only. Export
+sockets are 0600 in a 0700 directory, owned by ``--hypervisor-user`` (default: the
+agent's own user; another user needs an agent running as root).
 
 Guests run under ``--accel`` (default ``auto``: KVM only where a Linux kernel is seen
 to boot under it, see docs/guests.md); ``vm start --accel`` overrides it per guest.
@@ -19,7 +28,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virtman.cli.common import DEFAULT_AGENT_LISTEN, add_volt_option
+from virtman.cli.common import (
+    DEFAULT_AGENT_LISTEN,
+    add_service_security_options,
+    add_volt_option,
+    agent_credentials,
+    service_security,
+)
 from virtman.coordinator.models import NAME_PATTERN
 from virtman.delivery import DeliveryMode
 from virtman.errors import ConfigError
@@ -59,6 +74,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--socket-dir", metavar="DIR", help="where VM sockets go (default DIR/sock)")
     p.add_argument(
+        "--hypervisor-user",
+        metavar="USER",
+        help="the user the hypervisor runs as, who owns the VM sockets (default: this "
+        "agent's user)",
+    )
+    p.add_argument(
         "--mode",
         choices=[m.value for m in DeliveryMode],
         default=DeliveryMode.VIRTMAN.value,
@@ -73,6 +94,7 @@ def add_parser(sub: Any) -> None:
         help="paper mode: seconds each tree level takes to attach",
     )
     add_hypervisor_options(p)
+    add_service_security_options(p, agent=True)
     p.set_defaults(run=run)
 
 
@@ -81,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from virtman.agent.agent import Agent
     from virtman.agent.app import create_app
+    from virtman.agent.vms import SocketOwner
     from virtman.httpapi import HttpService, bind
     from virtman.runtime import configure_logging, run_async
 
@@ -89,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     nbd_host, nbd_port = parse_listen(args.nbd_listen) if args.nbd_listen else (host, 0)
     hypervisor = hypervisor_settings(args)
+    tls, authenticator = service_security(args)
+    credentials = agent_credentials(args, tls)
+    owner = SocketOwner.named(args.hypervisor_user) if args.hypervisor_user else None
     configure_logging(args.log_level)
 
     async def main() -> int:
@@ -103,8 +129,12 @@ def run(args: argparse.Namespace) -> int:
             mode=DeliveryMode(args.mode),
             attach_delay=args.attach_delay,
             hypervisor=hypervisor,
+            credentials=credentials,
+            socket_owner=owner,
         )
-        service = HttpService(create_app(agent), bind(host, port))
+        service = HttpService(
+            create_app(agent, authenticator=authenticator), bind(host, port), tls=tls
+        )
         agent.url = service.url
         return await service.run_until_signalled(f"agent {args.name}")
 

@@ -88,7 +88,9 @@ class RichDisplay:
         self.refresh = refresh
 
     def note(self, text: str) -> None:
-        self.console.print(text, markup=False)
+        # soft_wrap: the terminal wraps a long line; rich would cut it with newlines,
+        # and an address in a note (the live view's) must copy whole.
+        self.console.print(text, markup=False, soft_wrap=True)
 
     @contextlib.asynccontextmanager
     async def step(self, title: str, meters: Sequence[Meter] = ()) -> AsyncIterator[None]:

@@ -6,8 +6,11 @@
 ``add`` makes Volt read the image once from its origin and store its digest manifest;
 an origin that cannot be reached is refused with the reason. On a terminal ``add`` draws
 the manifest's progress (polled from Volt's ``GET /registrations/NAME`` while the POST
-runs) and ``add``, ``list`` and ``show`` print tables; piped, or with ``--json``, they
-print the JSON documents.
+runs, with the same credentials) and ``add``, ``list`` and ``show`` print tables; piped,
+or with ``--json``, they print the JSON documents.
+
+``add`` and ``rm`` need an operator token, the others any token (``--token-file FILE``,
+``--token`` or ``$VIRTMAN_TOKEN``); Volt is verified against ``--tls-ca``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from virtman.cli.common import add_volt_option, print_json
+from virtman.cli.common import (
+    add_client_options,
+    add_volt_option,
+    client_credentials,
+    print_json,
+)
 from virtman.limits import (
     DEFAULT_CHUNK_SIZE,
     IMAGE_REGISTER_TIMEOUT_SECONDS,
@@ -59,6 +67,7 @@ def add_parser(sub: Any) -> None:
             q.add_argument("name", metavar="NAME")
     for q in (add, *[actions.choices[n] for n in ("list", "show", "tree", "rm")]):
         add_volt_option(q)
+        add_client_options(q)
         q.set_defaults(run=run)
     for q in (add, actions.choices["list"], actions.choices["show"]):
         q.add_argument("--json", action="store_true", help="print JSON on a terminal too")
@@ -66,13 +75,13 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from virtman.cli.console import is_terminal, make_console
-    from virtman.httpapi import ApiClient
     from virtman.runtime import run_async
 
+    credentials = client_credentials(args, args.volt)
     console = make_console() if is_terminal() and not getattr(args, "json", False) else None
 
     async def call() -> int:
-        async with ApiClient(args.volt, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
+        async with credentials.api(args.volt, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
             if args.action == "add":
                 body = {"name": args.name, "origins": args.origin, "chunk_size": args.chunk_size}
                 if console is None:

@@ -36,7 +36,7 @@ def build_parser() -> ArgumentParser:
         help="logging threshold",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    from virtman.cli import agent, bench, digest, image, replay, serve, up, vm, volt
+    from virtman.cli import agent, bench, ca, digest, image, replay, serve, token, up, vm, volt
 
     serve.add_parser(sub)
     digest.add_parser(sub)
@@ -47,6 +47,8 @@ def build_parser() -> ArgumentParser:
     up.add_parser(sub)
     replay.add_parser(sub)
     bench.add_parser(sub)
+    ca.add_parser(sub)
+    token.add_parser(sub)
     return parser
 
 

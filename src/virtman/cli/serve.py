@@ -7,7 +7,12 @@
 ``--listen HOST:PORT`` may replace or accompany ``--socket``. SIGTERM and SIGINT stop
 the server cleanly: requests in flight finish, writes are flushed, sockets removed.
 ``--max-connections`` and ``--idle-timeout`` set the server's client limits (see
-``virtman.nbd.server``).
+``virtman.nbd.server``). ``--metrics-listen HOST:PORT`` serves Prometheus metrics at
+``http://HOST:PORT/metrics`` (``virtman.metrics``; docs/control-plane.md lists them).
+
+``--tls-cert FILE --tls-key FILE --tls-ca FILE`` turn TLS on: clients must send
+STARTTLS first and present a certificate signed by the CA, and the upstreams of a relay
+and the base of an overlay are reached over TLS with the same certificate.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import asyncio
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.remote import PathPolicy
@@ -30,6 +35,11 @@ from virtman.limits import (
 )
 from virtman.protocol.uri import parse_listen, parse_nbd_uri
 from virtman.sizes import parse_size
+from virtman.tlsconfig import TlsFiles, add_tls_options, tls_files
+
+if TYPE_CHECKING:
+    from virtman.httpapi import HttpService
+    from virtman.nbd.server import NbdServer
 
 log = logging.getLogger("virtman.serve")
 
@@ -116,6 +126,13 @@ def add_parser(sub: Any) -> None:
         f"{IDLE_CLOSE_FROM_FRACTION * 100:.0f}%% of --max-connections or more; 0: never "
         f"(default {IDLE_TIMEOUT_SECONDS:.0f})",
     )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
+        "printed at start)",
+    )
+    add_tls_options(p)
     p.set_defaults(run=run)
 
 
@@ -163,7 +180,9 @@ def _mode(args: argparse.Namespace) -> str:
     return mode
 
 
-def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
+def build_device(
+    args: argparse.Namespace, tls: TlsFiles | None = None
+) -> tuple[BlockDevice, str]:
     """The device the arguments describe, and its default export name."""
     from virtman.blockdev.cached import CachedDevice
     from virtman.blockdev.cow import CowDevice
@@ -180,18 +199,24 @@ def build_device(args: argparse.Namespace) -> tuple[BlockDevice, str]:
         addresses = [parse_nbd_uri(u) for u in args.upstream]
         fallbacks = [parse_nbd_uri(u) for u in args.fallback]
         manifest = load_manifest(args.manifest) if args.manifest else None
-        remote = RemoteDevice(addresses, fallbacks=fallbacks, policy=PathPolicy(args.path_policy))
+        remote = RemoteDevice(
+            addresses, fallbacks=fallbacks, policy=PathPolicy(args.path_policy), tls=tls
+        )
         device = CachedDevice(remote, args.cache_dir, chunk_size=args.chunk_size, manifest=manifest)
         return device, addresses[0].export
     base_address = parse_nbd_uri(args.base)
-    base = RemoteDevice([base_address])
+    base = RemoteDevice([base_address], tls=tls)
     cow = CowDevice(base, args.overlay, block_size=args.block_size, read_only=args.read_only)
     return cow, os.path.splitext(os.path.basename(args.overlay))[0]
 
 
 def run(args: argparse.Namespace) -> int:
-    device, default_name = build_device(args)
+    tls = tls_files(args)
+    device, default_name = build_device(args, tls)
     listens = [parse_listen(text) for text in args.listen]
+    metrics_listen = (
+        parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
+    )
     from virtman.runtime import configure_logging, run_async
 
     configure_logging(args.log_level)
@@ -203,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
             listens,
             max_connections=args.max_connections,
             idle_timeout=args.idle_timeout,
+            tls=tls,
+            metrics_listen=metrics_listen,
         )
     )
 
@@ -215,11 +242,16 @@ async def _serve(
     *,
     max_connections: int | None,
     idle_timeout: float | None,
+    tls: TlsFiles | None = None,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> int:
     from virtman.nbd.server import NbdServer
 
     await device.open()
-    server = NbdServer({name: device}, max_connections=max_connections, idle_timeout=idle_timeout)
+    server = NbdServer(
+        {name: device}, max_connections=max_connections, idle_timeout=idle_timeout, tls=tls
+    )
+    exporter: HttpService | None = None
     # A signal only sets this event; the stop runs here, in this coroutine, so nothing
     # runs in a task nobody holds and an error of the stop reaches run_async.
     stop_requested = asyncio.Event()
@@ -228,15 +260,69 @@ async def _serve(
             await server.listen_unix(path)
         for host, port in listens:
             await server.listen_tcp(host, port)
+        if metrics_listen is not None:
+            exporter = await _start_metrics(device, name, server, *metrics_listen)
+            print(f"metrics at {exporter.url}/metrics", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _stop, stop_requested, sig)
         print(f"serving {device.describe()} as export {name!r}", flush=True)
         await stop_requested.wait()
     finally:
+        if exporter is not None:
+            await exporter.close()
         await server.stop()
         await device.close()
     return 0
+
+
+async def _start_metrics(
+    device: BlockDevice, name: str, server: NbdServer, host: str, port: int
+) -> HttpService:
+    """An HTTP service in this loop answering ``GET /metrics``: the collectors read the
+    server and devices in the loop's thread, as they change in it, never concurrently."""
+    from fastapi import FastAPI, Response
+
+    from virtman.blockdev.cached import CachedDevice
+    from virtman.blockdev.remote import RemoteDevice
+    from virtman.httpapi import HttpService, bind
+    from virtman.metrics import (
+        CONTENT_TYPE,
+        ImageFigures,
+        Metric,
+        Metrics,
+        data_path_families,
+        fetch_histogram,
+        nbd_families,
+    )
+
+    metrics = Metrics()
+    relay = device if isinstance(device, CachedDevice) else None
+    if relay is not None:
+        relay.on_fetch = fetch_histogram(metrics).observe
+
+    def families() -> list[Metric]:
+        found = nbd_families({"serve": [server]})
+        if relay is not None and isinstance(relay.upstream, RemoteDevice):
+            # A relay's --upstream paths play the parents, its --fallback paths the origin.
+            figures = ImageFigures.read(
+                name, relay, relay.upstream, server.exports_bytes_sent().get(name, 0),
+                lambda _uri, fallback: fallback,
+            )
+            found += data_path_families([figures])
+        return found
+
+    metrics.collect_with(families)
+    app = FastAPI(title="virtman serve metrics", openapi_url=None, docs_url=None,
+                  redoc_url=None)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    service = HttpService(app, bind(host, port))
+    await service.start()
+    return service
 
 
 def _stop(stop_requested: asyncio.Event, sig: signal.Signals) -> None:

@@ -2,7 +2,7 @@
 
     virtman up [--hosts 8] [--vms-per-host 4] [--trace FILE] [--speed X] [--image FILE]
                [--kill HOST@SECONDS ...] [--json FILE] [--workdir DIR]
-               [--accel auto|kvm|tcg]
+               [--accel auto|kvm|tcg] [--insecure] [--ui] [--ui-hold SECONDS]
 
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
@@ -10,6 +10,14 @@ trace) with its think times divided by ``--speed``, prints the tree and a summar
 stops everything it started (also on Ctrl-C). On a terminal each step draws a progress
 bar and the summary is tables; piped, it prints plain lines. ``--accel`` is every
 agent's, for QEMU guests started on them meanwhile (the replayed VMs run no QEMU).
+``--ui`` prints the address of Volt's live view of the tree once Volt is up, and keeps
+the cluster after the summary until Ctrl-C (``--ui-hold SECONDS``: that long at most).
+
+Volt and the agents serve HTTPS and require credentials: the cluster makes a CA, a
+certificate per service and the tokens in ``WORKDIR/credentials``
+(``operator.token`` works with ``virtman vm``/``image --token-file`` and
+``--tls-ca WORKDIR/credentials/ca.crt`` while it runs). ``--insecure`` runs them on
+plain HTTP instead (tokens still required).
 """
 
 from __future__ import annotations
@@ -63,7 +71,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE")
     p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_SECONDS)
     p.add_argument("--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_SECONDS)
+    p.add_argument(
+        "--ui",
+        action="store_true",
+        help="print the address of Volt's live view; keep it after the run until Ctrl-C",
+    )
+    p.add_argument(
+        "--ui-hold",
+        type=float,
+        metavar="SECONDS",
+        help="with --ui (implied): keep the view this long after the run, not until Ctrl-C",
+    )
     add_accel_option(p)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP between the services instead of TLS (tokens still required)",
+    )
     p.set_defaults(run=run)
 
 
@@ -81,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--hosts and --vms-per-host must be at least 1")
     if args.speed <= 0:
         raise ConfigError("--speed must be positive")
+    if args.ui_hold is not None and args.ui_hold < 0:
+        raise ConfigError(f"--ui-hold {args.ui_hold:g}: expected seconds, 0 or more")
     options = UpOptions(
         trace=load_trace(args.trace),
         vms_per_host=args.vms_per_host,
@@ -88,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         kills=[parse_kill(k) for k in args.kill],
         workdir=args.workdir,
+        ui=args.ui or args.ui_hold is not None,
+        ui_hold=args.ui_hold,
         cluster=ClusterSettings(
             hosts=args.hosts,
             fanout=args.fanout,
@@ -97,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             log_level="warning" if args.log_level == "info" else args.log_level,
             accel=args.accel,
+            insecure=args.insecure,
         ),
     )
     configure_logging("warning" if args.log_level == "info" else args.log_level)
@@ -105,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
     display = PlainDisplay() if console is None else RichDisplay(console, PROGRESS_REFRESH_SECONDS)
 
     async def main() -> int:
-        doc = await run_up(options, display)
-        if console is None:
-            print_summary(doc)
-        else:
-            print_tables(console, doc)
+        # The summary is shown by run_up itself: with --ui, before it holds the cluster.
+        doc = await run_up(
+            options,
+            display,
+            print_summary if console is None else lambda d: print_tables(console, d),
+        )
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)

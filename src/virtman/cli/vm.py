@@ -18,7 +18,12 @@ the guest as a boot trace (``trace`` prints it once the guest has exited).
 
 ``create`` prints the VM's NBD URI (give it to QEMU: ``-drive file=URI,format=raw``).
 ``list`` prints a table on a terminal; piped, or with ``--json``, the JSON document.
-DEST_AGENT is an agent's name (looked up in Volt by the source agent) or its URL.
+DEST_AGENT is an agent's name: the source agent looks its address up in Volt and
+sends the VM only there (never to a URL given here).
+
+Every command needs an operator token (``--token-file FILE``, ``--token`` or
+``$VIRTMAN_TOKEN``) and verifies the agent against ``--tls-ca`` (or
+``$VIRTMAN_TLS_CA``); see ``virtman token issue``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from virtman.cli.common import add_agent_option, print_json
+from virtman.cli.common import (
+    add_agent_option,
+    add_client_options,
+    client_credentials,
+    print_json,
+)
 from virtman.hypervisor.options import add_accel_option
 from virtman.limits import VM_CREATE_TIMEOUT_SECONDS
 
@@ -77,6 +87,7 @@ def add_parser(sub: Any) -> None:
     listing.add_argument("--json", action="store_true", help="print JSON on a terminal too")
     for q in actions.choices.values():
         add_agent_option(q)
+        add_client_options(q)
         q.set_defaults(run=run)
 
 
@@ -108,11 +119,12 @@ def _guest(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     from virtman.cli.console import is_terminal
-    from virtman.httpapi import ApiClient
     from virtman.runtime import run_async
 
+    credentials = client_credentials(args, args.agent)
+
     async def call() -> int:
-        async with ApiClient(args.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as api:
+        async with credentials.api(args.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as api:
             if args.action == "create":
                 body = {"name": args.name}
                 if args.image:

@@ -1,10 +1,15 @@
 """``virtman volt``: run the coordinator.
 
-    virtman volt --listen HOST:PORT --db PATH [--fanout 2] [--parents 2]
-                 [--heartbeat-interval 2] [--heartbeat-timeout 6]
+    virtman volt --listen HOST:PORT --db PATH --tokens FILE
+                 (--tls-cert FILE --tls-key FILE --tls-ca FILE | --insecure)
+                 [--fanout 2] [--parents 2] [--heartbeat-interval 2] [--heartbeat-timeout 6]
 
 State lives in the SQLite file PATH: a restarted Volt resumes its images and trees.
 SIGTERM or SIGINT stops it cleanly.
+
+Volt serves HTTPS with the TLS files and takes requests only with a credential: a
+token from ``--tokens`` (operators, viewers, agents) or an agent's client certificate
+signed by ``--tls-ca``. ``--insecure`` serves plain HTTP, tokens still required.
 """
 
 from __future__ import annotations
@@ -13,7 +18,11 @@ import argparse
 import logging
 from typing import Any
 
-from virtman.cli.common import DEFAULT_VOLT_LISTEN
+from virtman.cli.common import (
+    DEFAULT_VOLT_LISTEN,
+    add_service_security_options,
+    service_security,
+)
 from virtman.limits import (
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_TIMEOUT_SECONDS,
@@ -49,6 +58,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--heartbeat-timeout", type=float, default=HEARTBEAT_TIMEOUT_SECONDS, metavar="SECONDS"
     )
+    add_service_security_options(p)
     p.set_defaults(run=run)
 
 
@@ -60,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from virtman.runtime import configure_logging, run_async
 
     host, port = parse_listen(args.listen)
+    tls, authenticator = service_security(args)
     # A fan-out the planner refuses is a PlannerError, a ConfigError: exit status 2.
     volt = Volt(
         VoltState(args.db),
@@ -71,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
 
     async def main() -> int:
-        service = HttpService(create_app(volt), bind(host, port))
+        service = HttpService(
+            create_app(volt, authenticator=authenticator), bind(host, port), tls=tls
+        )
         return await service.run_until_signalled("volt")
 
     return run_async(main())

@@ -5,6 +5,13 @@ Used by ``virtman up`` and by the tests. Volt and every agent are separate proce
 NBD server inside the calling process, so the bytes it sends can be counted exactly.
 Everything listens on loopback or on Unix sockets in directories this cluster made;
 ``stop()`` ends every process it started, even after a failure or Ctrl-C.
+
+Credentials: the cluster makes its own in ``WORKDIR/credentials`` (made afresh each
+time): a CA and a certificate per service (``virtman.pki``), and a tokens file with
+an operator, a viewer and one agent token per host (``virtman.auth``). Volt and the
+agents serve HTTPS and check every request; agents are known by their certificates.
+With ``ClusterSettings.insecure`` they serve plain HTTP and agents use their tokens.
+``credentials`` (the operator's) and ``api()`` are how callers reach the services.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtman.auth import Role, issue_token, write_secret
 from virtman.blockdev.file import FileDevice
 from virtman.childprocess import ChildProcess
 from virtman.errors import NetworkError
-from virtman.httpapi import ApiClient, wait_for
+from virtman.httpapi import ApiClient, Credentials, wait_for
 from virtman.limits import (
     DEFAULT_CACHE_CAPACITY,
     DEFAULT_CHUNK_SIZE,
@@ -36,10 +44,14 @@ from virtman.limits import (
     VM_CREATE_TIMEOUT_SECONDS,
 )
 from virtman.nbd.server import Export, NbdServer
+from virtman.pki import DEFAULT_HOSTS, init_ca, issue
+from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
 
-_SERVING = re.compile(rb"serving on (http://\S+)")
+_SERVING = re.compile(rb"serving on (https?://\S+)")
+OPERATOR = "operator"
+VIEWER = "viewer"
 
 
 def _option(flag: str, value: str | None) -> list[str]:
@@ -79,6 +91,8 @@ class ClusterSettings:
     accel: str = "auto"
     qemu: str | None = None
     accel_cache: str | None = None
+    #: Plain HTTP between the services (tokens still required): ``virtman up --insecure``.
+    insecure: bool = False
 
 
 @dataclass
@@ -118,6 +132,64 @@ class LocalCluster:
         self.volt_port = 0
         self.agents: dict[str, Service] = {}
         os.makedirs(self.workdir, exist_ok=True)
+        self.credentials_dir = os.path.join(self.workdir, "credentials")
+        #: The tokens file Volt and the agents check requests against.
+        self.tokens_file = os.path.join(self.credentials_dir, "tokens")
+        self._make_credentials()
+        #: The operator's: what ``api()`` and the helpers below call with.
+        self.credentials = Credentials(token=self.token(OPERATOR), ca=self.ca_file)
+
+    # --- credentials ----------------------------------------------------------------------------
+
+    def _make_credentials(self) -> None:
+        shutil.rmtree(self.credentials_dir, ignore_errors=True)  # never another run's
+        self.ca_file = init_ca(self.credentials_dir).cert
+        holders = [(Role.OPERATOR, OPERATOR), (Role.VIEWER, VIEWER)]
+        holders += [(Role.AGENT, name) for name in self.host_names()]
+        for role, name in holders:
+            token = issue_token(self.tokens_file, role, name)
+            write_secret(self.token_file(name), token)
+
+    def issue_agent_token(self, name: str) -> str:
+        """A token for one more agent name (a stand-in a test registers with Volt
+        itself); only services started after this call know it."""
+        token = issue_token(self.tokens_file, Role.AGENT, name)
+        write_secret(self.token_file(name), token)
+        return token
+
+    def token_file(self, name: str) -> str:
+        """Where the token of ``name`` (operator, viewer, an agent) is kept (0600)."""
+        return os.path.join(self.credentials_dir, f"{name}.token")
+
+    def token(self, name: str) -> str:
+        with open(self.token_file(name), encoding="utf-8") as f:
+            return f.read().strip()
+
+    def tls_files(self, service: str) -> TlsFiles | None:
+        """The certificate of a service (made on first use; None when insecure), valid
+        for its address on this placement and for loopback."""
+        if self.settings.insecure:
+            return None
+        cert = os.path.join(self.credentials_dir, f"{service}.crt")
+        if os.path.exists(cert):
+            return TlsFiles(cert, cert.removesuffix(".crt") + ".key", self.ca_file)
+        hosts = list(dict.fromkeys([self.placement.address(service), *DEFAULT_HOSTS]))
+        return issue(service, self.credentials_dir, self.credentials_dir, hosts=hosts)
+
+    def _security_args(self, service: str, *, agent: bool) -> list[str]:
+        tls = self.tls_files(service)
+        args = ["--tokens", self.tokens_file]
+        if tls is None:
+            args.append("--insecure")
+            if agent:
+                args += ["--token-file", self.token_file(service)]
+        else:
+            args += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+        return args
+
+    def api(self, url: str, **kwargs: Any) -> ApiClient:
+        """A client of one of this cluster's services, with the operator's credentials."""
+        return self.credentials.api(url, **kwargs)
 
     # --- processes ------------------------------------------------------------------------------
 
@@ -138,7 +210,7 @@ class LocalCluster:
                                              self.settings.start_timeout)
         service = Service(child, url=match.group(1).decode())
         try:
-            await wait_for(service.url)
+            await wait_for(service.url, credentials=self.credentials)
         except BaseException:
             await asyncio.to_thread(child.stop)  # started but never ready: not to outlive us
             raise
@@ -163,7 +235,8 @@ class LocalCluster:
 
     @property
     def volt_url(self) -> str:
-        return f"http://{self.placement.address('volt')}:{self.volt_port}"
+        scheme = "http" if self.settings.insecure else "https"
+        return f"{scheme}://{self.placement.address('volt')}:{self.volt_port}"
 
     async def start_volt(self) -> Service:
         s = self.settings
@@ -183,6 +256,7 @@ class LocalCluster:
                 str(s.heartbeat_interval),
                 "--heartbeat-timeout",
                 str(s.heartbeat_timeout),
+                *self._security_args("volt", agent=False),
             ],
         )
         self.volt_port = int(self.volt.url.rsplit(":", 1)[1])
@@ -203,7 +277,7 @@ class LocalCluster:
         listen = f"{self.placement.address(name)}:0"
         nbd_listen = listen
         if previous is not None:  # a restart keeps the addresses it had
-            listen = previous.url.removeprefix("http://")
+            listen = previous.url.split("://", 1)[1]
             nbd_listen = previous.extra.get("nbd", nbd_listen)
         socket_dir = os.path.join(self.socket_root, name)
         service = await self._spawn(
@@ -232,9 +306,10 @@ class LocalCluster:
                 self.settings.accel,
                 *_option("--qemu", self.settings.qemu),
                 *_option("--accel-cache", self.settings.accel_cache),
+                *self._security_args(name, agent=True),
             ],
         )
-        async with ApiClient(service.url) as api:
+        async with self.api(service.url) as api:
             status = await api.get("/status")
         service.extra["nbd"] = status["relay_nbd"]
         self.agents[name] = service
@@ -255,7 +330,7 @@ class LocalCluster:
     # --- API helpers ------------------------------------------------------------------------------
 
     async def register_image(self, name: str, origins: list[str] | None = None) -> Any:
-        async with ApiClient(self.volt_url, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
+        async with self.api(self.volt_url, timeout=IMAGE_REGISTER_TIMEOUT_SECONDS) as api:
             return await api.post(
                 "/images",
                 json={
@@ -269,12 +344,12 @@ class LocalCluster:
         self, host: str, name: str, image: str, timeout: float = VM_CREATE_TIMEOUT_SECONDS
     ) -> str:
         # Creating the first VM of an image may download it whole (COPY mode).
-        async with ApiClient(self.agents[host].url, timeout=timeout) as api:
+        async with self.api(self.agents[host].url, timeout=timeout) as api:
             doc = await api.post("/vms", json={"name": name, "image": image})
         return str(doc["uri"])
 
     async def tree(self, image: str) -> Any:
-        async with ApiClient(self.volt_url) as api:
+        async with self.api(self.volt_url) as api:
             return await api.get(f"/images/{image}/tree")
 
     async def agent_status(self, host: str) -> Any:
@@ -282,7 +357,7 @@ class LocalCluster:
         if not agent.alive:
             return None
         try:
-            async with ApiClient(agent.url, timeout=STATUS_TIMEOUT_SECONDS) as api:
+            async with self.api(agent.url, timeout=STATUS_TIMEOUT_SECONDS) as api:
                 return await api.get("/status")
         except NetworkError:
             return None

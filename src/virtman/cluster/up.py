@@ -4,8 +4,9 @@ Starts an origin (a generated test image, or ``--image``), Volt and ``--hosts`` 
 registers the image; measures one VM booting alone from a local copy; then creates
 ``--vms-per-host`` VMs on every host and replays the boot trace through all of them at
 once, SIGKILLing agents as ``--kill HOST@SECONDS`` says. Returns the result document
-(``--json``), which ``print_summary`` prints as the tree and a summary. Everything it
-started is stopped at the end, on error and on Ctrl-C.
+(``--json``), shown first by ``show_summary`` (``print_summary`` prints it as the tree
+and a summary; the CLI draws tables on a terminal). Everything it started is stopped
+at the end, on error and on Ctrl-C.
 
 Each step is shown on a ``virtman.progress.Display`` while it runs: the baseline VM's
 bytes read out of what the trace reads, the origin's bytes while the manifest is
@@ -13,23 +14,30 @@ computed, then VMs booted out of the total and bytes sent by the origin. All of 
 are counters this process keeps anyway (the origin and the baseline's NBD server run
 in it, and a replay that ends is counted where it ends), so showing them asks nothing
 of the agents being measured.
+With ``ui``, Volt's live view is open all along: its address is a note once Volt is
+up, and the cluster is kept after the summary until Ctrl-C (or for ``ui_hold`` seconds)
+so the page can still be looked at.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
+import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.cluster.local import VIEWER, ClusterSettings, LocalCluster
+from virtman.coordinator.ui import ui_url
 from virtman.errors import ConfigError
 from virtman.limits import MIN_TEST_IMAGE_SIZE
 from virtman.nbd.server import Export, NbdServer
@@ -53,6 +61,10 @@ class UpOptions:
     kills: list[tuple[str, float]] = field(default_factory=list)
     workdir: str | None = None
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    #: Print Volt's live view address and keep the cluster after the run.
+    ui: bool = False
+    #: Seconds to keep it after the run (None: until Ctrl-C).
+    ui_hold: float | None = None
 
 
 def parse_kill(text: str) -> tuple[str, float]:
@@ -93,6 +105,30 @@ def trace_read_bytes(trace: Trace, size: int) -> int:
     return sum(min(r.length, max(0, size - r.offset)) for r in trace.reads)
 
 
+def live_view_url(cluster: LocalCluster) -> str:
+    """The address of the cluster's live view, as printed (the one place it is made),
+    with the cluster's viewer token: opening it sets the browser's cookie."""
+    return ui_url(cluster.volt_url, token=cluster.token(VIEWER))
+
+
+async def hold_live_view(url: str, seconds: float | None) -> None:
+    """Keep the cluster (and its page) up for ``seconds``, or until Ctrl-C when None;
+    Ctrl-C ends the wait early either way, and the run then ends as usual."""
+    print(
+        f"live view stays at {url} "
+        + ("until Ctrl-C" if seconds is None else f"for {seconds:g} s (Ctrl-C ends it sooner)"),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(interrupted.wait(), seconds)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
 async def single_vm_seconds(
     image: str, trace: Trace, speed: float, workdir: str, display: Display | None = None
 ) -> float:
@@ -119,8 +155,16 @@ async def single_vm_seconds(
     return result.boot_seconds
 
 
-async def run_up(options: UpOptions, display: Display | None = None) -> dict[str, Any]:
+async def run_up(
+    options: UpOptions,
+    display: Display | None = None,
+    show_summary: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run it all and return the result document. ``show_summary`` (default
+    ``print_summary``: plain lines) shows it while the cluster still runs, so that with
+    ``ui`` the summary is on screen while the live view is held."""
     display = display or PlainDisplay()
+    show_summary = show_summary or print_summary
     settings = options.cluster
     workdir = options.workdir or tempfile.mkdtemp(prefix="virtman-up-")
     os.makedirs(workdir, exist_ok=True)
@@ -148,6 +192,8 @@ async def run_up(options: UpOptions, display: Display | None = None) -> dict[str
         async with display.step(f"starting origin, volt, {len(hosts)} agents"):
             await cluster.start_origin(image)
             await cluster.start_volt()
+            if options.ui:
+                display.note(f"live view: {live_view_url(cluster)}")
             await cluster.start_agents()
         started = time.monotonic()
         # Registration reads what the image holds once, from the origin in this process.
@@ -197,6 +243,9 @@ async def run_up(options: UpOptions, display: Display | None = None) -> dict[str
             options,
             cluster.origin_bytes_sent - origin_before,
         )
+        show_summary(doc)
+        if options.ui:
+            await hold_live_view(live_view_url(cluster), options.ui_hold)
     finally:
         await cluster.stop()
     return doc

@@ -15,6 +15,10 @@ host, and the hosts whose parents changed learn them in their next heartbeat ans
 so the tree is whole again within ``timeout + interval`` of the failure. The origin
 path means no agent ever waits on the repair to keep its VMs reading.
 
+Watchers (``watch``; the live view, ``coordinator/ui.py``) are called synchronously
+after each change of a tree, of the image registry or of an agent's heartbeat stats,
+with a ``VoltChange`` saying what changed; they must not block or raise.
+
 On restart, trees come back from SQLite and every known agent is given a fresh
 ``timeout`` to heartbeat, so a Volt restart does not look like a mass failure.
 
@@ -35,6 +39,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from virtman.blockdev.manifest import ManifestProgress, compute_manifest
 from virtman.blockdev.remote import RemoteDevice
@@ -65,9 +70,25 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
+from virtman.metrics import Metric, Metrics, gauge
 from virtman.planner.tree import RelayTree, TreeSettings
 
 log = logging.getLogger(__name__)
+
+
+class LeaveReason(enum.Enum):
+    """Why a host left a tree; the value is the ``reason`` label of
+    ``virtman_tree_leaves_total``."""
+
+    LEFT = "left"  # it asked (DELETE /images/{name}/members/{agent})
+    STOPPED = "stopped"  # its heartbeat no longer lists the image
+    FAILED = "failed"  # silent past the heartbeat timeout
+
+    @property
+    def said(self) -> str:
+        """How the log line says it: "agent 'a' <said> the tree of 'img'"."""
+        return {"left": "left", "stopped": "stopped relaying", "failed": "failed out of"}[
+            self.value]
 
 
 class Lifecycle(enum.Enum):
@@ -77,6 +98,21 @@ class Lifecycle(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+class ChangeKind(enum.Enum):
+    """What a ``VoltChange`` is about."""
+
+    TREE = "tree"  # a host joined, left or failed out of a tree (repairs included)
+    IMAGES = "images"  # an image was registered or removed
+    STATS = "stats"  # an agent's heartbeat stats differ from its previous ones
+
+
+@dataclass(frozen=True)
+class VoltChange:
+    kind: ChangeKind
+    #: One line for an operator (empty for stats, which change with every heartbeat).
+    text: str = ""
 
 
 class Volt:
@@ -128,6 +164,26 @@ class Volt:
         self.repairs = 0
         #: Registrations under way: image name -> how far its manifest is.
         self._registering: dict[str, ManifestProgress] = {}
+        #: Volt's Prometheus metrics (``GET /metrics``), in a registry of its own. Tree
+        #: changes are counted as Volt decides them: no object remembers them otherwise.
+        self.metrics = Metrics()
+        self._joins = self.metrics.counter(
+            "tree_joins", "Hosts placed in an image's relay tree.", ["image"])
+        self._leaves = self.metrics.counter(
+            "tree_leaves", "Hosts removed from an image's relay tree: asked to leave "
+            "(reason=left), no longer relaying it by their heartbeat (reason=stopped), or "
+            "silent past the heartbeat timeout (reason=failed).", ["image", "reason"])
+        self._repairs = self.metrics.counter(
+            "tree_repairs", "Holes a failed host left in an image's tree, refilled by the "
+            "planner (its children get new parents in their next heartbeat).", ["image"])
+        self._failed = self.metrics.counter(
+            "agents_failed", "Agents that missed heartbeats for longer than the timeout "
+            "and were removed from every tree.")
+        self._beats = self.metrics.counter("heartbeats_received", "Heartbeats received.")
+        self.metrics.collect_with(self._metric_families)
+        #: The stats of each agent's last heartbeat (as sent: readers check what they use).
+        self._stats: dict[str, dict[str, object]] = {}
+        self._watchers: list[Callable[[VoltChange], None]] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -180,6 +236,18 @@ class Volt:
                 self.detector_error,
                 exc_info=self.detector_error,
             )
+
+    # --- watchers ------------------------------------------------------------------------------
+
+    def watch(self, watcher: Callable[[VoltChange], None]) -> Callable[[], None]:
+        """Call ``watcher`` after every change; returns the function that stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher)
+
+    def _changed(self, kind: ChangeKind, text: str = "") -> None:
+        change = VoltChange(kind, text)
+        for watcher in list(self._watchers):
+            watcher(change)
 
     # --- images -------------------------------------------------------------------------------
 
@@ -263,6 +331,7 @@ class Volt:
             len(manifest.data_digests),
             self.clock() - started,
         )
+        self._changed(ChangeKind.IMAGES, f"image {record.name} registered")
         return self._image_doc(record)
 
     def remove_image(self, name: str) -> None:
@@ -270,7 +339,14 @@ class Volt:
         self.image(name)
         self.state.remove_image(name)
         del self._images[name], self._trees[name], self._relays[name]
+        for family in (self._joins, self._repairs):
+            with contextlib.suppress(KeyError):
+                family.remove(name)
+        for reason in LeaveReason:
+            with contextlib.suppress(KeyError):
+                self._leaves.remove(name, reason.value)
         log.info("image %r removed", name)
+        self._changed(ChangeKind.IMAGES, f"image {name} removed")
 
     # --- trees ----------------------------------------------------------------------------------
 
@@ -288,10 +364,12 @@ class Volt:
             if self._relays[image][agent] != relay_uri:
                 self._relays[image][agent] = relay_uri
                 self._save(image)
+                self._changed(ChangeKind.TREE, f"{agent} moved its relay of {image}")
             return self.paths(image, agent)
         tree.join(agent)
         self._relays[image][agent] = relay_uri
         self._save(image)
+        self._joins.labels(image).inc()
         log.info(
             "agent %r joined the tree of %r at position %d (level %d, parents %s)",
             agent,
@@ -300,9 +378,12 @@ class Volt:
             tree.level(agent),
             tree.parents(agent) or ["origin"],
         )
+        self._changed(
+            ChangeKind.TREE, f"{agent} joined {image} at level {tree.level(agent)}"
+        )
         return self.paths(image, agent)
 
-    def leave(self, image: str, agent: str, *, reason: str = "left") -> None:
+    def leave(self, image: str, agent: str, *, reason: LeaveReason = LeaveReason.LEFT) -> None:
         self._check_open("remove an agent")
         tree = self.tree(image)
         if agent not in tree:
@@ -310,15 +391,18 @@ class Volt:
         change = tree.leave(agent)
         del self._relays[image][agent]
         self._save(image)
+        self._leaves.labels(image, reason.value).inc()
         moved = ", ".join(f"{h} {a}->{b}" for h, a, b in change.moved) or "none"
         log.info(
             "agent %r %s the tree of %r: moved %s; %d hosts get new parents",
             agent,
-            reason,
+            reason.said,
             image,
             moved,
             len(change.affected),
         )
+        moves = "".join(f"; {h} moved up" for h, _, _ in change.moved)
+        self._changed(ChangeKind.TREE, f"{agent} {reason} {image}{moves}")
 
     def _save(self, image: str) -> None:
         self.state.save_tree(image, self._trees[image].positions(), self._relays[image])
@@ -368,10 +452,14 @@ class Volt:
     def heartbeat(self, agent: str, beat: Heartbeat) -> HeartbeatReply:
         """Record a heartbeat; reconcile the agent's memberships; answer its paths."""
         self._check_open("take a heartbeat")
+        self._beats.inc()
         known = agent in self._last_seen
         self._touch(agent, beat.url)
         if not known:
             log.info("agent %r registered at %s", agent, beat.url)
+        if self._stats.get(agent) != beat.stats:
+            self._stats[agent] = beat.stats
+            self._changed(ChangeKind.STATS)
         paths: dict[str, Paths] = {}
         for image, relay_uri in beat.relays.items():
             if image not in self._images:
@@ -379,7 +467,7 @@ class Volt:
             paths[image] = self.join(image, agent, relay_uri)
         for image, tree in self._trees.items():
             if agent in tree and image not in beat.relays:
-                self.leave(image, agent, reason="stopped relaying")
+                self.leave(image, agent, reason=LeaveReason.STOPPED)
         return HeartbeatReply(interval=self.interval, timeout=self.timeout, paths=paths)
 
     def agent_url(self, agent: str) -> str:
@@ -387,6 +475,10 @@ class Volt:
             return self._agent_urls[agent]
         except KeyError:
             raise NotFound(f"no agent named {agent!r}") from None
+
+    def agent_stats(self, agent: str) -> dict[str, object]:
+        """The stats of the agent's last heartbeat ({} before its first)."""
+        return self._stats.get(agent, {})
 
     def agents(self) -> list[AgentInfo]:
         now = self.clock()
@@ -416,10 +508,31 @@ class Volt:
                 images or "no image",
             )
             for image in images:
-                self.leave(image, agent, reason="failed out of")
+                self.leave(image, agent, reason=LeaveReason.FAILED)
                 self.repairs += 1
+                self._repairs.labels(image).inc()
             del self._last_seen[agent]
+            self._failed.inc()
+            self._stats.pop(agent, None)
+        if dead:
+            self._changed(ChangeKind.STATS)
         return dead
+
+    # --- metrics --------------------------------------------------------------------------
+
+    def _metric_families(self) -> list[Metric]:
+        """Read at every scrape of ``/metrics``: the registry and the trees as they are."""
+        images = gauge("images", "Images registered.")
+        images.add_metric([], len(self._images))
+        agents = gauge("agents", "Agents heard from within the heartbeat timeout (or "
+                       "given a fresh timeout by a restart of Volt).")
+        agents.add_metric([], len(self._last_seen))
+        hosts = gauge("tree_hosts", "Hosts in an image's relay tree.", ["image"])
+        depth = gauge("tree_depth", "Levels of an image's relay tree.", ["image"])
+        for name, tree in sorted(self._trees.items()):
+            hosts.add_metric([name], len(tree.hosts))
+            depth.add_metric([name], tree.depth)
+        return [images, agents, hosts, depth]
 
     async def _detect_failures(self) -> None:
         while True:

@@ -36,7 +36,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -580,6 +580,10 @@ class Guest:
         self._exit: asyncio.Future[tuple[bytes, bytes]] | None = None
         self._task: asyncio.Task[int] | None = None
         self._stopping = False
+        #: Set by the owner (metrics): called once with the seconds from ``start()`` to
+        #: the first console output (a KVM trial and a TCG restart included).
+        self.on_console: Callable[[float], None] | None = None
+        self._started_at = 0.0
 
     @property
     def running(self) -> bool:
@@ -593,6 +597,7 @@ class Guest:
         if self.state is not GuestState.CREATED:
             raise Conflict(f"guest {self.name!r} was started before ({self.state.value})")
         self.state = GuestState.STARTING  # counts as running while a probe runs
+        self._started_at = time.monotonic()
         try:
             accel = await self.hypervisor.resolve(self.requested, self.cfg.kernel)
             await self._launch(accel)
@@ -673,6 +678,8 @@ class Guest:
             if self._console_bytes() > 0:
                 if self.state is GuestState.STARTING:
                     self.state = GuestState.RUNNING
+                    if self.on_console is not None:
+                        self.on_console(time.monotonic() - self._started_at)
                 return _Outcome.CONSOLE
             if self._exit.done():
                 return _Outcome.EXITED

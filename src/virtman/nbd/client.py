@@ -10,6 +10,13 @@ Lifecycle (``ClientStatus``): ``CONNECTING → READY → CLOSING → CLOSED``; a
 that breaks goes from any state to ``CLOSED`` with ``error`` set. Everything raised to a
 caller is a ``VirtmanError``: timeouts of the connect, the handshake or one request are
 ``NetworkTimeout`` (a ``NetworkError``) naming the address, the operation and the limit.
+
+TLS: given TLS files (or an ``nbds://`` URI, whose ``tls-certificates=DIR`` names them
+when no files are given), the client sends STARTTLS first, verifies the server's
+certificate against the CA and its name against the URI's host (``localhost`` for a
+Unix socket), and presents its own certificate. A server that refuses STARTTLS, or whose
+certificate does not verify, fails the connect with ``NetworkError``: a client that
+asked for TLS never goes on without it.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import ssl
 from collections.abc import Callable
 from typing import cast
 
 from virtman.errors import (
+    ConfigError,
     NbdRequestError,
     NetworkError,
     NetworkTimeout,
@@ -29,12 +38,45 @@ from virtman.errors import (
     VirtmanError,
     excerpt,
 )
-from virtman.limits import CONNECT_TIMEOUT_SECONDS, DISCONNECT_WAIT_SECONDS
+from virtman.limits import (
+    CONNECT_TIMEOUT_SECONDS,
+    DISCONNECT_WAIT_SECONDS,
+    TLS_HANDSHAKE_TIMEOUT_SECONDS,
+)
 from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import NEED_DATA, ClientConnection, Command, CommandFlag, ExportInfo
-from virtman.protocol.nbd.client import ExportsListed, HandshakeDone, ReplyReceived, errno_name
+from virtman.protocol.nbd.client import (
+    ExportsListed,
+    HandshakeDone,
+    ReplyReceived,
+    TlsAccepted,
+    errno_name,
+)
 from virtman.protocol.nbd.constants import TransmissionFlag
 from virtman.protocol.uri import NbdAddress, parse_nbd_uri
+from virtman.tlsconfig import TlsFiles, client_context, libnbd_files
+
+#: What a client is given for TLS: files to load, or a context built from them once.
+TlsSetting = TlsFiles | ssl.SSLContext | None
+
+
+def tls_context_for(address: NbdAddress, tls: TlsSetting) -> ssl.SSLContext | None:
+    """The TLS context a connection to ``address`` uses: from ``tls`` when given (TLS
+    then applies to ``nbd://`` URIs too), else from an ``nbds://`` URI's
+    ``tls-certificates=DIR``, else None (plaintext). Raises ConfigError for an
+    ``nbds://`` URI with neither, or files that do not load."""
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if tls is not None:
+        return client_context(tls)
+    if address.tls:
+        if address.tls_certificates is None:
+            raise ConfigError(
+                f"{address} asks for TLS: give TLS files (--tls-cert, --tls-key, --tls-ca) "
+                "or ?tls-certificates=DIR"
+            )
+        return client_context(libnbd_files(address.tls_certificates))
+    return None
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +89,18 @@ class ClientStatus(enum.Enum):
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, codec: ClientConnection, address: NbdAddress) -> None:
+    def __init__(
+        self,
+        codec: ClientConnection,
+        address: NbdAddress,
+        tls: ssl.SSLContext | None = None,
+        tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS,
+    ) -> None:
         self.codec = codec
         self.address = address
+        self.tls = tls
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self._tls_task: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[HandshakeDone | ExportsListed] = loop.create_future()
@@ -76,6 +127,9 @@ class _ClientProtocol(asyncio.Protocol):
                     waiter = self.waiters.pop(event.cookie, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(event)
+                elif isinstance(event, TlsAccepted):
+                    self._begin_tls()
+                    return
                 elif not self.handshake.done():
                     self.handshake.set_result(event)  # type: ignore[arg-type]
         except PeerProtocolError as err:
@@ -86,6 +140,39 @@ class _ClientProtocol(asyncio.Protocol):
         out = codec.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
+
+    def _begin_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        if self.tls is None:  # the codec only sends STARTTLS when told to use TLS
+            raise AssertionError("STARTTLS accepted on a client without a TLS context")
+        # No plaintext may be read past the ACK: start_tls takes over from a task.
+        transport.pause_reading()
+        self._tls_task = asyncio.get_running_loop().create_task(self._start_tls(transport))
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        assert self.tls is not None
+        try:
+            wrapped = await asyncio.get_running_loop().start_tls(
+                transport,
+                self,
+                self.tls,
+                server_hostname=self.address.tls_hostname,
+                ssl_handshake_timeout=self.tls_handshake_timeout,
+            )
+        except (OSError, RuntimeError) as err:  # ssl.SSLError, resets, handshake timeout
+            self._fail(NetworkError(f"TLS handshake failed: {err}", address=str(self.address)))
+            transport.abort()
+            if not self.closed.done():
+                self.closed.set_result(None)
+            return
+        if wrapped is None:
+            return
+        self.transport = wrapped
+        self.codec.tls_started()
+        out = self.codec.data_to_send()
+        if out:
+            wrapped.write(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection lost: {exc}" if exc else "connection closed by server"
@@ -107,19 +194,22 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 async def _open(
-    address: NbdAddress, codec: ClientConnection, timeout: float
+    address: NbdAddress,
+    codec: ClientConnection,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[asyncio.Transport, _ClientProtocol]:
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             if address.socket is not None:
                 transport, protocol = await loop.create_unix_connection(
-                    lambda: _ClientProtocol(codec, address), address.socket
+                    lambda: _ClientProtocol(codec, address, tls), address.socket
                 )
             else:
                 assert address.host is not None
                 transport, protocol = await loop.create_connection(
-                    lambda: _ClientProtocol(codec, address), address.host, address.port
+                    lambda: _ClientProtocol(codec, address, tls), address.host, address.port
                 )
     except TimeoutError as err:
         raise NetworkTimeout("connect", limit=timeout, address=str(address)) from err
@@ -182,16 +272,26 @@ class NbdClient:
         timeout: float = CONNECT_TIMEOUT_SECONDS,
         structured_replies: bool = True,
         block_status: bool = True,
+        tls: TlsSetting = None,
     ) -> NbdClient:
+        """Connect and run the handshake (with TLS when ``tls`` is given or the URI is
+        ``nbds``: see the module docstring). ``timeout`` covers each of the connect and
+        the whole handshake, TLS included."""
         address = parse_nbd_uri(target) if isinstance(target, str) else target
+        context = tls_context_for(address, tls)
         codec = ClientConnection(
-            address.export, structured_replies=structured_replies, block_status=block_status
+            address.export,
+            structured_replies=structured_replies,
+            block_status=block_status,
+            tls=context is not None,
         )
         # Status CONNECTING lasts until here: the object exists once the export is known.
-        transport, protocol = await _open(address, codec, timeout)
+        transport, protocol = await _open(address, codec, timeout, context)
         done = await _handshake(address, transport, protocol, timeout)
         assert isinstance(done, HandshakeDone)
-        return cls(address, transport, protocol, done.export)
+        # Over TLS the protocol's transport is the TLS one, not the socket's.
+        assert protocol.transport is not None
+        return cls(address, protocol.transport, protocol, done.export)
 
     # --- state ----------------------------------------------------------------------------
 
@@ -355,13 +455,14 @@ class NbdClient:
 
 
 async def list_exports(
-    target: str | NbdAddress, *, timeout: float = CONNECT_TIMEOUT_SECONDS
+    target: str | NbdAddress, *, timeout: float = CONNECT_TIMEOUT_SECONDS, tls: TlsSetting = None
 ) -> list[str]:
     """The export names a server lists (``NBD_OPT_LIST``)."""
     address = parse_nbd_uri(target) if isinstance(target, str) else target
-    codec = ClientConnection(list_exports=True)
-    transport, protocol = await _open(address, codec, timeout)
+    context = tls_context_for(address, tls)
+    codec = ClientConnection(list_exports=True, tls=context is not None)
+    transport, protocol = await _open(address, codec, timeout, context)
     done = await _handshake(address, transport, protocol, timeout)
-    transport.close()
+    (protocol.transport or transport).close()
     assert isinstance(done, ExportsListed)
     return done.names

@@ -32,6 +32,14 @@ Limits on clients (all named in ``limits.py``, all constructor arguments):
   EIO), so a server with room never cuts a paused or quiet VM; one filling up with idle
   connections frees their slots.
 
+TLS (``tls=TlsFiles``): the codec runs in FORCEDTLS mode (every option before
+STARTTLS is refused ``NBD_REP_ERR_TLS_REQD``). After the STARTTLS ACK is written the
+connection stops reading, ``loop.start_tls`` wraps the transport as a server that
+requires a client certificate signed by the CA (only hosts of the cluster read images),
+and option haggling goes on over TLS. A client that fails the TLS handshake (no
+certificate, one of another CA, a plaintext client that sent more bytes) is closed and
+counted in ``stats.tls_refused``. The handshake timeout covers the TLS handshake too.
+
 Warnings caused by a client (refused requests and options, protocol violations, failed
 requests, refused connections, handshake and idle timeouts) go through one
 ``RateLimitedLog`` keyed by peer (TCP host, or Unix uid) and kind, so a client repeating
@@ -48,6 +56,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +82,7 @@ from virtman.limits import (
     MAX_REQUEST_PAYLOAD,
     PREFERRED_BLOCK_SIZE,
     SHUTDOWN_GRACE_SECONDS,
+    TLS_HANDSHAKE_TIMEOUT_SECONDS,
 )
 from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import (
@@ -88,10 +98,12 @@ from virtman.protocol.nbd import (
     RequestReceived,
     RequestRefused,
     ServerConnection,
+    TlsRequested,
     TransmissionFlag,
 )
 from virtman.protocol.nbd.constants import FUA_BIT
 from virtman.ratelog import RateLimitedLog
+from virtman.tlsconfig import TlsFiles, peer_name, server_context
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +193,8 @@ class ServerStats:
     bytes_read: int = 0  # payload sent in READ replies
     bytes_read_by_export: dict[str, int] = field(default_factory=dict)
     bytes_written: int = 0
+    tls_sessions: int = 0  # TLS handshakes that succeeded
+    tls_refused: int = 0  # TLS handshakes that failed (no or a foreign certificate, ...)
 
 
 class NbdServer:
@@ -190,6 +204,8 @@ class NbdServer:
     ``nbd://host`` URIs without a path do); by default the only export, if there is one.
     ``max_connections=None`` derives the limit from the descriptor limit
     (``default_max_connections``); ``idle_timeout=None`` never closes idle connections.
+    ``tls`` makes TLS with a client certificate signed by ``tls.ca`` mandatory on every
+    listener (ConfigError at once if the files do not load).
     """
 
     def __init__(
@@ -205,7 +221,12 @@ class NbdServer:
         idle_timeout: float | None = IDLE_TIMEOUT_SECONDS,
         idle_close_from: float = IDLE_CLOSE_FROM_FRACTION,
         log_interval: float = LOG_REPEAT_INTERVAL_SECONDS,
+        tls: TlsFiles | None = None,
+        tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS,
     ) -> None:
+        self.tls = tls
+        self.tls_context: ssl.SSLContext | None = server_context(tls) if tls else None
+        self.tls_handshake_timeout = tls_handshake_timeout
         if isinstance(exports, Mapping):
             items = [Export(name, dev) for name, dev in exports.items()]
         else:
@@ -271,6 +292,12 @@ class NbdServer:
     def open_connections(self) -> int:
         return len(self._connections)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests received on open connections and not answered yet (read when
+        metrics are scraped; the request path keeps this count anyway)."""
+        return sum(c.inflight for c in self._connections)
+
     def crowded(self) -> bool:
         """Whether idle connections are closed now (see ``idle_timeout``)."""
         return len(self._connections) >= self.idle_close_from * self.max_connections
@@ -297,8 +324,9 @@ class NbdServer:
         self._servers.append(server)
         self.status = ServerStatus.SERVING
         log.info(
-            "nbd server listening on %s, exports %s (at most %d connections)",
+            "nbd server listening on %s%s, exports %s (at most %d connections)",
             where,
+            " with TLS and client certificates" if self.tls_context else "",
             ", ".join(self._names()),
             self.max_connections,
         )
@@ -361,6 +389,22 @@ class NbdServer:
         old = current.device
         current.device = device
         return old
+
+    async def settle(self, export: str) -> None:
+        """Return once every request already running on ``export`` has finished.
+
+        After ``replace_device`` a request that started earlier may still be working on
+        the old device (a copy-on-write waiting for its base); whoever needs to know
+        everything the old device took waits here. Requests that start meanwhile are
+        not waited for."""
+        running = [
+            task
+            for conn in self._connections
+            if conn.export is not None and conn.export.name == export
+            for task in conn.tasks
+        ]
+        if running:
+            await asyncio.wait(running)
 
 
 def _call_later(delay: float, callback: Callable[[], None]) -> None:
@@ -425,8 +469,13 @@ async def _finish(coro: Coroutine[Any, Any, None], first: Any) -> None:
 class _Connection(asyncio.Protocol):
     def __init__(self, server: NbdServer) -> None:
         self.server = server
-        self.codec = ServerConnection(server._lookup, server._names)
+        self.codec = ServerConnection(
+            server._lookup, server._names, tls=server.tls_context is not None
+        )
         self.transport: asyncio.Transport | None = None
+        #: The common name of the client's verified certificate, once TLS is up.
+        self.peer_name: str | None = None
+        self._tls_starting = False  # STARTTLS acknowledged, TLS handshake running
         self.peer = "?"
         self.peer_key = "?"
         self.export: Export | None = None
@@ -505,7 +554,10 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self._draining = True
         self._maybe_close()
-        return True  # keep the transport open until replies in flight are written
+        # Keep the transport open until replies in flight are written. TLS has no half
+        # close (the TLS layer closes the transport whatever we answer, and warns if
+        # asked to keep it).
+        return not self.codec.tls_active
 
     # --- request flow ---------------------------------------------------------------------
 
@@ -555,7 +607,7 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         codec = self.codec
         transport = self.transport
-        if transport is None or self._closed:
+        if transport is None or self._closed or self._tls_starting:
             return
         while (
             not self._draining
@@ -616,15 +668,67 @@ class _Connection(asyncio.Protocol):
                 log.debug("nbd client %s attached to %r", self.peer, event.export.name)
             elif isinstance(event, ClientDisconnected):
                 self._draining = True
+            elif isinstance(event, TlsRequested):
+                self._begin_tls(transport)
+                return
         out = codec.data_to_send()
         if out:
             transport.write(out)
         self._update_reading()
         self._maybe_close()
 
+    def _begin_tls(self, transport: asyncio.Transport) -> None:
+        """Send the STARTTLS ACK, stop reading plaintext and start the TLS handshake."""
+        transport.write(self.codec.data_to_send())
+        # Nothing more may be read in plaintext: start_tls takes the transport over from
+        # a task, and bytes read before it would be parsed as if they came over TLS.
+        if not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        self._tls_starting = True
+        task = self._loop.create_task(self._start_tls(transport))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _start_tls(self, transport: asyncio.Transport) -> None:
+        server = self.server
+        assert server.tls_context is not None
+        try:
+            wrapped = await self._loop.start_tls(
+                transport,
+                self,
+                server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=server.tls_handshake_timeout,
+            )
+        except (OSError, RuntimeError) as err:  # ssl.SSLError, resets, handshake timeout
+            server.stats.tls_refused += 1
+            server.ratelog.warning(
+                self.peer_key,
+                "TLS handshake failed",
+                "nbd client %s: TLS handshake failed: %s; closing",
+                self.peer,
+                err,
+            )
+            transport.abort()
+            # The TLS layer owned the transport: our connection_lost will not be called.
+            self.connection_lost(None)
+            return
+        if wrapped is None or self._closed:
+            return
+        self.transport = wrapped
+        self._tls_starting = False
+        # start_tls resumed reading on the raw transport; the TLS transport reads.
+        self._reading_paused = False
+        self.peer_name = peer_name(wrapped.get_extra_info("ssl_object"))
+        server.stats.tls_sessions += 1
+        log.debug("nbd client %s: TLS up, certificate %r", self.peer, self.peer_name)
+        self.codec.tls_started()
+        self._process()
+
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or self._closed:
+        if transport is None or self._closed or self._tls_starting:
             return
         want_pause = self.inflight >= self.server.max_inflight or self._writing_paused
         if want_pause and not self._reading_paused:

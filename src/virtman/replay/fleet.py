@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from virtman.auth import read_token_file
 from virtman.errors import VirtmanError
-from virtman.httpapi import ApiClient
+from virtman.httpapi import ApiClient, Credentials
 from virtman.limits import FLEET_READY_TIMEOUT_SECONDS, VM_CREATE_TIMEOUT_SECONDS
 from virtman.replay.replayer import ReplayResult, replay
 from virtman.replay.trace import Trace, load_trace
@@ -43,12 +44,22 @@ class FleetSpec:
     vms: list[str]
     trace: str
     speed: float
+    #: The operator's credentials: a file holding the token, and the CA (HTTPS).
+    token_file: str | None = None
+    ca: str | None = None
 
     @classmethod
     def load(cls, path: str) -> FleetSpec:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-        return cls(doc["agent"], doc["image"], list(doc["vms"]), doc["trace"], float(doc["speed"]))
+        return cls(
+            doc["agent"], doc["image"], list(doc["vms"]), doc["trace"], float(doc["speed"]),
+            doc.get("token_file"), doc.get("ca"),
+        )
+
+    def credentials(self) -> Credentials:
+        token = read_token_file(self.token_file) if self.token_file else None
+        return Credentials(token=token, ca=self.ca)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -78,7 +89,7 @@ def _report(name: str, r: ReplayResult, seconds: float) -> dict[str, Any]:
 
 async def run_fleet(spec: FleetSpec, t0: float) -> list[dict[str, Any]]:
     trace = load_trace(spec.trace)
-    async with ApiClient(spec.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as agent:
+    async with spec.credentials().api(spec.agent, timeout=VM_CREATE_TIMEOUT_SECONDS) as agent:
         return list(
             await asyncio.gather(
                 *(boot_vm(agent, n, spec.image, trace, spec.speed, t0) for n in spec.vms)

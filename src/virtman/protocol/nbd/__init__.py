@@ -32,6 +32,7 @@ from virtman.protocol.nbd.server import (
     RequestRefused,
     ServerConnection,
     ServerState,
+    TlsRequested,
 )
 
 __all__ = [
@@ -54,5 +55,6 @@ __all__ = [
     "RequestRefused",
     "ServerConnection",
     "ServerState",
+    "TlsRequested",
     "TransmissionFlag",
 ]

@@ -8,6 +8,14 @@ for block sizes; EXPORT_NAME if the server does not know GO) and finally returns
 ``HandshakeDone`` with the export's description. With ``list_exports=True`` it asks
 for the export list instead and returns ``ExportsListed``.
 
+With ``tls=True`` the first option is STARTTLS; its ACK comes back as ``TlsAccepted``
+(nothing queued to send): the I/O layer wraps the transport in TLS as a client, calls
+``tls_started()``, and the handshake goes on over TLS with the options above. A server
+that refuses STARTTLS fails the handshake (a client that wants TLS never falls back),
+and so does a server answering ``NBD_REP_ERR_TLS_REQD`` to a client without TLS, with
+a message saying TLS is needed. Bytes the server sent after its ACK in plaintext close
+the connection: they would be taken as if they came over TLS.
+
 In transmission, ``request()`` returns the cookie and the bytes to send; replies come
 back from ``next_event`` as ``ReplyReceived`` in whatever order the server sends them.
 The client remembers what each cookie asked for, so it can frame simple READ replies
@@ -68,6 +76,7 @@ _CHUNK_REST = struct.Struct(">HHQI")  # flags, type, cookie, length (after the m
 class ClientState(enum.Enum):
     AWAIT_GREETING = "await-greeting"
     OPTIONS = "options"
+    TLS_HANDSHAKE = "tls-handshake"  # STARTTLS acknowledged; waiting for tls_started()
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -95,7 +104,12 @@ class ReplyReceived:
     extents: list[tuple[int, int]] = field(default_factory=list)
 
 
-ClientEvent = HandshakeDone | ExportsListed | ReplyReceived
+@dataclass(frozen=True, slots=True)
+class TlsAccepted:
+    """The server acknowledged STARTTLS: start TLS now, then call ``tls_started()``."""
+
+
+ClientEvent = HandshakeDone | ExportsListed | ReplyReceived | TlsAccepted
 
 
 @dataclass(slots=True)
@@ -118,8 +132,12 @@ class ClientConnection:
         list_exports: bool = False,
         block_status: bool = False,
         max_option_reply: int = MAX_OPTION_REPLY,
+        tls: bool = False,
     ) -> None:
         encode_string(export_name)  # validates the length
+        self.tls = tls
+        #: Whether the bytes fed in now come out of a TLS session.
+        self.tls_active = False
         self.max_option_reply = max_option_reply
         self.export_name = export_name
         self._want_structured = structured_replies
@@ -194,13 +212,28 @@ class ClientConnection:
             self.no_zeroes = True
         self._out.append(U32.pack(client))
         self.state = ClientState.OPTIONS
+        if self.tls:
+            # First, so that no option (not even the export's name) goes in plaintext.
+            self._send_option(Option.STARTTLS)
+        else:
+            self._first_option()
+        return True
+
+    def tls_started(self) -> None:
+        """The TLS handshake after ``TlsAccepted`` succeeded: haggling goes on over TLS."""
+        if self.state is not ClientState.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_started() in state {self.state.value}")
+        self.tls_active = True
+        self.state = ClientState.OPTIONS
+        self._first_option()
+
+    def _first_option(self) -> None:
         if self._list:
             self._send_option(Option.LIST)
         elif self._want_structured:
             self._send_option(Option.STRUCTURED_REPLY)
         else:
             self._send_go()
-        return True
 
     def _send_option(self, option: int, data: bytes = b"") -> None:
         self._option = option
@@ -234,12 +267,19 @@ class ClientConnection:
         return self._handle_option_reply(option, reply, data)
 
     def _handle_option_reply(self, option: int, reply: int, data: bytes) -> ClientEvent | None:
+        if option == Option.STARTTLS:
+            return self._starttls_reply(reply, data)
         if reply & (1 << 31):
             message = data.decode(errors="replace")
             try:
                 label = Reply(reply).name
             except ValueError:
                 label = f"error {reply:#x}"
+            if reply == Reply.ERR_TLS_REQD:
+                raise self._fail(
+                    f"server requires TLS (answered {Option(option).name} with "
+                    f"NBD_REP_ERR_TLS_REQD); connect with TLS certificates"
+                )
             if option in (Option.STRUCTURED_REPLY, Option.SET_META_CONTEXT):
                 self._send_go()  # go on without what the server does not offer
                 return None
@@ -297,6 +337,22 @@ class ClientConnection:
                 return self._go_done()
             raise self._fail(f"unexpected reply {reply} to GO")
         raise self._fail(f"reply {reply} to option {option} that was not asked")
+
+    def _starttls_reply(self, reply: int, data: bytes) -> TlsAccepted:
+        if reply != Reply.ACK:
+            try:
+                label = Reply(reply).name
+            except ValueError:
+                label = f"reply {reply:#x}"
+            message = data.decode(errors="replace")[:MAX_ERROR_MESSAGE]
+            raise self._fail(f"server refused STARTTLS: {label} {message}".strip())
+        if data:
+            raise self._fail(f"STARTTLS ACK with {len(data)} bytes of data")
+        if len(self._buf):
+            raise self._fail(f"{len(self._buf)} plaintext bytes after the STARTTLS ACK")
+        self._option = None
+        self.state = ClientState.TLS_HANDSHAKE
+        return TlsAccepted()
 
     def _go_done(self) -> HandshakeDone:
         raw = self._infos.get(Info.EXPORT)

@@ -15,6 +15,17 @@ Events:
   ``data_to_send()``, the event exists so the server can log it.
 - ``OptionRefused``: an option answered with an error; same idea.
 - ``ClientDisconnected``: ABORT or DISC; once replies in flight are sent, close.
+- ``TlsRequested``: STARTTLS was acknowledged (the ACK is in ``data_to_send()``). The
+  I/O layer sends it, wraps the transport in TLS (as server, verifying the client),
+  then calls ``tls_started()``; option haggling goes on over TLS.
+
+TLS (``tls=True``, the spec's FORCEDTLS mode): before STARTTLS every option but
+STARTTLS and ABORT is answered ``NBD_REP_ERR_TLS_REQD``, and EXPORT_NAME (which cannot
+be answered with an error) closes the connection. Bytes that arrive after STARTTLS in
+the same plaintext read were sent before the client saw our ACK and would otherwise be
+taken as if they came over TLS (the STARTTLS injection attack): they close the
+connection. A second STARTTLS over TLS is ``NBD_REP_ERR_INVALID``. Without TLS,
+STARTTLS is ``NBD_REP_ERR_POLICY`` and TLS_REQD is never sent.
 
 A protocol violation that leaves the stream unusable (bad magic, a reply that cannot
 be framed) raises ``PeerProtocolError``; the connection must then be closed. Anything
@@ -80,6 +91,7 @@ ExportLookup = Callable[[str], ExportInfo | None]
 class ServerState(enum.Enum):
     AWAIT_CLIENT_FLAGS = "await-client-flags"
     OPTIONS = "options"
+    TLS_HANDSHAKE = "tls-handshake"  # STARTTLS acknowledged; waiting for tls_started()
     TRANSMISSION = "transmission"
     CLOSED = "closed"
 
@@ -133,7 +145,19 @@ class ClientDisconnected:
     how: str  # "abort" or "disc"
 
 
-ServerEvent = ExportSelected | RequestReceived | RequestRefused | OptionRefused | ClientDisconnected
+@dataclass(frozen=True, slots=True)
+class TlsRequested:
+    """STARTTLS was acknowledged: send ``data_to_send()``, start TLS, ``tls_started()``."""
+
+
+ServerEvent = (
+    ExportSelected
+    | RequestReceived
+    | RequestRefused
+    | OptionRefused
+    | ClientDisconnected
+    | TlsRequested
+)
 
 # Flags each command may carry; anything else is EINVAL. Plain ints (see FUA_BIT).
 _ALLOWED_FLAGS: dict[int, int] = {
@@ -168,7 +192,8 @@ class ServerConnection:
     """One client connection, handshake to disconnect.
 
     ``lookup`` resolves export names (the empty name means the default export);
-    ``export_names`` lists what ``NBD_OPT_LIST`` shows.
+    ``export_names`` lists what ``NBD_OPT_LIST`` shows. ``tls`` makes TLS mandatory
+    (see the module docstring).
     """
 
     def __init__(
@@ -178,8 +203,12 @@ class ServerConnection:
         *,
         max_option_length: int = MAX_OPTION_LENGTH,
         max_options: int = MAX_OPTIONS_PER_CONNECTION,
+        tls: bool = False,
     ) -> None:
         self._lookup = lookup
+        self.tls_required = tls
+        #: Whether the bytes fed in now come out of a TLS session.
+        self.tls_active = False
         self._export_names = export_names
         self._max_option_length = max_option_length
         self._max_options = max_options
@@ -248,6 +277,18 @@ class ServerConnection:
         self.client_flags = ClientFlag(flags)
         self.state = ServerState.OPTIONS
 
+    def tls_started(self) -> None:
+        """The TLS handshake after ``TlsRequested`` succeeded: options go on over TLS."""
+        if self.state is not ServerState.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_started() in state {self.state.value}")
+        self.tls_active = True
+        self.state = ServerState.OPTIONS
+
+    @property
+    def _tls_pending(self) -> bool:
+        """TLS is required and not yet running: options must be refused TLS_REQD."""
+        return self.tls_required and not self.tls_active
+
     def _next_option(self) -> ServerEvent | NeedData | None:
         if self._pending_option is None:
             header = self._buf.unpack(OPTION_HEADER)
@@ -273,6 +314,8 @@ class ServerConnection:
             if option == Option.EXPORT_NAME:
                 self.state = ServerState.CLOSED
                 raise PeerProtocolError(f"EXPORT_NAME of {length} bytes is too long")
+            if self._tls_pending and option != Option.ABORT:
+                return self._refuse(option, Reply.ERR_TLS_REQD, "option before STARTTLS")
             return self._refuse(
                 option,
                 Reply.ERR_TOO_BIG,
@@ -293,6 +336,10 @@ class ServerConnection:
     def _handle_option(self, option: int, data: bytes) -> ServerEvent | None:
         fixed = bool(self.client_flags & ClientFlag.FIXED_NEWSTYLE)
         if option == Option.EXPORT_NAME:
+            if self._tls_pending:
+                # EXPORT_NAME cannot be answered with an error: the spec says close.
+                self.state = ServerState.CLOSED
+                raise PeerProtocolError("EXPORT_NAME before STARTTLS on a server that requires TLS")
             return self._export_name(data)
         if not fixed:
             # A non-fixed newstyle client may only send EXPORT_NAME.
@@ -302,6 +349,16 @@ class ServerConnection:
             self._out.append(encode_option_reply(option, Reply.ACK))
             self.state = ServerState.CLOSED
             return ClientDisconnected("abort")
+        if option == Option.STARTTLS:
+            return self._starttls(data)
+        if self._tls_pending:
+            try:
+                label = Option(option).name
+            except ValueError:
+                label = f"option {option}"
+            return self._refuse(
+                option, Reply.ERR_TLS_REQD, f"{label} before STARTTLS", "TLS is required"
+            )
         if option == Option.LIST:
             if data:
                 return self._refuse(option, Reply.ERR_INVALID, "LIST with data")
@@ -329,6 +386,22 @@ class ServerConnection:
         except ValueError:
             label = str(option)
         return self._refuse(option, Reply.ERR_UNSUP, f"option {label} is not supported")
+
+    def _starttls(self, data: bytes) -> ServerEvent:
+        if not self.tls_required:
+            return self._refuse(Option.STARTTLS, Reply.ERR_POLICY, "TLS is not configured")
+        if self.tls_active:
+            return self._refuse(Option.STARTTLS, Reply.ERR_INVALID, "STARTTLS over TLS")
+        if data:
+            return self._refuse(Option.STARTTLS, Reply.ERR_INVALID, "STARTTLS with data")
+        if len(self._buf):
+            self.state = ServerState.CLOSED
+            raise PeerProtocolError(
+                f"{len(self._buf)} plaintext bytes sent after STARTTLS before its reply"
+            )
+        self._out.append(encode_option_reply(Option.STARTTLS, Reply.ACK))
+        self.state = ServerState.TLS_HANDSHAKE
+        return TlsRequested()
 
     def _export_name(self, data: bytes) -> ServerEvent:
         name = decode_string(data, "export name")
