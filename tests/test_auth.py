@@ -112,6 +112,7 @@ POLICY: dict[str, dict[tuple[str, str], set[Role]]] = {
     "volt": {
         ("GET", "/health"): ANY,
         ("POST", "/images"): OP,
+        ("GET", "/registrations/{name}"): OP,
         ("GET", "/images"): ANY,
         ("GET", "/images/{name}"): ANY,
         ("GET", "/images/{name}/manifest"): ANY,

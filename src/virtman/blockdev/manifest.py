@@ -135,17 +135,38 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ConfigError(f"cannot read manifest {os.fspath(path)}: {err.strerror}") from err
 
 
+@dataclass
+class ManifestProgress:
+    """How far ``compute_manifest`` is, filled in as it goes for another task to read.
+
+    ``chunks`` is the number of chunks it will read (holes excluded), known once the
+    device has said where its holes are; until then it is 0.
+    """
+
+    size: int = 0
+    chunks: int = 0
+    chunks_done: int = 0
+    bytes_read: int = 0
+
+
 async def compute_manifest(
-    device: BlockDevice, chunk_size: int, concurrency: int = MANIFEST_READS_IN_FLIGHT
+    device: BlockDevice,
+    chunk_size: int,
+    concurrency: int = MANIFEST_READS_IN_FLIGHT,
+    progress: ManifestProgress | None = None,
 ) -> Manifest:
     """Hash each chunk of the device: one read of what it holds.
 
     Chunks the device reports as holes (``block_status``) are not read: their digest is
     that of zeros. Reads run ``concurrency`` at a time and hashing happens on worker
-    threads, so a large image is limited by the link, not by round trips.
+    threads, so a large image is limited by the link, not by round trips. ``progress``,
+    when given, counts the chunks hashed (a registration shows it to the operator).
     """
     count = (device.size + chunk_size - 1) // chunk_size
+    progress = progress if progress is not None else ManifestProgress()
+    progress.size = device.size
     holes = await _hole_chunks(device, chunk_size)
+    progress.chunks = count - len(holes)
     digests: dict[int, bytes] = {}
     slots = asyncio.Semaphore(concurrency)
 
@@ -157,6 +178,8 @@ async def compute_manifest(
         digest = await asyncio.to_thread(_sha256, data)
         if digest != zero_digest(length):
             digests[index] = digest
+        progress.chunks_done += 1
+        progress.bytes_read += length
 
     await asyncio.gather(*(one(i) for i in range(count) if i not in holes))
     return Manifest(device.size, chunk_size, digests)

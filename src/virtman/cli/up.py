@@ -7,10 +7,11 @@
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
 trace) with its think times divided by ``--speed``, prints the tree and a summary, and
-stops everything it started (also on Ctrl-C). ``--accel`` is every agent's, for QEMU
-guests started on them meanwhile (the replayed VMs run no QEMU). ``--ui`` prints the
-address of Volt's live view of the tree once Volt is up, and keeps the cluster after
-the summary until Ctrl-C (``--ui-hold SECONDS``: that long at most).
+stops everything it started (also on Ctrl-C). On a terminal each step draws a progress
+bar and the summary is tables; piped, it prints plain lines. ``--accel`` is every
+agent's, for QEMU guests started on them meanwhile (the replayed VMs run no QEMU).
+``--ui`` prints the address of Volt's live view of the tree once Volt is up, and keeps
+the cluster after the summary until Ctrl-C (``--ui-hold SECONDS``: that long at most).
 
 Volt and the agents serve HTTPS and require credentials: the cluster makes a CA, a
 certificate per service and the tokens in ``WORKDIR/credentials``
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtman.hypervisor.options import add_accel_option
 from virtman.limits import (
@@ -33,7 +34,10 @@ from virtman.limits import (
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
-from virtman.sizes import parse_size
+from virtman.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def add_parser(sub: Any) -> None:
@@ -88,9 +92,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtman.cli.console import RichDisplay, is_terminal, make_console
     from virtman.cluster.local import ClusterSettings
-    from virtman.cluster.up import UpOptions, parse_kill, run_up
+    from virtman.cluster.up import UpOptions, parse_kill, print_summary, run_up
     from virtman.errors import ConfigError
+    from virtman.limits import PROGRESS_REFRESH_SECONDS
+    from virtman.progress import PlainDisplay
     from virtman.replay.trace import load_trace
     from virtman.runtime import configure_logging, run_async
 
@@ -123,8 +130,16 @@ def run(args: argparse.Namespace) -> int:
     )
     configure_logging("warning" if args.log_level == "info" else args.log_level)
 
+    console = make_console() if is_terminal() else None
+    display = PlainDisplay() if console is None else RichDisplay(console, PROGRESS_REFRESH_SECONDS)
+
     async def main() -> int:
-        doc = await run_up(options)
+        # The summary is shown by run_up itself: with --ui, before it holds the cluster.
+        doc = await run_up(
+            options,
+            display,
+            print_summary if console is None else lambda d: print_tables(console, d),
+        )
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2)
@@ -132,3 +147,52 @@ def run(args: argparse.Namespace) -> int:
         return 0 if doc["errors_on_surviving_hosts"] == 0 else 1
 
     return run_async(main())
+
+
+def print_tables(console: Console, doc: dict[str, Any]) -> None:
+    """The summary of ``virtman up`` as tables: the tree with each host's bytes, then
+    the boot times."""
+    from virtman.cli.console import print_table
+    from virtman.planner.tree import ORIGIN
+
+    tree = doc["tree"]
+    rows = []
+    for h in sorted(doc["hosts"], key=lambda h: (h["level"] or 1 << 30, h["position"] or 0)):
+        received = h["bytes_received"]
+        rows.append([
+            str(h["level"] or "-"),
+            h["name"],
+            ", ".join(h["parents"]),
+            format_size(sum(v for k, v in received.items() if k != ORIGIN)),
+            format_size(received.get(ORIGIN, 0)),
+            "yes" if h["killed"] else "",
+        ])
+    console.print()
+    print_table(
+        console,
+        f"relay tree: depth {tree['depth']}, fan-out {tree['fanout']}, "
+        f"{tree['parents_per_node']} parents per host",
+        ["level", "host", "parents", "from parents", "from origin", "killed"],
+        rows,
+        right=["level", "from parents", "from origin"],
+    )
+    survivors = sum(1 for v in doc["vms"] if not v["killed_host"])
+    sent, ws = doc["origin_bytes_sent"], doc["working_set_bytes"]
+    print_table(
+        console,
+        f"boot times of {survivors} VMs on surviving hosts",
+        ["", "seconds"],
+        [
+            ["all booted", str(doc["all_booted_seconds"])],
+            ["mean", str(doc["mean_boot_seconds"])],
+            ["p99", str(doc["p99_boot_seconds"])],
+            ["one VM alone from a local copy", str(doc["single_vm_seconds"])],
+        ],
+        right=["seconds"],
+    )
+    console.print(
+        f"I/O errors seen by VMs on surviving hosts: {doc['errors_on_surviving_hosts']}\n"
+        f"origin sent {format_size(sent)}: {sent / ws:.2f} x the working set of "
+        f"{format_size(ws)} ({tree['roots']} tree roots)",
+        markup=False,
+    )

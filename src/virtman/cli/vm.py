@@ -17,6 +17,7 @@ prints a libvirt domain for ``virsh define``. ``--record`` keeps every disk requ
 the guest as a boot trace (``trace`` prints it once the guest has exited).
 
 ``create`` prints the VM's NBD URI (give it to QEMU: ``-drive file=URI,format=raw``).
+``list`` prints a table on a terminal; piped, or with ``--json``, the JSON document.
 DEST_AGENT is an agent's name: the source agent looks its address up in Volt and
 sends the VM only there (never to a URL given here).
 
@@ -82,7 +83,8 @@ def add_parser(sub: Any) -> None:
         q = actions.add_parser(verb, help=f"{verb} a VM's written data to another agent")
         q.add_argument("name", metavar="NAME")
         q.add_argument("destination", metavar="DEST_AGENT")
-    actions.add_parser("list", help="list the agent's VMs")
+    listing = actions.add_parser("list", help="list the agent's VMs")
+    listing.add_argument("--json", action="store_true", help="print JSON on a terminal too")
     for q in actions.choices.values():
         add_agent_option(q)
         add_client_options(q)
@@ -116,6 +118,7 @@ def _guest(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtman.cli.console import is_terminal
     from virtman.runtime import run_async
 
     credentials = client_credentials(args, args.agent)
@@ -165,7 +168,35 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 doc = await api.get("/vms")
+                if not args.json and is_terminal():
+                    _print_vms(doc)
+                    return 0
         print_json(doc)
         return 0
 
     return run_async(call())
+
+
+def _print_vms(vms: list[dict[str, Any]]) -> None:
+    from virtman.cli.console import make_console, print_table
+    from virtman.sizes import format_size
+
+    print_table(
+        make_console(),
+        "VMs",
+        ["name", "image", "state", "guest", "written", "snapshots", "NBD URI"],
+        [
+            [
+                v["name"],
+                v["image"],
+                v["state"],
+                ("running" if v["guest_running"] else "")
+                + (" (recording)" if v["recording"] else ""),
+                format_size(v["written_bytes"]),
+                ", ".join(v["snapshots"]),
+                v["uri"] or "",
+            ]
+            for v in vms
+        ],
+        right=["written"],
+    )

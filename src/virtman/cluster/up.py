@@ -3,11 +3,20 @@
 Starts an origin (a generated test image, or ``--image``), Volt and ``--hosts`` agents;
 registers the image; measures one VM booting alone from a local copy; then creates
 ``--vms-per-host`` VMs on every host and replays the boot trace through all of them at
-once, SIGKILLing agents as ``--kill HOST@SECONDS`` says. Prints the tree and a summary
-and returns the result document (``--json``). Everything it started is stopped at the
-end, on error and on Ctrl-C. With ``ui``, Volt's live view is open all along: its
-address is printed once Volt is up, and the cluster is kept after the summary until
-Ctrl-C (or for ``ui_hold`` seconds) so the page can still be looked at.
+once, SIGKILLing agents as ``--kill HOST@SECONDS`` says. Returns the result document
+(``--json``), shown first by ``show_summary`` (``print_summary`` prints it as the tree
+and a summary; the CLI draws tables on a terminal). Everything it started is stopped
+at the end, on error and on Ctrl-C.
+
+Each step is shown on a ``virtman.progress.Display`` while it runs: the baseline VM's
+bytes read out of what the trace reads, the origin's bytes while the manifest is
+computed, then VMs booted out of the total and bytes sent by the origin. All of them
+are counters this process keeps anyway (the origin and the baseline's NBD server run
+in it, and a replay that ends is counted where it ends), so showing them asks nothing
+of the agents being measured.
+With ``ui``, Volt's live view is open all along: its address is a note once Volt is
+up, and the cluster is kept after the summary until Ctrl-C (or for ``ui_hold`` seconds)
+so the page can still be looked at.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +42,7 @@ from virtman.errors import ConfigError
 from virtman.limits import MIN_TEST_IMAGE_SIZE
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
+from virtman.progress import Display, Meter, PlainDisplay, Unit
 from virtman.replay.replayer import ReplayResult, replay
 from virtman.replay.trace import Trace
 from virtman.sizes import format_size
@@ -89,6 +100,11 @@ def generate_image(path: str, trace: Trace, chunk_size: int, seed: int = 42,
     return size
 
 
+def trace_read_bytes(trace: Trace, size: int) -> int:
+    """Bytes a replay of ``trace`` reads from an image of ``size`` bytes."""
+    return sum(min(r.length, max(0, size - r.offset)) for r in trace.reads)
+
+
 def live_view_url(cluster: LocalCluster) -> str:
     """The address of the cluster's live view, as printed (the one place it is made),
     with the cluster's viewer token: opening it sets the browser's cookie."""
@@ -113,8 +129,11 @@ async def hold_live_view(url: str, seconds: float | None) -> None:
         loop.remove_signal_handler(signal.SIGINT)
 
 
-async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str) -> float:
+async def single_vm_seconds(
+    image: str, trace: Trace, speed: float, workdir: str, display: Display | None = None
+) -> float:
     """One VM booting alone from a local copy of the image (the baseline)."""
+    display = display or PlainDisplay()
     # A local copy: the VM's writes must not touch the image itself.
     scratch = os.path.join(workdir, "alone.raw")
     await asyncio.to_thread(copy_sparse, image, scratch)
@@ -123,8 +142,11 @@ async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str
     server = NbdServer([Export("alone", device)])
     sock = os.path.join(tempfile.mkdtemp(prefix="vm-"), "alone.sock")
     await server.listen_unix(sock)
+    total = trace_read_bytes(trace, device.size)
+    meter = Meter("bytes read", lambda: server.stats.bytes_read, lambda: total, Unit.BYTES)
     try:
-        result = await replay(f"nbd+unix:///alone?socket={sock}", trace, speed=speed)
+        async with display.step("one VM alone", [meter]):
+            result = await replay(f"nbd+unix:///alone?socket={sock}", trace, speed=speed)
     finally:
         await server.stop()
         await device.close()
@@ -133,7 +155,16 @@ async def single_vm_seconds(image: str, trace: Trace, speed: float, workdir: str
     return result.boot_seconds
 
 
-async def run_up(options: UpOptions) -> dict[str, Any]:
+async def run_up(
+    options: UpOptions,
+    display: Display | None = None,
+    show_summary: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run it all and return the result document. ``show_summary`` (default
+    ``print_summary``: plain lines) shows it while the cluster still runs, so that with
+    ``ui`` the summary is on screen while the live view is held."""
+    display = display or PlainDisplay()
+    show_summary = show_summary or print_summary
     settings = options.cluster
     workdir = options.workdir or tempfile.mkdtemp(prefix="virtman-up-")
     os.makedirs(workdir, exist_ok=True)
@@ -148,33 +179,59 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
     if image is None:
         image = os.path.join(workdir, "test-image.raw")
         size = generate_image(image, trace, settings.chunk_size)
-        print(f"generated test image {image}: {format_size(size)}, data where the trace reads")
+        display.note(
+            f"generated test image {image}: {format_size(size)}, data where the trace reads"
+        )
     elif not os.path.isfile(image):
         raise ConfigError(f"--image {image!r} is not a file")
-    alone = await single_vm_seconds(image, trace, options.speed, workdir)
-    print(f"one VM alone from a local copy: {alone:.2f} s")
+    alone = await single_vm_seconds(image, trace, options.speed, workdir, display)
+    display.note(f"one VM alone from a local copy: {alone:.2f} s")
 
     cluster = LocalCluster(workdir, settings)
     try:
-        await cluster.start_origin(image)
-        await cluster.start_volt()
-        if options.ui:
-            print(f"live view: {live_view_url(cluster)}", flush=True)
-        await cluster.start_agents()
+        async with display.step(f"starting origin, volt, {len(hosts)} agents"):
+            await cluster.start_origin(image)
+            await cluster.start_volt()
+            if options.ui:
+                display.note(f"live view: {live_view_url(cluster)}")
+            await cluster.start_agents()
         started = time.monotonic()
-        await cluster.register_image(IMAGE_NAME)
-        print(
+        # Registration reads what the image holds once, from the origin in this process.
+        held = _allocated_bytes(image)
+        manifest = Meter(
+            "bytes read", lambda: cluster.origin_bytes_sent, lambda: held, Unit.BYTES
+        )
+        async with display.step("image manifest", [manifest]):
+            await cluster.register_image(IMAGE_NAME)
+        display.note(
             f"cluster up: origin, volt, {len(hosts)} agents; image registered in "
             f"{time.monotonic() - started:.1f} s"
         )
         names = [(h, f"{h}-vm{j + 1}") for h in hosts for j in range(options.vms_per_host)]
         uris = await asyncio.gather(*(cluster.create_vm(h, n, IMAGE_NAME) for h, n in names))
-        killers = [asyncio.ensure_future(_kill_later(cluster, h, t)) for h, t in options.kills]
+        killers = [
+            asyncio.ensure_future(_kill_later(cluster, h, t, display)) for h, t in options.kills
+        ]
         origin_before = cluster.origin_bytes_sent  # registration read the image once
 
-        results: list[ReplayResult] = await asyncio.gather(
-            *(replay(uri, trace, speed=options.speed) for uri in uris)
-        )
+        booted = 0
+
+        async def boot(uri: str) -> ReplayResult:
+            nonlocal booted
+            result = await replay(uri, trace, speed=options.speed)
+            booted += 1
+            return result
+
+        meters = [
+            Meter("VMs booted", lambda: booted, lambda: len(uris)),
+            Meter(
+                "bytes from the origin",
+                lambda: cluster.origin_bytes_sent - origin_before,
+                unit=Unit.BYTES,
+            ),
+        ]
+        async with display.step("", meters):
+            results: list[ReplayResult] = await asyncio.gather(*(boot(uri) for uri in uris))
         for k in killers:
             k.cancel()
         doc = await _report(
@@ -186,7 +243,7 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
             options,
             cluster.origin_bytes_sent - origin_before,
         )
-        _print_summary(doc)
+        show_summary(doc)
         if options.ui:
             await hold_live_view(live_view_url(cluster), options.ui_hold)
     finally:
@@ -194,10 +251,18 @@ async def run_up(options: UpOptions) -> dict[str, Any]:
     return doc
 
 
-async def _kill_later(cluster: LocalCluster, host: str, seconds: float) -> None:
+def _allocated_bytes(path: str) -> int:
+    """Bytes of ``path`` that hold data (what a manifest reads: holes are skipped)."""
+    st = os.stat(path)
+    return min(st.st_size, st.st_blocks * 512)
+
+
+async def _kill_later(
+    cluster: LocalCluster, host: str, seconds: float, display: Display
+) -> None:
     await asyncio.sleep(seconds)
     cluster.kill_agent(host)
-    print(f"killed {host} at {seconds:.1f} s")
+    display.note(f"killed {host} at {seconds:.1f} s")
 
 
 async def _report(
@@ -283,7 +348,8 @@ async def _report(
     }
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
+def print_summary(doc: dict[str, Any]) -> None:
+    """The tree and the summary of a result document, as plain lines."""
     hosts = doc["hosts"]
     print(
         f"\nrelay tree (depth {doc['tree']['depth']}, fan-out {doc['tree']['fanout']}, "

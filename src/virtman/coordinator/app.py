@@ -31,6 +31,7 @@ from virtman.coordinator.models import (
     JoinRequest,
     Name,
     Paths,
+    Registration,
     TreeView,
 )
 from virtman.coordinator.ui import UiHub, UiLimits, ui_router
@@ -87,6 +88,19 @@ def create_app(
     @app.post("/images", status_code=201, responses=_ERRORS, dependencies=[_OPERATOR])
     async def add_image(body: ImageCreate) -> Image:
         return await volt.add_image(body)
+
+    # An operator's: what ``virtman image add`` polls, with the credentials of its
+    # POST /images, while Volt reads the origin.
+    @app.get("/registrations/{name}", responses=_ERRORS, dependencies=[_OPERATOR])
+    async def get_registration(name: Name) -> Registration:
+        p = volt.registration(name)
+        return Registration(
+            name=name,
+            size=p.size,
+            chunks=p.chunks,
+            chunks_done=p.chunks_done,
+            bytes_read=p.bytes_read,
+        )
 
     @app.get("/images", dependencies=[_READ])
     async def list_images() -> list[Image]:

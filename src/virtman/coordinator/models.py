@@ -55,6 +55,16 @@ class Image(BaseModel):
     created: float
 
 
+class Registration(BaseModel):
+    """How far the manifest of an image being registered is (``GET /registrations/NAME``)."""
+
+    name: str
+    size: int = Field(description="image bytes; 0 until the origin has answered")
+    chunks: int = Field(description="chunks to read (holes excluded); 0 until known")
+    chunks_done: int
+    bytes_read: int
+
+
 class Heartbeat(BaseModel):
     url: str = Field(description="the agent's HTTP base URL")
     relays: dict[Name, NbdUri] = Field(

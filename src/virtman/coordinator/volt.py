@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from virtman.blockdev.manifest import compute_manifest
+from virtman.blockdev.manifest import ManifestProgress, compute_manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import (
     AgentInfo,
@@ -167,6 +167,8 @@ class Volt:
         #: Why the failure detector ended, if it did (a bug): reported by ``/health``.
         self.detector_error: BaseException | None = None
         self.repairs = 0
+        #: Registrations under way: image name -> how far its manifest is.
+        self._registering: dict[str, ManifestProgress] = {}
         #: Volt's Prometheus metrics (``GET /metrics``), in a registry of its own. Tree
         #: changes are counted as Volt decides them: no object remembers them otherwise.
         self.metrics = Metrics()
@@ -279,6 +281,22 @@ class Volt:
         self._check_open("add an image")
         if request.name in self._images:
             raise Conflict(f"an image named {request.name!r} already exists")
+        if request.name in self._registering:  # the origin is read once, not once per request
+            raise Conflict(f"an image named {request.name!r} is being registered")
+        progress = self._registering[request.name] = ManifestProgress()
+        try:
+            return await self._register(request, progress)
+        finally:
+            del self._registering[request.name]
+
+    def registration(self, name: str) -> ManifestProgress:
+        """How far the registration of image ``name`` is; NotFound if none is under way."""
+        try:
+            return self._registering[name]
+        except KeyError:
+            raise NotFound(f"no registration of an image named {name!r} is under way") from None
+
+    async def _register(self, request: ImageCreate, progress: ManifestProgress) -> Image:
         try:
             origin = RemoteDevice(
                 request.origins, connect_timeout=CONNECT_TIMEOUT_SECONDS, max_rounds=1,
@@ -289,7 +307,7 @@ class Volt:
             raise ConfigError(f"origin of image {request.name!r} cannot be reached: {err}") from err
         try:
             started = self.clock()
-            manifest = await compute_manifest(origin, request.chunk_size)
+            manifest = await compute_manifest(origin, request.chunk_size, progress=progress)
         except VirtmanError as err:
             raise ConfigError(f"origin of image {request.name!r} failed while read: {err}") from err
         finally:
