@@ -348,6 +348,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         ("file-and-upstream", "exactly one of"),
         ("bad-uri", "http://x"),
         ("bad-listen", "nohost"),
+        ("plaintext-tcp", "--insecure"),
     ],
 )
 def test_cli_bad_arguments(tmp_path: Path, case: str, fragment: str) -> None:
@@ -363,6 +364,7 @@ def test_cli_bad_arguments(tmp_path: Path, case: str, fragment: str) -> None:
         "bad-uri": ["--upstream", "http://x", "--cache-dir", str(tmp_path / "c"),
                     "--socket", sock],
         "bad-listen": [str(img), "--listen", "nohost"],
+        "plaintext-tcp": [str(img), "--listen", "127.0.0.1:0"],
     }[case]
     done = _cli(tmp_path, *args)
     assert done.returncode == 2, (done.stdout, done.stderr)

@@ -100,7 +100,8 @@ def test_tcp_listener_on_loopback(serve, tmp_path: Path) -> None:
     img = tmp_path / "disk.img"
     make_image(img, 2 * MiB)
     port = free_port()
-    serve("serve", str(img), "--read-only", "--listen", f"127.0.0.1:{port}", export="disk")
+    serve("serve", str(img), "--read-only", "--listen", f"127.0.0.1:{port}", "--insecure",
+          export="disk")
     uri = f"nbd://127.0.0.1:{port}/disk"
     compare(uri, img)
     info = json.loads(run("nbdinfo", "--json", uri))

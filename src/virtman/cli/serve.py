@@ -12,7 +12,9 @@ the server cleanly: requests in flight finish, writes are flushed, sockets remov
 
 ``--tls-cert FILE --tls-key FILE --tls-ca FILE`` turn TLS on: clients must send
 STARTTLS first and present a certificate signed by the CA, and the upstreams of a relay
-and the base of an overlay are reached over TLS with the same certificate.
+and the base of an overlay are reached over TLS with the same certificate. ``--listen``
+(TCP) needs them, or an explicit ``--insecure``; a ``--socket`` is guarded by its file
+permissions.
 """
 
 from __future__ import annotations
@@ -133,6 +135,11 @@ def add_parser(sub: Any) -> None:
         "printed at start)",
     )
     add_tls_options(p)
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --listen without TLS: anyone who reaches the port reads the export",
+    )
     p.set_defaults(run=run)
 
 
@@ -214,6 +221,14 @@ def run(args: argparse.Namespace) -> int:
     tls = tls_files(args)
     device, default_name = build_device(args, tls)
     listens = [parse_listen(text) for text in args.listen]
+    if listens and tls is None and not args.insecure:
+        # Secure by default: a Unix socket is guarded by its file permissions, a TCP port
+        # by nothing but TLS with client certificates.
+        raise ConfigError(
+            "--listen without --tls-cert/--tls-key/--tls-ca would serve the export in "
+            "plaintext to anyone who reaches the port; give the TLS files (virtman ca "
+            "issue), or --insecure to allow it"
+        )
     metrics_listen = (
         parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
     )
