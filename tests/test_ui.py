@@ -1,12 +1,14 @@
 """Volt's live view (``/ui``): its event stream over real HTTP, and the page in a real browser.
 
 The stream tests run Volt in this process behind a real HTTP server and read
-``/ui/events`` as a browser does. The browser test starts a whole cluster
-(``LocalCluster``: Volt and agents as processes), loads the page in headless Chromium
-and reads the rendered DOM through the Chrome DevTools Protocol while VMs boot and a
-host is killed. It saves the screenshot the docs show (``docs/figures/ui.png`` is a
-copy of it, made by hand: the test writes only to its tmp dir and to
-``VIRTMAN_UI_SCREENSHOT`` when that is set).
+``/ui/events`` as a browser does, with a viewer's token (the view is for viewers and
+operators only; ``virtman.auth``); agents' heartbeats carry each agent's own token. The
+browser test starts a whole cluster (``LocalCluster``: Volt and agents as processes,
+over HTTPS), opens the page's address with the viewer token (which sets the browser's
+cookie) in headless Chromium and reads the rendered DOM through the Chrome DevTools
+Protocol while VMs boot and a host is killed. It saves the screenshot the docs show
+(``docs/figures/ui.png`` is a copy of it, made by hand: the test writes only to its tmp
+dir and to ``VIRTMAN_UI_SCREENSHOT`` when that is set).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +33,7 @@ import pytest
 from conftest import make_image
 from test_cluster import synthetic_trace
 
+from virtman.auth import Authenticator, Principal, Role, TokenTable, new_token
 from virtman.blockdev import MemoryDevice
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.coordinator.app import create_app
@@ -42,6 +46,18 @@ from virtman.nbd.server import NbdServer
 from virtman.replay.replayer import replay
 
 FAST = UiLimits(min_event_seconds=0.02, keepalive_seconds=0.5)
+
+#: Volt takes requests with a credential only: a viewer's, and one token per agent name
+#: (an agent may post heartbeats and leave only as itself).
+AUTH = Authenticator(TokenTable())
+VIEWER_TOKEN = new_token()
+AUTH.tokens.add(Principal(Role.VIEWER, "test"), VIEWER_TOKEN)
+VIEWER = {"authorization": f"Bearer {VIEWER_TOKEN}"}
+AGENTS: dict[str, dict[str, str]] = {}
+for _name in ("a1", "a2", "a3"):
+    _token = new_token()
+    AUTH.tokens.add(Principal(Role.AGENT, _name), _token)
+    AGENTS[_name] = {"authorization": f"Bearer {_token}"}
 
 
 @pytest.fixture
@@ -56,7 +72,8 @@ async def origin(tmp_path: Path) -> AsyncIterator[str]:
 async def serve_volt(tmp_path: Path, origin: str, limits: UiLimits = FAST) -> HttpService:
     volt = Volt(VoltState(str(tmp_path / "volt.db")), interval=0.5, timeout=2.0)
     await volt.add_image(ImageCreate(name="img", origins=[origin], chunk_size=4096))
-    service = HttpService(create_app(volt, ui_limits=limits), bind("127.0.0.1", 0))
+    app = create_app(volt, ui_limits=limits, authenticator=AUTH)
+    service = HttpService(app, bind("127.0.0.1", 0))
     await service.start()
     return service
 
@@ -99,7 +116,7 @@ async def test_a_viewer_gets_a_snapshot_then_each_change(tmp_path: Path, origin:
     service = await serve_volt(tmp_path, origin)
     try:
         async with (
-            httpx.AsyncClient(base_url=service.url, timeout=10) as http,
+            httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http,
             http.stream("GET", "/ui/events") as response,
         ):
             assert response.status_code == 200
@@ -112,7 +129,9 @@ async def test_a_viewer_gets_a_snapshot_then_each_change(tmp_path: Path, origin:
 
             stats = {"vms": 3, "vm_phases": {"booting": 2, "booted": 1},
                      "images": {"img": {"from_origin": 4096, "from_parents": 0}}}
-            r = await http.post("/agents/a1/heartbeat", json=heartbeat("a1", stats))
+            r = await http.post(
+                "/agents/a1/heartbeat", json=heartbeat("a1", stats), headers=AGENTS["a1"]
+            )
             assert r.status_code == 200
             name, snap = await events.next()
             assert name == "change"
@@ -124,16 +143,22 @@ async def test_a_viewer_gets_a_snapshot_then_each_change(tmp_path: Path, origin:
             assert snap["changes"][0]["text"] == "a1 joined img at level 1"
 
             # Two more hosts: a3 lands below a1 and a2, and its bytes come from them.
-            await http.post("/agents/a2/heartbeat", json=heartbeat("a2", {}))
+            r = await http.post(
+                "/agents/a2/heartbeat", json=heartbeat("a2", {}), headers=AGENTS["a2"]
+            )
+            assert r.status_code == 200
             stats3 = {"images": {"img": {"from_origin": 0, "from_parents": 8192}}}
-            await http.post("/agents/a3/heartbeat", json=heartbeat("a3", stats3))
+            r = await http.post(
+                "/agents/a3/heartbeat", json=heartbeat("a3", stats3), headers=AGENTS["a3"]
+            )
+            assert r.status_code == 200
             while (a3 := host(snap, "a3")) is None or a3["from_parents"] == 0:
                 _, snap = await events.next()
             assert a3["level"] == 2 and sorted(a3["parents"]) == ["a1", "a2"]
             assert snap["images"][0]["from_parents"] == 8192
             assert snap["images"][0]["from_origin"] == 4096
 
-            r = await http.delete("/images/img/members/a1")
+            r = await http.delete("/images/img/members/a1", headers=AGENTS["a1"])
             assert r.status_code == 204
             while host(snap, "a1") is not None:
                 _, snap = await events.next()
@@ -146,14 +171,16 @@ async def test_a_viewer_gets_a_snapshot_then_each_change(tmp_path: Path, origin:
 async def test_what_agents_report_is_checked_and_bounded(tmp_path: Path, origin: str) -> None:
     service = await serve_volt(tmp_path, origin)
     try:
-        async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http:
             junk = {
                 "vm_phases": {"booting": -5, "booted": "many", "new": True,
                               **{f"phase{i}": 1 for i in range(1000)}},
                 "images": {"img": {"from_origin": 1.5, "from_parents": [1]},
                            **{f"other{i}": {"from_origin": 1} for i in range(1000)}},
             }
-            r = await http.post("/agents/a1/heartbeat", json=heartbeat("a1", junk))
+            r = await http.post(
+                "/agents/a1/heartbeat", json=heartbeat("a1", junk), headers=AGENTS["a1"]
+            )
             assert r.status_code == 200
             snap = (await http.get("/ui/snapshot")).json()
             a1 = host(snap, "a1")
@@ -162,7 +189,9 @@ async def test_what_agents_report_is_checked_and_bounded(tmp_path: Path, origin:
             assert (a1["from_origin"], a1["from_parents"]) == (0, 0)
             assert [i["name"] for i in snap["images"]] == ["img"]
             assert len(json.dumps(snap)) < 4000
-            r = await http.post("/agents/a1/heartbeat", json=heartbeat("a1", {"images": 7}))
+            r = await http.post(
+                "/agents/a1/heartbeat", json=heartbeat("a1", {"images": 7}), headers=AGENTS["a1"]
+            )
             assert r.status_code == 200  # a malformed stats section is no error: it shows 0
             assert (await http.get("/ui/snapshot")).status_code == 200
     finally:
@@ -175,7 +204,7 @@ async def test_viewers_past_the_limit_get_503_and_a_freed_place_is_reused(
     limits = UiLimits(max_clients=1, min_event_seconds=0.02, keepalive_seconds=0.5)
     service = await serve_volt(tmp_path, origin, limits)
     try:
-        async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http:
             async with http.stream("GET", "/ui/events") as first:
                 await EventReader(first).next()
                 second = await http.get("/ui/events")
@@ -218,7 +247,7 @@ async def test_a_slow_viewer_keeps_only_the_newest_snapshots(tmp_path: Path, ori
 async def test_the_page_and_its_assets_come_from_volt(tmp_path: Path, origin: str) -> None:
     service = await serve_volt(tmp_path, origin)
     try:
-        async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http:
             page = await http.get("/ui")
             assert page.status_code == 200
             assert page.headers["content-type"].startswith("text/html")
@@ -232,6 +261,24 @@ async def test_the_page_and_its_assets_come_from_volt(tmp_path: Path, origin: st
                 # No CDN: the only absolute URL is the SVG namespace, which is not fetched.
                 urls = set(re.findall(r"https?://[^\s\"')]+", r.text))
                 assert urls <= {"http://www.w3.org/2000/svg"}, urls
+    finally:
+        await service.close()
+
+
+async def test_the_view_is_for_viewers_only(tmp_path: Path, origin: str) -> None:
+    service = await serve_volt(tmp_path, origin)
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as http:
+            for path in ("/ui", "/ui/events"):
+                r = await http.get(path)  # no credential: refused before any route runs
+                assert r.status_code == 401, (path, r.text)
+                assert "no credential" in r.json()["detail"]
+                r = await http.get(path, headers=AGENTS["a1"])  # known, but not a viewer
+                assert r.status_code == 403, (path, r.text)
+                assert "agent 'a1' may not GET" in r.json()["detail"]
+            # A viewer may: the stream opens (and is closed at once).
+            async with http.stream("GET", "/ui/events", headers=VIEWER) as r:
+                assert r.status_code == 200
     finally:
         await service.close()
 
@@ -258,7 +305,10 @@ class Browser:
         if chromium is None:
             pytest.fail("chromium is missing: scripts/install.sh installs it")
         self.process = subprocess.Popen(
+            # The test cluster's CA is its own (made in its tmp dir), not one Chromium
+            # trusts: skip the certificate check, keeping TLS on the wire.
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--ignore-certificate-errors",
              "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              "--window-size=1280,900", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -333,7 +383,10 @@ async def test_the_page_in_a_browser_follows_the_tree_through_a_failure(tmp_path
         await cluster.start_agents()
         await cluster.register_image("img")
         await browser.start()
-        await browser.call("Page.navigate", url=ui_url(cluster.volt_url))
+        assert cluster.volt_url.startswith("https://")
+        # The token in the address sets the page's cookie, which its event stream carries.
+        url = ui_url(cluster.volt_url, token=cluster.token("viewer"))
+        await browser.call("Page.navigate", url=url)
 
         async def dom() -> dict[str, tuple[int, list[str]]]:
             text = await browser.evaluate(DOM_HOSTS)
@@ -413,6 +466,7 @@ def test_virtman_up_ui_prints_the_page_and_keeps_it_until_ctrl_c(tmp_path: Path)
                                           for i in range(50))
     )
     out = tmp_path / "up.json"
+    viewer: httpx.Client | None = None
     proc = subprocess.Popen(
         [sys.executable, "-m", "virtman", "up", "--hosts", "2", "--vms-per-host", "1",
          "--trace", str(trace), "--speed", "4", "--json", str(out),
@@ -432,13 +486,22 @@ def test_virtman_up_ui_prints_the_page_and_keeps_it_until_ctrl_c(tmp_path: Path)
 
     try:
         url = read_until("live view: ").split()[-1]
-        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/ui", url), url
-        assert httpx.get(url, timeout=10).status_code == 200
+        # HTTPS, with the viewer token that sets a browser's cookie.
+        match = re.fullmatch(r"(https://127\.0\.0\.1:\d+/ui)\?token=([A-Za-z0-9_-]+)", url)
+        assert match, url
+        page, token = match.groups()
+        # The run's own CA (in --workdir) is what vouches for Volt's certificate.
+        ca = ssl.create_default_context(cafile=str(tmp_path / "work" / "credentials" / "ca.crt"))
+        viewer = httpx.Client(verify=ca, timeout=10)  # keeps the cookie, as a browser does
+        opened = viewer.get(url)
+        assert opened.status_code == 200
+        assert viewer.cookies.get("virtman_token") == token
+        assert httpx.get(page, verify=ca, timeout=10).status_code == 401  # no token: no page
         read_until("live view stays at ")
         # The run is over and the cluster still up: the page shows both hosts.
         deadline = time.monotonic() + 20
         while True:  # the agents tell of the ended boots in their next heartbeat
-            hosts = httpx.get(url + "/snapshot", timeout=10).json()["images"][0]["hosts"]
+            hosts = viewer.get(page + "/snapshot").json()["images"][0]["hosts"]
             assert sorted(h["name"] for h in hosts) == ["host1", "host2"]
             if all(h["vms"]["booted"] == 1 for h in hosts):
                 break
@@ -448,8 +511,10 @@ def test_virtman_up_ui_prints_the_page_and_keeps_it_until_ctrl_c(tmp_path: Path)
         assert proc.wait(60) == 0, "".join(seen) + (proc.stdout.read() if proc.stdout else "")
         assert json.loads(out.read_text())["errors_on_surviving_hosts"] == 0
         with pytest.raises(httpx.TransportError):  # Ctrl-C stopped the cluster
-            httpx.get(url, timeout=2)
+            httpx.get(url, verify=ca, timeout=2)
     finally:
+        if viewer is not None:
+            viewer.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

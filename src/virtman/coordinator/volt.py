@@ -87,7 +87,7 @@ class LeaveReason(enum.Enum):
 
     @property
     def said(self) -> str:
-        """How the log line says it: "agent 'a' <said> the tree of 'img'"."""
+        """How the log line and the live view say it: "a <said> img"."""
         return {"left": "left", "stopped": "stopped relaying", "failed": "failed out of"}[
             self.value]
 
@@ -408,7 +408,7 @@ class Volt:
             len(change.affected),
         )
         moves = "".join(f"; {h} moved up" for h, _, _ in change.moved)
-        self._changed(ChangeKind.TREE, f"{agent} {reason} {image}{moves}")
+        self._changed(ChangeKind.TREE, f"{agent} {reason.said} {image}{moves}")
 
     def _save(self, image: str) -> None:
         self.state.save_tree(image, self._trees[image].positions(), self._relays[image])
