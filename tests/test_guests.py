@@ -151,11 +151,15 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
 
     # The same through the command line, as a user would.
     agent = cluster.agents["host2"].url
+    # The operator's credential of the cluster, as a user passes it.
+    creds = ["--token-file", cluster.token_file("operator"), "--tls-ca", cluster.ca_file]
     for verb, expect in (("console", f"{MARKER} vm3"), ("xml", "<domain type="),
                          ("trace", "t,op,offset,length"), ("list", '"guest_running": false')):
         cli = await run([sys.executable, "-m", "virtman", "vm", verb,
-                         *([] if verb == "list" else ["vm3"]), "--agent", agent], budget)
+                         *([] if verb == "list" else ["vm3"]), "--agent", agent, *creds],
+                        budget)
         assert cli.returncode == 0 and expect in cli.stdout, (verb, cli.stdout, cli.stderr)
-    stop = await run([sys.executable, "-m", "virtman", "vm", "stop", "vm3", "--agent", agent],
+    stop = await run([sys.executable, "-m", "virtman", "vm", "stop", "vm3", "--agent", agent,
+                      *creds],
                      budget)
     assert stop.returncode == 1 and "no running guest" in stop.stderr

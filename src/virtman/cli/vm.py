@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     print(text, end="" if text.endswith("\n") else "\n")
                 return 0
-            if args.action == "destroy":
+            elif args.action == "destroy":
                 await api.delete(
                     f"/vms/{args.name}", params={"instance_only": str(args.instance_only).lower()}
                 )
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
                 doc = await api.post(
                     f"/vms/{args.name}/{args.action}", json={"destination": args.destination}
                 )
-            else:
+            else:  # list
                 doc = await api.get("/vms")
                 if not args.json and is_terminal():
                     _print_vms(doc)

@@ -62,13 +62,17 @@ TlsSetting = TlsFiles | ssl.SSLContext | None
 
 def tls_context_for(address: NbdAddress, tls: TlsSetting) -> ssl.SSLContext | None:
     """The TLS context a connection to ``address`` uses: from ``tls`` when given (TLS
-    then applies to ``nbd://`` URIs too), else from an ``nbds://`` URI's
-    ``tls-certificates=DIR``, else None (plaintext). Raises ConfigError for an
-    ``nbds://`` URI with neither, or files that do not load."""
+    then applies to ``nbd://`` URIs too, so hosts need not rewrite the URIs Volt hands
+    out), else from an ``nbds://`` URI's ``tls-certificates=DIR``, else None
+    (plaintext). A Unix socket is reached over TLS only when its URI says
+    ``nbds+unix://``: a local socket is guarded by its file permissions (VM exports,
+    an origin on the same host). Raises ConfigError for an ``nbds://`` URI with no
+    files, or files that do not load."""
+    local_plain = address.socket is not None and not address.tls
     if isinstance(tls, ssl.SSLContext):
-        return tls
+        return None if local_plain else tls
     if tls is not None:
-        return client_context(tls)
+        return None if local_plain else client_context(tls)
     if address.tls:
         if address.tls_certificates is None:
             raise ConfigError(
