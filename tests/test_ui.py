@@ -206,7 +206,10 @@ async def test_viewers_past_the_limit_get_503_and_a_freed_place_is_reused(
     try:
         async with httpx.AsyncClient(base_url=service.url, timeout=10, headers=VIEWER) as http:
             async with http.stream("GET", "/ui/events") as first:
-                await EventReader(first).next()
+                # Held until the viewer leaves: a reader dropped here would be collected,
+                # and closing its line iterator closes the connection (httpcore) early.
+                watching = EventReader(first)
+                await watching.next()
                 second = await http.get("/ui/events")
                 assert second.status_code == 503
                 assert "1 viewers already watch" in second.json()["detail"]
