@@ -307,3 +307,39 @@ async def test_fleet_processes_boot_vms_and_count_what_fails(
         assert vms[name]["messages"][0].startswith("create:")
     assert "409" in vms["taken"]["messages"][0] or "exists" in vms["taken"]["messages"][0]
     assert all(r["cpu_seconds"] > 0 for r in reports[:2])
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def test_a_sigkilled_virtman_up_leaves_no_service_behind(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"  # short: the baseline boot runs before the cluster
+    trace.write_text("t,op,offset,length\n0.00,read,0,65536\n0.01,read,65536,65536\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtman", "up", "--hosts", "2", "--vms-per-host", "1",
+         "--trace", str(trace), "--workdir", str(tmp_path / "work"), "--ui"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # Volt is up once its live view is printed
+            if line.startswith("live view: "):
+                break
+        else:
+            raise AssertionError("virtman up ended before Volt was up")
+        children = _children(proc.pid)
+        assert children, "Volt runs as a child of virtman up"
+        proc.kill()  # no chance to stop anything itself
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while alive := {pid for pid in children if Path(f"/proc/{pid}").exists()}:
+            assert time.monotonic() < deadline, f"still running after up died: {alive}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -203,9 +203,11 @@ class LocalCluster:
             self.settings.log_level,
             *args,
         ]
-        # A restart appends to the log; readiness reads this run's lines only.
+        # A restart appends to the log; readiness reads this run's lines only. A local
+        # cluster is its parent's: if `virtman up` is SIGKILLed (a test's cleanup, an
+        # OOM kill), the kernel stops Volt and the agents rather than leave them serving.
         child = ChildProcess.start(name, argv, os.path.join(self.workdir, f"{name}.log"),
-                                   append=True)
+                                   append=True, die_with_parent=True)
         match = await child.wait_ready_async(lambda: child.search(_SERVING),
                                              self.settings.start_timeout)
         service = Service(child, url=match.group(1).decode())
