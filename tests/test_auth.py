@@ -20,6 +20,8 @@ import os
 import ssl
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,14 @@ from virtman.auth import (
     Principal,
     Require,
     Role,
+    TokenFile,
     TokenTable,
     check_acting_as,
     hash_token,
     issue_token,
     protect,
     require,
+    revoke_tokens,
     route_guards,
 )
 from virtman.cli.main import main as cli
@@ -484,6 +488,74 @@ def test_a_malformed_tokens_file_names_its_line(tmp_path: Path, line: str, words
         TokenTable.load(str(path))
 
 
+def test_a_token_file_is_read_again_when_it_changes_and_a_broken_one_keeps_the_last(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "tokens")
+    alice = issue_token(path, Role.OPERATOR, "alice")
+    now = [0.0]
+    tokens = TokenFile(path, check_seconds=1.0, clock=lambda: now[0])
+    bob = issue_token(path, Role.VIEWER, "bob")
+    assert tokens.lookup(bob) is None  # not looked at again before a second has passed
+    now[0] = 1.0
+    assert tokens.lookup(bob) == Principal(Role.VIEWER, "bob") and tokens.reloads == 1
+    with open(path, "a") as f:  # an operator's typo: the last good tokens stay in force
+        f.write("operator carol not-a-hash\n")
+    now[0] = 2.0
+    with caplog.at_level(logging.ERROR, logger="virtman.auth"):
+        assert tokens.lookup(alice) == Principal(Role.OPERATOR, "alice")
+        assert tokens.lookup(bob) is not None
+    assert "keeping the 2 tokens in force" in caplog.text and "line 4" in caplog.text
+    assert revoke_tokens(path, Role.OPERATOR, "carol") == 1  # the broken line goes
+    assert revoke_tokens(path, Role.OPERATOR, "alice") == 1
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    now[0] = 3.0
+    assert tokens.lookup(alice) is None and tokens.lookup(bob) is not None
+    assert revoke_tokens(path, Role.OPERATOR, "alice") == 0  # nothing left to remove
+
+
+def test_a_running_volt_honours_tokens_issued_and_revoked_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    tokens = str(tmp_path / "tokens")
+    issue_token(tokens, Role.OPERATOR, "alice")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "virtman", "volt", "--db", str(tmp_path / "volt.db"),
+         "--listen", "127.0.0.1:0", "--tokens", tokens, "--insecure"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # log lines, then "volt serving on URL"
+            seen.append(line)
+            if " serving on " in line:
+                break
+        url = seen[-1].split()[-1]
+        assert url.startswith("http://127.0.0.1:"), "".join(seen)
+
+        def status(token: str) -> int:
+            headers = {"authorization": f"Bearer {token}"}
+            return httpx.get(f"{url}/images", headers=headers, timeout=10).status_code
+
+        def within(seconds: float, expected: int, token: str) -> None:
+            deadline = time.monotonic() + seconds
+            while (got := status(token)) != expected:
+                assert time.monotonic() < deadline, f"still {got}, not {expected}"
+                time.sleep(0.1)
+
+        assert cli(["token", "issue", "viewer", "grafana", "--tokens", tokens,
+                    "--out", str(tmp_path / "viewer.token")]) == 0
+        viewer = (tmp_path / "viewer.token").read_text().strip()
+        within(5, 200, viewer)
+        assert cli(["token", "revoke", "viewer", "grafana", "--tokens", tokens]) == 0
+        within(5, 401, viewer)
+        assert cli(["token", "revoke", "viewer", "grafana", "--tokens", tokens]) == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def scope(method: str = "GET", path: str = "/vms", headers: dict[str, str] | None = None,
           query: bytes = b"", peer: str | None = None) -> dict[str, Any]:
     return {
@@ -539,6 +611,22 @@ def test_an_app_with_an_unguarded_route_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="GET /open"):
         protect(app, Authenticator(TokenTable()))
+
+
+def test_an_app_whose_refusals_would_be_500s_is_refused() -> None:
+    from fastapi import Depends, FastAPI
+
+    from virtman.httpapi import install_error_handlers
+
+    app = FastAPI()
+
+    @app.get("/guarded", dependencies=[Depends(require(Role.VIEWER))])
+    async def guarded() -> None: ...
+
+    with pytest.raises(ConfigError, match="install_error_handlers"):
+        protect(app, Authenticator(TokenTable()))
+    install_error_handlers(app)
+    protect(app, Authenticator(TokenTable()))  # now a Forbidden is answered 403
 
 
 # --- the CLI ------------------------------------------------------------------------------

@@ -23,18 +23,20 @@ from agentworld import KiB, World
 from prometheus_client.parser import text_string_to_metric_families
 
 from virtman.agent.agent import Agent
-from virtman.auth import Role
+from virtman.auth import Role, issue_token
 from virtman.blockdev.cached import CachedDevice
 from virtman.blockdev.faults import FaultyDevice
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.blockdev.store import StoreFile
-from virtman.httpapi import Credentials
+from virtman.httpapi import Credentials, ca_context
 from virtman.hypervisor.qemu import Accel, HypervisorSettings
 from virtman.metrics import LABELS, ImageFigures, Metric, Metrics, counter, data_path_families
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import Export, NbdServer
+from virtman.pki import init_ca, issue
+from virtman.tlsconfig import TlsFiles
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -123,13 +125,12 @@ def samples(text: str) -> Samples:
     return out
 
 
-#: The viewer's credential for Volt's and the agents' /metrics (set by the world fixture;
-#: ``serve --metrics-listen`` takes none).
+#: The viewer's credential for Volt's and the agents' /metrics (set by the world fixture).
 VIEWER: dict[str, Credentials] = {}
 
 
-async def scrape(url: str) -> tuple[str, Samples]:
-    viewer = VIEWER.get("world", Credentials())
+async def scrape(url: str, credentials: Credentials | None = None) -> tuple[str, Samples]:
+    viewer = credentials or VIEWER.get("world", Credentials())
     async with httpx.AsyncClient(headers=viewer.headers(), verify=viewer.verify()) as http:
         r = await http.get(f"{url}/metrics")
     assert r.status_code == 200, r.text
@@ -337,30 +338,44 @@ def generate_latest_of(families: list[Metric]) -> str:
 # --- virtman serve --metrics-listen ----------------------------------------------------------
 
 
-async def test_serve_exports_its_metrics(tmp_path: Path) -> None:
+async def test_serve_exports_its_metrics_to_viewers_over_https(tmp_path: Path) -> None:
     image = bytes(range(256)) * (4 * 1024)  # 1 MiB
     (tmp_path / "image.raw").write_bytes(image)
     device = FileDevice(str(tmp_path / "image.raw"), read_only=True)
     await device.open()
-    origin = NbdServer([Export("image", device)])
+    pki = str(tmp_path / "pki")
+    ca = init_ca(pki).cert
+    cert = issue("relay", pki, pki)
+    served = issue("origin", pki, pki)  # the relay reaches it with its own certificate
+    origin = NbdServer([Export("image", device)], tls=TlsFiles(served.cert, served.key, ca))
     port = await origin.listen_tcp("127.0.0.1", 0)
+    tokens = str(tmp_path / "tokens")
+    viewer = issue_token(tokens, Role.VIEWER, "prometheus")
+    agent = issue_token(tokens, Role.AGENT, "host1")
     sock = str(tmp_path / "relay.sock")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "virtman", "serve",
         "--upstream", f"nbd://127.0.0.1:{port}/image", "--cache-dir", str(tmp_path / "cache"),
         "--chunk-size", "64K", "--socket", sock, "--metrics-listen", "127.0.0.1:0",
+        "--tokens", tokens, "--tls-cert", cert.cert, "--tls-key", cert.key, "--tls-ca", ca,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        match = re.match(r"metrics at (http://\S+)/metrics", line)
+        match = re.match(r"metrics at (https://\S+)/metrics", line)
         assert match, line
         url = match.group(1)
         await asyncio.wait_for(proc.stdout.readline(), 30)  # "serving ...": socket is up
-        client = await NbdClient.connect(f"nbd+unix:///image?socket={sock}")
+        async with httpx.AsyncClient(verify=ca_context(ca)) as http:
+            assert (await http.get(f"{url}/metrics")).status_code == 401
+            bearer = {"authorization": f"Bearer {agent}"}
+            assert (await http.get(f"{url}/metrics", headers=bearer)).status_code == 403
+        client = await NbdClient.connect(
+            f"nbds+unix:///image?socket={sock}", tls=TlsFiles(cert.cert, cert.key, ca)
+        )
         try:
             assert await client.read(0, len(image)) == image
-            _, found = await scrape(url)
+            _, found = await scrape(url, Credentials(token=viewer, ca=ca))
             assert value(found, "virtman_nbd_connections", server="serve") == 1
         finally:
             await client.close()
@@ -376,6 +391,30 @@ async def test_serve_exports_its_metrics(tmp_path: Path) -> None:
         await origin.stop()
         await device.close()
     assert proc.returncode == 0, (await proc.stderr.read()).decode() if proc.stderr else ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ([], "--metrics-listen needs --tokens FILE"),
+        (["--tokens", "TOKENS"], "--metrics-listen without --tls-cert/--tls-key/--tls-ca"),
+    ],
+)
+async def test_serve_refuses_metrics_without_credentials(
+    tmp_path: Path, extra: list[str], reason: str
+) -> None:
+    (tmp_path / "disk.raw").write_bytes(bytes(4096))
+    tokens = str(tmp_path / "tokens")
+    issue_token(tokens, Role.VIEWER, "prometheus")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "virtman", "serve", str(tmp_path / "disk.raw"),
+        "--socket", str(tmp_path / "s.sock"), "--metrics-listen", "127.0.0.1:0",
+        *[tokens if a == "TOKENS" else a for a in extra],
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    assert reason in err.decode()
+    assert not (tmp_path / "s.sock").exists()  # refused before serving anything
 
 
 async def test_serve_names_a_bad_metrics_address(tmp_path: Path) -> None:

@@ -22,7 +22,10 @@ sending a VM to another agent's ``/vms/import``); an **operator** runs the CLI: 
 API, images; a **viewer** reads status, trees, metrics and the UI.
 
 Tokens are random (``secrets.token_urlsafe``), shown once when made and kept only as
-SHA-256 hashes in a tokens file (``ROLE NAME sha256:HEX`` a line). A presented token is
+SHA-256 hashes in a tokens file (``ROLE NAME sha256:HEX`` a line). A service reads the
+file again when it changes (``TokenFile``), so ``virtman token issue`` and ``virtman
+token revoke`` count within ``TOKENS_CHECK_SECONDS``, without a restart; a file that no
+longer loads leaves the last good tokens in force and is logged. A presented token is
 hashed and compared with every stored hash by ``hmac.compare_digest`` (no early exit),
 so how long the check takes says nothing about how close a guess was. Tokens are never
 logged: refusals are logged (rate-limited per client) with the reason and the route.
@@ -37,18 +40,21 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from typing import Protocol
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from virtman.errors import ConfigError, Forbidden, Unauthorized, excerpt, quote
+from virtman.durable import write_atomic
+from virtman.errors import ConfigError, Forbidden, Unauthorized, VirtmanError, excerpt, quote
 from virtman.httpapi import PEER_CERT_NAME, json_refusal
-from virtman.limits import MAX_TOKEN_CHARS, TOKEN_BYTES
+from virtman.limits import MAX_TOKEN_CHARS, TOKEN_BYTES, TOKENS_CHECK_SECONDS
 from virtman.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -172,6 +178,63 @@ class TokenTable:
         return table
 
 
+class TokenFile:
+    """A tokens file as a service sees it while it runs: read at start (``ConfigError``
+    if it does not load, as ``TokenTable.load``), then looked at again, at most every
+    ``check_seconds``, when a token is checked; a change (inode, size or mtime) is read
+    in. A change that does not load keeps the last good table in force: a half-edited
+    file never opens the service, nor locks everyone out; the error is logged once per
+    change."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        check_seconds: float = TOKENS_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.check_seconds = check_seconds
+        self._clock = clock
+        self._stamp = self._stat()
+        self._table = TokenTable.load(path)
+        self._checked = clock()
+        #: Times the file was read in again after a change (for tests and logs).
+        self.reloads = 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def lookup(self, token: str) -> Principal | None:
+        self.refresh()
+        return self._table.lookup(token)
+
+    def refresh(self) -> None:
+        now = self._clock()
+        if now - self._checked < self.check_seconds:
+            return
+        self._checked = now
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # an error is reported once per change, not per request
+        try:
+            table = TokenTable.load(self.path)
+        except ConfigError as err:
+            log.error("keeping the %d tokens in force: %s", len(self._table), err)
+            return
+        self._table = table
+        self.reloads += 1
+        log.info("tokens file %s read again: %d tokens", self.path, len(table))
+
+
 def issue_token(path: str, role: Role, name: str) -> str:
     """Make a token for ``role`` ``name``, add its hash to the tokens file at ``path``
     (created 0600) and return the token: the only time it is seen whole."""
@@ -187,6 +250,23 @@ def issue_token(path: str, role: Role, name: str) -> str:
     finally:
         os.close(fd)
     return token
+
+
+def revoke_tokens(path: str, role: Role, name: str) -> int:
+    """Remove every token of ``role`` ``name`` from the tokens file at ``path`` and
+    return how many there were. The file is replaced whole (written beside it, synced,
+    renamed), so a service reading it sees the old file or the new one, never half."""
+    check_name(name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+    except OSError as err:
+        raise ConfigError(f"tokens file {path!r}: {err.strerror}") from err
+    kept = [line for line in lines if line.split()[:2] != [role.value, name]]
+    removed = len(lines) - len(kept)
+    if removed:
+        write_atomic(path, "".join(kept).encode(), 0o600)
+    return removed
 
 
 def write_secret(path: str, text: str) -> None:
@@ -213,6 +293,12 @@ def read_token_file(path: str) -> str:
 # --- who is calling -----------------------------------------------------------------------
 
 
+class Tokens(Protocol):
+    """What an ``Authenticator`` asks of its tokens: ``TokenTable`` or ``TokenFile``."""
+
+    def lookup(self, token: str) -> Principal | None: ...
+
+
 @dataclass(frozen=True)
 class Authenticator:
     """Turns a request's credential into a ``Principal``.
@@ -222,7 +308,7 @@ class Authenticator:
     certificate the cluster's CA signs is a host's).
     """
 
-    tokens: TokenTable
+    tokens: Tokens
     certificates: bool = True
 
     def identify(self, scope: Scope) -> tuple[Principal, str | None]:
@@ -407,4 +493,7 @@ def protect(app: FastAPI, authenticator: Authenticator) -> None:
         raise ConfigError(
             f"routes without one require(...) guard: {'; '.join(open_routes)}"
         )
+    if VirtmanError not in app.exception_handlers:
+        # Without them a guard's Forbidden would reach the client as a bare 500.
+        raise ConfigError("protect() needs httpapi.install_error_handlers(app) first")
     app.add_middleware(Authenticate, authenticator=authenticator)

@@ -188,6 +188,9 @@ MAX_ERROR_ITEMS = 10
 TOKEN_BYTES = 32
 #: Longest credential a service reads from a request; a longer one is refused unread.
 MAX_TOKEN_CHARS = 256
+#: Seconds between looks at a service's tokens file: a token issued or revoked counts
+#: this long after the file changed, at most, with no restart; a stat() a second is free.
+TOKENS_CHECK_SECONDS = 1.0
 
 # --- Guests (QEMU) ------------------------------------------------------------------------
 #: Seconds the KVM probe gives a Linux kernel under KVM to print its first console line

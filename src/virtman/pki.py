@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from virtman.durable import write_atomic
 from virtman.errors import ConfigError, Conflict, quote
 from virtman.limits import CA_VALIDITY_DAYS, CERT_VALIDITY_DAYS
 from virtman.tlsconfig import TlsFiles
@@ -217,25 +218,8 @@ def _write_key(path: str, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, data, 0o600)
+    write_atomic(path, data, 0o600)
 
 
 def _write_cert(path: str, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        # The umask may have taken bits away (or the mode is wider than it allows): set it.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)

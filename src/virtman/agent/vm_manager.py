@@ -36,11 +36,11 @@ from virtman.agent.vms import (
     VmState,
     check_socket_path,
     copy_layers,
-    fsync_dir,
     layer_file,
     remove_tree,
 )
 from virtman.blockdev.cow import CowDevice
+from virtman.durable import fsync_dir
 from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
 from virtman.httpapi import Credentials
 from virtman.hypervisor.qemu import (

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
+from virtman.durable import fsync_dir
 from virtman.errors import ConfigError, Conflict
 from virtman.hypervisor.qemu import Guest
 from virtman.nbd.server import Export, NbdServer
@@ -161,17 +162,6 @@ class VmRecord:
     @property
     def snapshots(self) -> list[str]:
         return [layer.snapshot for layer in self.layers if layer.snapshot]
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new name in ``path`` durable: without it a power cut can undo
-    a move that was already acknowledged (a migrate's destination answers, the source
-    then deletes its copy)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Vm:

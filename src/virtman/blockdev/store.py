@@ -60,6 +60,7 @@ from typing import Any
 import xxhash
 
 from virtman.blockdev.sparse import punch_hole
+from virtman.durable import fsync_dir
 from virtman.errors import ConfigError, DeviceError
 from virtman.protocol.nbd.constants import Errno
 
@@ -191,7 +192,7 @@ class StoreFile:
                 os.close(fd)
                 raise
             os.rename(tmp, path)
-            _fsync_dir(path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         except OSError as err:
             raise DeviceError(f"cannot create store {path}: {err.strerror}") from err
         sums = bytearray(header.units * CHECKSUM_BYTES) if header.checksum else None
@@ -400,11 +401,3 @@ def _runs(sorted_indices: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, i))
     return runs
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -138,7 +138,7 @@ def add_service_security_options(p: argparse.ArgumentParser, *, agent: bool = Fa
 def service_security(args: argparse.Namespace) -> tuple[TlsFiles | None, Authenticator]:
     """A service's TLS files (None: ``--insecure``) and its ``auth.Authenticator``.
     ``ConfigError`` when TLS is neither configured nor declined, or both."""
-    from virtman.auth import Authenticator, TokenTable
+    from virtman.auth import Authenticator, TokenFile
 
     tls = tls_files(args)
     if tls is None and not args.insecure:
@@ -147,7 +147,7 @@ def service_security(args: argparse.Namespace) -> tuple[TlsFiles | None, Authent
         )
     if tls is not None and args.insecure:
         raise ConfigError("--insecure and --tls-* contradict each other: give one")
-    return tls, Authenticator(TokenTable.load(args.tokens), certificates=tls is not None)
+    return tls, Authenticator(TokenFile(args.tokens), certificates=tls is not None)
 
 
 def agent_credentials(args: argparse.Namespace, tls: TlsFiles | None) -> Credentials:

@@ -7,8 +7,10 @@
 ``--listen HOST:PORT`` may replace or accompany ``--socket``. SIGTERM and SIGINT stop
 the server cleanly: requests in flight finish, writes are flushed, sockets removed.
 ``--max-connections`` and ``--idle-timeout`` set the server's client limits (see
-``virtman.nbd.server``). ``--metrics-listen HOST:PORT`` serves Prometheus metrics at
-``http://HOST:PORT/metrics`` (``virtman.metrics``; docs/control-plane.md lists them).
+``virtman.nbd.server``). ``--metrics-listen HOST:PORT --tokens FILE`` serves Prometheus
+metrics at ``https://HOST:PORT/metrics`` (``virtman.metrics``; docs/control-plane.md
+lists them) to viewers and operators of the tokens file, over HTTPS with the TLS files
+below (plain HTTP only with ``--insecure``; a token is still required).
 
 ``--tls-cert FILE --tls-key FILE --tls-ca FILE`` turn TLS on: clients must send
 STARTTLS first and present a certificate signed by the CA, and the upstreams of a relay
@@ -40,6 +42,7 @@ from virtman.sizes import parse_size
 from virtman.tlsconfig import TlsFiles, add_tls_options, tls_files
 
 if TYPE_CHECKING:
+    from virtman.auth import Authenticator
     from virtman.httpapi import HttpService
     from virtman.nbd.server import NbdServer
 
@@ -131,14 +134,20 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port, "
-        "printed at start)",
+        help="serve Prometheus metrics at https://HOST:PORT/metrics to the viewers and "
+        "operators of --tokens (port 0: any free port, printed at start)",
+    )
+    p.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="with --metrics-listen: the tokens /metrics accepts (virtman token issue)",
     )
     add_tls_options(p)
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="allow --listen without TLS: anyone who reaches the port reads the export",
+        help="allow plaintext: --listen without TLS (anyone who reaches the port reads the "
+        "export), --metrics-listen over plain HTTP (a token is still required)",
     )
     p.set_defaults(run=run)
 
@@ -232,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_listen = (
         parse_listen(args.metrics_listen, "--metrics-listen") if args.metrics_listen else None
     )
+    authenticator = _metrics_authenticator(args, tls) if metrics_listen is not None else None
     from virtman.runtime import configure_logging, run_async
 
     configure_logging(args.log_level)
@@ -245,8 +255,27 @@ def run(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             tls=tls,
             metrics_listen=metrics_listen,
+            authenticator=authenticator,
         )
     )
+
+
+def _metrics_authenticator(args: argparse.Namespace, tls: TlsFiles | None) -> Authenticator:
+    """Who may read ``--metrics-listen``: the viewers and operators of ``--tokens``. Its
+    HTTP is TLS with the NBD certificate; plain only where the operator said so."""
+    from virtman.auth import Authenticator, TokenFile
+
+    if not args.tokens:
+        raise ConfigError(
+            "--metrics-listen needs --tokens FILE: /metrics answers only the viewers and "
+            "operators it lists (virtman token issue viewer NAME --tokens FILE)"
+        )
+    if tls is None and not args.insecure:
+        raise ConfigError(
+            "--metrics-listen without --tls-cert/--tls-key/--tls-ca would send metrics and "
+            "tokens over plain HTTP; give the TLS files, or --insecure to allow it"
+        )
+    return Authenticator(TokenFile(args.tokens), certificates=tls is not None)
 
 
 async def _serve(
@@ -259,6 +288,7 @@ async def _serve(
     idle_timeout: float | None,
     tls: TlsFiles | None = None,
     metrics_listen: tuple[str, int] | None = None,
+    authenticator: Authenticator | None = None,
 ) -> int:
     from virtman.nbd.server import NbdServer
 
@@ -276,7 +306,11 @@ async def _serve(
         for host, port in listens:
             await server.listen_tcp(host, port)
         if metrics_listen is not None:
-            exporter = await _start_metrics(device, name, server, *metrics_listen)
+            if authenticator is None:
+                raise ConfigError("--metrics-listen needs an authenticator (--tokens FILE)")
+            exporter = await _start_metrics(
+                device, name, server, metrics_listen, authenticator=authenticator, tls=tls
+            )
             print(f"metrics at {exporter.url}/metrics", flush=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -292,15 +326,23 @@ async def _serve(
 
 
 async def _start_metrics(
-    device: BlockDevice, name: str, server: NbdServer, host: str, port: int
+    device: BlockDevice,
+    name: str,
+    server: NbdServer,
+    listen: tuple[str, int],
+    *,
+    authenticator: Authenticator,
+    tls: TlsFiles | None,
 ) -> HttpService:
-    """An HTTP service in this loop answering ``GET /metrics``: the collectors read the
-    server and devices in the loop's thread, as they change in it, never concurrently."""
-    from fastapi import FastAPI, Response
+    """An HTTP service in this loop answering ``GET /metrics`` to viewers and operators:
+    the collectors read the server and devices in the loop's thread, as they change in
+    it, never concurrently."""
+    from fastapi import Depends, FastAPI, Response
 
+    from virtman.auth import Role, protect, require
     from virtman.blockdev.cached import CachedDevice
     from virtman.blockdev.remote import RemoteDevice
-    from virtman.httpapi import HttpService, bind
+    from virtman.httpapi import HttpService, bind, install_error_handlers
     from virtman.metrics import (
         CONTENT_TYPE,
         ImageFigures,
@@ -330,12 +372,14 @@ async def _start_metrics(
     metrics.collect_with(families)
     app = FastAPI(title="virtman serve metrics", openapi_url=None, docs_url=None,
                   redoc_url=None)
+    install_error_handlers(app)  # a refusal is a 401/403 with its reason, not a 500
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require(Role.VIEWER, Role.OPERATOR))])
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    service = HttpService(app, bind(host, port))
+    protect(app, authenticator)
+    service = HttpService(app, bind(*listen), tls=tls)
     await service.start()
     return service
 
