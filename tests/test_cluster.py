@@ -257,6 +257,8 @@ def test_virtman_up_small_run_is_complete_and_consistent(tmp_path: Path) -> None
     # Every byte a surviving host received came from the origin or from a host.
     assert doc["origin_bytes_sent"] >= doc["working_set_bytes"] // 2
     assert "relay tree" in run_.stdout and "origin sent" in run_.stdout
+    # Secure by default, and the result says under which conditions it was measured.
+    assert doc["settings"]["tls"] is True and "mutual TLS" in run_.stdout
     # Piped, not a terminal: plain lines, no progress bars, boxes or escape sequences.
     assert "\x1b[" not in run_.stdout and not {"┏", "━", "│"} & set(run_.stdout)
     assert not list((tmp_path / "work").glob("*.sock"))

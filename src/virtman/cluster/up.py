@@ -203,9 +203,13 @@ async def run_up(
         )
         async with display.step("image manifest", [manifest]):
             await cluster.register_image(IMAGE_NAME)
+        security = (
+            "plain HTTP and NBD, tokens (--insecure)" if cluster.settings.insecure
+            else "HTTPS and NBD over mutual TLS, tokens"
+        )
         display.note(
-            f"cluster up: origin, volt, {len(hosts)} agents; image registered in "
-            f"{time.monotonic() - started:.1f} s"
+            f"cluster up: origin, volt, {len(hosts)} agents ({security}); image registered "
+            f"in {time.monotonic() - started:.1f} s"
         )
         names = [(h, f"{h}-vm{j + 1}") for h in hosts for j in range(options.vms_per_host)]
         uris = await asyncio.gather(*(cluster.create_vm(h, n, IMAGE_NAME) for h, n in names))
@@ -344,6 +348,8 @@ async def _report(
             "trace": trace.name,
             "chunk_size": cluster.settings.chunk_size,
             "kills": [f"{h}@{t:g}" for h, t in options.kills],
+            # The figures' conditions: TLS between every pair of services, or not.
+            "tls": not cluster.settings.insecure,
         },
     }
 
