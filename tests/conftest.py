@@ -7,6 +7,8 @@ the test's own temporary directory.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import shutil
 import signal
@@ -27,6 +29,24 @@ def make_image(path: Path, size: int, *, seed: int = 1) -> bytes:
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``mount -o size=``, e.g. "3m") mounted in ``tmp_path`` for
+    one test: a small disk that fills up. Skips where it cannot be mounted (not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / f"tmpfs-{size}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def require(*tools: str) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from conftest import make_image, small_tmpfs
 
 from virtman.agent.images import CacheGroup, ImageRelay, ImageSpec
 from virtman.blockdev.file import FileDevice
@@ -31,18 +30,8 @@ SIZES = {"idle": 2 * MiB, "busy": 4 * MiB}  # busy does not fit the small disk a
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs: room for the idle image's cache and part of the busy one's."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the cache group needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "3m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_image, require
+from conftest import make_image, require, small_tmpfs
 
 from virtman.blockdev.store import StoreFile
 
@@ -118,18 +118,8 @@ def test_chunks_rotted_while_stopped_are_never_served(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs mounted for this test (the "small disk" of a cache)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the cache needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_cache_disk_passes_reads_through(serve: Any, tmp_path: Path,

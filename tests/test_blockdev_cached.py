@@ -7,11 +7,11 @@ import errno
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import small_tmpfs
 from devices import crash, image_bytes
 
 from virtman.blockdev import CachedDevice, FaultyDevice, MemoryDevice
@@ -226,18 +226,8 @@ async def test_store_without_checksums_is_kept_only_with_a_manifest(
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for this test."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs for the cache needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path, "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill_up(path: Path) -> None:
