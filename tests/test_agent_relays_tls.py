@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from directory import StaticDirectory
 
 from virtman.agent.images import ImageSpec
 from virtman.agent.relays import RelayManager
 from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.memory import MemoryDevice
-from virtman.coordinator.models import Paths
 from virtman.errors import NetworkError
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import NbdServer
@@ -20,25 +20,6 @@ from virtman.pki import init_ca, issue
 from virtman.tlsconfig import TlsFiles
 
 CHUNK = 64 * 1024
-
-
-class Directory:
-    """Volt's part for this test: the image record and each host's place in a chain."""
-
-    def __init__(self, spec: ImageSpec, parents: list[str]) -> None:
-        self.spec = spec
-        self.parents = parents
-
-    async def image_spec(self, name: str) -> ImageSpec:
-        return self.spec
-
-    async def join(self, image: str, relay_uri: str) -> Paths:
-        return Paths(image=image, position=len(self.parents), level=len(self.parents),
-                     parents=self.parents, parent_names=[f"p{i}" for i in self.parents],
-                     origins=self.spec.origins)
-
-    async def leave(self, image: str) -> None:
-        return None
 
 
 async def test_relay_tree_runs_over_mutual_tls(tmp_path: Path) -> None:
@@ -52,7 +33,7 @@ async def test_relay_tree_runs_over_mutual_tls(tmp_path: Path) -> None:
     origin_uri = f"nbds://127.0.0.1:{port}/img"
     manifest = await compute_manifest(device, CHUNK)
     spec = ImageSpec("img", [origin_uri], len(data), CHUNK, manifest.to_json())
-    h1 = RelayManager(str(tmp_path / "h1"), Directory(spec, []), parent_wait=1.0,
+    h1 = RelayManager(str(tmp_path / "h1"), StaticDirectory(spec, []), parent_wait=1.0,
                       tls=files["h1"])
     await h1.start()
     h2 = None
@@ -60,7 +41,7 @@ async def test_relay_tree_runs_over_mutual_tls(tmp_path: Path) -> None:
         await h1.image("img")
         uri1 = h1.relay_uri("img")
         assert uri1.startswith("nbds://127.0.0.1:")
-        h2 = RelayManager(str(tmp_path / "h2"), Directory(spec, [uri1]), parent_wait=2.0,
+        h2 = RelayManager(str(tmp_path / "h2"), StaticDirectory(spec, [uri1]), parent_wait=2.0,
                           tls=files["h2"])
         await h2.start()
         relay2 = await h2.image("img")

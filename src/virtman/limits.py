@@ -95,6 +95,29 @@ CACHE_FULL_RETRY_SECONDS = 5.0
 #: chunks found): the first is logged at once, the rest are counted into the next.
 CACHE_LOG_INTERVAL_SECONDS = 60.0
 
+# --- Boot profiles and prefetch ---------------------------------------------------------
+#: Bytes one prefetch request asks upstream for (adjacent chunks of the profile joined):
+#: large enough that a 1 GbE round trip is a small part of it, small enough that a VM's
+#: miss waiting on a chunk in it waits ~30 ms at 1 GbE.
+PREFETCH_BATCH_BYTES = 4 * MiB
+#: Prefetch bytes requested and not yet received, per image and host.
+PREFETCH_INFLIGHT_BYTES = 16 * MiB
+#: Prefetch rate cap per image and host (bytes/s); None: as fast as the tree gives. The
+#: default leaves a 1 GbE link to demand reads and children only when they need it, as
+#: demand goes first anyway; lower it on links shared with other traffic.
+PREFETCH_MAX_BYTES_PER_SECOND: float | None = None
+#: Profile entries a prefetch plan joins into runs at a time (see ``plan_runs``).
+PREFETCH_WINDOW_ENTRIES = 256
+#: Seconds of a VM's life whose first reads make its boot run of the profile.
+PROFILE_RECORD_SECONDS = 120.0
+#: Boot runs an agent records for an image until Volt's profile has this many merged.
+PROFILE_WANTED_RUNS = 3
+#: Seconds between two questions to Volt for an image's profile while it has none
+#: (asked when a VM is created on it, so a profile recorded elsewhere is soon used).
+PROFILE_ASK_SECONDS = 10.0
+#: Runs Volt merges into one profile at most; later ones are acknowledged and dropped.
+PROFILE_MAX_RUNS = 32
+
 # --- Copy-on-write ----------------------------------------------------------------------
 #: Default overlay block: the unit of allocation and of read-modify-write.
 DEFAULT_COW_BLOCK_SIZE = 4 * KiB

@@ -25,7 +25,7 @@ from typing import Any
 
 from virtman.agent.copy import CopyLimits
 from virtman.agent.images import DeliveryMode
-from virtman.agent.relays import RelayManager
+from virtman.agent.relays import ProfileSettings, RelayManager
 from virtman.agent.vm_manager import VmManager
 from virtman.agent.vms import SocketOwner, Vm, VmState
 from virtman.agent.voltlink import VoltLink
@@ -76,6 +76,7 @@ class Agent:
         hypervisor: HypervisorSettings | None = None,
         credentials: Credentials | None = None,
         socket_owner: SocketOwner | None = None,
+        profiles: ProfileSettings | None = None,
     ) -> None:
         self.name = name
         #: What this agent presents to Volt and to the agents it sends VMs to: its
@@ -111,6 +112,7 @@ class Agent:
             attach_delay=attach_delay,
             on_fetch=fetches.observe,
             tls=self.credentials.tls,  # relay exports and upstream reads: mutual TLS
+            profiles=profiles,
         )
         self.vms = VmManager(
             name,

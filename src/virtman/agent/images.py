@@ -38,6 +38,7 @@ from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cached import CachedDevice, CacheSpace
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import Manifest
+from virtman.blockdev.prefetch import Prefetcher
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
@@ -114,6 +115,13 @@ class ImageRelay:
         self.paths: Paths | None = None
         #: NBD URI -> host name ("origin" for the origin), for byte accounting.
         self.source_names: dict[str, str] = {u: ORIGIN for u in spec.origins}
+        #: The prefetch of the image's boot profile on this host, once one ran.
+        self.prefetcher: Prefetcher | None = None
+        #: Runs in Volt's boot profile when last asked (None: not asked yet), and when.
+        self.profile_runs: int | None = None
+        self.profile_asked_at = -float("inf")
+        #: Boots of this image being recorded on this host now.
+        self.recording = 0
 
     async def open(self) -> None:
         if self.mode is DeliveryMode.STAR:
@@ -162,6 +170,8 @@ class ImageRelay:
         return FileDevice(path, read_only=True)
 
     async def close(self) -> None:
+        if self.prefetcher is not None:
+            await self.prefetcher.stop()
         if self.mode.in_tree:
             self.server.remove_export(self.name)
         await self.base.close()
@@ -235,6 +245,8 @@ class ImageRelay:
             "cache_space": self.cache.space_status(),
             "cache_stats": dict(self.cache.stats.extra),
             "remote_stats": dict(self.remote.stats.extra),
+            "prefetch": self.prefetcher.status() if self.prefetcher is not None else None,
+            "profile_runs": self.profile_runs,
         }
 
 

@@ -29,13 +29,21 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from virtman.agent.images import CacheGroup, DeliveryMode, ImageRelay, ImageSpec
+from virtman.blockdev.prefetch import BootRecorder, Prefetcher, PrefetchLimits
 from virtman.coordinator.models import Paths
 from virtman.errors import ApiError, NetworkError, PeerProtocolError, VirtmanError
-from virtman.limits import DEFAULT_CACHE_CAPACITY, PARENT_CONNECT_WAIT_SECONDS
+from virtman.limits import (
+    DEFAULT_CACHE_CAPACITY,
+    PARENT_CONNECT_WAIT_SECONDS,
+    PROFILE_RECORD_SECONDS,
+    PROFILE_WANTED_RUNS,
+)
 from virtman.nbd.server import NbdServer
+from virtman.planner.profile import BootProfile
 from virtman.protocol.uri import NbdAddress
 from virtman.tlsconfig import TlsFiles
 
@@ -43,13 +51,30 @@ log = logging.getLogger(__name__)
 
 
 class ImageDirectory(Protocol):
-    """Where image records come from and trees are joined (Volt: ``VoltLink``)."""
+    """Where image records come from, trees are joined and boot profiles are kept
+    (Volt: ``VoltLink``)."""
 
     async def image_spec(self, name: str) -> ImageSpec: ...
+
+    async def profile(self, image: str) -> BootProfile | None: ...
+
+    async def send_profile_run(self, image: str, run: BootProfile) -> int: ...
 
     async def join(self, image: str, relay_uri: str) -> Paths: ...
 
     async def leave(self, image: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What an agent does with boot profiles: prefetch them (``prefetch``; None: never),
+    and record boots (``record``) until Volt's profile of an image has ``wanted_runs``
+    runs, each run being a VM's first reads during ``record_seconds``."""
+
+    prefetch: PrefetchLimits | None = field(default_factory=PrefetchLimits)
+    record: bool = True
+    wanted_runs: int = PROFILE_WANTED_RUNS
+    record_seconds: float = PROFILE_RECORD_SECONDS
 
 
 class RelayManager:
@@ -66,8 +91,11 @@ class RelayManager:
         parent_wait: float = PARENT_CONNECT_WAIT_SECONDS,
         tls: TlsFiles | None = None,
         on_fetch: Callable[[float], None] | None = None,
+        profiles: ProfileSettings | None = None,
     ) -> None:
         self.directory = directory
+        self.profiles = profiles or ProfileSettings()
+        self._recordings: set[asyncio.Task[None]] = set()
         #: Called with each chunk fetch's seconds (the agent's fetch-latency histogram).
         self.on_fetch = on_fetch
         self.cache = CacheGroup(cache_dir, capacity, on_evicted=self._leave_evicted)
@@ -100,6 +128,9 @@ class RelayManager:
                 log.error("image %r could not be reopened: %s", spec.name, err)
 
     async def stop(self) -> None:
+        for task in list(self._recordings):
+            task.cancel()
+        await asyncio.gather(*self._recordings, return_exceptions=True)
         await self.cache.close()
         await self.server.stop()
         for relay in list(self.cache.relays.values()):
@@ -144,7 +175,78 @@ class RelayManager:
             relay = await self._open(spec)
             if relay.mode.in_tree:
                 await self._join(relay)
+            await self.refresh_profile(relay)
             return relay
+
+    # --- boot profiles ------------------------------------------------------------------
+
+    def _profiles_apply(self, relay: ImageRelay) -> bool:
+        # Profiles are the cache's: the paper's system and the baselines do without.
+        return relay.mode is DeliveryMode.VIRTMAN
+
+    async def refresh_profile(self, relay: ImageRelay, *, min_age: float = 0.0) -> None:
+        """Ask Volt for the image's boot profile (not again within ``min_age`` seconds)
+        and, once there is one, prefetch it. Volt away or answering badly only means no
+        prefetch for now: VMs read on demand as always."""
+        if not self._profiles_apply(relay) or relay.prefetcher is not None:
+            return
+        now = time.monotonic()
+        if now - relay.profile_asked_at < min_age:
+            return
+        relay.profile_asked_at = now
+        try:
+            profile = await self.directory.profile(relay.name)
+        except (NetworkError, ApiError, PeerProtocolError) as err:
+            log.info("image %r: boot profile not read (%s); reading on demand", relay.name, err)
+            return
+        relay.profile_runs = profile.runs if profile is not None else 0
+        limits = self.profiles.prefetch
+        if profile is None or limits is None or relay.prefetcher is not None:
+            return
+        if profile.chunk_size != relay.cache.chunk_size:
+            log.warning("image %r: boot profile in %d-byte chunks, cache in %d; not used",
+                        relay.name, profile.chunk_size, relay.cache.chunk_size)
+            return
+        relay.prefetcher = Prefetcher(relay.cache, profile.chunks, limits)
+        relay.prefetcher.start()
+        log.info("image %r: prefetching its boot profile (%d chunks, %d runs)", relay.name,
+                 len(profile.entries), profile.runs)
+
+    def boot_recorder(self, relay: ImageRelay) -> BootRecorder | None:
+        """A recorder for a VM about to boot on ``relay``'s image, while Volt's profile
+        wants more runs (None: no recording); its run goes to Volt after the window."""
+        if not (self.profiles.record and self._profiles_apply(relay)):
+            return None
+        known = relay.profile_runs or 0
+        if known + relay.recording >= self.profiles.wanted_runs:
+            return None
+        recorder = BootRecorder(
+            relay.cache.chunk_size, record_seconds=self.profiles.record_seconds
+        )
+        relay.recording += 1
+        task = asyncio.get_running_loop().create_task(
+            self._send_when_recorded(relay, recorder), name=f"boot run of {relay.name}"
+        )
+        self._recordings.add(task)
+        task.add_done_callback(self._recordings.discard)
+        return recorder
+
+    async def _send_when_recorded(self, relay: ImageRelay, recorder: BootRecorder) -> None:
+        try:
+            await asyncio.sleep(recorder.record_seconds)
+            run = recorder.run()
+            if run is None:
+                return
+            try:
+                relay.profile_runs = await self.directory.send_profile_run(relay.name, run)
+            except (NetworkError, ApiError, PeerProtocolError) as err:
+                log.warning("image %r: a recorded boot run was not taken by volt: %s",
+                            relay.name, err)
+                return
+            log.info("image %r: boot run of %d chunks sent; the profile has %d runs",
+                     relay.name, len(run.entries), relay.profile_runs)
+        finally:
+            relay.recording -= 1
 
     async def _join(self, relay: ImageRelay) -> None:
         # The relay export is up: join now, so parents come before any data.

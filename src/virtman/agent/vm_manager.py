@@ -40,6 +40,7 @@ from virtman.agent.vms import (
     remove_tree,
 )
 from virtman.blockdev.cow import CowDevice
+from virtman.blockdev.prefetch import RecordingDevice
 from virtman.durable import fsync_dir
 from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
 from virtman.httpapi import Credentials
@@ -51,6 +52,7 @@ from virtman.hypervisor.qemu import (
     HypervisorSettings,
     domain_xml,
 )
+from virtman.limits import PROFILE_ASK_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +146,22 @@ class VmManager:
         check_socket_path(path)
         return path
 
-    async def _open(self, record: VmRecord) -> Vm:
+    async def _open(self, record: VmRecord, *, boots: bool = False) -> Vm:
+        """Open a VM's layers and export it. ``boots``: a new VM that boots from the
+        image's first block (not a restart, an import or a snapshot's copy): its first
+        reads may be recorded for the image's boot profile."""
         directory = os.path.join(self.vms_dir, record.name)
         vm = Vm(record, directory, self._socket_path(record.name))
         relay = await self.relays.image(record.image)
+        base = relay.base
+        if boots:
+            # A profile may have come since the image was attached here: prefetch it.
+            await self.relays.refresh_profile(relay, min_age=PROFILE_ASK_SECONDS)
+            recorder = self.relays.boot_recorder(relay)
+            if recorder is not None:
+                base = RecordingDevice(relay.base, recorder)
         try:
-            await vm.open_layers(relay.base)
+            await vm.open_layers(base)
             relay.users.add(vm.name)
             relay.touch()
             if record.state is VmState.RUNNING:
@@ -219,7 +231,7 @@ class VmManager:
                 remove_tree(tmp)
                 raise
             try:
-                vm = await self._open(record)
+                vm = await self._open(record, boots=from_snapshot is None)
             except BaseException:
                 remove_tree(directory)  # nothing half made stays behind
                 raise

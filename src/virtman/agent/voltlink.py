@@ -34,6 +34,7 @@ from virtman.agent.images import ImageSpec
 from virtman.coordinator.models import HeartbeatReply, Paths
 from virtman.errors import (
     ApiError,
+    ConfigError,
     LocalProtocolError,
     NetworkError,
     NotFound,
@@ -42,6 +43,7 @@ from virtman.errors import (
 )
 from virtman.httpapi import Credentials
 from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HTTP_TIMEOUT_SECONDS
+from virtman.planner.profile import BootProfile
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,34 @@ class VoltLink:
             return Paths.model_validate(doc)
         except ValidationError as err:
             raise PeerProtocolError(f"volt's answer to joining {image!r} is malformed") from err
+
+    async def profile(self, image: str) -> BootProfile | None:
+        """Volt's boot profile of ``image``; None when it has none yet."""
+        try:
+            doc = await self._api.get(f"/images/{image}/profile")
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+        try:
+            return BootProfile.from_doc(
+                doc, chunk_size=int(doc["chunk_size"]), image_size=int(doc["image_bytes"])
+            )
+        except (ConfigError, KeyError, TypeError, ValueError) as err:
+            raise PeerProtocolError(
+                f"volt's boot profile of image {image!r} is malformed: {err}"
+            ) from err
+
+    async def send_profile_run(self, image: str, run: BootProfile) -> int:
+        """Send one recorded boot of ``image``; the runs Volt's profile now has."""
+        doc = await self._api.post(
+            f"/images/{image}/profile/runs", json={"agent": self.agent, "profile": run.to_doc()}
+        )
+        try:
+            return int(doc["runs"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PeerProtocolError(f"volt's answer to a boot run of {image!r} is malformed") \
+                from err
 
     async def leave(self, image: str) -> None:
         """Leave the image's tree (its relay export is gone)."""

@@ -51,12 +51,14 @@ state and counters are in ``space_status()`` and ``stats``.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from virtman.blockdev.base import BlockDevice, DeviceState
@@ -95,6 +97,76 @@ class SpaceGate(Protocol):
 
     def disk_full(self) -> None:
         """The cache's file system is full (make room if you can)."""
+
+
+class FetchGate:
+    """Slots for upstream fetches, demand first. A demand fetch (a reader's miss) takes
+    any free slot and is woken before any background fetch (prefetch); a background
+    fetch takes a slot only while no demand fetch waits and more than ``reserve`` slots
+    are free, so a VM's miss never queues behind prefetch, even when prefetch is busy."""
+
+    def __init__(self, slots: int, reserve: int = 1) -> None:
+        if slots < 1 or not 0 <= reserve < slots:
+            raise ConfigError(f"fetch gate of {slots} slots cannot reserve {reserve}")
+        self.slots = slots
+        self.reserve = reserve
+        self._free = slots
+        self._demand: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._background: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def demand_waiting(self) -> int:
+        return sum(1 for f in self._demand if not f.done())
+
+    @contextlib.asynccontextmanager
+    async def demand(self) -> AsyncIterator[None]:
+        await self._acquire(self._demand, 0)
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        await self._acquire(self._background, self.reserve)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, queue: collections.deque[asyncio.Future[None]], keep: int) -> None:
+        if self._free > keep and not self.demand_waiting and (
+            queue is self._demand or not any(not f.done() for f in self._background)
+        ):
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # granted as it was cancelled: hand the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+            raise
+
+    def _release(self) -> None:
+        self._free += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        for queue, keep in ((self._demand, 0), (self._background, self.reserve)):
+            while queue and self._free > keep:
+                waiter = queue.popleft()
+                if waiter.done():
+                    continue
+                if queue is self._background and self.demand_waiting:
+                    queue.appendleft(waiter)
+                    return
+                self._free -= 1
+                waiter.set_result(None)
 
 
 class _Throttle:
@@ -157,7 +229,9 @@ class CachedDevice(BlockDevice):
         #: 1 where a chunk is held *and* was checked (or fetched) in this session.
         self._ready = bytearray()
         self._fetches: dict[int, asyncio.Task[bytes]] = {}
-        self._fetch_slots = asyncio.Semaphore(max_concurrent_fetches)
+        #: Upstream reads of several chunks at once (prefetch runs), to stop on close.
+        self._batches: set[asyncio.Task[bytes]] = set()
+        self.gate = FetchGate(max_concurrent_fetches)
         self.space = CacheSpace.CACHING
         self._space_since = 0.0
         self._store_again_at = 0.0
@@ -258,10 +332,11 @@ class CachedDevice(BlockDevice):
         if rotten:  # the throttled lines may not have named them all
             log.warning("cache %s: %d chunks failed their check this session and were "
                         "fetched again", self.path, rotten)
-        for task in list(self._fetches.values()):
+        pending = [*self._fetches.values(), *self._batches]
+        for task in pending:
             task.cancel()
-        if self._fetches:
-            await asyncio.gather(*self._fetches.values(), return_exceptions=True)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._store is not None:
             await self._store.aclose()
             self._store = None
@@ -362,6 +437,86 @@ class CachedDevice(BlockDevice):
             )
         )
 
+    def needs_fetch(self, index: int) -> bool:
+        """Whether chunk ``index`` is neither ready nor being loaded (prefetch planning)."""
+        return not self._ready[index] and index not in self._fetches
+
+    async def prefetch_run(self, first: int, count: int) -> int:
+        """Bring chunks ``first`` .. ``first + count - 1`` into the cache with one
+        upstream read, at background priority (``FetchGate``): those already ready or
+        being loaded are left alone, chunks held from an earlier session are checked
+        instead of fetched. Each fetched chunk is checked (manifest) and stored like a
+        miss's; one that fails its check is fetched again alone. Returns the bytes read
+        from upstream. Readers of a chunk in the run wait for the run, not a new fetch."""
+        self.check_range(first * self.chunk_size, 0)
+        store = self._store
+        if store is None or self._passing_through() or count < 1:
+            return 0
+        last = min(first + count, store.header.units) - 1
+        wanted: list[int] = []
+        for i in range(first, last + 1):
+            if not self.needs_fetch(i):
+                continue
+            if store.present[i] and self._held(store, i) is not None:
+                self._ready[i] = 1
+                continue
+            wanted.append(i)
+        fetched = 0
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[bytes]] = []
+        for lo, n in _adjacent_runs(wanted):
+            batch = loop.create_task(self._fetch_range(lo, n))
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
+            for i in range(lo, lo + n):
+                task = loop.create_task(self._load_from_run(i, lo, batch))
+                self._fetches[i] = task
+                task.add_done_callback(functools.partial(self._fetch_done, i))
+                tasks.append(task)
+            fetched += min(n * self.chunk_size, self.size - lo * self.chunk_size)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        return fetched
+
+    async def _fetch_range(self, first: int, count: int) -> bytes:
+        start = first * self.chunk_size
+        async with self.gate.background():
+            began = time.monotonic()
+            data = await self.upstream.read(start, min(count * self.chunk_size, self.size - start))
+        if self.on_fetch is not None:
+            self.on_fetch(time.monotonic() - began)
+        self.stats.bump("prefetched_chunks", count)
+        self.stats.bump("prefetched_bytes", len(data))
+        return data
+
+    async def _load_from_run(self, index: int, first: int, batch: asyncio.Task[bytes]) -> bytes:
+        """Chunk ``index`` of a prefetch run: its slice of the run's bytes once checked,
+        else fetched alone (demand priority: a reader may be waiting for it)."""
+        store = self._store
+        assert store is not None
+        cs = self.chunk_size
+        piece: bytes | None
+        try:
+            data = await asyncio.shield(batch)
+        except (DeviceError, NetworkError) as err:
+            log.info("prefetch of chunks %d.. of %s failed (%s); fetching chunk %d alone",
+                     first, self.path, err, index)
+            piece = None
+        else:
+            piece = data[(index - first) * cs : (index - first + 1) * cs]
+            if self.manifest is not None and not self.manifest.matches(index, piece):
+                self.stats.bump("digest_mismatches")
+                log.warning("chunk %d of %s failed its digest in a prefetch run; refetching",
+                            index, self.path)
+                piece = None
+        if piece is None:
+            piece = await self._fetch(index)
+        if self._store is store:
+            self._keep(store, index, piece)
+        return piece
+
     async def _ensure(self, index: int) -> bytes:
         task = self._fetches.get(index)
         if task is None:
@@ -424,7 +579,7 @@ class CachedDevice(BlockDevice):
         return None
 
     async def _fetch(self, index: int) -> bytes:
-        async with self._fetch_slots:
+        async with self.gate.demand():
             began = time.monotonic()
             data = await self._fetch_checked(index)
         if self.on_fetch is not None:
@@ -518,3 +673,14 @@ class CachedDevice(BlockDevice):
 
     async def flush(self) -> None:
         self.stats.flushes += 1
+
+
+def _adjacent_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted ``indices`` as (first, count) runs of consecutive numbers."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Response
 
@@ -31,6 +31,7 @@ from virtman.coordinator.models import (
     JoinRequest,
     Name,
     Paths,
+    ProfileRun,
     Registration,
     TreeView,
 )
@@ -39,6 +40,7 @@ from virtman.coordinator.volt import Volt
 from virtman.errors import NotFound
 from virtman.httpapi import ERROR_RESPONSES, HttpLimits, install_error_handlers
 from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
+from virtman.planner.profile import BootProfile
 
 _ERRORS = ERROR_RESPONSES
 _READ = Depends(require(*ANYONE))
@@ -117,6 +119,42 @@ def create_app(
     @app.delete("/images/{name}", status_code=204, responses=_ERRORS, dependencies=[_OPERATOR])
     async def remove_image(name: Name) -> None:
         volt.remove_image(name)
+
+    def profile_answer(name: str, profile: BootProfile) -> dict[str, Any]:
+        image = volt.image(name)
+        return {
+            "image": name,
+            "chunks": len(profile.entries),
+            "bytes": profile.bytes(image.size),
+            "image_bytes": image.size,
+            **profile.to_doc(),
+        }
+
+    # Boot profiles (planner.profile): agents read them to prefetch and send the boots
+    # they record; operators show, import and clear them (virtman image profile).
+    @app.get("/images/{name}/profile", responses=_ERRORS, dependencies=[_READ])
+    async def get_profile(name: Name) -> dict[str, Any]:
+        return profile_answer(name, volt.profile(name))
+
+    @app.post("/images/{name}/profile/runs", responses=_ERRORS)
+    async def add_profile_run(
+        name: Name, body: ProfileRun, principal: AgentCaller
+    ) -> dict[str, Any]:
+        check_acting_as(principal, body.agent)
+        return profile_answer(name, volt.add_profile_run(name, body.profile, body.agent))
+
+    @app.put("/images/{name}/profile", responses=_ERRORS, dependencies=[_OPERATOR])
+    async def put_profile(name: Name, body: dict[str, Any]) -> dict[str, Any]:
+        profile = volt.set_profile(name, body)
+        assert profile is not None
+        return profile_answer(name, profile)
+
+    @app.delete(
+        "/images/{name}/profile", status_code=204, responses=_ERRORS, dependencies=[_OPERATOR]
+    )
+    async def delete_profile(name: Name) -> None:
+        volt.profile(name)  # 404 when there is none to clear
+        volt.set_profile(name, None)
 
     @app.get("/images/{name}/tree", responses=_ERRORS, dependencies=[_READ])
     async def get_tree(name: Name) -> TreeView:

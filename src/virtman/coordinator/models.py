@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
@@ -94,6 +94,14 @@ class JoinRequest(BaseModel):
     agent: Name
     relay_uri: NbdUri
     url: str | None = None
+
+
+class ProfileRun(BaseModel):
+    """One or more recorded boots an agent sends (``POST /images/{name}/profile/runs``):
+    ``profile`` is a boot profile document (``planner.profile``), checked by Volt."""
+
+    agent: Name
+    profile: dict[str, Any]
 
 
 class TreeNode(BaseModel):

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS members (
     PRIMARY KEY (image, agent),
     UNIQUE (image, position)
 );
+CREATE TABLE IF NOT EXISTS profiles (
+    image TEXT PRIMARY KEY REFERENCES images(name) ON DELETE CASCADE,
+    doc TEXT NOT NULL
+);
 """
 
 
@@ -109,6 +113,7 @@ class VoltState:
     def remove_image(self, name: str) -> None:
         with self._failing(f"remove image {name!r}"), self._db:
             self._db.execute("DELETE FROM members WHERE image = ?", (name,))
+            self._db.execute("DELETE FROM profiles WHERE image = ?", (name,))
             self._db.execute("DELETE FROM images WHERE name = ?", (name,))
 
     def images(self) -> list[ImageRecord]:
@@ -118,6 +123,26 @@ class VoltState:
                 "FROM images ORDER BY name"
             ).fetchall()
         return [ImageRecord(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    # --- boot profiles ------------------------------------------------------------------------
+
+    def set_profile(self, image: str, doc_json: str | None) -> None:
+        """Keep ``image``'s boot profile (its JSON document); None removes it."""
+        with self._failing(f"keep the boot profile of image {image!r}"), self._db:
+            if doc_json is None:
+                self._db.execute("DELETE FROM profiles WHERE image = ?", (image,))
+            else:
+                self._db.execute(
+                    "INSERT INTO profiles VALUES (?, ?) "
+                    "ON CONFLICT(image) DO UPDATE SET doc = excluded.doc",
+                    (image, doc_json),
+                )
+
+    def profiles(self) -> dict[str, str]:
+        """Every image's boot profile document (JSON), by image."""
+        with self._failing("read the boot profiles"):
+            rows = self._db.execute("SELECT image, doc FROM profiles").fetchall()
+        return {r[0]: r[1] for r in rows}
 
     # --- agents -------------------------------------------------------------------------------
 

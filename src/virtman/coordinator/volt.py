@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -67,10 +68,12 @@ from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_TIMEOUT_SECONDS,
+    PROFILE_MAX_RUNS,
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
 )
 from virtman.metrics import Metric, Metrics, gauge
+from virtman.planner.profile import BootProfile
 from virtman.planner.tree import RelayTree, TreeSettings
 from virtman.tlsconfig import TlsFiles
 
@@ -131,10 +134,13 @@ class Volt:
         timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         tls: TlsFiles | None = None,
+        max_profile_runs: int = PROFILE_MAX_RUNS,
     ) -> None:
         #: Volt's certificate, presented when it reads an origin to digest an image
         #: (origins of a secure cluster require a client certificate of its CA).
         self.tls = tls
+        #: Runs merged into one boot profile before it is considered settled.
+        self.max_profile_runs = max_profile_runs
         if timeout <= interval:
             raise ConfigError(
                 f"heartbeat timeout {timeout} s must exceed the interval {interval} s"
@@ -149,6 +155,17 @@ class Volt:
         self.clock = clock
         self.lifecycle = Lifecycle.NEW
         self._images: dict[str, ImageRecord] = {r.name: r for r in state.images()}
+        self._profiles: dict[str, BootProfile] = {}
+        for name, doc in state.profiles().items():
+            record = self._images.get(name)
+            if record is None:
+                continue
+            try:
+                self._profiles[name] = BootProfile.from_doc(
+                    json.loads(doc), chunk_size=record.chunk_size, image_size=record.size
+                )
+            except (ConfigError, ValueError) as err:  # never written so: a damaged file
+                log.error("image %r: stored boot profile dropped: %s", name, err)
         self._trees: dict[str, RelayTree] = {}
         self._relays: dict[str, dict[str, str]] = {}  # image -> agent -> relay URI
         for name in self._images:
@@ -340,11 +357,58 @@ class Volt:
         self._changed(ChangeKind.IMAGES, f"image {record.name} registered")
         return self._image_doc(record)
 
+    # --- boot profiles ----------------------------------------------------------------------
+
+    def profile(self, name: str) -> BootProfile:
+        """``name``'s boot profile; ``NotFound`` if the image has none (yet)."""
+        self.image(name)
+        profile = self._profiles.get(name)
+        if profile is None:
+            raise NotFound(f"image {name!r} has no boot profile yet")
+        return profile
+
+    def add_profile_run(self, name: str, doc: object, agent: str) -> BootProfile:
+        """Merge one recorded boot (a profile document of one or more runs) into the
+        image's profile. Past ``max_profile_runs`` runs the profile is settled: the run
+        is acknowledged and dropped. ``ConfigError`` for a document that does not fit
+        the image."""
+        self._check_open("record a boot profile")
+        record = self.image(name)
+        run = BootProfile.from_doc(doc, chunk_size=record.chunk_size, image_size=record.size)
+        current = self._profiles.get(name)
+        if current is not None and current.runs >= self.max_profile_runs:
+            return current
+        merged = run if current is None else current.merge(run)
+        self._keep_profile(name, merged)
+        log.info("image %r: boot run from %s merged: %d runs, %d chunks", name, agent,
+                 merged.runs, len(merged.entries))
+        return merged
+
+    def set_profile(self, name: str, doc: object | None) -> BootProfile | None:
+        """Replace the image's profile (an import, a trace) or, with None, clear it."""
+        self._check_open("set a boot profile")
+        record = self.image(name)
+        if doc is None:
+            self.state.set_profile(name, None)
+            self._profiles.pop(name, None)
+            log.info("image %r: boot profile cleared", name)
+            return None
+        profile = BootProfile.from_doc(doc, chunk_size=record.chunk_size, image_size=record.size)
+        self._keep_profile(name, profile)
+        log.info("image %r: boot profile set: %d runs, %d chunks", name, profile.runs,
+                 len(profile.entries))
+        return profile
+
+    def _keep_profile(self, name: str, profile: BootProfile) -> None:
+        self.state.set_profile(name, json.dumps(profile.to_doc()))
+        self._profiles[name] = profile
+
     def remove_image(self, name: str) -> None:
         self._check_open("remove an image")
         self.image(name)
         self.state.remove_image(name)
         del self._images[name], self._trees[name], self._relays[name]
+        self._profiles.pop(name, None)
         for family in (self._joins, self._repairs):
             with contextlib.suppress(KeyError):
                 family.remove(name)

@@ -1,0 +1,260 @@
+"""Working-set prefetch and boot recording over a ``CachedDevice``.
+
+``Prefetcher`` brings an image's boot profile into the cache ahead of the VMs: the
+profile's chunks in the order boots first read them, as runs of adjacent chunks of up
+to ``batch_bytes`` per upstream request (``planner.profile.plan_runs``), with at most
+``inflight_bytes`` requested at once and, if set, at most ``bytes_per_second``. Its
+requests are background fetches (``FetchGate``): a VM's miss takes a slot before any of
+them, and a chunk a VM wants while it is in a prefetch run is served from that run.
+It reads nothing outside the profile, and nothing the cache already holds.
+
+Down a tree every host runs its own prefetcher against its parents. A child's request
+for a chunk its parent does not hold yet makes the parent fetch it at once (a read at
+the parent is a demand read there), so a child's prefetch follows its parent's chunk by
+chunk instead of waiting for the parent to finish.
+
+``BootRecorder`` notes the first read of each chunk by one VM, with the seconds since
+the VM started, for ``record_seconds``; ``RecordingDevice`` is what the VM's overlay
+reads its base through while it records (the overlay's own blocks never reach it, so
+the profile holds only what the image must supply).
+
+Lifecycle of a prefetcher: NEW -> RUNNING -> DONE (every run fetched), STOPPED
+(``stop``), or FAILED (an error it could not pass: logged; the VMs still read on
+demand). ``stop`` is safe in any state and more than once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from virtman.blockdev.base import BlockDevice
+from virtman.blockdev.cached import CachedDevice
+from virtman.errors import ConfigError, VirtmanError
+from virtman.limits import (
+    PREFETCH_BATCH_BYTES,
+    PREFETCH_INFLIGHT_BYTES,
+    PREFETCH_MAX_BYTES_PER_SECOND,
+    PREFETCH_WINDOW_ENTRIES,
+    PROFILE_RECORD_SECONDS,
+)
+from virtman.planner.profile import BootProfile, plan_runs, run_from_reads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrefetchLimits:
+    batch_bytes: int = PREFETCH_BATCH_BYTES
+    inflight_bytes: int = PREFETCH_INFLIGHT_BYTES
+    bytes_per_second: float | None = PREFETCH_MAX_BYTES_PER_SECOND
+    window_entries: int = PREFETCH_WINDOW_ENTRIES
+
+    def __post_init__(self) -> None:
+        if self.batch_bytes < 1 or self.inflight_bytes < self.batch_bytes:
+            raise ConfigError(
+                f"prefetch batch {self.batch_bytes} bytes must be >= 1 and at most the "
+                f"{self.inflight_bytes} bytes in flight"
+            )
+        if self.bytes_per_second is not None and not self.bytes_per_second > 0:
+            raise ConfigError(f"prefetch rate {self.bytes_per_second} bytes/s must be > 0")
+
+
+class PrefetchState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DONE = "done"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Prefetcher:
+    """Fetches one image's profile into its cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        cache: CachedDevice,
+        chunks: Sequence[int],
+        limits: PrefetchLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.cache = cache
+        self.limits = limits or PrefetchLimits()
+        batch_chunks = max(1, self.limits.batch_bytes // cache.chunk_size)
+        count = cache.chunks
+        #: (first chunk, count) runs, in the order they go out; chunks past the image
+        #: (a profile for another size) are dropped here, never requested.
+        self.runs = plan_runs(
+            (c for c in chunks if 0 <= c < count), batch_chunks, self.limits.window_entries
+        )
+        self.state = PrefetchState.NEW
+        self._clock = clock
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+        self.bytes_fetched = 0
+        self.chunks_planned = sum(n for _, n in self.runs)
+        self.started_at: float | None = None
+        self.seconds: float | None = None
+
+    def start(self) -> None:
+        if self.state is not PrefetchState.NEW:
+            raise VirtmanError(f"prefetch of {self.cache.describe()} already {self.state.value}")
+        self.state = PrefetchState.RUNNING
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"prefetch {self.cache.path}"
+        )
+
+    async def wait(self) -> None:
+        """Until the prefetch ends (done, failed or stopped)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        if self.state is PrefetchState.NEW:
+            self.state = PrefetchState.STOPPED
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.state is PrefetchState.RUNNING:
+            self.state = PrefetchState.STOPPED
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "chunks_planned": self.chunks_planned,
+            "bytes_fetched": self.bytes_fetched,
+            "seconds": round(self.seconds, 3) if self.seconds is not None else None,
+        }
+
+    async def _run(self) -> None:
+        began = self.started_at = self._clock()
+        slots = asyncio.Semaphore(max(1, self.limits.inflight_bytes // self.limits.batch_bytes))
+        pending: set[asyncio.Task[int]] = set()
+        failure: BaseException | None = None
+        requested = 0
+        try:
+            for first, count in self.runs:
+                if not any(self.cache.needs_fetch(i) for i in range(first, first + count)):
+                    continue
+                await slots.acquire()
+                if failure is not None:
+                    break
+                await self._pace(began, requested)
+                task = asyncio.get_running_loop().create_task(self.cache.prefetch_run(first, count))
+                requested += count * self.cache.chunk_size
+                pending.add(task)
+
+                def done(t: asyncio.Task[int]) -> None:
+                    nonlocal failure
+                    pending.discard(t)
+                    slots.release()
+                    if t.cancelled():
+                        return
+                    if t.exception() is not None:
+                        failure = failure or t.exception()
+                    else:
+                        self.bytes_fetched += t.result()
+
+                task.add_done_callback(done)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        finally:
+            self.seconds = self._clock() - began
+        if failure is not None:
+            self.state = PrefetchState.FAILED
+            log.warning("prefetch of %s stopped after %d bytes: %s (VMs read on demand)",
+                        self.cache.path, self.bytes_fetched, failure)
+            return
+        self.state = PrefetchState.DONE
+        log.info("prefetch of %s done: %d chunks planned, %d bytes fetched in %.2f s",
+                 self.cache.path, self.chunks_planned, self.bytes_fetched, self.seconds)
+
+    async def _pace(self, began: float, requested: int) -> None:
+        rate = self.limits.bytes_per_second
+        if rate is None:
+            return
+        ahead = requested / rate - (self._clock() - began)
+        if ahead > 0:
+            await self._sleep(ahead)
+
+
+class BootRecorder:
+    """The first read of each chunk by one VM, timed from the VM's start, for
+    ``record_seconds`` (a boot's reads, not the life of the VM)."""
+
+    def __init__(
+        self,
+        chunk_size: int,
+        *,
+        record_seconds: float = PROFILE_RECORD_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.chunk_size = chunk_size
+        self.record_seconds = record_seconds
+        self._clock = clock
+        self.started = clock()
+        self._seen: set[int] = set()
+        self._reads: list[tuple[float, int]] = []
+
+    @property
+    def recording(self) -> bool:
+        return self._clock() - self.started < self.record_seconds
+
+    def note(self, offset: int, length: int) -> None:
+        if not length:
+            return
+        seconds = self._clock() - self.started
+        if seconds >= self.record_seconds:
+            return
+        cs = self.chunk_size
+        for chunk in range(offset // cs, (offset + length - 1) // cs + 1):
+            if chunk not in self._seen:
+                self._seen.add(chunk)
+                self._reads.append((seconds, chunk))
+
+    def run(self) -> BootProfile | None:
+        """What was recorded, as one boot's profile; None if the VM read nothing."""
+        return run_from_reads(self._reads, self.chunk_size) if self._reads else None
+
+
+class RecordingDevice(BlockDevice):
+    """A read-only view of ``base`` that tells ``recorder`` what is read through it.
+    It owns nothing: opening and closing it leave ``base`` as it was."""
+
+    def __init__(self, base: BlockDevice, recorder: BootRecorder) -> None:
+        super().__init__()
+        self.base = base
+        self.recorder = recorder
+        self.read_only = True
+        self.size = base.size
+
+    def describe(self) -> str:
+        return f"recording view of {self.base.describe()}"
+
+    async def open(self) -> None:
+        self.size = self.base.size
+
+    async def close(self) -> None:
+        return None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.recorder.note(offset, length)
+        return await self.base.read(offset, length)
+
+    async def flush(self) -> None:
+        await self.base.flush()
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return await self.base.block_status(offset, length)

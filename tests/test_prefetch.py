@@ -1,0 +1,224 @@
+"""Working-set prefetch over real NBD: demand first, nothing outside the profile, a
+child's prefetch behind its parent's, and boot runs recorded as the VM read them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from virtman.blockdev.cached import CachedDevice, FetchGate
+from virtman.blockdev.faults import FaultyDevice
+from virtman.blockdev.memory import MemoryDevice
+from virtman.blockdev.prefetch import (
+    BootRecorder,
+    Prefetcher,
+    PrefetchLimits,
+    PrefetchState,
+    RecordingDevice,
+)
+from virtman.blockdev.remote import RemoteDevice
+from virtman.errors import ConfigError
+from virtman.nbd.server import Export, NbdServer
+from virtman.protocol.nbd.constants import Command
+from virtman.protocol.nbd.server import Request
+
+CS = 64 * 1024
+CHUNKS = 64
+IMAGE = os.urandom(CS * CHUNKS)
+
+
+@dataclass
+class Origin:
+    """A real NBD server over the image, slowed down, that notes every READ it gets."""
+
+    server: NbdServer
+    uri: str
+    reads: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), arrived
+
+    def chunks_read(self) -> list[int]:
+        return [c for off, n in self.reads for c in range(off // CS, (off + n - 1) // CS + 1)]
+
+
+async def start_origin(tmp_path: Path, name: str, delay: float) -> Origin:
+    device = FaultyDevice(MemoryDevice(data=IMAGE, read_only=True), delay=delay)
+    await device.open()
+    server = NbdServer([Export("img", device)])
+    sock = str(tmp_path / f"{name}.sock")
+    await server.listen_unix(sock)
+    origin = Origin(server, f"nbd+unix:///img?socket={sock}")
+
+    def note(request: Request) -> None:
+        if request.command == Command.READ:
+            origin.reads.append((request.offset, request.length))
+
+    server.recorder = note
+    return origin
+
+
+@pytest.fixture
+async def origin(tmp_path: Path) -> AsyncIterator[Origin]:
+    o = await start_origin(tmp_path, "origin", delay=0.05)
+    yield o
+    await o.server.stop()
+
+
+async def open_cache(tmp_path: Path, name: str, upstream: str, **kw: object) -> CachedDevice:
+    cache = CachedDevice(RemoteDevice([upstream]), tmp_path / name, chunk_size=CS, **kw)  # type: ignore[arg-type]
+    await cache.open()
+    return cache
+
+
+async def until(predicate: object, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+async def test_a_demand_read_goes_out_before_queued_prefetch(
+    tmp_path: Path, origin: Origin
+) -> None:
+    # Two fetch slots, one kept for demand: prefetch has one request out at a time.
+    cache = await open_cache(tmp_path, "c", origin.uri, max_concurrent_fetches=2)
+    profile = list(range(40))
+    prefetcher = Prefetcher(cache, profile, PrefetchLimits(batch_bytes=CS, inflight_bytes=8 * CS))
+    try:
+        prefetcher.start()
+        await until(lambda: origin.reads)  # the first prefetch request is at the origin
+        assert await cache.read(39 * CS, 100) == IMAGE[39 * CS : 39 * CS + 100]
+        await prefetcher.wait()
+    finally:
+        await prefetcher.stop()
+        await cache.close()
+    order = origin.chunks_read()
+    assert order.index(39) <= 2, order  # behind at most the prefetch requests already out
+    assert sorted(order) == profile  # and chunk 39 was not fetched twice
+    assert prefetcher.state is PrefetchState.DONE
+
+
+async def test_the_gate_wakes_demand_before_background_and_keeps_a_slot_for_it() -> None:
+    gate = FetchGate(2, reserve=0)
+    order: list[str] = []
+
+    async def take(kind: str) -> None:
+        async with gate.demand() if kind == "demand" else gate.background():
+            order.append(kind)
+
+    async with gate.demand():
+        async with gate.demand():  # every slot taken
+            waiting = [asyncio.create_task(take("background")), asyncio.create_task(take("demand"))]
+            await asyncio.sleep(0.01)
+            assert order == []
+        await asyncio.gather(*waiting)  # the background one asked first, demand went first
+    assert order == ["demand", "background"]
+
+    reserving = FetchGate(2, reserve=1)
+    async with reserving.demand():
+        with pytest.raises(TimeoutError):  # the last free slot is demand's
+            async with asyncio.timeout(0.05), reserving.background():
+                pass
+        async with asyncio.timeout(1), reserving.demand():
+            pass
+    async with asyncio.timeout(1), reserving.background():  # free again: background may go
+        pass
+    with pytest.raises(ConfigError, match="cannot reserve"):
+        FetchGate(1, reserve=1)
+
+
+async def test_prefetch_reads_only_the_profile_and_only_what_is_missing(
+    tmp_path: Path, origin: Origin
+) -> None:
+    cache = await open_cache(tmp_path, "c", origin.uri)
+    try:
+        assert await cache.read(5 * CS, CS) == IMAGE[5 * CS : 6 * CS]  # already held
+        origin.reads.clear()
+        profile = [9, 5, 10, 11, 30, 2, 3]
+        prefetcher = Prefetcher(cache, profile, PrefetchLimits(batch_bytes=4 * CS))
+        prefetcher.start()
+        await prefetcher.wait()
+        assert sorted(origin.chunks_read()) == [2, 3, 9, 10, 11, 30]
+        assert len(origin.reads) == 3  # 9-11, 30 and 2-3: one request per run
+        assert prefetcher.bytes_fetched == 6 * CS
+        for c in profile:  # every chunk checked and held: reads are hits now
+            assert cache.is_present(c)
+        hits = cache.stats.extra.get("hits", 0)
+        assert await cache.read(9 * CS, 3 * CS) == IMAGE[9 * CS : 12 * CS]
+        assert cache.stats.extra["hits"] == hits + 1
+        assert len(origin.reads) == 3
+    finally:
+        await cache.close()
+
+
+async def test_a_childs_prefetch_fills_from_its_parent_while_the_parent_fills(
+    tmp_path: Path, origin: Origin
+) -> None:
+    parent = await open_cache(tmp_path, "parent", origin.uri)
+    relay = NbdServer([Export("img", parent)])
+    sock = str(tmp_path / "parent.sock")
+    await relay.listen_unix(sock)
+    child = await open_cache(tmp_path, "child", f"nbd+unix:///img?socket={sock}")
+    profile = list(range(0, CHUNKS, 2))  # 32 chunks, one per request: the parent is slow
+    limits = PrefetchLimits(batch_bytes=CS, inflight_bytes=2 * CS)
+    up, down = Prefetcher(parent, profile, limits), Prefetcher(child, profile, limits)
+    try:
+        up.start()
+        down.start()
+        await until(lambda: child.chunks_present > 0)
+        assert up.state is PrefetchState.RUNNING
+        assert parent.chunks_present < len(profile)  # the parent was still filling
+        await asyncio.gather(up.wait(), down.wait())
+        assert sorted(origin.chunks_read()) == profile  # the child's came from the parent
+        assert [child.is_present(c) for c in profile] == [True] * len(profile)
+        assert await child.read(0, CS) == IMAGE[:CS]
+    finally:
+        await up.stop()
+        await down.stop()
+        await child.close()
+        await relay.stop()
+        await parent.close()
+
+
+async def test_prefetch_stops_cleanly_mid_run(tmp_path: Path, origin: Origin) -> None:
+    cache = await open_cache(tmp_path, "c", origin.uri)
+    prefetcher = Prefetcher(cache, list(range(CHUNKS)), PrefetchLimits(batch_bytes=CS,
+                                                                       inflight_bytes=CS))
+    prefetcher.start()
+    await until(lambda: cache.chunks_present >= 2)
+    await prefetcher.stop()
+    assert prefetcher.state is PrefetchState.STOPPED
+    held = cache.chunks_present
+    await asyncio.sleep(0.2)
+    assert cache.chunks_present == held  # nothing more arrives once stopped
+    assert await cache.read(CS * (CHUNKS - 1), CS) == IMAGE[-CS:]  # demand still works
+    await cache.close()
+    await prefetcher.stop()  # twice is harmless
+
+
+async def test_a_recorder_notes_each_chunks_first_read_in_its_window(
+    tmp_path: Path, origin: Origin
+) -> None:
+    cache = await open_cache(tmp_path, "c", origin.uri)
+    now = [100.0]
+    recorder = BootRecorder(CS, record_seconds=10.0, clock=lambda: now[0])
+    view = RecordingDevice(cache, recorder)
+    try:
+        await view.open()
+        assert view.size == cache.size
+        reads = [(0.0, 3 * CS + 10, 100), (1.5, 0, 2 * CS), (2.0, 3 * CS, 10), (9.0, 7 * CS, 1)]
+        for t, offset, length in reads:
+            now[0] = 100.0 + t
+            assert await view.read(offset, length) == IMAGE[offset : offset + length]
+        now[0] = 111.0
+        await view.read(20 * CS, CS)  # past the window: not part of the boot
+        await view.close()
+        assert cache.state.value == "open"  # the view owns nothing
+        run = recorder.run()
+        assert run is not None
+        assert [(e.chunk, e.seconds) for e in run.entries] == [(3, 0.0), (0, 1.5), (1, 1.5),
+                                                                (7, 9.0)]
+    finally:
+        await cache.close()
