@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from agentworld import KiB, World
 
+from virtman.agent.agent import Agent
+from virtman.agent.relays import ProfileSettings
 from virtman.blockdev.cached import CachedDevice, FetchGate
 from virtman.blockdev.faults import FaultyDevice
 from virtman.blockdev.memory import MemoryDevice
@@ -22,10 +25,13 @@ from virtman.blockdev.prefetch import (
     RecordingDevice,
 )
 from virtman.blockdev.remote import RemoteDevice
-from virtman.errors import ConfigError
+from virtman.errors import ApiError, ConfigError
 from virtman.nbd.server import Export, NbdServer
+from virtman.planner.profile import profile_from_trace
 from virtman.protocol.nbd.constants import Command
 from virtman.protocol.nbd.server import Request
+from virtman.replay.replayer import replay
+from virtman.replay.trace import Trace, TraceRequest
 
 CS = 64 * 1024
 CHUNKS = 64
@@ -222,3 +228,78 @@ async def test_a_recorder_notes_each_chunks_first_read_in_its_window(
                                                                 (7, 9.0)]
     finally:
         await cache.close()
+
+
+# --- with Volt: recorded, merged, prefetched, and the second boot free ------------------------
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    w = World(tmp_path)
+    try:
+        await w.start()
+        yield w
+    finally:
+        await w.stop()
+
+
+def spaced_trace(chunks: list[int], *, chunk: int = 64 * KiB) -> Trace:
+    """Reads of ``chunks`` (one 4 KiB read each), 5 ms apart: each its own batch, so the
+    VM reads them in this order."""
+    return Trace("spaced", tuple(
+        TraceRequest(i * 0.005, "read", c * chunk + 512, 4096) for i, c in enumerate(chunks)
+    ))
+
+
+async def create_vm(w: World, agent: Agent, name: str) -> str:
+    async with w.api(agent.url) as api:
+        doc = await api.post("/vms", json={"name": name, "image": "img"})
+    return str(doc["uri"])
+
+
+async def test_a_recorded_profile_is_the_chunks_a_boot_read_in_order(world: World) -> None:
+    agent = await world.agent("h1", profiles=ProfileSettings(record_seconds=1.0))
+    order = [40, 3, 17, 4, 5, 60, 0, 33]
+    uri = await create_vm(world, agent, "vm1")
+    result = await replay(uri, spaced_trace(order))
+    assert result.errors == 0
+    async with world.api(world.volt_url) as api:
+        async with asyncio.timeout(10):
+            while True:  # sent once the VM's recording window (1 s) is over
+                try:
+                    doc = await api.get("/images/img/profile")
+                    break
+                except ApiError as err:
+                    assert err.status == 404
+                    await asyncio.sleep(0.1)
+    assert [e[0] for e in doc["entries"]] == order
+    assert doc["runs"] == 1 and doc["chunks"] == len(order)
+    assert doc["bytes"] == len(order) * 64 * KiB
+
+
+async def test_an_agent_prefetches_volts_profile_and_a_second_boot_sends_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    order = [9, 10, 11, 2, 50, 51]
+    trace = spaced_trace(order)
+    async with world.api(world.volt_url) as api:
+        rows = ((r.t, r.op, r.offset, r.length) for r in trace.requests)
+        profile = profile_from_trace(rows, 64 * KiB, world.image_size)
+        await api.put("/images/img/profile", json=profile.to_doc())
+    agent = await world.agent("h1", profiles=ProfileSettings(record=False))
+    await create_vm(world, agent, "vm1")
+    relay = agent.relays.get("img")
+    assert relay is not None and relay.prefetcher is not None
+    await relay.prefetcher.wait()
+    assert relay.prefetcher.state is PrefetchState.DONE
+    assert [c for c in range(relay.cache.chunks) if relay.cache.is_present(c)] == sorted(order)
+    received = sum(relay.bytes_received().values())
+    assert received == len(order) * 64 * KiB  # the profile, nothing else
+    # Boots on this host now read only what the cache holds: no byte crosses the network.
+    for vm in ("vm2", "vm3"):
+        result = await replay(await create_vm(world, agent, vm), trace)
+        assert result.errors == 0
+        assert sum(relay.bytes_received().values()) == received
+    async with world.api(agent.url) as api:
+        status = await api.get("/status")
+    assert status["images"]["img"]["prefetch"]["state"] == "done"
