@@ -345,3 +345,28 @@ def test_a_sigkilled_virtman_up_leaves_no_service_behind(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_virtman_up_prefetch_fetches_the_profile_once_per_root(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    rng = random.Random(3)
+    rows = ["t,op,offset,length"] + [
+        f"{i * 0.01:.3f},read,{rng.randrange(0, 2048) * 4096},65536" for i in range(200)
+    ]
+    trace.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "up.json"
+    run_ = subprocess.run(
+        [sys.executable, "-m", "virtman", "up", "--hosts", "4", "--vms-per-host", "1",
+         "--trace", str(trace), "--speed", "4", "--prefetch", "--json", str(out),
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert run_.returncode == 0, run_.stdout + run_.stderr
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["prefetch"] is True and "prefetched by every host" in run_.stdout
+    assert doc["errors_on_surviving_hosts"] == 0
+    # Prefetch reads nothing outside the profile: the origin still sends one working set
+    # per tree root, and every host's prefetch took part in what it received.
+    assert doc["origin_bytes_sent"] == doc["tree"]["roots"] * doc["working_set_bytes"]
+    for h in doc["hosts"]:
+        assert 0 < h["prefetched_bytes"] <= sum(h["bytes_received"].values())

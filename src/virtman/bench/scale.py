@@ -45,6 +45,7 @@ from virtman.cluster.up import generate_image, single_vm_seconds
 from virtman.delivery import MODE_NAMES as MODES
 from virtman.errors import ConfigError, NetworkError
 from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HEARTBEAT_TIMEOUT_SECONDS
+from virtman.planner.profile import profile_from_trace
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
 from virtman.results import Run, percentile, write_results
@@ -76,6 +77,9 @@ class Plan:
     delay: str
     #: Time dilation: think times and attach delays x D, link rates / D (plan_from_args).
     dilation: float = 1.0
+    #: virtman runs: give Volt a boot profile made from the trace before the VMs start
+    #: (as if recorded by earlier boots), so every host prefetches it.
+    prefetch: bool = False
     prefix: str = ""
     max_hosts: int = 0
     workdir: str = ""
@@ -206,6 +210,10 @@ async def _one_run(
         await cluster.start_volt()
         await cluster.start_agents()
         await cluster.register_image("img")
+        if plan.prefetch and mode == "virtman":
+            rows = ((r.t, r.op, r.offset, r.length) for r in trace.requests)
+            profile = profile_from_trace(rows, plan.chunk_size, os.path.getsize(image))
+            await cluster.set_profile("img", profile.to_doc())
         # Each host's VMs replay in a process in that host's namespace, started before
         # t0 (a process takes a moment to load): one process for all of them would make
         # its own core the bottleneck of a large run.
@@ -250,6 +258,10 @@ async def _one_run(
             if a["images"].get("img", {}).get("level") is not None
         }
         agents_cpu = sum(a["cpu_seconds"] - before[h]["cpu_seconds"] for h, a in after.items())
+        prefetched = sum(
+            int(a["images"].get("img", {}).get("cache_stats", {}).get("prefetched_bytes", 0))
+            for a in after.values()
+        )
         origin_bytes = cluster.origin_bytes_sent - origin_before
     finally:
         await asyncio.gather(*(f.stop() for f in fleets))
@@ -291,6 +303,8 @@ async def _one_run(
             "vms_cpu_seconds": round(fleets_cpu, 2),
             "all_booted_by_level": {str(k): v for k, v in sorted(by_level.items())},
             "tcp_retransmits": retransmits,
+            "prefetch": plan.prefetch and mode == "virtman",
+            "prefetched_bytes": prefetched,
             "trace": trace.name,
             "speed": plan.speed,
             "rate": plan.rate,
@@ -421,6 +435,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run D times slower: think times and attach delays x D, link rates / D, so "
         "this machine's CPU counts as D times faster (default 1)",
     )
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="virtman runs start with a boot profile of the trace (as if recorded by "
+        "earlier boots), which every host prefetches",
+    )
     p.add_argument("--json", default="bench-scale.json", metavar="FILE")
 
 
@@ -446,6 +466,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         rate=rate,
         delay=args.delay,
         dilation=dilation,
+        prefetch=args.prefetch,
     )
 
 

@@ -3,7 +3,8 @@
     virtman agent --volt URL --name HOST --listen HOST:PORT --data-dir DIR --tokens FILE
                   (--tls-cert FILE --tls-key FILE --tls-ca FILE | --insecure --token-file FILE)
                   [--cache-size SIZE] [--nbd-listen HOST:PORT] [--socket-dir DIR]
-                  [--hypervisor-user USER]
+                  [--hypervisor-user USER] [--no-prefetch] [--prefetch-rate SIZE]
+                  [--no-record]
                   [--accel auto|kvm|tcg] [--qemu PATH] [--accel-cache FILE]
 
 The agent relays images to its children over NBD on ``--nbd-listen`` (default: the
@@ -19,6 +20,11 @@ agents it sends VMs to. ``--insecure``: plain HTTP, known by its token only. Exp
 sockets are 0600 in a 0700 directory, owned by ``--hypervisor-user`` (default: the
 agent's own user; another user needs an agent running as root).
 
+Boot profiles (docs/data-plane.md): the agent prefetches an image's boot profile from
+its tree parents when it attaches the image (``--no-prefetch``: never; ``--prefetch-rate
+SIZE``: at most SIZE bytes a second per image, e.g. ``50M``), and records the first reads
+of new VMs for Volt until the profile has enough runs (``--no-record``: never).
+
 Guests run under ``--accel`` (default ``auto``: KVM only where a Linux kernel is seen
 to boot under it, see docs/guests.md); ``vm start --accel`` overrides it per guest.
 """
@@ -26,7 +32,7 @@ to boot under it, see docs/guests.md); ``vm start --accel`` overrides it per gue
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from virtman.cli.common import (
     DEFAULT_AGENT_LISTEN,
@@ -38,10 +44,14 @@ from virtman.cli.common import (
 from virtman.coordinator.models import NAME_PATTERN
 from virtman.delivery import DeliveryMode
 from virtman.errors import ConfigError
+from virtman.sizes import parse_size
+
+if TYPE_CHECKING:
+    from virtman.agent.relays import ProfileSettings
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.limits import DEFAULT_CACHE_CAPACITY
 from virtman.protocol.uri import parse_listen
-from virtman.sizes import format_size, parse_size
+from virtman.sizes import format_size
 
 
 def add_parser(sub: Any) -> None:
@@ -93,9 +103,29 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="paper mode: seconds each tree level takes to attach",
     )
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="never prefetch images' boot profiles (VMs read on demand only)")
+    p.add_argument("--prefetch-rate", type=parse_size, metavar="SIZE",
+                   help="bytes per second one image's prefetch may take at most (default: "
+                   "no cap; VMs' reads go first anyway)")
+    p.add_argument("--no-record", action="store_true",
+                   help="never record VMs' first reads for the images' boot profiles")
     add_hypervisor_options(p)
     add_service_security_options(p, agent=True)
     p.set_defaults(run=run)
+
+
+def profile_settings(args: argparse.Namespace) -> ProfileSettings:
+    """What ``--no-prefetch``, ``--prefetch-rate`` and ``--no-record`` ask for."""
+    from virtman.agent.relays import ProfileSettings
+    from virtman.blockdev.prefetch import PrefetchLimits
+
+    if args.no_prefetch and args.prefetch_rate is not None:
+        raise ConfigError("--no-prefetch and --prefetch-rate contradict each other: give one")
+    if args.prefetch_rate is not None and args.prefetch_rate < 1:
+        raise ConfigError(f"--prefetch-rate {args.prefetch_rate} must be at least 1 byte/s")
+    limits = None if args.no_prefetch else PrefetchLimits(bytes_per_second=args.prefetch_rate)
+    return ProfileSettings(prefetch=limits, record=not args.no_record)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     tls, authenticator = service_security(args)
     credentials = agent_credentials(args, tls)
     owner = SocketOwner.named(args.hypervisor_user) if args.hypervisor_user else None
+    profiles = profile_settings(args)
     configure_logging(args.log_level)
 
     async def main() -> int:
@@ -131,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             hypervisor=hypervisor,
             credentials=credentials,
             socket_owner=owner,
+            profiles=profiles,
         )
         service = HttpService(
             create_app(agent, authenticator=authenticator), bind(host, port), tls=tls

@@ -3,6 +3,7 @@
     virtman up [--hosts 8] [--vms-per-host 4] [--trace FILE] [--speed X] [--image FILE]
                [--kill HOST@SECONDS ...] [--json FILE] [--workdir DIR]
                [--accel auto|kvm|tcg] [--insecure] [--ui] [--ui-hold SECONDS]
+               [--prefetch]
 
 Starts an origin (a generated test image unless ``--image``), Volt and the agents on
 loopback, boots every VM by replaying the boot trace (default: the bundled Debian 12
@@ -18,6 +19,10 @@ certificate per service and the tokens in ``WORKDIR/credentials``
 (``operator.token`` works with ``virtman vm``/``image --token-file`` and
 ``--tls-ca WORKDIR/credentials/ca.crt`` while it runs). ``--insecure`` runs them on
 plain HTTP instead (tokens still required).
+
+``--prefetch`` gives Volt a boot profile of the trace before the VMs start, as if
+earlier boots had recorded it, so every host prefetches it from its parents while its
+VMs boot (docs/data-plane.md, "Boot profiles and prefetch").
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ def add_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="with --ui (implied): keep the view this long after the run, not until Ctrl-C",
     )
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="start with a boot profile of the trace, which every host prefetches",
+    )
     add_accel_option(p)
     p.add_argument(
         "--insecure",
@@ -116,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         ui=args.ui or args.ui_hold is not None,
         ui_hold=args.ui_hold,
+        prefetch=args.prefetch,
         cluster=ClusterSettings(
             hosts=args.hosts,
             fanout=args.fanout,

@@ -346,6 +346,11 @@ class LocalCluster:
                 },
             )
 
+    async def set_profile(self, image: str, doc: dict[str, Any]) -> Any:
+        """Give Volt ``image``'s boot profile (a ``planner.profile`` document)."""
+        async with self.api(self.volt_url) as api:
+            return await api.put(f"/images/{image}/profile", json=doc)
+
     async def create_vm(
         self, host: str, name: str, image: str, timeout: float = VM_CREATE_TIMEOUT_SECONDS
     ) -> str:

@@ -41,6 +41,7 @@ from virtman.coordinator.ui import ui_url
 from virtman.errors import ConfigError
 from virtman.limits import MIN_TEST_IMAGE_SIZE
 from virtman.nbd.server import Export, NbdServer
+from virtman.planner.profile import profile_from_trace
 from virtman.planner.tree import ORIGIN
 from virtman.progress import Display, Meter, PlainDisplay, Unit
 from virtman.replay.replayer import ReplayResult, replay
@@ -65,6 +66,8 @@ class UpOptions:
     ui: bool = False
     #: Seconds to keep it after the run (None: until Ctrl-C).
     ui_hold: float | None = None
+    #: Start with a boot profile of the trace (as if recorded before), prefetched.
+    prefetch: bool = False
 
 
 def parse_kill(text: str) -> tuple[str, float]:
@@ -203,6 +206,15 @@ async def run_up(
         )
         async with display.step("image manifest", [manifest]):
             await cluster.register_image(IMAGE_NAME)
+        # From here on the origin serves the hosts only (registration read it once);
+        # prefetch may begin as soon as a VM is created, so count from before that.
+        origin_before = cluster.origin_bytes_sent
+        if options.prefetch:
+            rows = ((r.t, r.op, r.offset, r.length) for r in trace.requests)
+            profile = profile_from_trace(rows, cluster.settings.chunk_size, os.path.getsize(image))
+            await cluster.set_profile(IMAGE_NAME, profile.to_doc())
+            display.note(f"boot profile of the trace: {len(profile.entries)} chunks, "
+                         "prefetched by every host")
         security = (
             "plain HTTP and NBD, tokens (--insecure)" if cluster.settings.insecure
             else "HTTPS and NBD over mutual TLS, tokens"
@@ -212,11 +224,14 @@ async def run_up(
             f"in {time.monotonic() - started:.1f} s"
         )
         names = [(h, f"{h}-vm{j + 1}") for h in hosts for j in range(options.vms_per_host)]
+        creating = time.monotonic()
         uris = await asyncio.gather(*(cluster.create_vm(h, n, IMAGE_NAME) for h, n in names))
+        # Boot times run from the replays' start: the creates before (attach, join, and
+        # with --prefetch the head start of the prefetch) are reported apart.
+        create_seconds = time.monotonic() - creating
         killers = [
             asyncio.ensure_future(_kill_later(cluster, h, t, display)) for h, t in options.kills
         ]
-        origin_before = cluster.origin_bytes_sent  # registration read the image once
 
         booted = 0
 
@@ -247,6 +262,7 @@ async def run_up(
             options,
             cluster.origin_bytes_sent - origin_before,
         )
+        doc["vm_create_seconds"] = round(create_seconds, 3)
         show_summary(doc)
         if options.ui:
             await hold_live_view(live_view_url(cluster), options.ui_hold)
@@ -311,12 +327,17 @@ async def _report(
         agent = cluster.agents[host]
         status = await cluster.agent_status(host)
         received: dict[str, int] = {}
+        prefetched = 0
         if status is not None:
-            received = status["images"].get(IMAGE_NAME, {}).get("bytes_received", {})
+            image = status["images"].get(IMAGE_NAME, {})
+            received = image.get("bytes_received", {})
+            prefetched = int(image.get("cache_stats", {}).get("prefetched_bytes", 0))
         hosts.append(
             {
                 "name": host,
                 "parents": parents.get(host, []),
+                # Of what the host received, what its prefetch asked for (the rest: misses).
+                "prefetched_bytes": prefetched,
                 "level": levels.get(host),
                 "position": positions.get(host),
                 "bytes_received": received,
@@ -350,6 +371,7 @@ async def _report(
             "kills": [f"{h}@{t:g}" for h, t in options.kills],
             # The figures' conditions: TLS between every pair of services, or not.
             "tls": not cluster.settings.insecure,
+            "prefetch": options.prefetch,
         },
     }
 
