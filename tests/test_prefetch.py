@@ -4,7 +4,9 @@ child's prefetch behind its parent's, and boot runs recorded as the VM read them
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from agentworld import KiB, World
 
 from virtman.agent.agent import Agent
 from virtman.agent.relays import ProfileSettings
+from virtman.auth import Role
 from virtman.blockdev.cached import CachedDevice, FetchGate
 from virtman.blockdev.faults import FaultyDevice
 from virtman.blockdev.memory import MemoryDevice
@@ -303,3 +306,44 @@ async def test_an_agent_prefetches_volts_profile_and_a_second_boot_sends_nothing
     async with world.api(agent.url) as api:
         status = await api.get("/status")
     assert status["images"]["img"]["prefetch"]["state"] == "done"
+
+
+async def test_the_profile_cli_shows_exports_imports_seeds_and_clears(
+    world: World, tmp_path: Path
+) -> None:
+    token = world.token(Role.OPERATOR, "alice")
+    viewer = world.token(Role.VIEWER, "carol")
+
+    async def cli(*args: str, who: str = token) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "virtman", "image", "profile", "img", *args,
+            "--volt", world.volt_url, "--token", who, "--tls-ca", str(world.ca),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    code, out = await cli()
+    assert code == 1 and "has no boot profile yet" in out
+    trace = tmp_path / "boot.csv"
+    trace.write_text("t,op,offset,length\n0.0,read,655360,4096\n0.5,write,0,4096\n"
+                     "1.25,read,0,131072\n")
+    code, out = await cli("--from-trace", str(trace))
+    assert code == 0, out
+    doc = json.loads(out)  # piped: JSON
+    assert [e[:2] for e in doc["entries"]] == [[10, 0.0], [0, 1.25], [1, 1.25]]
+    code, out = await cli("--export", str(tmp_path / "p.json"))
+    assert code == 0 and "3 chunks written" in out
+    exported = json.loads((tmp_path / "p.json").read_text())
+    assert exported["entries"] == doc["entries"] and exported["chunk_size"] == 64 * KiB
+    code, out = await cli("--clear")
+    assert code == 0
+    code, out = await cli("--import", str(tmp_path / "p.json"), who=viewer)
+    assert code == 1 and "may not PUT" in out  # changing a profile is an operator's
+    code, out = await cli("--import", str(tmp_path / "p.json"))
+    assert code == 0 and json.loads(out)["entries"] == doc["entries"]
+    (tmp_path / "bad.json").write_text(json.dumps({**exported, "entries": [[10**6, 0.0]]}))
+    code, out = await cli("--import", str(tmp_path / "bad.json"))
+    assert code == 1 and "chunk 1000000 is not in 0..63" in out
+    code, out = await cli(who=viewer)  # reading it is anyone's
+    assert code == 0 and json.loads(out)["chunks"] == 3
