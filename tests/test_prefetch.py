@@ -305,7 +305,9 @@ async def test_an_agent_prefetches_volts_profile_and_a_second_boot_sends_nothing
         assert sum(relay.bytes_received().values()) == received
     async with world.api(agent.url) as api:
         status = await api.get("/status")
+        metrics = await api.get_text("/metrics")
     assert status["images"]["img"]["prefetch"]["state"] == "done"
+    assert f'virtman_prefetched_bytes_total{{image="img"}} {float(received)}' in metrics
 
 
 async def test_the_profile_cli_shows_exports_imports_seeds_and_clears(

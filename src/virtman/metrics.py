@@ -137,6 +137,7 @@ class ImageFigures:
     failovers: int
     digest_mismatches: int
     rotten_chunks: int
+    prefetched: int = 0
 
     @classmethod
     def read(
@@ -166,6 +167,7 @@ class ImageFigures:
             failovers=remote_extra.get("failovers", 0),
             digest_mismatches=cached.get("digest_mismatches", 0),
             rotten_chunks=cached.get("rotten_chunks", 0),
+            prefetched=cached.get("prefetched_bytes", 0),
         )
 
 
@@ -193,6 +195,9 @@ def data_path_families(figures: Iterable[ImageFigures]) -> list[Metric]:
     refetches = counter(
         "refetches", "Chunks fetched again because a copy failed its check: "
         "digest mismatches plus rotten chunks.", ["image"])
+    prefetched = counter(
+        "prefetched_bytes", "Bytes the image's boot-profile prefetch received from "
+        "upstream (part of upstream_bytes).", ["image"])
     for f in figures:
         upstream.add_metric([f.image, "parent"], f.from_parents)
         upstream.add_metric([f.image, "origin"], f.from_origin)
@@ -203,7 +208,9 @@ def data_path_families(figures: Iterable[ImageFigures]) -> list[Metric]:
         mismatches.add_metric([f.image], f.digest_mismatches)
         rotten.add_metric([f.image], f.rotten_chunks)
         refetches.add_metric([f.image], f.digest_mismatches + f.rotten_chunks)
-    return [upstream, served, hits, misses, failovers, mismatches, rotten, refetches]
+        prefetched.add_metric([f.image], f.prefetched)
+    return [upstream, served, hits, misses, failovers, mismatches, rotten, refetches,
+            prefetched]
 
 
 def fetch_histogram(metrics: Metrics) -> Histogram:
