@@ -94,17 +94,21 @@ async def test_a_demand_read_goes_out_before_queued_prefetch(
     # Two fetch slots, one kept for demand: prefetch has one request out at a time.
     cache = await open_cache(tmp_path, "c", origin.uri, max_concurrent_fetches=2)
     profile = list(range(40))
-    prefetcher = Prefetcher(cache, profile, PrefetchLimits(batch_bytes=CS, inflight_bytes=8 * CS))
+    # A long queue allowance: prefetch wants many requests out, the gate lets one go.
+    limits = PrefetchLimits(batch_bytes=CS, inflight_bytes=8 * CS, queue_seconds=10.0)
+    prefetcher = Prefetcher(cache, profile, limits)
     try:
         prefetcher.start()
-        await until(lambda: origin.reads)  # the first prefetch request is at the origin
+        # The second request is at the origin: the prefetch has measured its upstream
+        # and queued more requests at the gate than it may have out.
+        await until(lambda: len(origin.reads) >= 2)
         assert await cache.read(39 * CS, 100) == IMAGE[39 * CS : 39 * CS + 100]
         await prefetcher.wait()
     finally:
         await prefetcher.stop()
         await cache.close()
     order = origin.chunks_read()
-    assert order.index(39) <= 2, order  # behind at most the prefetch requests already out
+    assert order.index(39) <= 3, order  # behind at most the prefetch requests already out
     assert sorted(order) == profile  # and chunk 39 was not fetched twice
     assert prefetcher.state is PrefetchState.DONE
 
@@ -349,3 +353,26 @@ async def test_the_profile_cli_shows_exports_imports_seeds_and_clears(
     assert code == 1 and "chunk 1000000 is not in 0..63" in out
     code, out = await cli(who=viewer)  # reading it is anyone's
     assert code == 0 and json.loads(out)["chunks"] == 3
+
+
+async def test_the_in_flight_budget_follows_the_measured_rate(
+    tmp_path: Path, origin: Origin
+) -> None:
+    cache = await open_cache(tmp_path, "c", origin.uri)
+    now = [0.0]
+    limits = PrefetchLimits(batch_bytes=16 * CS, inflight_bytes=32 * CS, queue_seconds=0.05)
+    try:
+        prefetcher = Prefetcher(cache, [0], limits, clock=lambda: now[0])
+        assert prefetcher._budget() == 4 * CS  # nothing measured yet: a few chunks
+        for t in range(10):  # 1 MB/s: 50 ms of it is less than a chunk
+            now[0] = t * 0.1
+            prefetcher._rate.add(now[0], 100_000)
+        assert prefetcher._budget() == CS
+        for t in range(10):  # ~2 GB/s: capped at inflight_bytes
+            now[0] = 1.0 + t * 0.01
+            prefetcher._rate.add(now[0], 20_000_000)
+        assert prefetcher._budget() == 32 * CS
+        now[0] = 5.0  # nothing for longer than the window: measure again from the start
+        assert prefetcher._budget() == 4 * CS
+    finally:
+        await cache.close()

@@ -100,8 +100,12 @@ CACHE_LOG_INTERVAL_SECONDS = 60.0
 #: large enough that a 1 GbE round trip is a small part of it, small enough that a VM's
 #: miss waiting on a chunk in it waits ~30 ms at 1 GbE.
 PREFETCH_BATCH_BYTES = 4 * MiB
-#: Prefetch bytes requested and not yet received, per image and host.
+#: Prefetch bytes requested and not yet received, per image and host, at most. Below
+#: that cap, what the upstream delivers in PREFETCH_QUEUE_SECONDS at its measured rate.
 PREFETCH_INFLIGHT_BYTES = 16 * MiB
+#: Seconds of upstream transfer prefetch may have queued ahead of a VM's miss: replies
+#: leave a parent in order, so this is what a miss can wait behind prefetch, at most.
+PREFETCH_QUEUE_SECONDS = 0.05
 #: Prefetch rate cap per image and host (bytes/s); None: as fast as the tree gives. The
 #: default leaves a 1 GbE link to demand reads and children only when they need it, as
 #: demand goes first anyway; lower it on links shared with other traffic.

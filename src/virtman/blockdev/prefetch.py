@@ -26,7 +26,9 @@ demand). ``stop`` is safe in any state and more than once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,6 +41,7 @@ from virtman.limits import (
     PREFETCH_BATCH_BYTES,
     PREFETCH_INFLIGHT_BYTES,
     PREFETCH_MAX_BYTES_PER_SECOND,
+    PREFETCH_QUEUE_SECONDS,
     PREFETCH_WINDOW_ENTRIES,
     PROFILE_RECORD_SECONDS,
 )
@@ -46,11 +49,42 @@ from virtman.planner.profile import BootProfile, plan_runs, run_from_reads
 
 log = logging.getLogger(__name__)
 
+#: Chunks a prefetch may have requested before it has measured its upstream.
+START_BUDGET_CHUNKS = 4
+#: Seconds of completed prefetch requests the rate estimate looks back over.
+RATE_WINDOW_SECONDS = 1.0
+#: Shortest span a rate is taken over (the first completions come close together).
+MIN_RATE_SPAN_SECONDS = 0.01
+
+
+class _RecentRate:
+    """Bytes per second over the last ``window`` seconds of completions."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._done: collections.deque[tuple[float, int]] = collections.deque()
+        self._first: float | None = None
+
+    def add(self, now: float, nbytes: int) -> None:
+        if self._first is None:
+            self._first = now
+        self._done.append((now, nbytes))
+
+    def rate(self, now: float) -> float | None:
+        while self._done and now - self._done[0][0] > self.window:
+            self._done.popleft()
+        if not self._done or self._first is None:
+            return None
+        # Over the window, or since the first completion when that is more recent.
+        span = max(now - max(self._first, now - self.window), MIN_RATE_SPAN_SECONDS)
+        return sum(n for _, n in self._done) / span
+
 
 @dataclass(frozen=True)
 class PrefetchLimits:
     batch_bytes: int = PREFETCH_BATCH_BYTES
     inflight_bytes: int = PREFETCH_INFLIGHT_BYTES
+    queue_seconds: float = PREFETCH_QUEUE_SECONDS
     bytes_per_second: float | None = PREFETCH_MAX_BYTES_PER_SECOND
     window_entries: int = PREFETCH_WINDOW_ENTRIES
 
@@ -60,6 +94,8 @@ class PrefetchLimits:
                 f"prefetch batch {self.batch_bytes} bytes must be >= 1 and at most the "
                 f"{self.inflight_bytes} bytes in flight"
             )
+        if not self.queue_seconds > 0:
+            raise ConfigError(f"prefetch queue {self.queue_seconds} s must be > 0")
         if self.bytes_per_second is not None and not self.bytes_per_second > 0:
             raise ConfigError(f"prefetch rate {self.bytes_per_second} bytes/s must be > 0")
 
@@ -97,6 +133,7 @@ class Prefetcher:
         self._clock = clock
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
+        self._rate = _RecentRate(RATE_WINDOW_SECONDS)
         self.bytes_fetched = 0
         self.chunks_planned = sum(n for _, n in self.runs)
         self.started_at: float | None = None
@@ -135,34 +172,49 @@ class Prefetcher:
 
     async def _run(self) -> None:
         began = self.started_at = self._clock()
-        slots = asyncio.Semaphore(max(1, self.limits.inflight_bytes // self.limits.batch_bytes))
+        cs = self.cache.chunk_size
+        queue = collections.deque(self.runs)
         pending: set[asyncio.Task[int]] = set()
+        progress = asyncio.Event()  # set whenever a request completes
         failure: BaseException | None = None
         requested = 0
+        in_flight = 0
+
+        def done(t: asyncio.Task[int], nbytes: int) -> None:
+            nonlocal failure, in_flight
+            pending.discard(t)
+            in_flight -= nbytes
+            progress.set()
+            if t.cancelled():
+                return
+            if t.exception() is not None:
+                failure = failure or t.exception()
+            else:
+                self.bytes_fetched += t.result()
+                self._rate.add(self._clock(), nbytes)
+
         try:
-            for first, count in self.runs:
+            while queue and failure is None:
+                first, count = queue.popleft()
                 if not any(self.cache.needs_fetch(i) for i in range(first, first + count)):
                     continue
-                await slots.acquire()
+                budget = self._budget()
+                # A run larger than the budget goes out in pieces: the rest waits its turn.
+                take = max(1, min(count, budget // cs))
+                if take < count:
+                    queue.appendleft((first + take, count - take))
+                while in_flight and in_flight + take * cs > budget:
+                    progress.clear()
+                    await progress.wait()
+                    budget = self._budget()
                 if failure is not None:
                     break
                 await self._pace(began, requested)
-                task = asyncio.get_running_loop().create_task(self.cache.prefetch_run(first, count))
-                requested += count * self.cache.chunk_size
+                task = asyncio.get_running_loop().create_task(self.cache.prefetch_run(first, take))
+                requested += take * cs
+                in_flight += take * cs
                 pending.add(task)
-
-                def done(t: asyncio.Task[int]) -> None:
-                    nonlocal failure
-                    pending.discard(t)
-                    slots.release()
-                    if t.cancelled():
-                        return
-                    if t.exception() is not None:
-                        failure = failure or t.exception()
-                    else:
-                        self.bytes_fetched += t.result()
-
-                task.add_done_callback(done)
+                task.add_done_callback(functools.partial(done, nbytes=take * cs))
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
         except asyncio.CancelledError:
@@ -180,6 +232,18 @@ class Prefetcher:
         self.state = PrefetchState.DONE
         log.info("prefetch of %s done: %d chunks planned, %d bytes fetched in %.2f s",
                  self.cache.path, self.chunks_planned, self.bytes_fetched, self.seconds)
+
+    def _budget(self) -> int:
+        """Bytes prefetch may have requested and not received: what the upstream
+        delivers in ``queue_seconds`` at the rate measured lately, between one chunk
+        and ``inflight_bytes``. Replies leave a parent in order on one connection, so
+        every byte of prefetch queued ahead of a VM's miss delays it: on a slow link
+        the budget shrinks to a chunk or two, on a fast one it grows to the cap."""
+        limits, cs = self.limits, self.cache.chunk_size
+        rate = self._rate.rate(self._clock())
+        if rate is None:
+            return max(cs, min(limits.batch_bytes, limits.inflight_bytes, START_BUDGET_CHUNKS * cs))
+        return max(cs, min(limits.inflight_bytes, int(rate * limits.queue_seconds)))
 
     async def _pace(self, began: float, requested: int) -> None:
         rate = self.limits.bytes_per_second
