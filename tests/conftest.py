@@ -14,10 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from agentworld import World
 
 from virtman.childprocess import ChildProcess
 
@@ -47,6 +48,18 @@ def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    """An origin, Volt and (on request) agents in the test's loop (``agentworld``);
+    test files that need another shape of world define their own ``world``."""
+    w = World(tmp_path)
+    try:
+        await w.start()
+        yield w
+    finally:
+        await w.stop()
 
 
 def require(*tools: str) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +23,6 @@ from virtman.coordinator.models import HeartbeatReply
 from virtman.errors import ConfigError, InvalidRequest, NotFound
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import NbdServer
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    try:
-        await w.start()
-        yield w
-    finally:
-        await w.stop()
 
 
 def free_port() -> int:

@@ -240,16 +240,6 @@ async def test_a_recorder_notes_each_chunks_first_read_in_its_window(
 # --- with Volt: recorded, merged, prefetched, and the second boot free ------------------------
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    w = World(tmp_path)
-    try:
-        await w.start()
-        yield w
-    finally:
-        await w.stop()
-
-
 def spaced_trace(chunks: list[int], *, chunk: int = 64 * KiB) -> Trace:
     """Reads of ``chunks`` (one 4 KiB read each), 5 ms apart: each its own batch, so the
     VM reads them in this order."""
