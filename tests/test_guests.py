@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,31 @@ async def test_three_guests_boot_through_the_tree(cluster: LocalCluster, test_im
                       *creds],
                      budget)
     assert stop.returncode == 1 and "no running guest" in stop.stderr
+
+
+@pytest.mark.timeout(TEST_SECONDS)
+def test_bench_guests_boots_a_given_image_until_its_console_says_ready(
+    tmp_path: Path, test_image: GuestImage
+) -> None:
+    out = tmp_path / "guests.json"
+    append = test_image.append("{name}")  # the template: each guest gets its own name
+    run = subprocess.run(
+        [sys.executable, "-m", "virtman", "bench", "guests", "--guests", "1",
+         "--accel", "tcg", "--image", test_image.image, "--kernel", test_image.kernel,
+         "--initrd", test_image.initrd, "--append", append, "--ready", f"{MARKER} [gv]1-1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=BODY_SECONDS, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(out.read_text())
+    assert doc["image"] == test_image.image and doc["ready"] == f"{MARKER} [gv]1-1"
+    [one] = doc["runs"]
+    assert one["guests"] == 1 and one["local_accelerators"] == ["tcg"]
+    assert 0 < one["local_seconds"][0] < BODY_SECONDS
+    assert 0 < one["virtman_seconds"][0] < BODY_SECONDS
+    assert "1 guest(s) at once" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "virtman", "bench", "guests", "--ready", "x"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert bad.returncode == 2 and "--ready go with --image FILE" in bad.stderr

@@ -1,14 +1,23 @@
 """``virtman bench guests``: real guests booting from a local raw file and from virtman.
 
-Builds the bootable test image, then measures the wall time from "start" to the guest
-powering off (it boots, writes its name, prints its marker and powers off):
+Boots a guest image and measures the wall time from "start" until the guest is up:
+
+- by default the bootable test image, built here, which boots, writes its name, prints
+  its marker and powers off: "up" is its power-off;
+- ``--image FILE`` any raw image (a Debian 12 from ``scripts/build-debian-image.sh``,
+  say), booted by its own bootloader or with ``--kernel``/``--initrd``/``--append``
+  (``{name}`` in ``--append`` becomes the guest's name); "up" is the first console line
+  matching ``--ready REGEX`` (e.g. ``login:``), after which the guest is stopped, or
+  without ``--ready`` the guest powering off;
+
+each guest started
 
 - ``local``: QEMU on a private copy of the raw file, as a host holding the image would;
 - ``virtman``: QEMU on a VM snapshot of a cluster on loopback (origin, Volt, agents),
   the image fetched through the relay tree on demand;
 
 for one guest alone and for ``--guests`` at once (three by default, spread over two
-agents). Prints the table and writes ``--json``.
+agents). Prints the table and writes ``--json``. ``--memory`` is each guest's RAM.
 
 ``--accel`` (default ``auto``), ``--qemu`` and ``--accel-cache`` are those of
 ``virtman agent`` and apply to both sides; the document records the accelerator every
@@ -22,43 +31,113 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from virtman.blockdev.store import copy_sparse
 from virtman.cluster.local import ClusterSettings, LocalCluster
-from virtman.errors import BenchError
+from virtman.errors import ApiError, BenchError, ConfigError
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
 from virtman.results import machine
+from virtman.sizes import parse_size
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
+#: The test image is small: chunks of 64 KiB (the cluster default is 256 KiB).
+TEST_IMAGE_CHUNK_SIZE = 64 * 1024
+#: Seconds between two looks at a guest's console for ``--ready``.
+CONSOLE_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What the benchmark boots, and when a guest counts as up."""
+
+    image: str
+    kernel: str | None = None
+    initrd: str | None = None
+    #: Kernel command line; ``{name}`` is replaced by the guest's name.
+    append_template: str | None = None
+    #: A console line that says the guest is up; None: it powers off by itself.
+    ready: re.Pattern[str] | None = None
+    #: The test image's marker must be on the console (the built-in image only).
+    marker: bool = False
+    memory_mib: int = 256
+
+    def append(self, name: str) -> str | None:
+        return self.append_template.replace("{name}", name) if self.append_template else None
+
+    def config(self, name: str) -> GuestConfig:
+        return GuestConfig(memory_mib=self.memory_mib, kernel=self.kernel, initrd=self.initrd,
+                           append=self.append(name))
+
+    def check(self, name: str, console: str, where: str) -> None:
+        if self.marker and f"{MARKER} {name}" not in console:
+            raise BenchError(f"{where} guest {name} did not print its marker")
+
+
+def test_image_spec(image: GuestImage) -> BootSpec:
+    """The built-in test image: it powers off once it printed its marker."""
+    return BootSpec(image.image, image.kernel, image.initrd, image.append("{name}"),
+                    marker=True)
+
+
+async def until_up(
+    spec: BootSpec,
+    console: Callable[[], Awaitable[str]],
+    running: Callable[[], Awaitable[bool]],
+    what: str,
+    deadline: float,
+) -> None:
+    """Until the guest is up: ``spec.ready`` on its console, or (without it) its exit.
+    ``BenchError`` if it exits before it is ready or the deadline passes."""
+    while True:
+        if spec.ready is not None and spec.ready.search(await console()):
+            return
+        if not await running():
+            if spec.ready is None:
+                return
+            raise BenchError(f"{what} ended before its console showed {spec.ready.pattern!r}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} not up within {GUEST_TIMEOUT_SECONDS:.0f} s")
+        await asyncio.sleep(CONSOLE_POLL_SECONDS)
 
 
 async def _boot_local(
-    hypervisor: Hypervisor, image: GuestImage, names: list[str], workdir: str
+    hypervisor: Hypervisor, spec: BootSpec, names: list[str], workdir: str
 ) -> tuple[list[float], list[str]]:
     async def one(name: str) -> tuple[float, str]:
         disk = os.path.join(workdir, f"{name}.raw")
-        await asyncio.to_thread(shutil.copyfile, image.image, disk)
+        await asyncio.to_thread(copy_sparse, spec.image, disk)  # a host's own copy
         log = os.path.join(workdir, f"{name}.console")
-        cfg = GuestConfig(
-            memory_mib=256, kernel=image.kernel, initrd=image.initrd, append=image.append(name)
-        )
-        guest = hypervisor.guest(name, disk, cfg, log)
+        guest = hypervisor.guest(name, disk, spec.config(name), log)
+
+        async def console() -> str:
+            try:
+                with open(log, errors="replace") as f:
+                    return f.read()
+            except FileNotFoundError:  # QEMU has not opened it yet
+                return ""
+
+        async def running() -> bool:
+            return guest.proc is not None and guest.proc.returncode is None
+
         started = time.monotonic()
         await guest.start()
         try:
-            await asyncio.wait_for(guest.wait(), GUEST_TIMEOUT_SECONDS)
+            await until_up(spec, console, running, f"local guest {name}",
+                           started + GUEST_TIMEOUT_SECONDS)
+            elapsed = time.monotonic() - started
         finally:
             await guest.stop()
-        elapsed = time.monotonic() - started
-        with open(log, errors="replace") as f:
-            if f"{MARKER} {name}" not in f.read():
-                raise BenchError(f"local guest {name} did not print its marker")
+        spec.check(name, await console(), "local")
         return elapsed, guest.accel.value if guest.accel else "?"
 
     done = await asyncio.gather(*(one(n) for n in names))
@@ -66,13 +145,14 @@ async def _boot_local(
 
 
 async def _boot_virtman(
-    settings: HypervisorSettings, image: GuestImage, names: list[str], workdir: str
+    settings: HypervisorSettings, spec: BootSpec, names: list[str], workdir: str,
+    chunk_size: int,
 ) -> list[float]:
     cluster = LocalCluster(
         os.path.join(workdir, f"cluster-{len(names)}"),  # a fresh cluster per run
         ClusterSettings(
             hosts=2,
-            chunk_size=64 * 1024,
+            chunk_size=chunk_size,
             log_level="warning",
             accel=settings.accel.value,
             qemu=settings.qemu,
@@ -80,7 +160,7 @@ async def _boot_virtman(
         ),
     )
     try:
-        await cluster.start_origin(image.image)
+        await cluster.start_origin(spec.image)
         await cluster.start_volt()
         await cluster.start_agents()
         await cluster.register_image("guest")
@@ -95,23 +175,29 @@ async def _boot_virtman(
                         "name": name,
                         "image": "guest",
                         "start": True,
-                        "guest": {
-                            "kernel": image.kernel,
-                            "initrd": image.initrd,
-                            "append": image.append(name),
-                            "memory_mib": 256,
-                        },
+                        "guest": {k: v for k, v in spec.config(name).to_dict().items()
+                                  if v is not None},
                     },
                 )
-                deadline = started + GUEST_TIMEOUT_SECONDS
-                while (await api.get(f"/vms/{name}"))["guest_running"]:
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"guest {name} still running")
-                    await asyncio.sleep(0.05)
+
+                async def console() -> str:
+                    try:
+                        return str(await api.get_text(f"/vms/{name}/console"))
+                    except ApiError as err:
+                        if err.status == 404:  # no console log yet: QEMU is starting
+                            return ""
+                        raise
+
+                async def running() -> bool:
+                    return bool((await api.get(f"/vms/{name}"))["guest_running"])
+
+                await until_up(spec, console, running, f"virtman guest {name}",
+                               started + GUEST_TIMEOUT_SECONDS)
                 elapsed = time.monotonic() - started
-                console = await api.get_text(f"/vms/{name}/console")
-            if f"{MARKER} {name}" not in console:
-                raise BenchError(f"virtman guest {name} did not print its marker")
+                text = await console()
+                if await running():
+                    await api.post(f"/vms/{name}/stop")
+            spec.check(name, text, "virtman")
             return elapsed
 
         return list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))
@@ -119,28 +205,39 @@ async def _boot_virtman(
         await cluster.stop()
 
 
-async def measure(guests: int, settings: HypervisorSettings) -> dict[str, Any]:
+async def measure(
+    guests: int,
+    settings: HypervisorSettings,
+    spec: BootSpec | None = None,
+    chunk_size: int = TEST_IMAGE_CHUNK_SIZE,
+) -> dict[str, Any]:
+    """Boot ``spec`` (default: the test image, built here) locally and through virtman."""
     hypervisor = Hypervisor(settings)
     workdir = tempfile.mkdtemp(prefix="virtman-guests-")
     try:
-        image = await asyncio.to_thread(build_test_image, workdir)
+        if spec is None:
+            spec = test_image_spec(await asyncio.to_thread(build_test_image, workdir))
+        probe_kernel = spec.kernel or find_kernel()[0]
         results: dict[str, Any] = {
             "machine": machine(),
             "accel": settings.accel.value,
-            "accelerator": (await hypervisor.resolve(None, image.kernel)).value,
+            "accelerator": (await hypervisor.resolve(None, probe_kernel)).value,
             "accelerator_reason": (
-                (await hypervisor.choose(image.kernel)).reason
+                (await hypervisor.choose(probe_kernel)).reason
                 if settings.accel is Accel.AUTO
                 else "given with --accel"
             ),
-            "kernel": image.kernel,
+            "image": spec.image,
+            "kernel": spec.kernel,
+            "ready": spec.ready.pattern if spec.ready is not None else "power-off",
+            "chunk_size": chunk_size,
             "runs": [],
         }
         for count in sorted({1, guests}):  # --guests 1: one run, not the same twice
             names = [f"g{count}-{i + 1}" for i in range(count)]
-            local, accels = await _boot_local(hypervisor, image, names, workdir)
+            local, accels = await _boot_local(hypervisor, spec, names, workdir)
             names = [f"v{count}-{i + 1}" for i in range(count)]
-            through = await _boot_virtman(settings, image, names, workdir)
+            through = await _boot_virtman(settings, spec, names, workdir, chunk_size)
             results["runs"].append(
                 {
                     "guests": count,
@@ -196,8 +293,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only time the KVM probe of --accel auto and a cached choice",
     )
+    p.add_argument("--image", metavar="FILE",
+                   help="raw image to boot (default: the test image, built here)")
+    p.add_argument("--kernel", metavar="FILE", help="with --image: boot this kernel")
+    p.add_argument("--initrd", metavar="FILE", help="with --kernel: its initrd")
+    p.add_argument("--append", metavar="TEXT",
+                   help="with --kernel: its command line ({name}: the guest's name)")
+    p.add_argument("--ready", metavar="REGEX",
+                   help="with --image: a console line that says the guest is up (default: "
+                   "the guest powers off)")
+    p.add_argument("--memory", type=int, default=256, metavar="MIB",
+                   help="RAM per guest (default 256)")
+    p.add_argument("--chunk-size", type=parse_size, default=TEST_IMAGE_CHUNK_SIZE,
+                   metavar="SIZE", help="the virtman cluster's chunk size (default 64K)")
     p.add_argument("--json", default="bench-guests.json", metavar="FILE")
     add_hypervisor_options(p)
+
+
+def boot_spec(args: argparse.Namespace) -> BootSpec | None:
+    """The image ``--image`` and its options describe (None: the built-in test image)."""
+    if args.image is None:
+        given = [o for o, v in (("--kernel", args.kernel), ("--initrd", args.initrd),
+                                ("--append", args.append), ("--ready", args.ready)) if v]
+        if given:
+            raise ConfigError(f"{', '.join(given)} go with --image FILE")
+        return None
+    if not os.path.isfile(args.image):
+        raise ConfigError(f"--image {args.image!r} is not a file")
+    try:
+        ready = re.compile(args.ready) if args.ready else None
+    except re.error as err:
+        raise ConfigError(f"--ready {args.ready!r} is not a regular expression: {err}") from None
+    return BootSpec(args.image, args.kernel, args.initrd, args.append, ready,
+                    memory_mib=args.memory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         if args.probe_only:
             doc = await measure_probe(settings)
         else:
-            doc = await measure(args.guests, settings)
+            doc = await measure(args.guests, settings, boot_spec(args), args.chunk_size)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         print(f"accelerator {doc['accelerator']}; wrote {args.json}")
