@@ -175,17 +175,20 @@ def test_bench_guests_boots_a_given_image_until_its_console_says_ready(
     run = subprocess.run(
         [sys.executable, "-m", "virtman", "bench", "guests", "--guests", "1",
          "--accel", "tcg", "--image", test_image.image, "--kernel", test_image.kernel,
-         "--initrd", test_image.initrd, "--append", append, "--ready", f"{MARKER} [gv]1-1",
-         "--json", str(out)],
+         "--initrd", test_image.initrd, "--append", append, "--ready", f"{MARKER} [gvrp]1-1",
+         "--prefetch", "--json", str(out)],
         capture_output=True, text=True, timeout=BODY_SECONDS, check=False,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     doc = json.loads(out.read_text())
-    assert doc["image"] == test_image.image and doc["ready"] == f"{MARKER} [gv]1-1"
+    assert doc["image"] == test_image.image and doc["ready"] == f"{MARKER} [gvrp]1-1"
+    # --prefetch: one guest recorded the boot, then guests booted with it prefetched.
+    assert doc["profile"]["runs"] == 1 and doc["profile"]["chunks"] > 0
     [one] = doc["runs"]
     assert one["guests"] == 1 and one["local_accelerators"] == ["tcg"]
     assert 0 < one["local_seconds"][0] < BODY_SECONDS
     assert 0 < one["virtman_seconds"][0] < BODY_SECONDS
+    assert 0 < one["virtman_prefetch_seconds"][0] < BODY_SECONDS
     assert "1 guest(s) at once" in run.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "virtman", "bench", "guests", "--ready", "x"],

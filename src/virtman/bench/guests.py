@@ -46,12 +46,14 @@ from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settin
 from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
 from virtman.results import machine
-from virtman.sizes import parse_size
+from virtman.sizes import format_size, parse_size
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0
 #: The test image is small: chunks of 64 KiB (the cluster default is 256 KiB).
 TEST_IMAGE_CHUNK_SIZE = 64 * 1024
+#: Seconds past its recording window that a recorded boot may take to reach Volt.
+PROFILE_WAIT_SECONDS = 15.0
 #: Seconds between two looks at a guest's console for ``--ready``.
 CONSOLE_POLL_SECONDS = 0.1
 
@@ -145,11 +147,21 @@ async def _boot_local(
 
 
 async def _boot_virtman(
-    settings: HypervisorSettings, spec: BootSpec, names: list[str], workdir: str,
+    settings: HypervisorSettings,
+    spec: BootSpec,
+    names: list[str],
+    workdir: str,
     chunk_size: int,
-) -> list[float]:
+    *,
+    profile: dict[str, Any] | None = None,
+    record_seconds: float | None = None,
+) -> tuple[list[float], dict[str, Any] | None]:
+    """Boot ``names`` at once on a fresh 2-agent cluster: their times, and with
+    ``record_seconds`` the boot profile the agents recorded (Volt's, once sent).
+    ``profile``: Volt has it before the VMs start, so the hosts prefetch it."""
+    label = "record" if record_seconds is not None else "prefetch" if profile else "plain"
     cluster = LocalCluster(
-        os.path.join(workdir, f"cluster-{len(names)}"),  # a fresh cluster per run
+        os.path.join(workdir, f"cluster-{label}-{len(names)}"),  # a fresh cluster per run
         ClusterSettings(
             hosts=2,
             chunk_size=chunk_size,
@@ -157,6 +169,7 @@ async def _boot_virtman(
             accel=settings.accel.value,
             qemu=settings.qemu,
             accel_cache=settings.verdict_cache,
+            record_seconds=record_seconds,
         ),
     )
     try:
@@ -164,6 +177,8 @@ async def _boot_virtman(
         await cluster.start_volt()
         await cluster.start_agents()
         await cluster.register_image("guest")
+        if profile is not None:
+            await cluster.set_profile("guest", profile)
 
         async def one(i: int, name: str) -> float:
             host = cluster.host_names()[i % 2]
@@ -200,9 +215,29 @@ async def _boot_virtman(
             spec.check(name, text, "virtman")
             return elapsed
 
-        return list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))
+        times = list(await asyncio.gather(*(one(i, n) for i, n in enumerate(names))))
+        recorded = None
+        if record_seconds is not None:
+            recorded = await _recorded_profile(cluster, record_seconds + PROFILE_WAIT_SECONDS)
+        return times, recorded
     finally:
         await cluster.stop()
+
+
+async def _recorded_profile(cluster: LocalCluster, timeout: float) -> dict[str, Any]:
+    """Volt's profile of the image once an agent has sent a recorded boot."""
+    deadline = time.monotonic() + timeout
+    async with cluster.api(cluster.volt_url) as api:
+        while True:
+            try:
+                doc: dict[str, Any] = await api.get("/images/guest/profile")
+                return doc
+            except ApiError as err:
+                if err.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise BenchError(f"no boot profile was recorded within {timeout:.0f} s")
+            await asyncio.sleep(CONSOLE_POLL_SECONDS)
 
 
 async def measure(
@@ -210,8 +245,11 @@ async def measure(
     settings: HypervisorSettings,
     spec: BootSpec | None = None,
     chunk_size: int = TEST_IMAGE_CHUNK_SIZE,
+    prefetch: bool = False,
 ) -> dict[str, Any]:
-    """Boot ``spec`` (default: the test image, built here) locally and through virtman."""
+    """Boot ``spec`` (default: the test image, built here) locally and through virtman;
+    with ``prefetch``, through virtman a second time with a boot profile recorded by one
+    guest beforehand (on a cluster of its own), which the hosts prefetch."""
     hypervisor = Hypervisor(settings)
     workdir = tempfile.mkdtemp(prefix="virtman-guests-")
     try:
@@ -233,25 +271,37 @@ async def measure(
             "chunk_size": chunk_size,
             "runs": [],
         }
+        profile: dict[str, Any] | None = None
         for count in sorted({1, guests}):  # --guests 1: one run, not the same twice
             names = [f"g{count}-{i + 1}" for i in range(count)]
             local, accels = await _boot_local(hypervisor, spec, names, workdir)
+            if prefetch and profile is None:
+                # One guest records the boot: its window spans a boot with room to spare.
+                window = max(local) * 1.5 + 5
+                _, profile = await _boot_virtman(settings, spec, ["r1-1"], workdir, chunk_size,
+                                                 record_seconds=window)
+                assert profile is not None
+                results["profile"] = {k: profile[k] for k in ("runs", "chunks", "bytes")}
+                print(f"boot profile recorded by one guest: {profile['chunks']} chunks, "
+                      f"{format_size(int(profile['bytes']))}", flush=True)
             names = [f"v{count}-{i + 1}" for i in range(count)]
-            through = await _boot_virtman(settings, spec, names, workdir, chunk_size)
-            results["runs"].append(
-                {
-                    "guests": count,
-                    "local_seconds": local,
-                    "local_accelerators": accels,
-                    "virtman_seconds": through,
-                }
-            )
-            print(
-                f"{count} guest(s) at once: local raw file {max(local):.2f} s, "
-                f"virtman snapshot {max(through):.2f} s "
-                f"({max(through) / max(local):.2f}x)",
-                flush=True,
-            )
+            through, _ = await _boot_virtman(settings, spec, names, workdir, chunk_size)
+            run: dict[str, Any] = {
+                "guests": count,
+                "local_seconds": local,
+                "local_accelerators": accels,
+                "virtman_seconds": through,
+            }
+            line = (f"{count} guest(s) at once: local raw file {max(local):.2f} s, "
+                    f"virtman snapshot {max(through):.2f} s ({max(through) / max(local):.2f}x)")
+            if profile is not None:
+                names = [f"p{count}-{i + 1}" for i in range(count)]
+                fetched, _ = await _boot_virtman(settings, spec, names, workdir, chunk_size,
+                                                 profile=profile)
+                run["virtman_prefetch_seconds"] = fetched
+                line += f", with prefetch {max(fetched):.2f} s ({max(fetched) / max(local):.2f}x)"
+            results["runs"].append(run)
+            print(line, flush=True)
         return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -306,6 +356,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="RAM per guest (default 256)")
     p.add_argument("--chunk-size", type=parse_size, default=TEST_IMAGE_CHUNK_SIZE,
                    metavar="SIZE", help="the virtman cluster's chunk size (default 64K)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="also boot through virtman with a boot profile one guest recorded "
+                   "first, which the hosts prefetch")
     p.add_argument("--json", default="bench-guests.json", metavar="FILE")
     add_hypervisor_options(p)
 
@@ -338,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
         if args.probe_only:
             doc = await measure_probe(settings)
         else:
-            doc = await measure(args.guests, settings, boot_spec(args), args.chunk_size)
+            doc = await measure(args.guests, settings, boot_spec(args), args.chunk_size,
+                                args.prefetch)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         print(f"accelerator {doc['accelerator']}; wrote {args.json}")

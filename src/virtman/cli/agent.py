@@ -44,6 +44,7 @@ from virtman.cli.common import (
 from virtman.coordinator.models import NAME_PATTERN
 from virtman.delivery import DeliveryMode
 from virtman.errors import ConfigError
+from virtman.limits import PROFILE_RECORD_SECONDS
 from virtman.sizes import parse_size
 
 if TYPE_CHECKING:
@@ -110,6 +111,10 @@ def add_parser(sub: Any) -> None:
                    "no cap; VMs' reads go first anyway)")
     p.add_argument("--no-record", action="store_true",
                    help="never record VMs' first reads for the images' boot profiles")
+    p.add_argument("--record-seconds", type=float, default=PROFILE_RECORD_SECONDS,
+                   metavar="SECONDS",
+                   help="how long from a new VM's creation its first reads are recorded "
+                   f"(default {PROFILE_RECORD_SECONDS:g}): about a boot")
     add_hypervisor_options(p)
     add_service_security_options(p, agent=True)
     p.set_defaults(run=run)
@@ -124,8 +129,11 @@ def profile_settings(args: argparse.Namespace) -> ProfileSettings:
         raise ConfigError("--no-prefetch and --prefetch-rate contradict each other: give one")
     if args.prefetch_rate is not None and args.prefetch_rate < 1:
         raise ConfigError(f"--prefetch-rate {args.prefetch_rate} must be at least 1 byte/s")
+    if not args.record_seconds > 0:
+        raise ConfigError(f"--record-seconds {args.record_seconds} must be above zero")
     limits = None if args.no_prefetch else PrefetchLimits(bytes_per_second=args.prefetch_rate)
-    return ProfileSettings(prefetch=limits, record=not args.no_record)
+    return ProfileSettings(prefetch=limits, record=not args.no_record,
+                           record_seconds=args.record_seconds)
 
 
 def run(args: argparse.Namespace) -> int:

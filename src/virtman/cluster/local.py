@@ -58,6 +58,10 @@ def _option(flag: str, value: str | None) -> list[str]:
     return [flag, value] if value else []
 
 
+def _text(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
 class Placement:
     """Where each service runs: this machine's loopback (the default)."""
 
@@ -93,6 +97,9 @@ class ClusterSettings:
     accel_cache: str | None = None
     #: Plain HTTP between the services (tokens still required): ``virtman up --insecure``.
     insecure: bool = False
+    #: Every agent's ``--record-seconds`` when set (how long a new VM's reads are
+    #: recorded for the image's boot profile).
+    record_seconds: float | None = None
 
 
 @dataclass
@@ -312,6 +319,7 @@ class LocalCluster:
                 self.settings.accel,
                 *_option("--qemu", self.settings.qemu),
                 *_option("--accel-cache", self.settings.accel_cache),
+                *_option("--record-seconds", _text(self.settings.record_seconds)),
                 *self._security_args(name, agent=True),
             ],
         )
