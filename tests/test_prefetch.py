@@ -366,3 +366,24 @@ async def test_the_in_flight_budget_follows_the_measured_rate(
         assert prefetcher._budget() == 4 * CS
     finally:
         await cache.close()
+
+
+async def test_a_prefetch_whose_upstream_fails_stops_after_one_run(tmp_path: Path) -> None:
+    broken = await start_origin(tmp_path, "broken", delay=0.0)
+    failing = broken.server.exports["img"].device
+    assert isinstance(failing, FaultyDevice)
+    failing.fail_reads = 10_000
+    cache = await open_cache(tmp_path, "c", broken.uri)
+    prefetcher = Prefetcher(cache, list(range(CHUNKS)), PrefetchLimits(batch_bytes=4 * CS))
+    try:
+        prefetcher.start()
+        await asyncio.wait_for(prefetcher.wait(), 30)
+        assert prefetcher.state is PrefetchState.FAILED
+        assert prefetcher.bytes_fetched == 0 and cache.chunks_present == 0
+        # One run's worth of attempts (the run, then its chunks alone, each retried),
+        # not the whole profile's.
+        assert set(broken.chunks_read()) <= set(range(4 * 4)), broken.chunks_read()
+    finally:
+        await prefetcher.stop()
+        await cache.close()
+        await broken.server.stop()

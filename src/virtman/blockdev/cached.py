@@ -446,8 +446,9 @@ class CachedDevice(BlockDevice):
         upstream read, at background priority (``FetchGate``): those already ready or
         being loaded are left alone, chunks held from an earlier session are checked
         instead of fetched. Each fetched chunk is checked (manifest) and stored like a
-        miss's; one that fails its check is fetched again alone. Returns the bytes read
-        from upstream. Readers of a chunk in the run wait for the run, not a new fetch."""
+        miss's; one that fails its check is fetched again alone. Returns the bytes of
+        the chunks it brought; raises the first error of a chunk it could not bring.
+        Readers of a chunk in the run wait for the run, not a new fetch."""
         self.check_range(first * self.chunk_size, 0)
         store = self._store
         if store is None or self._passing_through() or count < 1:
@@ -473,11 +474,19 @@ class CachedDevice(BlockDevice):
                 self._fetches[i] = task
                 task.add_done_callback(functools.partial(self._fetch_done, i))
                 tasks.append(task)
-            fetched += min(n * self.chunk_size, self.size - lo * self.chunk_size)
         results = await asyncio.gather(*tasks, return_exceptions=True)
+        failed: BaseException | None = None
         for result in results:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                failed = failed or result
+            else:
+                fetched += len(result)
+        if failed is not None:
+            # Readers of those chunks got the error too; the prefetch stops on it rather
+            # than walk the rest of the profile into the same failure.
+            raise failed
         return fetched
 
     async def _fetch_range(self, first: int, count: int) -> bytes:
