@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 from agentworld import KiB, World
+from directory import StaticDirectory
 
 from virtman.agent.agent import Agent
-from virtman.agent.relays import ProfileSettings
+from virtman.agent.images import ImageSpec
+from virtman.agent.relays import ProfileSettings, RelayManager
 from virtman.auth import Role
 from virtman.blockdev.cached import CachedDevice, FetchGate
 from virtman.blockdev.faults import FaultyDevice
+from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.memory import MemoryDevice
 from virtman.blockdev.prefetch import (
     BootRecorder,
@@ -30,7 +33,7 @@ from virtman.blockdev.prefetch import (
 from virtman.blockdev.remote import RemoteDevice
 from virtman.errors import ApiError, ConfigError
 from virtman.nbd.server import Export, NbdServer
-from virtman.planner.profile import profile_from_trace
+from virtman.planner.profile import profile_from_trace, run_from_reads
 from virtman.protocol.nbd.constants import Command
 from virtman.protocol.nbd.server import Request
 from virtman.replay.replayer import replay
@@ -387,3 +390,41 @@ async def test_a_prefetch_whose_upstream_fails_stops_after_one_run(tmp_path: Pat
         await prefetcher.stop()
         await cache.close()
         await broken.server.stop()
+
+
+async def test_a_childs_prefetch_is_background_work_at_its_parent(
+    tmp_path: Path, origin: Origin
+) -> None:
+    manifest = await compute_manifest(MemoryDevice(data=IMAGE, read_only=True), CS)
+    spec = ImageSpec("img", [origin.uri], len(IMAGE), CS, manifest.to_json())
+    profile = run_from_reads([(i * 0.01, c) for i, c in enumerate(range(0, CHUNKS, 3))], CS)
+    root = RelayManager(str(tmp_path / "h1"), StaticDirectory(spec, [], profile),
+                        profiles=ProfileSettings(record=False))
+    await root.start()
+    child: RelayManager | None = None
+    try:
+        first = await root.image("img")
+        assert first.prefetcher is not None
+        await first.prefetcher.wait()
+        child = RelayManager(str(tmp_path / "h2"),
+                             StaticDirectory(spec, [root.relay_uri("img")], profile),
+                             profiles=ProfileSettings(record=False))
+        await child.start()
+        second = await child.image("img")
+        assert second.prefetcher is not None
+        await second.prefetcher.wait()
+        assert second.prefetcher.state is PrefetchState.DONE
+        assert [second.cache.is_present(c) for c in profile.chunks] == [True] * len(profile.chunks)
+        # The child read its parent's prefetch export only, on connections of its own:
+        sent = root.server.exports_bytes_sent()
+        assert sent.get("img@prefetch", 0) == len(profile.chunks) * CS
+        assert sent.get("img", 0) == 0
+        received = {k: v for k, v in second.bytes_received().items() if v}
+        assert received == {"p" + root.relay_uri("img"): len(profile.chunks) * CS}
+        assert root.status()["images"]["img"]["relay_bytes_sent"] == len(profile.chunks) * CS
+        # ... and no chunk was fetched twice from the origin.
+        assert sorted(origin.chunks_read()) == sorted(profile.chunks)
+    finally:
+        if child is not None:
+            await child.stop()
+        await root.stop()

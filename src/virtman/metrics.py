@@ -144,19 +144,23 @@ class ImageFigures:
         cls,
         image: str,
         cache: CachedDevice,
-        remote: RemoteDevice,
+        remote: RemoteDevice | Sequence[RemoteDevice],
         served: int,
         is_origin: Callable[[str, bool], bool],
     ) -> ImageFigures:
-        """``is_origin(uri, fallback)`` says whether an upstream path is an origin."""
-        parents = origin = 0
-        for path in remote.path_status():
-            n = int(path["bytes_received"])  # type: ignore[call-overload]
-            if is_origin(str(path["uri"]), bool(path["fallback"])):
-                origin += n
-            else:
-                parents += n
-        cached, remote_extra = cache.stats.extra, remote.stats.extra
+        """``is_origin(uri, fallback)`` says whether an upstream path is an origin;
+        ``remote``: the upstream(s) the cache reads (an agent's prefetch has its own)."""
+        remotes = [remote] if isinstance(remote, RemoteDevice) else list(remote)
+        parents = origin = failovers = 0
+        for one in remotes:
+            failovers += one.stats.extra.get("failovers", 0)
+            for path in one.path_status():
+                n = int(path["bytes_received"])  # type: ignore[call-overload]
+                if is_origin(str(path["uri"]), bool(path["fallback"])):
+                    origin += n
+                else:
+                    parents += n
+        cached = cache.stats.extra
         return cls(
             image,
             from_parents=parents,
@@ -164,7 +168,7 @@ class ImageFigures:
             served=served,
             hits=cached.get("hits", 0),
             misses=cached.get("misses", 0),
-            failovers=remote_extra.get("failovers", 0),
+            failovers=failovers,
             digest_mismatches=cached.get("digest_mismatches", 0),
             rotten_chunks=cached.get("rotten_chunks", 0),
             prefetched=cached.get("prefetched_bytes", 0),

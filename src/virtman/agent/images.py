@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,15 +39,16 @@ from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cached import CachedDevice, CacheSpace
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import Manifest
-from virtman.blockdev.prefetch import Prefetcher
+from virtman.blockdev.prefetch import BackgroundReads, Prefetcher
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
-from virtman.errors import ConfigError
+from virtman.errors import ConfigError, NetworkError
 from virtman.limits import COPY_READ_BYTES, COPY_READS_IN_FLIGHT
 from virtman.metrics import ImageFigures
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
+from virtman.protocol.uri import parse_nbd_uri
 from virtman.tlsconfig import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,21 @@ class ImageSpec:
         return cls(**doc)
 
 
+
+
+#: What a relay's prefetch export is called: its image's name and this, which no image
+#: name can hold ('@' is not in a name), so it never collides with another relay.
+PREFETCH_EXPORT_SUFFIX = "@prefetch"
+
+
+def prefetch_export(image: str) -> str:
+    return image + PREFETCH_EXPORT_SUFFIX
+
+
+def prefetch_uri(relay_uri: str) -> str:
+    """The prefetch export beside the relay export at ``relay_uri``."""
+    address = parse_nbd_uri(relay_uri)
+    return dataclasses.replace(address, export=prefetch_export(address.export)).uri()
 
 
 class ImageRelay:
@@ -122,6 +139,11 @@ class ImageRelay:
         self.profile_asked_at = -float("inf")
         #: Boots of this image being recorded on this host now.
         self.recording = 0
+        #: Where this host's prefetch reads: its parents' prefetch exports (the origin
+        #: for a root), on connections apart from the VMs' (virtman mode only; made
+        #: when a prefetch starts, ``open_prefetch``).
+        self.prefetch_remote: RemoteDevice | None = None
+        self._tls = tls
 
     async def open(self) -> None:
         if self.mode is DeliveryMode.STAR:
@@ -138,6 +160,11 @@ class ImageRelay:
             )
         if self.mode.in_tree:
             self.server.add_export(Export(self.name, self.cache, f"virtman relay of {self.name}"))
+        if self.mode is DeliveryMode.VIRTMAN:
+            self.server.add_export(Export(
+                prefetch_export(self.name), BackgroundReads(self.cache),
+                f"virtman prefetch relay of {self.name}",
+            ))
 
     async def _download(self) -> BlockDevice:
         """COPY mode: the whole image from the origin into a local file, then that file."""
@@ -174,6 +201,11 @@ class ImageRelay:
             await self.prefetcher.stop()
         if self.mode.in_tree:
             self.server.remove_export(self.name)
+        if self.mode is DeliveryMode.VIRTMAN:
+            self.server.remove_export(prefetch_export(self.name))
+        if self.prefetch_remote is not None:
+            self.cache.prefetch_upstream = None
+            await self.prefetch_remote.close()
         await self.base.close()
         if self.base is not self.remote:
             await self.remote.close()
@@ -193,6 +225,12 @@ class ImageRelay:
         # The paper's hosts attach only to their parents: the origin is a path of level 1.
         fallbacks = paths.origins if self.mode is DeliveryMode.VIRTMAN or not paths.parents else []
         self.remote.set_paths(paths.parents, fallbacks=fallbacks)
+        for uri, name in zip(paths.parents, paths.parent_names, strict=True):
+            self.source_names[prefetch_uri(uri)] = name
+        if self.prefetch_remote is not None:
+            self.prefetch_remote.set_paths(
+                [prefetch_uri(u) for u in paths.parents], fallbacks=paths.origins
+            )
         log.info(
             "image %r: position %d, level %d, parents %s",
             self.name,
@@ -211,21 +249,55 @@ class ImageRelay:
             return self.spec.size
         return self.cache.chunks_present * self.spec.chunk_size
 
+    @property
+    def remotes(self) -> list[RemoteDevice]:
+        """Every upstream this host reads the image from: the VMs' misses, and prefetch."""
+        if self.prefetch_remote is not None:
+            return [self.remote, self.prefetch_remote]
+        return [self.remote]
+
+    async def open_prefetch(self) -> bool:
+        """Connect the prefetch upstream (its parents' prefetch exports, or the origin);
+        False, logged, when none answers: the prefetch waits for the next attach."""
+        if self.mode is not DeliveryMode.VIRTMAN:
+            return False
+        if self.prefetch_remote is not None:
+            return True
+        # Made with the parents known now, so opening it waits for them: the origin is
+        # only the fallback while no parent answers, as for the VMs' reads.
+        parents = [prefetch_uri(u) for u in self.paths.parents] if self.paths else []
+        origins = self.paths.origins if self.paths else self.spec.origins
+        remote = RemoteDevice(parents, fallbacks=origins, tls=self._tls)
+        try:
+            await remote.open()
+        except NetworkError as err:
+            log.info("image %r: prefetch upstream not reachable: %s", self.name, err)
+            return False
+        self.prefetch_remote = remote
+        self.cache.prefetch_upstream = remote
+        return True
+
     def bytes_received(self) -> dict[str, int]:
-        """Bytes fetched per source host name."""
+        """Bytes fetched per source host name (VMs' misses and prefetch together)."""
         out: dict[str, int] = {}
-        for uri, n in self.remote.bytes_received_by_path().items():
-            name = self.source_names.get(uri, uri)
-            out[name] = out.get(name, 0) + n
+        for remote in self.remotes:
+            for uri, n in remote.bytes_received_by_path().items():
+                name = self.source_names.get(uri, uri)
+                out[name] = out.get(name, 0) + n
         return out
+
+    def bytes_served(self) -> int:
+        """Bytes this host's relay sent its children (reads and prefetch)."""
+        sent = self.server.exports_bytes_sent()
+        return sent.get(self.name, 0) + sent.get(prefetch_export(self.name), 0)
 
     def figures(self) -> ImageFigures:
         """This image's data-path counters, for ``/metrics``."""
         return ImageFigures.read(
             self.name,
             self.cache,
-            self.remote,
-            self.server.exports_bytes_sent().get(self.name, 0),
+            self.remotes,
+            self.bytes_served(),
             lambda uri, _fallback: self.source_names.get(uri) == ORIGIN,
         )
 
@@ -233,7 +305,7 @@ class ImageRelay:
         return {
             "mode": self.mode.value,
             "relay_uri": self.relay_uri if self.mode.in_tree else None,
-            "relay_bytes_sent": self.server.exports_bytes_sent().get(self.name, 0),
+            "relay_bytes_sent": self.bytes_served(),
             "size": self.spec.size,
             "chunks": self.cache.chunks,
             "chunks_present": self.cache.chunks_present,

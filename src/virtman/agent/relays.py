@@ -207,6 +207,8 @@ class RelayManager:
             log.warning("image %r: boot profile in %d-byte chunks, cache in %d; not used",
                         relay.name, profile.chunk_size, relay.cache.chunk_size)
             return
+        if not await relay.open_prefetch():
+            return
         relay.prefetcher = Prefetcher(relay.cache, profile.chunks, limits)
         relay.prefetcher.start()
         log.info("image %r: prefetching its boot profile (%d chunks, %d runs)", relay.name,

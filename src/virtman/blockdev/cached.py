@@ -221,6 +221,11 @@ class CachedDevice(BlockDevice):
         self.full_retry = full_retry
         #: Set by the owner (a cache group) to bound what this cache may hold.
         self.space_gate = space_gate
+        #: Where prefetch runs are read from (None: ``upstream``). An agent gives its
+        #: parents' prefetch exports here, on connections of their own, so its prefetch
+        #: is background work at the parents too and never queues ahead of a VM's miss
+        #: in a connection.
+        self.prefetch_upstream: BlockDevice | None = None
         #: Set by the owner (metrics): called with the seconds each successful chunk
         #: fetch from upstream took (misses only: the hit path never calls it).
         self.on_fetch: Callable[[float], None] | None = None
@@ -489,11 +494,25 @@ class CachedDevice(BlockDevice):
             raise failed
         return fetched
 
+    async def read_background(self, offset: int, length: int) -> bytes:
+        """A read that fetches what it misses as prefetch (background priority, one
+        upstream request per run of missing chunks): what a child host's prefetch reads
+        through this relay's prefetch export."""
+        self.check_range(offset, length)
+        if length:
+            cs = self.chunk_size
+            missing = [i for i in range(offset // cs, (offset + length - 1) // cs + 1)
+                       if self.needs_fetch(i)]
+            for first, count in _adjacent_runs(missing):
+                await self.prefetch_run(first, count)
+        return await self.read(offset, length)
+
     async def _fetch_range(self, first: int, count: int) -> bytes:
         start = first * self.chunk_size
         # Not timed into on_fetch: that histogram is of single chunks a reader waited for.
+        upstream = self.prefetch_upstream or self.upstream
         async with self.gate.background():
-            data = await self.upstream.read(start, min(count * self.chunk_size, self.size - start))
+            data = await upstream.read(start, min(count * self.chunk_size, self.size - start))
         self.stats.bump("prefetched_chunks", count)
         self.stats.bump("prefetched_bytes", len(data))
         return data

@@ -8,10 +8,12 @@ requests are background fetches (``FetchGate``): a VM's miss takes a slot before
 them, and a chunk a VM wants while it is in a prefetch run is served from that run.
 It reads nothing outside the profile, and nothing the cache already holds.
 
-Down a tree every host runs its own prefetcher against its parents. A child's request
-for a chunk its parent does not hold yet makes the parent fetch it at once (a read at
-the parent is a demand read there), so a child's prefetch follows its parent's chunk by
-chunk instead of waiting for the parent to finish.
+Down a tree every host runs its own prefetcher against its parents' prefetch exports
+(``BackgroundReads``), on connections of its own. A child's request for a chunk its
+parent does not hold yet makes the parent fetch it at once, as prefetch (background
+priority, one request per run), so a child's prefetch follows its parent's chunk by
+chunk instead of waiting for the parent to finish, never outranks a VM's miss at the
+parent, and its replies never queue in a connection ahead of a VM's.
 
 ``BootRecorder`` notes the first read of each chunk by one VM, with the seconds since
 the VM started, for ``record_seconds``; ``RecordingDevice`` is what the VM's overlay
@@ -322,3 +324,27 @@ class RecordingDevice(BlockDevice):
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         return await self.base.block_status(offset, length)
+
+
+class BackgroundReads(BlockDevice):
+    """A read-only view of a cache whose misses are fetched as prefetch
+    (``CachedDevice.read_background``): a relay's prefetch export, which its children's
+    prefetchers read, so their prefetch stays background work all the way up the tree."""
+
+    def __init__(self, cache: CachedDevice) -> None:
+        super().__init__()
+        self.cache = cache
+        self.read_only = True
+        self.size = cache.size
+
+    def describe(self) -> str:
+        return f"prefetch view of {self.cache.describe()}"
+
+    async def open(self) -> None:
+        self.size = self.cache.size
+
+    async def close(self) -> None:
+        return None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.cache.read_background(offset, length)
