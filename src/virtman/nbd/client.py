@@ -92,7 +92,12 @@ class ClientStatus(enum.Enum):
     CLOSED = "closed"  # closed by us, by the server, or broken (``error`` says why)
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """A buffered protocol: the loop reads replies straight into the codec's receive
+    buffer (``get_buffer``), so a chunk's bytes are copied once in Python, where the
+    codec takes them out, not once per read into a new ``bytes`` and once more into the
+    codec (see ``ReceiveBuffer``)."""
+
     def __init__(
         self,
         codec: ClientConnection,
@@ -119,9 +124,20 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         set_socket_buffers(self.transport)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.codec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.codec.buffer_updated(nbytes)
+        self._process()
+
     def data_received(self, data: bytes) -> None:
+        # Transports that do not know buffered protocols call this instead.
+        self.codec.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
         codec = self.codec
-        codec.receive_data(data)
         try:
             while True:
                 event = codec.next_event()

@@ -82,56 +82,92 @@ class ExportInfo:
         return bool(self.flags & TransmissionFlag.READ_ONLY)
 
 
+#: Room a receive buffer offers for one read (``get_buffer``): a 256 KiB chunk and its
+#: reply header arrive in one or two reads rather than four (the loop's default is 64 KiB).
+RECEIVE_ROOM = 256 * 1024 + 64
+
+
 class ReceiveBuffer:
     """Bytes received and not yet parsed.
 
-    Consumed bytes are dropped lazily (one slice per many messages) so that parsing a
-    stream of small requests costs no quadratic copying.
+    The bytes live in ``_buf[_pos:_end]``; the rest of ``_buf`` is room. A transport can
+    read straight into that room (``get_buffer``/``buffer_updated``: asyncio's
+    ``BufferedProtocol``), so a received payload is copied once, by ``take``, instead of
+    into a ``bytes`` per read, then here, then out again. ``_buf`` is never resized in
+    place, since a view ``get_buffer`` handed out may still be alive: consumed bytes are
+    dropped by moving the unparsed tail to the front (cheap: once everything buffered is
+    parsed, which is the common case, nothing moves), and growing makes a new array.
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_pos", "_end")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
 
     def __len__(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._reserve(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable room after the buffered bytes (at least ``sizehint`` bytes and at
+        least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``."""
+        self._reserve(max(sizehint, RECEIVE_ROOM))
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the view ``get_buffer`` returned."""
+        if nbytes < 0 or self._end + nbytes > len(self._buf):
+            raise LocalProtocolError(f"{nbytes} bytes read into a receive buffer with "
+                                     f"{len(self._buf) - self._end} bytes of room")
+        self._end += nbytes
+
+    def _reserve(self, n: int) -> None:
+        if len(self._buf) - self._end >= n:
+            return
+        live = self._end - self._pos
+        if self._pos and len(self._buf) - live >= n:
+            # Slice assignment of equal size: a memmove, never a resize.
+            view = memoryview(self._buf)
+            view[:live] = view[self._pos : self._end]
+        else:
+            grown = bytearray(max(live + n, 2 * len(self._buf)))
+            grown[:live] = memoryview(self._buf)[self._pos : self._end]
+            self._buf = grown
+        self._pos, self._end = 0, live
 
     def unpack(self, fmt: struct.Struct) -> tuple[int, ...] | None:
         """Parse one fixed header, or return None (consuming nothing) if incomplete."""
-        if len(self._buf) - self._pos < fmt.size:
+        if self._end - self._pos < fmt.size:
             return None
         values = fmt.unpack_from(self._buf, self._pos)
-        self._pos += fmt.size
+        self._advance(fmt.size)
         return values
 
     def take(self, n: int) -> bytes | None:
         """Remove and return exactly n bytes, or None if fewer are buffered."""
-        if len(self._buf) - self._pos < n:
+        if self._end - self._pos < n:
             return None
-        data = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        self._compact()
+        data = bytes(memoryview(self._buf)[self._pos : self._pos + n])  # one copy
+        self._advance(n)
         return data
 
     def discard(self, n: int) -> int:
         """Drop up to n bytes; return how many were dropped."""
-        k = min(n, len(self._buf) - self._pos)
-        self._pos += k
-        self._compact()
+        k = min(n, self._end - self._pos)
+        self._advance(k)
         return k
 
-    def _compact(self) -> None:
-        if self._pos >= 65536 and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos == self._end:  # all parsed: the whole array is room again
+            self._pos = self._end = 0
 
 
 def encode_string(text: str) -> bytes:
