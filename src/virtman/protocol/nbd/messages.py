@@ -99,7 +99,7 @@ class ReceiveBuffer:
     parsed, which is the common case, nothing moves), and growing makes a new array.
     """
 
-    __slots__ = ("_buf", "_pos", "_end")
+    __slots__ = ("_buf", "_end", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()
