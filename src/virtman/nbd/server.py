@@ -34,8 +34,8 @@ Limits on clients (all named in ``limits.py``, all constructor arguments):
 
 Warm reads without Python copies: a READ of at least ``sendfile_min`` bytes (named limit
 ``SENDFILE_MIN_BYTES``) on a plaintext connection, from a device that can say where the
-range lies in a file (``virtman.device.FileReads``: a cache whose chunks are all ready),
-is answered with the reply header written to the socket and the bytes sent from the file
+range lies in a file (``read_location``, see ``virtman.device.FileReads``: a cache whose
+chunks are all ready), is answered with the reply header written to the socket and the bytes sent from the file
 with ``os.sendfile``, so they never pass through a Python object. Only when nothing else
 is queued on the transport (``get_write_buffer_size() == 0``), since these writes bypass
 it: replies never interleave. Whatever the socket does not take at once is read from the
@@ -73,7 +73,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from virtman.device import Device, FileReads
+from virtman.device import Device
 from virtman.errors import (
     DeviceError,
     InvalidRequest,
@@ -824,11 +824,13 @@ class _Connection(asyncio.Protocol):
         command = request.command
         fua = bool(request.flags & FUA_BIT)
         if command == Command.READ:
+            # getattr, not isinstance(FileReads): a runtime protocol check costs ~15 us.
+            locate = getattr(device, "read_location", None)
             if (
-                self._sendfile_fd is not None
+                locate is not None
+                and self._sendfile_fd is not None
                 and request.length >= (self.server.sendfile_min or 0)
-                and isinstance(device, FileReads)
-                and self._send_from_file(request, device)
+                and self._send_from_file(request, locate)
             ):
                 self._count_read(export.name, request.length)
                 return None, b""
@@ -864,7 +866,9 @@ class _Connection(asyncio.Protocol):
         stats.bytes_read += nbytes
         stats.bytes_read_by_export[export] = stats.bytes_read_by_export.get(export, 0) + nbytes
 
-    def _send_from_file(self, request: Request, device: FileReads) -> bool:
+    def _send_from_file(
+        self, request: Request, locate: Callable[[int, int], tuple[int, int] | None]
+    ) -> bool:
         """Answer a READ from the file holding its bytes (see the module docstring);
         False, with nothing sent, when it cannot be (the caller reads as usual)."""
         transport = self.transport
@@ -873,7 +877,7 @@ class _Connection(asyncio.Protocol):
             return False
         if transport.get_write_buffer_size():  # queued replies go first
             return False
-        where = device.read_location(request.offset, request.length)
+        where = locate(request.offset, request.length)
         if where is None:
             return False
         fd, pos = where

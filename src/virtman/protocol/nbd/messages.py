@@ -85,6 +85,9 @@ class ExportInfo:
 #: Room a receive buffer offers for one read (``get_buffer``): a 256 KiB chunk and its
 #: reply header arrive in one or two reads rather than four (the loop's default is 64 KiB).
 RECEIVE_ROOM = 256 * 1024 + 64
+#: Size of a buffer read into: several reads' room, so that moving the unparsed tail of a
+#: message to the front (up to a chunk) happens once per several chunks, not per read.
+RECEIVE_CAPACITY = 8 * RECEIVE_ROOM
 
 
 class ReceiveBuffer:
@@ -118,7 +121,7 @@ class ReceiveBuffer:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Writable room after the buffered bytes (at least ``sizehint`` bytes and at
         least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``."""
-        self._reserve(max(sizehint, RECEIVE_ROOM))
+        self._reserve(max(sizehint, RECEIVE_ROOM), RECEIVE_CAPACITY)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -128,7 +131,8 @@ class ReceiveBuffer:
                                      f"{len(self._buf) - self._end} bytes of room")
         self._end += nbytes
 
-    def _reserve(self, n: int) -> None:
+    def _reserve(self, n: int, capacity: int = 0) -> None:
+        """Make room for ``n`` more bytes; a new array has at least ``capacity``."""
         if len(self._buf) - self._end >= n:
             return
         live = self._end - self._pos
@@ -137,7 +141,7 @@ class ReceiveBuffer:
             view = memoryview(self._buf)
             view[:live] = view[self._pos : self._end]
         else:
-            grown = bytearray(max(live + n, 2 * len(self._buf)))
+            grown = bytearray(max(live + n, 2 * len(self._buf), capacity))
             grown[:live] = memoryview(self._buf)[self._pos : self._end]
             self._buf = grown
         self._pos, self._end = 0, live
