@@ -35,13 +35,14 @@ Limits on clients (all named in ``limits.py``, all constructor arguments):
 Warm reads without Python copies: a READ of at least ``sendfile_min`` bytes (named limit
 ``SENDFILE_MIN_BYTES``) on a plaintext connection, from a device that can say where the
 range lies in a file (``read_location``, see ``virtman.device.FileReads``: a cache whose
-chunks are all ready), is answered with the reply header written to the socket and the bytes sent from the file
-with ``os.sendfile``, so they never pass through a Python object. Only when nothing else
-is queued on the transport (``get_write_buffer_size() == 0``), since these writes bypass
-it: replies never interleave. Whatever the socket does not take at once is read from the
-file and queued on the transport as usual. TLS connections cannot use sendfile (the bytes
-are encrypted in the process) and keep the buffered path, as do small reads and devices
-without files.
+chunks are all ready), is answered with the reply header written to the socket and the
+bytes sent from the file with ``os.sendfile``, so they never pass through a Python
+object. Only when nothing else is queued on the transport (``get_write_buffer_size() ==
+0``), since these writes bypass it: replies never interleave. Whatever the socket does
+not take at once is read from the file and queued on the transport as usual. A failure
+once part of a reply is out closes the connection (an error reply would be read as
+payload). TLS connections cannot use sendfile (the bytes are encrypted in the process)
+and keep the buffered path, as do small reads and devices without files.
 
 TLS (``tls=TlsFiles``): the codec runs in FORCEDTLS mode (every option before
 STARTTLS is refused ``NBD_REP_ERR_TLS_REQD``). After the STARTTLS ACK is written the
