@@ -103,7 +103,7 @@ def test_bench_nbd_relays_against_nbdkit_cache(tmp_path: Path) -> None:
     require("qemu-nbd", "nbdkit", "nbdcopy", "fio")
     out = tmp_path / "bench.json"
     run = subprocess.run(
-        [sys.executable, "-m", "virtman", "bench", "nbd", "--size", "16M", "--repeat", "1",
+        [sys.executable, "-m", "virtman", "bench", "nbd", "--size", "16M", "--repeat", "2",
          "--seconds", "1", "--ramp-seconds", "0", "--numjobs", "1", "--no-single-conn",
          "--servers", "virtman-relay,nbdkit-relay", "--tmpdir", str(tmp_path),
          "--json", str(out)],
@@ -118,6 +118,9 @@ def test_bench_nbd_relays_against_nbdkit_cache(tmp_path: Path) -> None:
     assert versus["cold"] > 0 and versus["warm"] > 0 and versus["iops_4k"] > 0
     assert re.search(r"virtman-relay vs nbdkit-relay: cold \d+\.\d\dx, warm \d+\.\d\dx, "
                      r"4k \d+\.\d\dx, CPU/GiB (\d+\.\d\d|n/a)x", run.stdout), run.stdout
+    # Two cold fills per relay (--repeat 2), each by a fresh relay over an empty cache.
+    assert len(re.findall(r"relay cold read \(cache fill\): [\d,]+ MB/s \(runs: [\d,]+, [\d,]+\)",
+                          run.stdout)) == 2, run.stdout
     # Both relays read the same origin: a qemu-nbd, started once for each.
     origins = [c for c in doc["commands"] if c.startswith("qemu-nbd ")]
     assert len(origins) == 2, doc["commands"]

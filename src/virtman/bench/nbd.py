@@ -7,7 +7,8 @@ Servers (select with ``--servers``):
 * ``virtman``       -- ``python -m virtman serve FILE --read-only``.
 * ``virtman-relay`` -- a virtman caching relay (``serve --upstream ... --cache-dir ...``) in
   front of a qemu-nbd origin (as above, on its own socket).  Its cold fill (one full sequential
-  read through the empty cache, which also warms it) is timed before the warm measurements.
+  read through the empty cache) is timed ``--repeat`` times, each by a fresh relay over an
+  empty cache; the last fill leaves the cache warm for the warm measurements.
 * ``nbdkit-relay``  -- the C peer doing the same job: ``nbdkit --filter=cache nbd`` with
   ``cache-on-read=true`` in front of the same kind of qemu-nbd origin, its cache in the temp
   dir; cold fill timed the same way.  The run prints how virtman-relay compares with it
@@ -464,6 +465,8 @@ class BenchContext:
     timeout: float
     virtman_env: dict[str, str] = field(default_factory=dict)
     tls: BenchTls | None = None
+    cold_repeat: int = 1  # cold fills per relay (fresh relay, empty cache each)
+    stat: str = "median"
 
 
 @dataclass
@@ -603,7 +606,7 @@ class Running:
     uri: str
     servers: list[Server]
     front: Server  # the server the clients read (a relay, not its origin)
-    cold: dict[str, float] | None = None  # a relay's cold fill: seconds, CPU seconds
+    cold: dict[str, float] | None = None  # a relay's cold fill: MB/s, CPU seconds
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.front.child.pid)
@@ -654,23 +657,37 @@ def running(name: str, ctx: BenchContext) -> Iterator[Running]:
                     ctx.virtman_env,
                 )
             cache_dir = ctx.workdir / f"{base}-cache"
-            cache_dir.mkdir(exist_ok=True)
             stack.callback(shutil.rmtree, cache_dir, True)
-            if base == RELAY:
-                argv = virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock, extra)
-                srv = launch(f"{name}/relay", argv, sock, ctx.virtman_env)
-            else:
-                argv = nbdkit_relay_argv(origin_sock, sock)
-                srv = launch(f"{name}/relay", argv, sock, nbdkit_relay_env(cache_dir))
-            # The cold fill: one full sequential read through the empty cache, which also
-            # warms it for the measurements that follow.
-            cpu0 = process_cpu_seconds(srv.child.pid)
-            t = run_checked(
-                ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, f"{name} cold fill"
-            )
-            cold = {"seconds": t, "cpu_seconds": process_cpu_seconds(srv.child.pid) - cpu0}
+            # The cold fill: a full sequential read through an empty cache, ``--repeat``
+            # times, each by a fresh relay over an emptied cache dir (the origin stays up).
+            # The last one's cache stays warm for the measurements that follow.
+            fills: list[tuple[float, float]] = []  # (seconds, CPU seconds)
+            srv = origin
+            for attempt in range(ctx.cold_repeat):
+                if attempt:
+                    stop_server(srv)
+                    servers.remove(srv)
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                cache_dir.mkdir()
+                if base == RELAY:
+                    argv = virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock, extra)
+                    srv = launch(f"{name}/relay", argv, sock, ctx.virtman_env)
+                else:
+                    argv = nbdkit_relay_argv(origin_sock, sock)
+                    srv = launch(f"{name}/relay", argv, sock, nbdkit_relay_env(cache_dir))
+                cpu0 = process_cpu_seconds(srv.child.pid)
+                t = run_checked(
+                    ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, f"{name} cold fill"
+                )
+                fills.append((t, process_cpu_seconds(srv.child.pid) - cpu0))
+            rates = [ctx.file_size / t / 1e6 for t, _ in fills]
+            cold = {
+                "mb_s": pick(rates, ctx.stat),
+                "cpu_seconds": statistics.median(c for _, c in fills),
+            }
             print(
-                f"  relay cold read (cache fill): {ctx.file_size / t / 1e6:,.0f} MB/s, "
+                f"  relay cold read (cache fill): {cold['mb_s']:,.0f} MB/s (runs: "
+                f"{', '.join(f'{r:,.0f}' for r in rates)}), "
                 f"{_fmt(cpu_per_gib(cold['cpu_seconds'], ctx.file_size), '.2f')} CPU s/GiB",
                 flush=True,
             )
@@ -1048,7 +1065,7 @@ def bench_server(
         try:
             r["uri"] = run.uri
             if run.cold is not None:
-                r["cold_mb_s"] = ctx.file_size / run.cold["seconds"] / 1e6
+                r["cold_mb_s"] = run.cold["mb_s"]
                 r["cold_cpu_seconds"] = run.cold["cpu_seconds"]
                 r["cpu_s_per_gib_cold"] = cpu_per_gib(run.cold["cpu_seconds"], ctx.file_size)
             r["nbdcopy"] = nbdcopy_warmup(run.uri, ctx.log, ctx.timeout)
@@ -1162,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         read_whole_file(test_file)
         ctx = BenchContext(
-            test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env()
+            test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env(),
+            cold_repeat=args.repeat, stat=args.stat,
         )
         if any(name.endswith(TLS_SUFFIX) for name in servers):
             ctx.tls = make_bench_tls(workdir)
