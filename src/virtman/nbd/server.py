@@ -874,7 +874,9 @@ class _Connection(asyncio.Protocol):
         False, with nothing sent, when it cannot be (the caller reads as usual)."""
         transport = self.transport
         sock_fd = self._sendfile_fd
-        if transport is None or sock_fd is None or self._closed:
+        # A closing transport may have closed its socket already, and the descriptor's
+        # number may belong to another file by now: never write to it then.
+        if transport is None or sock_fd is None or self._closed or transport.is_closing():
             return False
         if transport.get_write_buffer_size():  # queued replies go first
             return False
