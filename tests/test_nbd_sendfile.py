@@ -7,6 +7,7 @@ writes to the socket beside the transport, so it must agree with both transports
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 from collections.abc import Awaitable, Callable
@@ -47,11 +48,14 @@ async def cached_server(tmp: Path, tls: TlsFiles | None = None
     return data, cache, server, sock
 
 
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
 @pytest.mark.parametrize("loop", sorted(LOOPS))
-def test_warm_reads_go_out_with_sendfile_and_are_exact(tmp_path: Path, loop: str) -> None:
+def test_warm_reads_go_out_with_sendfile_and_are_exact(
+        tmp_path: Path, loop: str, structured: bool) -> None:
     async def scenario() -> None:
         data, cache, server, sock = await cached_server(tmp_path)
-        client = await NbdClient.connect(NbdAddress("img", socket=sock))
+        client = await NbdClient.connect(NbdAddress("img", socket=sock),
+                                         structured_replies=structured)
         try:
             await cache.read(0, 8 * CHUNK)  # chunks 0-7 ready
             assert await client.read(CHUNK + 5, 4 * CHUNK) == data[CHUNK + 5 : 5 * CHUNK + 5]
@@ -159,3 +163,25 @@ def test_nbdcopy_reads_a_warm_cache_exactly(tmp_path: Path) -> None:
 
     run_on("uvloop", scenario)
     assert shutil.which("nbdcopy")
+
+
+async def test_read_location_only_for_ranges_whose_chunks_are_all_ready(tmp_path: Path) -> None:
+    data = image_bytes(SIZE)
+    cache = CachedDevice(MemoryDevice(data=data, read_only=True), tmp_path / "cache",
+                         chunk_size=CHUNK)
+    await cache.open()
+    try:
+        assert cache.read_location(0, CHUNK) is None
+        await cache.read(0, 2 * CHUNK)
+        hits = cache.stats.extra.get("hits", 0)
+        where = cache.read_location(100, 2 * CHUNK - 100)
+        assert where is not None
+        fd, pos = where
+        assert os.pread(fd, 2 * CHUNK - 100, pos) == data[100 : 2 * CHUNK]
+        assert cache.stats.extra["hits"] == hits + 1  # counted as the read it stands for
+        assert cache.read_location(CHUNK, 2 * CHUNK) is None  # chunk 2 is not ready
+        assert cache.read_location(0, 0) is None
+        assert cache.read_location(SIZE - 10, 20) is None  # past the end
+        assert cache.stats.extra["hits"] == hits + 1
+    finally:
+        await cache.close()
