@@ -12,7 +12,7 @@ failing storage raises ``DeviceError``.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 
 class Device(Protocol):
@@ -39,7 +39,6 @@ class Device(Protocol):
     def describe(self) -> str: ...
 
 
-@runtime_checkable
 class FileReads(Protocol):
     """Optional, beside ``Device``: a device whose reads can be served from a file.
 
@@ -48,6 +47,8 @@ class FileReads(Protocol):
     read as served (its statistics); it returns None (and counts nothing) otherwise, and
     the caller reads as usual. The caller must send the bytes before it next yields to
     the event loop: the descriptor is only guaranteed open, and the range held, until
-    then. A server uses this for ``sendfile`` (``virtman.nbd.server``)."""
+    then. A server uses this for ``sendfile`` (``virtman.nbd.server``); it looks the
+    method up with ``getattr``, as a runtime protocol check would cost more than the
+    read."""
 
     def read_location(self, offset: int, length: int) -> tuple[int, int] | None: ...

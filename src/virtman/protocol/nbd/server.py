@@ -612,9 +612,7 @@ class ServerConnection:
     # --- replies --------------------------------------------------------------------------
 
     def reply(self, request: Request, data: bytes | bytearray | memoryview | None = None) -> bytes:
-        """The header of a successful reply; the caller sends ``data`` (READ) after it.
-        A READ whose bytes the caller sends from elsewhere (sendfile) passes ``data=None``
-        and uses ``read_reply_header``."""
+        """The header of a successful reply; the caller sends ``data`` (READ) after it."""
         if self.structured_replies:
             if request.command == Command.READ:
                 assert data is not None
