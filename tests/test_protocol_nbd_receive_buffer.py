@@ -98,3 +98,39 @@ def test_client_codec_reads_large_structured_replies_read_into_in_place() -> Non
         replies.append(event)
     assert {r.cookie: r.data for r in replies} == expected
     assert all(r.error == 0 for r in replies)
+
+
+def test_receive_buffer_grows_while_streaming_and_gives_room_back_when_idle() -> None:
+    rng = random.Random(2)
+    buf = ReceiveBuffer()
+    keep: list[memoryview] = []
+    header = struct.Struct(">I")
+    pending: list[int] = []
+
+    def parse() -> None:
+        while True:
+            if not pending:
+                fields = buf.unpack(header)
+                if fields is None:
+                    return
+                pending.append(fields[0])
+            if buf.take(pending[0]) is None:
+                return
+            pending.pop()
+
+    # Replies streaming in, reads ending mid-message: the unparsed tail is often large,
+    # so the buffer grows rather than moving it to the front on every read.
+    for _ in range(12):
+        read_into(buf, header.pack(300_000) + rng.randbytes(300_000), rng, keep)
+        parse()
+    read_into(buf, header.pack(5000) + rng.randbytes(4000), rng, keep)  # one incomplete
+    parse()
+    buf.release()  # bytes still buffered: nothing given back
+    assert len(buf) == 4004 - 4 and pending == [5000]
+    read_into(buf, rng.randbytes(1000), rng, keep)
+    parse()
+    assert len(buf) == 0 and not pending
+    grown = len(buf.get_buffer(-1))  # all parsed: the whole array is room
+    assert grown > 2 * RECEIVE_ROOM
+    buf.release()
+    assert len(buf.get_buffer(-1)) == RECEIVE_ROOM  # back to one read's room

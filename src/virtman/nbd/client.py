@@ -130,6 +130,7 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.codec.buffer_updated(nbytes)
         self._process()
+        self.codec.release_buffer()
 
     def data_received(self, data: bytes) -> None:
         # Transports that do not know buffered protocols call this instead.

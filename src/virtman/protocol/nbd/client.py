@@ -173,6 +173,12 @@ class ClientConnection:
     def buffer_updated(self, nbytes: int) -> None:
         self._buf.buffer_updated(nbytes)
 
+    def release_buffer(self) -> None:
+        """Give back receive room grown while replies streamed in, once nothing is
+        outstanding or buffered (an idle connection keeps no megabytes)."""
+        if not self._outstanding:
+            self._buf.release()
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()

@@ -85,9 +85,13 @@ class ExportInfo:
 #: Room a receive buffer offers for one read (``get_buffer``): a 256 KiB chunk and its
 #: reply header arrive in one or two reads rather than four (the loop's default is 64 KiB).
 RECEIVE_ROOM = 256 * 1024 + 64
-#: Size of a buffer read into: several reads' room, so that moving the unparsed tail of a
-#: message to the front (up to a chunk) happens once per several chunks, not per read.
+#: What a buffer read into may grow to while replies stream in: several reads' room, so
+#: that moving the unparsed tail of a message (up to a chunk) to the front happens once
+#: per several chunks, not per read. A client with one request at a time never needs it
+#: (its buffer empties after each reply), and an idle one gives it back (``release``).
 RECEIVE_CAPACITY = 8 * RECEIVE_ROOM
+#: An unparsed tail up to this size is moved to the front rather than the buffer grown.
+_CHEAP_MOVE = 64 * 1024
 
 
 class ReceiveBuffer:
@@ -121,7 +125,7 @@ class ReceiveBuffer:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Writable room after the buffered bytes (at least ``sizehint`` bytes and at
         least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``."""
-        self._reserve(max(sizehint, RECEIVE_ROOM), RECEIVE_CAPACITY)
+        self._reserve(max(sizehint, RECEIVE_ROOM), grow_to=RECEIVE_CAPACITY)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -131,17 +135,26 @@ class ReceiveBuffer:
                                      f"{len(self._buf) - self._end} bytes of room")
         self._end += nbytes
 
-    def _reserve(self, n: int, capacity: int = 0) -> None:
-        """Make room for ``n`` more bytes; a new array has at least ``capacity``."""
-        if len(self._buf) - self._end >= n:
+    def release(self) -> None:
+        """Give back a buffer grown past one read's room, if nothing is buffered (an idle
+        connection should not hold megabytes)."""
+        if self._pos == self._end and len(self._buf) > 2 * RECEIVE_ROOM:
+            self._buf = bytearray()
+            self._pos = self._end = 0
+
+    def _reserve(self, n: int, grow_to: int = 0) -> None:
+        """Make room for ``n`` more bytes. With ``grow_to``, a large unparsed tail makes
+        the array grow (doubling, up to ``grow_to``) rather than move to the front."""
+        cap = len(self._buf)
+        if cap - self._end >= n:
             return
         live = self._end - self._pos
-        if self._pos and len(self._buf) - live >= n:
+        if self._pos and cap - live >= n and (live <= _CHEAP_MOVE or cap >= grow_to):
             # Slice assignment of equal size: a memmove, never a resize.
             view = memoryview(self._buf)
             view[:live] = view[self._pos : self._end]
         else:
-            grown = bytearray(max(live + n, 2 * len(self._buf), capacity))
+            grown = bytearray(max(live + n, min(2 * cap, grow_to) if grow_to else 2 * cap))
             grown[:live] = memoryview(self._buf)[self._pos : self._end]
             self._buf = grown
         self._pos, self._end = 0, live
