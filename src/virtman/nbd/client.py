@@ -281,6 +281,9 @@ class NbdClient:
         #: Seconds ``close()`` waits for the server to close its side after DISC.
         self.disconnect_wait = DISCONNECT_WAIT_SECONDS
         self.status = ClientStatus.READY
+        #: The loop the connection lives on; requests use it rather than calling
+        #: get_running_loop(), which costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
         protocol.on_lost = self._lost
         if protocol.error is not None or transport.is_closing():
             self.status = ClientStatus.CLOSED  # lost between the handshake and here
@@ -359,7 +362,7 @@ class NbdClient:
                 address=str(self.address),
             )
         cookie, header = self._codec.request(command, offset, length, flags, data)
-        waiter: asyncio.Future[ReplyReceived] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[ReplyReceived] = self._loop.create_future()
         protocol.waiters[cookie] = waiter
         if data is None:
             self._transport.write(header)
@@ -367,7 +370,7 @@ class NbdClient:
             self._transport.writelines((header, data))
         timer = None
         if self.request_timeout is not None:
-            timer = asyncio.get_running_loop().call_later(
+            timer = self._loop.call_later(
                 self.request_timeout, self._expire, cookie, waiter, command, offset, length
             )
         try:

@@ -781,7 +781,8 @@ class _Connection(asyncio.Protocol):
         except BaseException:
             coro.close()
             raise
-        task = asyncio.get_running_loop().create_task(_finish(coro, first))
+        # self._loop, not get_running_loop(): that costs a getpid() system call per call.
+        task = self._loop.create_task(_finish(coro, first))
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
 
