@@ -37,3 +37,18 @@ class Device(Protocol):
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
 
     def describe(self) -> str: ...
+
+
+class FileReads(Protocol):
+    """Optional, beside ``Device``: a device whose reads can be served from a file.
+
+    ``read_location(offset, length)`` returns ``(fd, file_offset)`` when the whole range
+    is held, checked, at ``file_offset`` of the open descriptor ``fd``, and counts the
+    read as served (its statistics); it returns None (and counts nothing) otherwise, and
+    the caller reads as usual. The caller must send the bytes before it next yields to
+    the event loop: the descriptor is only guaranteed open, and the range held, until
+    then. A server uses this for ``sendfile`` (``virtman.nbd.server``); it looks the
+    method up with ``getattr``, as a runtime protocol check would cost more than the
+    read."""
+
+    def read_location(self, offset: int, length: int) -> tuple[int, int] | None: ...

@@ -37,6 +37,11 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 #: net.core.wmem_max/rmem_max). Large buffers let one write hold a whole 256 KiB-4 MiB
 #: reply, so a reply costs one system call instead of several wakeups.
 SOCKET_BUFFER_BYTES = 4 * MiB
+#: READ replies of at least this many bytes, from a device that can say where the bytes
+#: lie in a file (a warm cache), go out with sendfile(2) on plaintext connections: one
+#: copy in the kernel instead of a pread into Python and a write back. Smaller replies
+#: stay on the buffered path, where many of them leave in one writev per loop turn.
+SENDFILE_MIN_BYTES = 64 * KiB
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 #: Connections one NBD server holds at once (in the handshake or past it); a client over

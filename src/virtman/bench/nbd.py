@@ -5,9 +5,15 @@ Servers (select with ``--servers``):
 * ``qemu-nbd``      -- qemu-nbd, read-only, persistent, up to 8 clients, cache=writeback.
 * ``nbdkit``        -- ``nbdkit file``, read-only.
 * ``virtman``       -- ``python -m virtman serve FILE --read-only``.
-* ``virtman-relay`` -- a virtman origin as above plus a virtman caching relay in front of it
-  (``serve --upstream ... --cache-dir ...``); the relay is warmed with one full sequential read
-  before it is measured.
+* ``virtman-relay`` -- a virtman caching relay (``serve --upstream ... --cache-dir ...``) in
+  front of a qemu-nbd origin (as above, on its own socket).  Its cold fill (one full sequential
+  read through the empty cache) is timed ``--repeat`` times, each by a fresh relay over an
+  empty cache; the last fill leaves the cache warm for the warm measurements.
+* ``nbdkit-relay``  -- the C peer doing the same job: ``nbdkit --filter=cache nbd`` with
+  ``cache-on-read=true`` in front of the same kind of qemu-nbd origin, its cache in the temp
+  dir; cold fill timed the same way.  The run prints how virtman-relay compares with it
+  ("virtman-relay vs nbdkit-relay: cold, warm, 4k, CPU/GiB") and stores that in the JSON
+  (``relay_vs_nbdkit``).
 * ``virtman+tls``, ``virtman-relay+tls`` -- the same two with TLS (``--tls-cert/--tls-key/
   --tls-ca``, client certificates required; the relay reads its origin over TLS too). ``--tls``
   adds each right after its plaintext twin, so the two are measured in the same run, and
@@ -31,6 +37,11 @@ Measurements, per server:
    iodepth=64``, time based, for each ``--numjobs`` value (each fio job is one NBD connection).
    If fio lacks the nbd engine, falls back to ``nbdcopy --request-size=4096 URI null:`` over the
    whole export and reports that as "4k sequential-request IOPS".
+
+3. CPU: the front server process's user+system CPU (``/proc/PID/stat`` utime+stime, before and
+   after) over the cold fill and over the timed warm sequential reads, as CPU seconds per GiB
+   read (``cpu_s_per_gib_cold``, ``cpu_s_per_gib_warm``, and ``cpu_s_per_gib`` over both).  The
+   origin of a relay is not counted: it is the same qemu-nbd for both relays.
 
 MB/s means 10**6 bytes per second.  Ratios are relative to qemu-nbd measured in the same run.
 
@@ -72,11 +83,14 @@ from virtman.limits import (
 )
 from virtman.protocol.uri import NbdAddress, parse_nbd_uri
 
-ALL_SERVERS: tuple[str, ...] = ("qemu-nbd", "nbdkit", "virtman", "virtman-relay")
+ALL_SERVERS: tuple[str, ...] = (
+    "qemu-nbd", "nbdkit", "virtman", "virtman-relay", "nbdkit-relay")
 #: TLS twins of the virtman servers (``--tls`` adds them; ``--servers`` may name them).
 TLS_SUFFIX = "+tls"
 TLS_SERVERS: tuple[str, ...] = ("virtman+tls", "virtman-relay+tls")
 BASELINE = "qemu-nbd"
+#: The relay comparison: ours against the C peer doing the same job.
+RELAY, PEER_RELAY = "virtman-relay", "nbdkit-relay"
 EXPORT_NAME = "bench"
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +327,23 @@ def read_whole_file(path: Path) -> None:
             pass
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (``/proc/PID/stat``)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            stat = f.read()
+    except OSError as exc:
+        raise BenchError(f"cannot read the CPU time of process {pid}: {exc}") from exc
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_gib(cpu_seconds: float, nbytes: int) -> float | None:
+    return cpu_seconds / (nbytes / (1 << 30)) if nbytes > 0 else None
+
+
 # ---------------------------------------------------------------------------------------------
 # server process management
 
@@ -349,7 +380,9 @@ def start_server(
     env: dict[str, str] | None = None,
     tls_dir: Path | None = None,
 ) -> Server:
-    log.add(argv)
+    tmpdir = (env or {}).get("TMPDIR")
+    log.add(["env", f"TMPDIR={tmpdir}", *argv] if env and tmpdir != os.environ.get("TMPDIR")
+            else argv)  # nbdkit-relay's cache place is in its environment
     log_path = workdir / (re.sub(r"[^A-Za-z0-9._-]", "_", label) + ".stderr")
     try:
         # die_with_parent: the kernel SIGTERMs the server if the harness dies without
@@ -432,6 +465,8 @@ class BenchContext:
     timeout: float
     virtman_env: dict[str, str] = field(default_factory=dict)
     tls: BenchTls | None = None
+    cold_repeat: int = 1  # cold fills per relay (fresh relay, empty cache each)
+    stat: str = "median"
 
 
 @dataclass
@@ -502,6 +537,31 @@ def nbdkit_argv(file: Path, socket_path: Path) -> list[str]:
     ]
 
 
+def nbdkit_relay_argv(origin_socket: Path, socket_path: Path) -> list[str]:
+    """nbdkit's nbd plugin reading ``origin_socket`` behind its cache filter, which keeps
+    what is read (``cache-on-read``) in a file under ``$TMPDIR`` (nbdkit 1.32 has no
+    ``cachedir`` parameter; see ``nbdkit_relay_env``)."""
+    return [
+        "nbdkit",
+        "--readonly",
+        "--foreground",
+        "-U",
+        str(socket_path),
+        "--exportname",
+        EXPORT_NAME,
+        "--filter=cache",
+        "nbd",
+        f"socket={origin_socket}",
+        f"export={EXPORT_NAME}",
+        "cache-on-read=true",
+    ]
+
+
+def nbdkit_relay_env(cache_dir: Path) -> dict[str, str]:
+    """nbdkit's environment: its cache filter makes its (unlinked) cache file in TMPDIR."""
+    return {**os.environ, "TMPDIR": str(cache_dir)}
+
+
 def virtman_origin_argv(
     python: str, file: Path, socket_path: Path, extra: Sequence[str] = ()
 ) -> list[str]:
@@ -545,6 +605,11 @@ class Running:
     name: str
     uri: str
     servers: list[Server]
+    front: Server  # the server the clients read (a relay, not its origin)
+    cold: dict[str, float] | None = None  # a relay's cold fill: MB/s, CPU seconds
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.front.child.pid)
 
     def deaths(self) -> list[str]:
         return [d for s in self.servers if (d := s.describe_death()) is not None]
@@ -579,33 +644,58 @@ def running(name: str, ctx: BenchContext) -> Iterator[Running]:
             srv = launch(
                 name, virtman_origin_argv(ctx.python, ctx.file, sock, extra), sock, ctx.virtman_env
             )
-        elif base == "virtman-relay":
-            origin_sock = ctx.workdir / "virtman-origin.sock"
-            origin = launch(
-                f"{name}/origin",
-                virtman_origin_argv(ctx.python, ctx.file, origin_sock, extra),
-                origin_sock,
-                ctx.virtman_env,
-            )
-            cache_dir = ctx.workdir / "relay-cache"
-            cache_dir.mkdir(exist_ok=True)
+        elif base in (RELAY, PEER_RELAY):
+            origin_sock = ctx.workdir / f"{base}-origin.sock"
+            if tls is None:  # both relays read the same kind of origin: qemu-nbd
+                origin = launch(f"{name}/origin", qemu_nbd_argv(ctx.file, origin_sock),
+                                origin_sock, None)
+            else:  # a TLS relay reads its origin over TLS: a virtman one with the same certs
+                origin = launch(
+                    f"{name}/origin",
+                    virtman_origin_argv(ctx.python, ctx.file, origin_sock, extra),
+                    origin_sock,
+                    ctx.virtman_env,
+                )
+            cache_dir = ctx.workdir / f"{base}-cache"
             stack.callback(shutil.rmtree, cache_dir, True)
-            srv = launch(
-                f"{name}/relay",
-                virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock, extra),
-                sock,
-                ctx.virtman_env,
-            )
-            # Warm the relay cache: one full sequential read through it (not measured).
-            t = run_checked(
-                ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, f"{name} cache warm-up"
-            )
+            # The cold fill: a full sequential read through an empty cache, ``--repeat``
+            # times, each by a fresh relay over an emptied cache dir (the origin stays up).
+            # The last one's cache stays warm for the measurements that follow.
+            fills: list[tuple[float, float]] = []  # (seconds, CPU seconds)
+            srv = origin
+            for attempt in range(ctx.cold_repeat):
+                if attempt:
+                    stop_server(srv)
+                    servers.remove(srv)
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+                cache_dir.mkdir()
+                if base == RELAY:
+                    argv = virtman_relay_argv(ctx.python, origin.uri, cache_dir, sock, extra)
+                    srv = launch(f"{name}/relay", argv, sock, ctx.virtman_env)
+                else:
+                    argv = nbdkit_relay_argv(origin_sock, sock)
+                    srv = launch(f"{name}/relay", argv, sock, nbdkit_relay_env(cache_dir))
+                cpu0 = process_cpu_seconds(srv.child.pid)
+                t = run_checked(
+                    ["nbdcopy", srv.uri, "null:"], ctx.log, ctx.timeout, f"{name} cold fill"
+                )
+                fills.append((t, process_cpu_seconds(srv.child.pid) - cpu0))
+            rates = [ctx.file_size / t / 1e6 for t, _ in fills]
+            cold = {
+                "mb_s": pick(rates, ctx.stat),
+                "cpu_seconds": statistics.median(c for _, c in fills),
+            }
             print(
-                f"  relay cold read (cache fill): {ctx.file_size / t / 1e6:,.0f} MB/s", flush=True
+                f"  relay cold read (cache fill): {cold['mb_s']:,.0f} MB/s (runs: "
+                f"{', '.join(f'{r:,.0f}' for r in rates)}), "
+                f"{_fmt(cpu_per_gib(cold['cpu_seconds'], ctx.file_size), '.2f')} CPU s/GiB",
+                flush=True,
             )
+            yield Running(name, srv.uri, servers, srv, cold)
+            return
         else:  # pragma: no cover - guarded by argument parsing
             raise BenchError(f"unknown server {name!r}")
-        yield Running(name, srv.uri, servers)
+        yield Running(name, srv.uri, servers, srv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,7 +866,7 @@ def print_table(
     headers = ["server", f"seq MB/s ({stat})", "ratio", "seq 1-conn MB/s", "conns"]
     if iops_label == "fio":
         headers += [f"4k IOPS j={n}" for n in numjobs]
-    headers += ["4k IOPS", "ratio"]
+    headers += ["4k IOPS", "ratio", "cold MB/s", "CPU s/GiB"]
     rows: list[list[str]] = []
     for name, r in results.items():
         if r.get("error"):
@@ -793,7 +883,8 @@ def print_table(
         if iops_label == "fio":
             by = r.get("iops_4k_by_numjobs") or {}
             row += [_fmt(by.get(str(n)), ",.0f") for n in numjobs]
-        row += [_fmt(r["iops_4k"], ",.0f"), _fmt(r["iops_ratio"], ".2f")]
+        row += [_fmt(r["iops_4k"], ",.0f"), _fmt(r["iops_ratio"], ".2f"),
+                _fmt(r.get("cold_mb_s"), ",.0f"), _fmt(r.get("cpu_s_per_gib"), ".2f")]
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     print(
@@ -829,6 +920,30 @@ def tls_costs(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float |
             "iops_4k": ratio(r.get("iops_4k"), plain.get("iops_4k")),
         }
     return costs
+
+
+def relay_comparison(results: dict[str, dict[str, Any]]) -> dict[str, float | None] | None:
+    """virtman-relay's figures over nbdkit-relay's, of the same run (cold and warm MB/s, 4k
+    IOPS: above 1.0 is faster; CPU per GiB: below 1.0 is cheaper); None unless both ran."""
+    ours, peer = results.get(RELAY), results.get(PEER_RELAY)
+    if ours is None or peer is None or ours.get("error") or peer.get("error"):
+        return None
+    return {
+        "cold": ratio(ours.get("cold_mb_s"), peer.get("cold_mb_s")),
+        "warm": ratio(ours.get("seq_mb_s"), peer.get("seq_mb_s")),
+        "iops_4k": ratio(ours.get("iops_4k"), peer.get("iops_4k")),
+        "cpu_per_gib": ratio(ours.get("cpu_s_per_gib"), peer.get("cpu_s_per_gib")),
+        "cpu_per_gib_cold": ratio(ours.get("cpu_s_per_gib_cold"), peer.get("cpu_s_per_gib_cold")),
+        "cpu_per_gib_warm": ratio(ours.get("cpu_s_per_gib_warm"), peer.get("cpu_s_per_gib_warm")),
+    }
+
+
+def format_relay_comparison(c: dict[str, float | None]) -> str:
+    return (
+        f"{RELAY} vs {PEER_RELAY}: cold {_fmt(c['cold'], '.2f')}x, warm {_fmt(c['warm'], '.2f')}x,"
+        f" 4k {_fmt(c['iops_4k'], '.2f')}x, CPU/GiB {_fmt(c['cpu_per_gib'], '.2f')}x"
+        f" (cold {_fmt(c['cpu_per_gib_cold'], '.2f')}x, warm {_fmt(c['cpu_per_gib_warm'], '.2f')}x)"
+    )
 
 
 def print_tls_costs(costs: dict[str, dict[str, float | None]]) -> None:
@@ -924,9 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _required_tools(servers: Sequence[str], iops_tool: str) -> list[str]:
     tools = ["nbdinfo", "nbdcopy"]
-    if "qemu-nbd" in servers:
-        tools.append("qemu-nbd")
-    if "nbdkit" in servers:
+    if {"qemu-nbd", RELAY, PEER_RELAY} & set(servers):
+        tools.append("qemu-nbd")  # the plaintext relays' origin too
+    if {"nbdkit", PEER_RELAY} & set(servers):
         tools.append("nbdkit")
     if iops_tool == "fio":
         tools.append("fio")
@@ -949,13 +1064,24 @@ def bench_server(
     with running(name, ctx) as run:
         try:
             r["uri"] = run.uri
+            if run.cold is not None:
+                r["cold_mb_s"] = run.cold["mb_s"]
+                r["cold_cpu_seconds"] = run.cold["cpu_seconds"]
+                r["cpu_s_per_gib_cold"] = cpu_per_gib(run.cold["cpu_seconds"], ctx.file_size)
             r["nbdcopy"] = nbdcopy_warmup(run.uri, ctx.log, ctx.timeout)
+            cpu0 = run.cpu_seconds()
             samples = measure_seq(run.uri, ctx.file_size, args.repeat, ctx.log, ctx.timeout)
+            warm_cpu = run.cpu_seconds() - cpu0
             r["seq_mb_s_samples"] = samples
             r["seq_mb_s"] = pick(samples, args.stat)
+            r["warm_cpu_seconds"] = warm_cpu
+            r["cpu_s_per_gib_warm"] = cpu_per_gib(warm_cpu, ctx.file_size * args.repeat)
+            read = ctx.file_size * (args.repeat + (1 if run.cold is not None else 0))
+            r["cpu_s_per_gib"] = cpu_per_gib(warm_cpu + r.get("cold_cpu_seconds", 0.0), read)
             print(
                 f"  seq read: {r['seq_mb_s']:,.0f} MB/s  (runs: "
-                f"{', '.join(f'{s:,.0f}' for s in samples)}; nbdcopy {r['nbdcopy']})",
+                f"{', '.join(f'{s:,.0f}' for s in samples)}; nbdcopy {r['nbdcopy']}), "
+                f"{_fmt(r['cpu_s_per_gib_warm'], '.2f')} CPU s/GiB",
                 flush=True,
             )
             if args.single_conn:
@@ -1053,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         read_whole_file(test_file)
         ctx = BenchContext(
-            test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env()
+            test_file, file_size, workdir, args.python, log, args.timeout, _virtman_env(),
+            cold_repeat=args.repeat, stat=args.stat,
         )
         if any(name.endswith(TLS_SUFFIX) for name in servers):
             ctx.tls = make_bench_tls(workdir)
@@ -1087,12 +1214,16 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, args.numjobs, iops_method, args.stat)
     costs = tls_costs(results)
     print_tls_costs(costs)
+    versus = relay_comparison(results)
+    if versus is not None:
+        print("\n" + format_relay_comparison(versus))
 
     doc: dict[str, Any] = {
         "machine": info,
         "file_size": file_size,
         "results": results,
         "tls_vs_plaintext": costs,
+        "relay_vs_nbdkit": versus,
         "commands": log.commands,
         "settings": {
             "servers": servers,

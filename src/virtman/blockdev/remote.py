@@ -103,16 +103,14 @@ class PathStats:
 class _Path:
     def __init__(self, address: NbdAddress, fallback: bool) -> None:
         self.address = address
+        #: The path's URI, built once: requests look paths up by it.
+        self.key = address.uri()
         self.fallback = fallback
         self.state = PathState.CONNECTING
         self.client: NbdClient | None = None
         self.stats = PathStats()
         self.last_error = ""
         self.reconnect_task: asyncio.Task[None] | None = None
-
-    @property
-    def key(self) -> str:
-        return self.address.uri()
 
     @property
     def outstanding(self) -> int:
@@ -428,7 +426,7 @@ class RemoteDevice(BlockDevice):
         Paths whose key is in ``avoid`` are not used at all.
         """
         failures: list[str] = []
-        avoided = {id(p) for p in self._paths if p.key in avoid}
+        avoided = {id(p) for p in self._paths if p.key in avoid} if avoid else set()
         for _ in range(self.max_rounds):
             tried: set[int] = set(avoided)
             while True:

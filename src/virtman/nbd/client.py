@@ -92,7 +92,12 @@ class ClientStatus(enum.Enum):
     CLOSED = "closed"  # closed by us, by the server, or broken (``error`` says why)
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """A buffered protocol: the loop reads replies straight into the codec's receive
+    buffer (``get_buffer``), so a chunk's bytes are copied once in Python, where the
+    codec takes them out, not once per read into a new ``bytes`` and once more into the
+    codec (see ``ReceiveBuffer``)."""
+
     def __init__(
         self,
         codec: ClientConnection,
@@ -119,9 +124,21 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         set_socket_buffers(self.transport)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.codec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.codec.buffer_updated(nbytes)
+        self._process()
+        self.codec.release_buffer()
+
     def data_received(self, data: bytes) -> None:
+        # Transports that do not know buffered protocols call this instead.
+        self.codec.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
         codec = self.codec
-        codec.receive_data(data)
         try:
             while True:
                 event = codec.next_event()
@@ -264,6 +281,9 @@ class NbdClient:
         #: Seconds ``close()`` waits for the server to close its side after DISC.
         self.disconnect_wait = DISCONNECT_WAIT_SECONDS
         self.status = ClientStatus.READY
+        #: The loop the connection lives on; requests use it rather than calling
+        #: get_running_loop(), which costs a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
         protocol.on_lost = self._lost
         if protocol.error is not None or transport.is_closing():
             self.status = ClientStatus.CLOSED  # lost between the handshake and here
@@ -342,7 +362,7 @@ class NbdClient:
                 address=str(self.address),
             )
         cookie, header = self._codec.request(command, offset, length, flags, data)
-        waiter: asyncio.Future[ReplyReceived] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[ReplyReceived] = self._loop.create_future()
         protocol.waiters[cookie] = waiter
         if data is None:
             self._transport.write(header)
@@ -350,7 +370,7 @@ class NbdClient:
             self._transport.writelines((header, data))
         timer = None
         if self.request_timeout is not None:
-            timer = asyncio.get_running_loop().call_later(
+            timer = self._loop.call_later(
                 self.request_timeout, self._expire, cookie, waiter, command, offset, length
             )
         try:

@@ -165,6 +165,20 @@ class ClientConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buf.feed(data)
 
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room to read received bytes into (instead of ``receive_data``); then call
+        ``buffer_updated`` with how many were read. See ``ReceiveBuffer``."""
+        return self._buf.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._buf.buffer_updated(nbytes)
+
+    def release_buffer(self) -> None:
+        """Give back receive room grown while replies streamed in, once nothing is
+        outstanding or buffered (an idle connection keeps no megabytes)."""
+        if not self._outstanding:
+            self._buf.release()
+
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
@@ -476,12 +490,20 @@ class ClientConnection:
             limit = 4 + 8 * 65536
         if length > limit:
             raise self._fail(f"reply chunk of {length} bytes for a request of {out.length}")
+        if kind == ChunkType.OFFSET_DATA:
+            # The offset and the data are taken apart: the data is copied once, not
+            # taken with its offset and sliced again.
+            if len(self._buf) < length:
+                return NEED_DATA
+            if length < 8:
+                raise self._fail("OFFSET_DATA chunk too short")
+            (offset,) = self._buf.unpack(U64) or (0,)
+            self._place(out, offset, self._buf.take(length - 8) or b"", cookie)
+            return self._chunk_done(flags, out, cookie)
         payload = self._buf.take(length)
         if payload is None:
             return NEED_DATA
-        if kind == ChunkType.OFFSET_DATA:
-            self._place(out, payload[8:], payload, cookie)
-        elif kind == ChunkType.OFFSET_HOLE:
+        if kind == ChunkType.OFFSET_HOLE:
             if length != 12:
                 raise self._fail("OFFSET_HOLE chunk of wrong length")
             (offset, size) = struct.unpack(">QI", payload)
@@ -508,6 +530,10 @@ class ClientConnection:
             out.message = payload[6 : 6 + mlen].decode(errors="replace")
         else:
             raise self._fail(f"unknown reply chunk type {kind}")
+        return self._chunk_done(flags, out, cookie)
+
+    def _chunk_done(self, flags: int, out: _Outstanding, cookie: int) -> ReplyReceived | None:
+        """The reply once its last chunk (DONE) is in, else None."""
         if not flags & DONE_BIT:
             return None
         del self._outstanding[cookie]
@@ -522,10 +548,7 @@ class ClientConnection:
         if offset < out.offset or offset + size > out.offset + out.length:
             raise self._fail(f"chunk {offset}+{size} outside request {out.offset}+{out.length}")
 
-    def _place(self, out: _Outstanding, data: bytes, payload: bytes, cookie: int) -> None:
-        if len(payload) < 8:
-            raise self._fail("OFFSET_DATA chunk too short")
-        (offset,) = U64.unpack_from(payload)
+    def _place(self, out: _Outstanding, offset: int, data: bytes, cookie: int) -> None:
         self._check_range(out, offset, len(data), cookie)
         if out.data is None and offset == out.offset and len(data) == out.length:
             out.data = data  # the common case, one chunk holds everything: no copy

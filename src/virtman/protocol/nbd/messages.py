@@ -82,56 +82,109 @@ class ExportInfo:
         return bool(self.flags & TransmissionFlag.READ_ONLY)
 
 
+#: Room a receive buffer offers for one read (``get_buffer``): a 256 KiB chunk and its
+#: reply header arrive in one or two reads rather than four (the loop's default is 64 KiB).
+RECEIVE_ROOM = 256 * 1024 + 64
+#: What a buffer read into may grow to while replies stream in: several reads' room, so
+#: that moving the unparsed tail of a message (up to a chunk) to the front happens once
+#: per several chunks, not per read. A client with one request at a time never needs it
+#: (its buffer empties after each reply), and an idle one gives it back (``release``).
+RECEIVE_CAPACITY = 8 * RECEIVE_ROOM
+#: An unparsed tail up to this size is moved to the front rather than the buffer grown.
+_CHEAP_MOVE = 64 * 1024
+
+
 class ReceiveBuffer:
     """Bytes received and not yet parsed.
 
-    Consumed bytes are dropped lazily (one slice per many messages) so that parsing a
-    stream of small requests costs no quadratic copying.
+    The bytes live in ``_buf[_pos:_end]``; the rest of ``_buf`` is room. A transport can
+    read straight into that room (``get_buffer``/``buffer_updated``: asyncio's
+    ``BufferedProtocol``), so a received payload is copied once, by ``take``, instead of
+    into a ``bytes`` per read, then here, then out again. ``_buf`` is never resized in
+    place, since a view ``get_buffer`` handed out may still be alive: consumed bytes are
+    dropped by moving the unparsed tail to the front (cheap: once everything buffered is
+    parsed, which is the common case, nothing moves), and growing makes a new array.
     """
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_end", "_pos")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
 
     def __len__(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._reserve(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable room after the buffered bytes (at least ``sizehint`` bytes and at
+        least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``."""
+        self._reserve(max(sizehint, RECEIVE_ROOM), grow_to=RECEIVE_CAPACITY)
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the view ``get_buffer`` returned."""
+        if nbytes < 0 or self._end + nbytes > len(self._buf):
+            raise LocalProtocolError(f"{nbytes} bytes read into a receive buffer with "
+                                     f"{len(self._buf) - self._end} bytes of room")
+        self._end += nbytes
+
+    def release(self) -> None:
+        """Give back a buffer grown past one read's room, if nothing is buffered (an idle
+        connection should not hold megabytes)."""
+        if self._pos == self._end and len(self._buf) > 2 * RECEIVE_ROOM:
+            self._buf = bytearray()
+            self._pos = self._end = 0
+
+    def _reserve(self, n: int, grow_to: int = 0) -> None:
+        """Make room for ``n`` more bytes. With ``grow_to``, a large unparsed tail makes
+        the array grow (doubling, up to ``grow_to``) rather than move to the front."""
+        cap = len(self._buf)
+        if cap - self._end >= n:
+            return
+        live = self._end - self._pos
+        if self._pos and cap - live >= n and (live <= _CHEAP_MOVE or cap >= grow_to):
+            # Slice assignment of equal size: a memmove, never a resize.
+            view = memoryview(self._buf)
+            view[:live] = view[self._pos : self._end]
+        else:
+            grown = bytearray(max(live + n, min(2 * cap, grow_to) if grow_to else 2 * cap))
+            grown[:live] = memoryview(self._buf)[self._pos : self._end]
+            self._buf = grown
+        self._pos, self._end = 0, live
 
     def unpack(self, fmt: struct.Struct) -> tuple[int, ...] | None:
         """Parse one fixed header, or return None (consuming nothing) if incomplete."""
-        if len(self._buf) - self._pos < fmt.size:
+        if self._end - self._pos < fmt.size:
             return None
         values = fmt.unpack_from(self._buf, self._pos)
-        self._pos += fmt.size
+        self._advance(fmt.size)
         return values
 
     def take(self, n: int) -> bytes | None:
         """Remove and return exactly n bytes, or None if fewer are buffered."""
-        if len(self._buf) - self._pos < n:
+        if self._end - self._pos < n:
             return None
-        data = bytes(self._buf[self._pos : self._pos + n])
-        self._pos += n
-        self._compact()
+        data = bytes(memoryview(self._buf)[self._pos : self._pos + n])  # one copy
+        self._advance(n)
         return data
 
     def discard(self, n: int) -> int:
         """Drop up to n bytes; return how many were dropped."""
-        k = min(n, len(self._buf) - self._pos)
-        self._pos += k
-        self._compact()
+        k = min(n, self._end - self._pos)
+        self._advance(k)
         return k
 
-    def _compact(self) -> None:
-        if self._pos >= 65536 and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
+    def _advance(self, n: int) -> None:
+        self._pos += n
+        if self._pos == self._end:  # all parsed: the whole array is room again
+            self._pos = self._end = 0
 
 
 def encode_string(text: str) -> bytes:

@@ -635,6 +635,20 @@ class ServerConnection:
             raise LocalProtocolError(f"READ reply without {request.length} bytes of data")
         return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
 
+    def read_reply_header(self, request: Request) -> bytes:
+        """The header of a successful READ reply whose ``request.length`` bytes the
+        caller sends after it from elsewhere (a file, with sendfile)."""
+        if request.command != Command.READ:
+            raise LocalProtocolError(f"read reply header for {request.name}")
+        if not request.length:
+            return self.reply(request, b"")
+        if self.structured_replies:
+            return STRUCTURED_HEADER.pack(
+                STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.OFFSET_DATA, request.cookie,
+                8 + request.length,
+            ) + U64.pack(request.offset)
+        return SIMPLE_REPLY_HEADER.pack(SIMPLE_REPLY_MAGIC, 0, request.cookie)
+
     def block_status_reply(self, request: Request, extents: list[tuple[int, int]]) -> bytes:
         """A BLOCK_STATUS reply for ``base:allocation``: (length, state flags) pairs."""
         if not extents:
