@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import array
 import bisect
+import collections
 import heapq
 import math
 import time
@@ -128,6 +129,20 @@ DEFAULT_LINK_RATE = 125_000_000.0
 DEFAULT_RTT = 0.0004
 #: The paper's iSCSI attach time per tree level.
 DEFAULT_ATTACH_DELAY = 10.0
+
+#: Relay models: "store-and-forward" relays a chunk once it is held whole (as the agent
+#: does); "cut-through" as its bytes arrive (the counterfactual of issue 11, section 3).
+RELAYS = ("store-and-forward", "cut-through")
+#: Where a host sends its prefetch requests: to its parents in turn, as its demand
+#: reads ("round-robin"), or to its first (tree) parent only ("primary").
+PREFETCH_FROM = ("round-robin", "primary")
+#: Prefetch request size and bytes in flight per host: the defaults of the agent's
+#: PREFETCH_BATCH_BYTES and PREFETCH_INFLIGHT_BYTES, so model and testbed compare.
+DEFAULT_PREFETCH_BATCH_BYTES = 4 * MiB
+DEFAULT_PREFETCH_INFLIGHT_BYTES = 16 * MiB
+#: Queued prefetch transfers a sender looks past to find a receiver whose downlink is
+#: free (a bound on the work of one event; the queue is FIFO otherwise).
+_PREFETCH_SCAN = 32
 
 #: ``have`` value of a chunk a host neither holds nor fetches.
 _ABSENT = math.inf
@@ -167,6 +182,24 @@ class BootPattern:
     @property
     def reads(self) -> int:
         return sum(len(chunks) for _, chunks in self.batches)
+
+
+def profile_of(*patterns: BootPattern) -> tuple[int, ...]:
+    """The boot profile of one or more boots: the union of the chunks they read, each
+    at its earliest first read (time from the boot's start), in that order.
+
+    This is what the agents record (the cache sees every miss, in order) and Volt merges.
+    Ties keep the order of the patterns given, then of the reads.
+    """
+    first: dict[int, float] = {}
+    for pattern in patterns:
+        now = 0.0
+        for gap, chunks in pattern.batches:
+            now += gap
+            for c in chunks:
+                if now < first.get(c, math.inf):
+                    first[c] = now
+    return tuple(sorted(first, key=first.__getitem__))
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -302,6 +335,21 @@ class SimConfig:
     pattern: BootPattern | None = None
     #: One of ``NETWORKS``.
     network: str = "switch"
+    #: ``virtman`` mode only: every host prefetches the boot profile from t = 0.
+    prefetch: bool = False
+    #: The boot profile (chunk indices, in the order of their first read); None for
+    #: ``profile_of(pattern)``. Only read with ``prefetch``.
+    profile: tuple[int, ...] | None = None
+    #: Most bytes one prefetch request asks for (a run of adjacent profile chunks).
+    prefetch_batch_bytes: int = DEFAULT_PREFETCH_BATCH_BYTES
+    #: Most prefetch bytes a host has asked for and not yet received.
+    prefetch_inflight_bytes: int = DEFAULT_PREFETCH_INFLIGHT_BYTES
+    #: Cap on one host's prefetch requests, in bytes per second; 0 for none.
+    prefetch_rate: float = 0.0
+    #: One of ``PREFETCH_FROM``: which parents a host's prefetch requests go to.
+    prefetch_from: str = "round-robin"
+    #: One of ``RELAYS``: when a parent may start relaying a chunk it is still receiving.
+    relay: str = "store-and-forward"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -322,6 +370,26 @@ class SimConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value}")
         if self.working_set > self.image_size:
             raise ConfigError("the working set cannot be larger than the image")
+        if self.prefetch_from not in PREFETCH_FROM:
+            raise ConfigError(
+                f"prefetch from {self.prefetch_from!r} is not one of {', '.join(PREFETCH_FROM)}"
+            )
+        if self.relay not in RELAYS:
+            raise ConfigError(f"relay {self.relay!r} is not one of {', '.join(RELAYS)}")
+        if self.prefetch and self.mode != "virtman":
+            raise ConfigError(f"prefetch is a virtman mode feature, not one of {self.mode} mode")
+        for name in ("prefetch_batch_bytes", "prefetch_inflight_bytes"):
+            if getattr(self, name) < self.chunk_size:
+                raise ConfigError(
+                    f"{name} must be at least one chunk ({self.chunk_size}),"
+                    f" not {getattr(self, name)}"
+                )
+        if not self.prefetch_rate >= 0 or math.isinf(self.prefetch_rate):
+            raise ConfigError(
+                f"prefetch rate must be a finite number >= 0, not {self.prefetch_rate}"
+            )
+        if self.profile is not None and any(c < 0 for c in self.profile):
+            raise ConfigError("profile chunk indices must be >= 0")
 
     @property
     def parents_per_node(self) -> int:
@@ -331,6 +399,11 @@ class SimConfig:
         if self.pattern is not None:
             return self.pattern
         return synthetic_pattern(self.chunk_size, self.working_set, self.boot_seconds)
+
+    def boot_profile(self) -> tuple[int, ...]:
+        if self.profile is not None:
+            return tuple(dict.fromkeys(self.profile))
+        return profile_of(self.boot_pattern())
 
 
 @dataclass
@@ -353,6 +426,8 @@ class SimResult:
     parent_misses: int
     wall_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Chunks (image indices) that some host received by a prefetch transfer.
+    prefetched_chunks: frozenset[int] = frozenset()
 
     @property
     def all_booted_seconds(self) -> float:
@@ -374,7 +449,10 @@ class SimResult:
         cfg = self.config
         b, t, w = cfg.link_rate, self.single_vm_seconds, self.working_set_bytes
         if cfg.mode in TREE_MODES:
-            return max(t, w / b) + self.depth * (cfg.chunk_size / b + cfg.rtt)
+            # Store and forward: every level waits for the whole chunk; cut-through:
+            # only the first hop does, each further level costs its round trip.
+            hops = self.depth if cfg.relay == "store-and-forward" else 1
+            return max(t, w / b) + hops * cfg.chunk_size / b + self.depth * cfg.rtt
         if cfg.mode == "star":
             m, n = cfg.vms_per_host, cfg.hosts
             return max(t + m * cfg.chunk_size / b + cfg.rtt, n * m * w / b + cfg.rtt)
@@ -426,6 +504,14 @@ class SimResult:
             extra["demand_floor_seconds"] = self.demand_floor_seconds
             extra["fanout"] = cfg.fanout
             extra["parents_per_node"] = cfg.parents_per_node
+        if cfg.prefetch:
+            extra["prefetch"] = True
+            extra["prefetch_batch_bytes"] = cfg.prefetch_batch_bytes
+            extra["prefetch_inflight_bytes"] = cfg.prefetch_inflight_bytes
+            extra["prefetch_rate"] = cfg.prefetch_rate
+            extra["prefetch_from"] = cfg.prefetch_from
+        if cfg.relay != "store-and-forward":
+            extra["relay"] = cfg.relay
         if cfg.mode == "paper":
             extra["attach_delay_seconds"] = cfg.attach_delay
             extra["attach_seconds"] = self.depth * cfg.attach_delay
@@ -492,20 +578,39 @@ def _topology(cfg: SimConfig) -> tuple[list[list[int]], list[int], int]:
     return parents, levels, tree.depth
 
 
+def _by_level(values: list[float], levels: list[int]) -> list[float]:
+    """The largest value among the hosts of each level, level 1 first."""
+    out: list[float] = []
+    for value, level in zip(values, levels, strict=True):
+        while len(out) < level:
+            out.append(0.0)
+        out[level - 1] = max(out[level - 1], value)
+    return out
+
+
 def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     """The event loop of the star, paper and virtman modes.
 
-    Two kinds of events, in a heap of (time, tag): tag h < N issues host h's next
-    batch; tag N + key, key = h*n + c, is "host h now holds chunk c" for hosts that
-    wait on it (only pushed when someone waits). A transfer whose sender already holds
-    the chunk is reserved at once; the receiver's arrival time is then known and needs
-    no event, unless someone waits on it.
+    Kinds of events, in a heap of (time, tag): tag h < N issues host h's next batch;
+    tag N + key, key = h*n + c, is "host h now holds chunk c (for relaying)" for hosts
+    that wait on it (only pushed when someone waits). A transfer whose sender already
+    holds the chunk is reserved at once; the receiver's arrival time is then known and
+    needs no event, unless someone waits on it. With prefetch, three more: a sender's
+    uplink picks its next queued prefetch transfer, a host issues prefetch requests
+    (after a rate cap's wait), and a prefetch request's last chunk arrived.
     """
     parents, levels, depth = _topology(cfg)
     hosts = cfg.hosts
     origin = hosts
-    # Chunks renumbered densely 0..n-1 (only equality matters to the model).
-    dense = {c: i for i, c in enumerate(sorted({c for _, cs in pattern.batches for c in cs}))}
+    prefetch = cfg.prefetch
+    profile_chunks = cfg.boot_profile() if prefetch else ()
+    # Chunks renumbered densely 0..n-1 (only equality matters to the model); profile
+    # chunks no boot reads are numbered after the pattern's.
+    pattern_chunks = sorted({c for _, cs in pattern.batches for c in cs})
+    dense = {c: i for i, c in enumerate(pattern_chunks)}
+    for c in profile_chunks:
+        dense.setdefault(c, len(dense))
+    original = list(dense)
     n = max(1, len(dense))
     gaps = [g for g, _ in pattern.batches]
     reads = [tuple(dense[c] for c in dict.fromkeys(cs)) for _, cs in pattern.batches]
@@ -515,7 +620,12 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     duration = size / cfg.link_rate
     rtt = cfg.rtt
     coupled = cfg.network == "coupled"
+    # How long before a parent holds a chunk whole it may start relaying it.
+    lead = duration if cfg.relay == "cut-through" else 0.0
     base = hosts  # tag offset of "holds" events
+    serve_base = base + hosts * n  # a sender's uplink serves its prefetch queue
+    pump_base = serve_base + hosts + 1  # a host issues prefetch requests
+    release_base = pump_base + hosts  # a prefetch request completed
 
     # Per (host, chunk): when the host holds it, or _ABSENT / _PENDING.
     have = array.array("d", [_ABSENT]) * (hosts * n)
@@ -533,6 +643,31 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     push, pop = heapq.heappush, heapq.heappop
     misses = 0
 
+    # Prefetch state (empty when prefetch is off).
+    profile = [dense[c] for c in profile_chunks]
+    adjacent = [i > 0 and profile_chunks[i] == profile_chunks[i - 1] + 1
+                for i in range(len(profile_chunks))]
+    batch_chunks = max(1, cfg.prefetch_batch_bytes // cfg.chunk_size)
+    inflight_limit = cfg.prefetch_inflight_bytes
+    rate = cfg.prefetch_rate
+    primary_only = cfg.prefetch_from == "primary"
+    pf_pos = [0] * hosts  # next profile index to ask for
+    pf_inflight = [0] * hosts  # bytes asked for and not yet received
+    pf_rate_next = [0.0] * hosts  # earliest time of the next request under the rate cap
+    pump_at = [-1.0] * hosts  # time of the pump event the rate cap has pushed
+    pf_from: dict[int, int] = {}  # key -> sender, for prefetch chunks not yet sent
+    pf_request_of: dict[int, int] = {}  # key -> prefetch request id
+    pf_requests: dict[int, list[Any]] = {}  # id -> [host, bytes, chunks left, last arrival]
+    pf_waiters: dict[int, list[int]] = {}  # parent key -> children whose prefetch waits
+    pf_queued: set[int] = set()  # keys queued at their sender's uplink
+    pf_out: list[collections.deque[tuple[int, int]]] = [
+        collections.deque() for _ in range(hosts + 1)] if prefetch else []
+    serve_at = [math.inf] * (hosts + 1)
+    pf_received = [0] * hosts  # bytes each host received by prefetch transfers
+    prefetched: set[int] = set()  # dense chunks moved by prefetch transfers
+    promoted = 0
+    next_request = 0
+
     def next_batch(h: int, end: float) -> None:
         i = batch_index[h] + 1
         if i > last_batch:
@@ -541,8 +676,23 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             batch_index[h] = i
             push(heap, (end + gaps[i], h))
 
+    def arrived(y: int, c: int, arrival: float) -> None:
+        """Host y will hold chunk c at ``arrival``: wake whoever waits on it."""
+        key = y * n + c
+        have[key] = arrival
+        # Children waited while y's own fetch was pending.
+        if key in waiters or key in pf_waiters:
+            push(heap, (arrival - lead, base + key))
+        if key in lead_waiting:
+            lead_waiting.discard(key)
+            if arrival > batch_end[y]:
+                batch_end[y] = arrival
+            outstanding[y] -= 1
+            if outstanding[y] == 0:
+                next_batch(y, batch_end[y])
+
     def send(x: int, y: int, c: int, now: float) -> None:
-        """Reserve the transfer of chunk c from x to y, ready now."""
+        """Reserve the (demand) transfer of chunk c from x to y, ready now."""
         start = now
         u = up_free[x]
         if u > start:
@@ -561,18 +711,28 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             end = start + duration
         down_free[y] = end
         sent[x] += size
-        arrival = end + rtt
-        key = y * n + c
-        have[key] = arrival
-        if key in waiters:  # children waited while y's own fetch was pending
-            push(heap, (arrival, base + key))
-        if key in lead_waiting:
-            lead_waiting.discard(key)
-            if arrival > batch_end[y]:
-                batch_end[y] = arrival
-            outstanding[y] -= 1
-            if outstanding[y] == 0:
-                next_batch(y, batch_end[y])
+        arrived(y, c, end + rtt)
+
+    def expedite(h: int, c: int, now: float) -> None:
+        """Demand wants chunk c at h, which prefetch has asked for: it goes first.
+
+        Queued at the sender: taken out of the queue and sent as a demand transfer.
+        Waiting for a parent that has not got it: the parent's own prefetch of it (if
+        queued) is expedited, and the relay to h is sent as demand when it arrives
+        (the "holds" event checks for demand).
+        """
+        nonlocal promoted
+        key = h * n + c
+        p = pf_from.get(key)
+        if p is None:
+            return
+        if key in pf_queued:
+            promoted += 1
+            pf_queued.discard(key)
+            send(p, h, c, now)
+            request_done(key)
+        elif p != origin:
+            expedite(p, c, now)
 
     def fetch(h: int, c: int, now: float) -> None:
         """Host h starts fetching chunk c, which it neither holds nor fetches."""
@@ -590,7 +750,10 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             misses += 1
             fetch(p, c, now)
             ready = have[pkey]
-        if ready <= now:
+        elif ready == _PENDING and prefetch:
+            expedite(p, c, now)
+            ready = have[pkey]
+        if ready - lead <= now:
             send(p, h, c, now)
             return
         have[h * n + c] = _PENDING
@@ -598,13 +761,154 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         if ws is None:
             waiters[pkey] = [h]
             if ready < _PENDING:
-                push(heap, (ready, base + pkey))
+                push(heap, (ready - lead, base + pkey))
         else:
             ws.append(h)
+
+    # --- prefetch ----------------------------------------------------------------------
+
+    def request_done(key: int) -> None:
+        """A prefetch chunk was sent (by either class); its request may be complete."""
+        del pf_from[key]
+        rid = pf_request_of.pop(key)
+        request = pf_requests[rid]
+        request[2] -= 1
+        arrival = have[key]
+        if arrival > request[3]:
+            request[3] = arrival
+        if request[2] == 0:
+            push(heap, (request[3], release_base + rid))
+
+    def schedule_serve(p: int, when: float) -> None:
+        if when < serve_at[p]:
+            serve_at[p] = when
+            push(heap, (when, serve_base + p))
+
+    def enqueue(p: int, h: int, c: int, now: float) -> None:
+        """p holds chunk c (for relaying): queue its prefetch transfer to h."""
+        pf_queued.add(h * n + c)
+        pf_out[p].append((h, c))
+        schedule_serve(p, max(now, up_free[p]))
+
+    def serve(p: int, now: float) -> None:
+        """p's uplink is idle at ``now``: send one queued prefetch chunk, if any may go.
+
+        One chunk at a time, and only on idle links (the sender's uplink and the
+        receiver's downlink), so a demand transfer reserved later waits at most for
+        the one prefetch chunk on the wire, never for the queue.
+        """
+        serve_at[p] = math.inf
+        queue = pf_out[p]
+        if up_free[p] > now:
+            if queue:
+                schedule_serve(p, up_free[p])
+            return
+        while queue and queue[0][0] * n + queue[0][1] not in pf_queued:
+            queue.popleft()  # expedited as demand meanwhile
+        pick = -1
+        retry = math.inf
+        for i in range(min(len(queue), _PREFETCH_SCAN)):
+            y, c = queue[i]
+            if y * n + c not in pf_queued:
+                continue
+            if down_free[y] <= now:
+                pick = i
+                break
+            retry = min(retry, down_free[y])
+        if pick < 0:
+            if retry < math.inf:
+                schedule_serve(p, retry)
+            return
+        y, c = queue[pick]
+        del queue[pick]
+        key = y * n + c
+        pf_queued.discard(key)
+        end = now + duration
+        up_free[p] = end
+        down_free[y] = end
+        sent[p] += size
+        pf_received[y] += size
+        prefetched.add(c)
+        arrived(y, c, end + rtt)
+        request_done(key)
+        if queue:
+            schedule_serve(p, end)
+
+    def prefetch_request(h: int, p: int, c: int, now: float, rid: int) -> None:
+        """h asks p for chunk c as prefetch. A parent that lacks it fetches it as demand
+        (its own parents serve it ahead of prefetch); h's copy comes as prefetch."""
+        nonlocal misses
+        key = h * n + c
+        have[key] = _PENDING
+        pf_from[key] = p
+        pf_request_of[key] = rid
+        if p == origin:
+            enqueue(p, h, c, now)
+            return
+        pkey = p * n + c
+        ready = have[pkey]
+        if ready == _ABSENT:
+            misses += 1
+            fetch(p, c, now)
+            ready = have[pkey]
+        if ready - lead <= now:
+            enqueue(p, h, c, now)
+            return
+        ws = pf_waiters.get(pkey)
+        if ws is None:
+            pf_waiters[pkey] = [h]
+            if ready < _PENDING:
+                push(heap, (ready - lead, base + pkey))
+        else:
+            ws.append(h)
+
+    def pump(h: int, now: float) -> None:
+        """Ask for the next profile chunks h lacks, a request of adjacent chunks at a
+        time, while the bytes in flight and the rate cap allow."""
+        nonlocal next_request
+        row = h * n
+        i = pf_pos[h]
+        end = len(profile)
+        while i < end:
+            if have[row + profile[i]] != _ABSENT:
+                i += 1
+                continue
+            if rate and pf_rate_next[h] > now:
+                if pump_at[h] != pf_rate_next[h]:
+                    pump_at[h] = pf_rate_next[h]
+                    push(heap, (pf_rate_next[h], pump_base + h))
+                break
+            j = i + 1
+            while (j < end and j - i < batch_chunks and adjacent[j]
+                   and have[row + profile[j]] == _ABSENT):
+                j += 1
+            nbytes = (j - i) * cfg.chunk_size
+            if pf_inflight[h] and pf_inflight[h] + nbytes > inflight_limit:
+                break
+            pf_inflight[h] += nbytes
+            if rate:
+                pf_rate_next[h] = max(now, pf_rate_next[h]) + nbytes / rate
+            rid = next_request
+            next_request += 1
+            pf_requests[rid] = [h, nbytes, j - i, 0.0]
+            ps = parents[h]
+            if ps and primary_only:
+                p = ps[0]
+            elif ps:
+                p = ps[turn[h] % len(ps)]
+                turn[h] += 1
+            else:
+                p = origin
+            for k in range(i, j):
+                prefetch_request(h, p, profile[k], now, rid)
+            i = j
+        pf_pos[h] = i
 
     for h in range(hosts):
         start = levels[h] * cfg.attach_delay if cfg.mode == "paper" else 0.0
         push(heap, (start + gaps[0], h))
+        if prefetch:
+            push(heap, (0.0, pump_base + h))
 
     events = 0
     while heap:
@@ -621,6 +925,9 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
                 if t == _ABSENT:
                     fetch(h, c, now)
                     t = have[key]
+                elif t == _PENDING and prefetch:
+                    expedite(h, c, now)
+                    t = have[key]
                 if t < _PENDING:
                     if t > end:
                         end = t
@@ -632,12 +939,42 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
                 batch_end[h] = end
             else:
                 next_batch(h, end)
-        else:
+        elif tag < serve_base:
             key = tag - base
             p, c = divmod(key, n)
-            for child in waiters.pop(key):
+            for child in waiters.pop(key, ()):
                 send(p, child, c, now)
+            for child in pf_waiters.pop(key, ()):
+                ckey = child * n + c
+                if ckey in lead_waiting or ckey in waiters:
+                    # Demand arrived for it while it waited: it goes as demand.
+                    promoted += 1
+                    send(p, child, c, now)
+                    request_done(ckey)
+                else:
+                    enqueue(p, child, c, now)
+        elif tag < pump_base:
+            p = tag - serve_base
+            if serve_at[p] == now:
+                serve(p, now)
+        elif tag < release_base:
+            pump(tag - pump_base, now)
+        else:
+            h, nbytes = pf_requests.pop(tag - release_base)[:2]
+            pf_inflight[h] -= nbytes
+            pump(h, now)
 
+    extra: dict[str, Any] = {}
+    if prefetch:
+        # When each host held its whole profile (the last chunk's arrival).
+        done = [max((have[h * n + c] for c in profile), default=0.0) for h in range(hosts)]
+        extra = {
+            "prefetch_done_seconds": max(done),
+            "prefetch_done_by_level": _by_level(done, levels),
+            "prefetch_bytes": sum(pf_received),
+            "prefetch_promoted": promoted,
+            "profile_chunks": len(profile),
+        }
     return SimResult(
         config=cfg,
         finish=finish,
@@ -646,8 +983,10 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         depth=depth,
         levels=levels,
         single_vm_seconds=pattern.think_seconds,
-        working_set_bytes=len(dense) * cfg.chunk_size,
+        working_set_bytes=len(pattern_chunks) * cfg.chunk_size,
         events=events,
         parent_misses=misses,
         wall_seconds=0.0,
+        extra=extra,
+        prefetched_chunks=frozenset(original[c] for c in prefetched),
     )
