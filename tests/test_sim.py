@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from virtman.bench import calibrate
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace, parse_trace
 from virtman.results import RUN_KEYS, percentile
@@ -468,3 +469,67 @@ def test_the_relay_step_grows_with_depth_in_the_paper_setting() -> None:
             assert sf.depth == depth
             step = sf.all_booted_seconds - ct.all_booted_seconds
             assert step == pytest.approx((depth - 1) * C / rate, abs=1e-6), (rate, kw, depth)
+
+
+def test_calibration_simulates_prefetch_when_the_testbed_run_prefetched() -> None:
+    """The hook for calibrating with prefetch: a testbed document (or run) that says
+    ``prefetch`` is simulated with it, virtman mode only; one that does not, without."""
+    testbed = {
+        "kind": "testbed",
+        "settings": {"chunk_size": C, "rate": "1gbit", "working_set": 8 * MiB},
+        "runs": [],
+    }
+    run = {"mode": "virtman", "hosts": 6, "vms_per_host": 2, "single_vm_seconds": 10.0,
+           "working_set_bytes": 8 * MiB, "all_booted_seconds": 10.5}
+    off = calibrate.sim_run_for(testbed, run)
+    assert "prefetch" not in off.extra
+    with_setting = {**testbed, "settings": {**testbed["settings"], "prefetch": True}}
+    on = calibrate.sim_run_for(with_setting, run)
+    assert on.extra["prefetch"] is True
+    assert on.all_booted_seconds < off.all_booted_seconds
+    assert calibrate.sim_run_for(testbed, {**run, "prefetch": True}).extra["prefetch"]
+    assert "prefetch" not in calibrate.sim_run_for(with_setting, run, prefetch=False).extra
+    paper = calibrate.sim_run_for(with_setting, {**run, "mode": "paper", "attach_delay": 0})
+    assert "prefetch" not in paper.extra
+
+
+def test_cli_prefetch_runs_virtman_mode_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tmp_path / "sim.json"
+    args = p.parse_args([
+        "--modes", "paper,virtman", "--hosts", "6", "--vms-per-host", "2",
+        "--image-size", "64M", "--working-set", "4M", "--prefetch", "--prefetch-from",
+        "primary", "--prefetch-rate", "500mbit", "--relay", "cut-through", "--json", str(out),
+    ])
+    assert cli.run(args) == 0
+    text = capsys.readouterr().out
+    assert "prefetch (virtman mode)" in text and "x floor" in text
+    doc = json.loads(out.read_text())
+    assert "--prefetch --prefetch-batch 4M --prefetch-inflight 16M" in doc["command"]
+    assert "--prefetch-rate 500mbit --relay cut-through" in doc["command"]
+    assert doc["settings"]["prefetch"] is True
+    assert doc["settings"]["prefetch_bytes_per_second"] == 62.5e6
+    paper, virtman = doc["runs"]
+    assert "prefetch" not in paper and paper["relay"] == "cut-through"
+    assert virtman["prefetch"] is True and virtman["prefetch_from"] == "primary"
+    assert virtman["prefetch_bytes"] > 0
+    with pytest.raises(ConfigError):
+        cli.run(p.parse_args(["--prefetch", "--prefetch-batch", "64K"]))
+
+
+def test_bad_prefetch_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="virtman mode"):
+        small("paper", 3, prefetch=True)
+    with pytest.raises(ConfigError, match="relay"):
+        small("virtman", 3, relay="wormhole")
+    with pytest.raises(ConfigError, match="prefetch from"):
+        small("virtman", 3, prefetch_from="nearest")
+    with pytest.raises(ConfigError, match="prefetch_batch_bytes"):
+        small("virtman", 3, prefetch_batch_bytes=C - 1)
+    with pytest.raises(ConfigError, match="prefetch rate"):
+        small("virtman", 3, prefetch_rate=-1.0)
+    with pytest.raises(ConfigError, match="profile"):
+        small("virtman", 3, profile=(0, -1))

@@ -89,12 +89,46 @@ from the origin: T plus, for every batch that reads j chunks not read before, j 
 parent whose children asked for a chunk first can); the distance from
 ``floor_seconds`` to it is what prefetching could win.
 
+Relaying. ``relay="store-and-forward"`` (the default, as the agent relays today) is the
+above: a parent relays a chunk once it holds it whole. ``relay="cut-through"`` is the
+counterfactual of relaying a chunk as its bytes arrive: a parent may start relaying a
+chunk C/B before it holds it (when its own transfer started, plus the round trip), and
+its child still holds it no earlier than one round trip after the parent does. Each
+level below the first then costs its round trip only; the difference between the two is
+the store-and-forward step, one C/B per level (2.1 ms at 1 GbE, 0.21 ms at 10 GbE for
+256 KiB chunks).
+
+Boot profiles and prefetch (``virtman`` mode, ``prefetch=True``). The profile is the
+union of the chunks boots read, ordered by first read (``profile_of``; by default the
+pattern's own, i.e. a profile recorded from the same boot). From t = 0 every host asks
+for the profile's chunks it neither holds nor fetches, in profile order: a request is a
+run of up to ``prefetch_batch_bytes`` of chunks adjacent in the image and in the
+profile, with at most ``prefetch_inflight_bytes`` asked for and not yet received (a
+request counts until its last chunk arrived) and, if ``prefetch_rate`` is set, requests
+spaced so their bytes do not exceed it. Requests go to the origin (level 1) or to the
+parents (in turn, or the first only: ``prefetch_from``). A parent that neither holds
+nor fetches a chunk asked for fetches it as a demand read (as the agent does); a chunk
+the parent is fetching is relayed when it holds it.
+
+Demand first. A prefetch chunk is queued at its sender (FIFO, in the order the sender
+came to hold it for the request) and sent one chunk at a time, only while the sender's
+uplink and the receiver's downlink are idle, so a demand transfer reserved later waits
+at most for the one prefetch chunk on the wire (C/B), never for the queue. A demand for
+a chunk still queued as prefetch takes it out of the queue and sends it as demand at
+once (``prefetch_promoted``); one still waiting for a parent that lacks it expedites the
+parent's own queued prefetch of it, and is relayed as demand when the parent holds it.
+Bytes a host sends count in ``host_bytes_sent`` whichever the class; ``prefetch_bytes``
+is what moved as prefetch, ``prefetched_chunks`` which chunks did. The run ends when
+every host holds its profile (``prefetch_done_seconds``), after the boots.
+
 Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
 limit in the switch fabric, no disk: a cached chunk is read in no time); one round trip per request
 and no request-size limits; VMs of a host in lockstep; caches never evict; no failures
 and no tree repair; the attach delay of ``paper`` mode is a fixed D per level; the
 copy mode is closed form; writes stay local (they go to each VM's overlay) and cost
-nothing.
+nothing; prefetch is ideally prioritised at chunk granularity on every link (a real
+stream may hold more prefetch bytes ahead of a demand reply in socket buffers), and its
+requests cost no CPU.
 """
 
 from __future__ import annotations
