@@ -432,6 +432,12 @@ def test_prefetch_is_never_slower_in_the_paper_setting() -> None:
         primary = simulate(paper_setting(hosts, prefetch=True, prefetch_from="primary"))
         assert primary.parent_misses == 0
         assert primary.all_booted_seconds <= primary.floor_seconds + 0.01
+        # From both parents in turn, a child outruns the slower one; a parent that
+        # fetches those chunks as prefetch, not demand, keeps the VMs' misses first.
+        miss = simulate(paper_setting(hosts, prefetch=True, prefetch_miss="prefetch"))
+        assert miss.all_booted_seconds <= miss.floor_seconds + 0.01
+        assert miss.origin_bytes_sent == min(hosts, 2) * 300 * MiB
+        assert miss.extra["prefetch_promoted"] == 0
 
 
 def test_the_store_and_forward_step_is_one_chunk_per_level() -> None:
@@ -502,7 +508,8 @@ def test_cli_prefetch_runs_virtman_mode_only(
     args = p.parse_args([
         "--modes", "paper,virtman", "--hosts", "6", "--vms-per-host", "2",
         "--image-size", "64M", "--working-set", "4M", "--prefetch", "--prefetch-from",
-        "primary", "--prefetch-rate", "500mbit", "--relay", "cut-through", "--json", str(out),
+        "primary", "--prefetch-miss", "prefetch", "--prefetch-rate", "500mbit",
+        "--relay", "cut-through", "--json", str(out),
     ])
     assert cli.run(args) == 0
     text = capsys.readouterr().out
@@ -515,6 +522,7 @@ def test_cli_prefetch_runs_virtman_mode_only(
     paper, virtman = doc["runs"]
     assert "prefetch" not in paper and paper["relay"] == "cut-through"
     assert virtman["prefetch"] is True and virtman["prefetch_from"] == "primary"
+    assert virtman["prefetch_miss"] == "prefetch"
     assert virtman["prefetch_bytes"] > 0
     with pytest.raises(ConfigError):
         cli.run(p.parse_args(["--prefetch", "--prefetch-batch", "64K"]))
@@ -525,6 +533,8 @@ def test_bad_prefetch_settings_are_config_errors() -> None:
         small("paper", 3, prefetch=True)
     with pytest.raises(ConfigError, match="relay"):
         small("virtman", 3, relay="wormhole")
+    with pytest.raises(ConfigError, match="prefetch miss"):
+        small("virtman", 3, prefetch_miss="ignore")
     with pytest.raises(ConfigError, match="prefetch from"):
         small("virtman", 3, prefetch_from="nearest")
     with pytest.raises(ConfigError, match="prefetch_batch_bytes"):

@@ -19,6 +19,7 @@ from virtman.sim.model import (
     MODES,
     NETWORKS,
     PREFETCH_FROM,
+    PREFETCH_MISS,
     RELAYS,
     BootPattern,
     SimConfig,
@@ -118,6 +119,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-from", default=PREFETCH_FROM[0], choices=PREFETCH_FROM,
                    help="where prefetch requests go: the parents in turn (as demand reads)"
                         f" or the first parent only (default {PREFETCH_FROM[0]})")
+    p.add_argument("--prefetch-miss", default=PREFETCH_MISS[0], choices=PREFETCH_MISS,
+                   help="how a parent fetches a chunk a child's prefetch asks for and it"
+                        " lacks: as a demand read (as the agent does) or as prefetch"
+                        f" (default {PREFETCH_MISS[0]})")
     p.add_argument("--relay", default=RELAYS[0], choices=RELAYS,
                    help="when a parent relays a chunk: once held whole (store-and-forward,"
                         " as the agent does) or as its bytes arrive (cut-through)"
@@ -151,7 +156,7 @@ def _command(args: argparse.Namespace) -> str:
     if args.prefetch:
         words += ["--prefetch", "--prefetch-batch", args.prefetch_batch,
                   "--prefetch-inflight", args.prefetch_inflight,
-                  "--prefetch-from", args.prefetch_from]
+                  "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss]
         if args.prefetch_rate is not None:
             words += ["--prefetch-rate", args.prefetch_rate]
     if args.relay != RELAYS[0]:
@@ -233,13 +238,15 @@ def run(args: argparse.Namespace) -> int:
             "prefetch_inflight_bytes": inflight,
             "prefetch_bytes_per_second": prefetch_rate or None,
             "prefetch_from": args.prefetch_from,
+            "prefetch_miss": args.prefetch_miss,
         })
         cap = format_rate(prefetch_rate) if prefetch_rate else "no"
         print(
             f"prefetch (virtman mode): the profile of {pattern.distinct_chunks} chunks in"
             f" order of first read, requests of up to {format_size(batch)},"
             f" {format_size(inflight)} in flight, {cap} rate cap, from"
-            f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'}"
+            f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
+            f" a parent's miss fetched as {args.prefetch_miss}"
         )
     print(f"relay: {args.relay}")
     print(HEADER, flush=True)
@@ -267,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
                 prefetch_inflight_bytes=inflight,
                 prefetch_rate=prefetch_rate,
                 prefetch_from=args.prefetch_from,
+                prefetch_miss=args.prefetch_miss,
             )
             result = simulate(cfg).to_run()
             runs.append(result)

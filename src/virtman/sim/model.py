@@ -107,8 +107,9 @@ profile, with at most ``prefetch_inflight_bytes`` asked for and not yet received
 request counts until its last chunk arrived) and, if ``prefetch_rate`` is set, requests
 spaced so their bytes do not exceed it. Requests go to the origin (level 1) or to the
 parents (in turn, or the first only: ``prefetch_from``). A parent that neither holds
-nor fetches a chunk asked for fetches it as a demand read (as the agent does); a chunk
-the parent is fetching is relayed when it holds it.
+nor fetches a chunk asked for fetches it as a demand read (as the agent does) or, with
+``prefetch_miss="prefetch"``, as a prefetch request of its own; a chunk the parent is
+fetching is relayed when it holds it.
 
 Demand first. A prefetch chunk is queued at its sender (FIFO, in the order the sender
 came to hold it for the request) and sent one chunk at a time, only while the sender's
@@ -170,6 +171,9 @@ RELAYS = ("store-and-forward", "cut-through")
 #: Where a host sends its prefetch requests: to its parents in turn, as its demand
 #: reads ("round-robin"), or to its first (tree) parent only ("primary").
 PREFETCH_FROM = ("round-robin", "primary")
+#: How a parent fetches a chunk that a child's prefetch asks for and the parent neither
+#: holds nor fetches: as a demand read (as the agent does), or as prefetch of its own.
+PREFETCH_MISS = ("demand", "prefetch")
 #: Prefetch request size and bytes in flight per host: the defaults of the agent's
 #: PREFETCH_BATCH_BYTES and PREFETCH_INFLIGHT_BYTES, so model and testbed compare.
 DEFAULT_PREFETCH_BATCH_BYTES = 4 * MiB
@@ -382,6 +386,9 @@ class SimConfig:
     prefetch_rate: float = 0.0
     #: One of ``PREFETCH_FROM``: which parents a host's prefetch requests go to.
     prefetch_from: str = "round-robin"
+    #: One of ``PREFETCH_MISS``: how a parent fetches a chunk a child's prefetch asks
+    #: for and it lacks.
+    prefetch_miss: str = "demand"
     #: One of ``RELAYS``: when a parent may start relaying a chunk it is still receiving.
     relay: str = "store-and-forward"
 
@@ -407,6 +414,10 @@ class SimConfig:
         if self.prefetch_from not in PREFETCH_FROM:
             raise ConfigError(
                 f"prefetch from {self.prefetch_from!r} is not one of {', '.join(PREFETCH_FROM)}"
+            )
+        if self.prefetch_miss not in PREFETCH_MISS:
+            raise ConfigError(
+                f"prefetch miss {self.prefetch_miss!r} is not one of {', '.join(PREFETCH_MISS)}"
             )
         if self.relay not in RELAYS:
             raise ConfigError(f"relay {self.relay!r} is not one of {', '.join(RELAYS)}")
@@ -544,6 +555,7 @@ class SimResult:
             extra["prefetch_inflight_bytes"] = cfg.prefetch_inflight_bytes
             extra["prefetch_rate"] = cfg.prefetch_rate
             extra["prefetch_from"] = cfg.prefetch_from
+            extra["prefetch_miss"] = cfg.prefetch_miss
         if cfg.relay != "store-and-forward":
             extra["relay"] = cfg.relay
         if cfg.mode == "paper":
@@ -685,6 +697,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     inflight_limit = cfg.prefetch_inflight_bytes
     rate = cfg.prefetch_rate
     primary_only = cfg.prefetch_from == "primary"
+    miss_as_demand = cfg.prefetch_miss == "demand"
     pf_pos = [0] * hosts  # next profile index to ask for
     pf_inflight = [0] * hosts  # bytes asked for and not yet received
     pf_rate_next = [0.0] * hosts  # earliest time of the next request under the rate cap
@@ -868,9 +881,28 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         if queue:
             schedule_serve(p, end)
 
+    def new_request(h: int, nbytes: int, chunks: int) -> int:
+        nonlocal next_request
+        rid = next_request
+        next_request += 1
+        pf_requests[rid] = [h, nbytes, chunks, 0.0]
+        return rid
+
+    def sender_of(h: int) -> int:
+        """Where h's next prefetch request goes."""
+        ps = parents[h]
+        if not ps:
+            return origin
+        if primary_only:
+            return ps[0]
+        i = turn[h]
+        turn[h] = i + 1
+        return ps[i % len(ps)]
+
     def prefetch_request(h: int, p: int, c: int, now: float, rid: int) -> None:
         """h asks p for chunk c as prefetch. A parent that lacks it fetches it as demand
-        (its own parents serve it ahead of prefetch); h's copy comes as prefetch."""
+        (its own parents serve it ahead of prefetch) or, with ``prefetch_miss`` =
+        "prefetch", as prefetch; h's copy comes as prefetch."""
         nonlocal misses
         key = h * n + c
         have[key] = _PENDING
@@ -883,7 +915,13 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         ready = have[pkey]
         if ready == _ABSENT:
             misses += 1
-            fetch(p, c, now)
+            if miss_as_demand:
+                fetch(p, c, now)
+            else:
+                # The parent asks its own sender for it as prefetch: a request of its
+                # own, outside its window (it is not counted in its bytes in flight).
+                rid2 = new_request(p, 0, 1)
+                prefetch_request(p, sender_of(p), c, now, rid2)
             ready = have[pkey]
         if ready - lead <= now:
             enqueue(p, h, c, now)
@@ -899,7 +937,6 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     def pump(h: int, now: float) -> None:
         """Ask for the next profile chunks h lacks, a request of adjacent chunks at a
         time, while the bytes in flight and the rate cap allow."""
-        nonlocal next_request
         row = h * n
         i = pf_pos[h]
         end = len(profile)
@@ -922,17 +959,8 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             pf_inflight[h] += nbytes
             if rate:
                 pf_rate_next[h] = max(now, pf_rate_next[h]) + nbytes / rate
-            rid = next_request
-            next_request += 1
-            pf_requests[rid] = [h, nbytes, j - i, 0.0]
-            ps = parents[h]
-            if ps and primary_only:
-                p = ps[0]
-            elif ps:
-                p = ps[turn[h] % len(ps)]
-                turn[h] += 1
-            else:
-                p = origin
+            rid = new_request(h, nbytes, j - i)
+            p = sender_of(h)
             for k in range(i, j):
                 prefetch_request(h, p, profile[k], now, rid)
             i = j
