@@ -75,7 +75,9 @@ and forward latency of the tree:
 
 - tree modes (``paper``, ``virtman``): ``max(T, W/B) + depth*(C/B + rtt)``. The deepest
   host's first chunk crosses ``depth`` links, one chunk and one round trip each, while
-  its VM thinks T in all; so with T >= W/B no host can finish earlier. With W/B > T the
+  its VM thinks T in all; so with T >= W/B no host can finish earlier. With
+  ``relay="cut-through"`` only the first link costs a chunk:
+  ``max(T, W/B) + C/B + depth*rtt``. With W/B > T the
   true bound is C/B lower (the last chunk's own transfer is part of W/B); the origin
   also has to send min(N, d) x W, which at d >= 2 binds before W/B does
   (``egress_floor_seconds``). ``paper`` mode's attach wait (depth x D) is protocol, not
