@@ -498,8 +498,9 @@ class SimResult:
         if cfg.mode in TREE_MODES:
             # Store and forward: every level waits for the whole chunk; cut-through:
             # only the first hop does, each further level costs its round trip.
-            hops = self.depth if cfg.relay == "store-and-forward" else 1
-            return max(t, w / b) + hops * cfg.chunk_size / b + self.depth * cfg.rtt
+            if cfg.relay == "store-and-forward":
+                return max(t, w / b) + self.depth * (cfg.chunk_size / b + cfg.rtt)
+            return max(t, w / b) + cfg.chunk_size / b + self.depth * cfg.rtt
         if cfg.mode == "star":
             m, n = cfg.vms_per_host, cfg.hosts
             return max(t + m * cfg.chunk_size / b + cfg.rtt, n * m * w / b + cfg.rtt)
