@@ -492,6 +492,7 @@ def test_calibration_simulates_prefetch_when_the_testbed_run_prefetched() -> Non
     with_setting = {**testbed, "settings": {**testbed["settings"], "prefetch": True}}
     on = calibrate.sim_run_for(with_setting, run)
     assert on.extra["prefetch"] is True
+    assert on.extra["prefetch_miss"] == "prefetch"  # as the agent's prefetch export
     assert on.all_booted_seconds < off.all_booted_seconds
     assert calibrate.sim_run_for(testbed, {**run, "prefetch": True}).extra["prefetch"]
     assert "prefetch" not in calibrate.sim_run_for(with_setting, run, prefetch=False).extra

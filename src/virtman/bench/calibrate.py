@@ -57,6 +57,9 @@ def sim_run_for(
         parents=1 if mode == "paper" else 2,
         pattern=pattern,
         prefetch=prefetch and mode == "virtman",
+        # The agent's children prefetch through their parents' prefetch export, whose
+        # misses are background fetches all the way up: a parent's miss as prefetch.
+        prefetch_miss=str(settings.get("prefetch_miss", "prefetch")),
     )
     result = simulate(cfg).to_run()
     measured = float(run["all_booted_seconds"])

@@ -121,7 +121,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f" or the first parent only (default {PREFETCH_FROM[0]})")
     p.add_argument("--prefetch-miss", default=PREFETCH_MISS[0], choices=PREFETCH_MISS,
                    help="how a parent fetches a chunk a child's prefetch asks for and it"
-                        " lacks: as a demand read (as the agent does) or as prefetch"
+                        " lacks: as a demand read or as prefetch (as the agent's prefetch export)"
                         f" (default {PREFETCH_MISS[0]})")
     p.add_argument("--relay", default=RELAYS[0], choices=RELAYS,
                    help="when a parent relays a chunk: once held whole (store-and-forward,"

@@ -109,9 +109,9 @@ profile, with at most ``prefetch_inflight_bytes`` asked for and not yet received
 request counts until its last chunk arrived) and, if ``prefetch_rate`` is set, requests
 spaced so their bytes do not exceed it. Requests go to the origin (level 1) or to the
 parents (in turn, or the first only: ``prefetch_from``). A parent that neither holds
-nor fetches a chunk asked for fetches it as a demand read (as the agent does) or, with
-``prefetch_miss="prefetch"``, as a prefetch request of its own; a chunk the parent is
-fetching is relayed when it holds it.
+nor fetches a chunk asked for fetches it as a demand read or, with
+``prefetch_miss="prefetch"`` (the agent's prefetch export), as a prefetch request of
+its own; a chunk the parent is fetching is relayed when it holds it.
 
 Demand first. A prefetch chunk is queued at its sender (FIFO, in the order the sender
 came to hold it for the request) and sent one chunk at a time, only while the sender's
@@ -174,7 +174,8 @@ RELAYS = ("store-and-forward", "cut-through")
 #: reads ("round-robin"), or to its first (tree) parent only ("primary").
 PREFETCH_FROM = ("round-robin", "primary")
 #: How a parent fetches a chunk that a child's prefetch asks for and the parent neither
-#: holds nor fetches: as a demand read (as the agent does), or as prefetch of its own.
+#: holds nor fetches: as a demand read, or as prefetch of its own (as the agent's
+#: prefetch export does: its misses are background fetches all the way up).
 PREFETCH_MISS = ("demand", "prefetch")
 #: Prefetch request size and bytes in flight per host: the defaults of the agent's
 #: PREFETCH_BATCH_BYTES and PREFETCH_INFLIGHT_BYTES, so model and testbed compare.
@@ -905,7 +906,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     def prefetch_request(h: int, p: int, c: int, now: float, rid: int) -> None:
         """h asks p for chunk c as prefetch. A parent that lacks it fetches it as demand
         (its own parents serve it ahead of prefetch) or, with ``prefetch_miss`` =
-        "prefetch", as prefetch; h's copy comes as prefetch."""
+        "prefetch", as prefetch; h's copy comes as prefetch either way."""
         nonlocal misses
         key = h * n + c
         have[key] = _PENDING
