@@ -343,6 +343,12 @@ def test_a_demand_read_goes_ahead_of_queued_prefetch_by_hand() -> None:
         assert r.extra["prefetch_bytes"] == 9 * C
         assert r.origin_bytes_sent == 10 * C
         assert r.extra["prefetch_done_seconds"] == pytest.approx(10.5, abs=1e-9)
+    # Joining the prefetch request instead, the read waits for chunk 9's turn in the
+    # queue: [9, 10] -> 10.5, with all ten chunks prefetched.
+    joined = simulate(prefetch_by_hand(prefetch_demand="join"))
+    assert joined.finish == pytest.approx([10.5], abs=1e-9)
+    assert joined.prefetched_chunks == frozenset(range(10))
+    assert joined.extra["prefetch_promoted"] == 0
     # Without prefetch the read finds the link idle: [2.5, 3.5] -> 4.0. Prefetch costs
     # this demand read at most the one chunk on the wire.
     off = simulate(prefetch_by_hand(prefetch=False))
@@ -493,6 +499,7 @@ def test_calibration_simulates_prefetch_when_the_testbed_run_prefetched() -> Non
     on = calibrate.sim_run_for(with_setting, run)
     assert on.extra["prefetch"] is True
     assert on.extra["prefetch_miss"] == "prefetch"  # as the agent's prefetch export
+    assert on.extra["prefetch_demand"] == "join"  # a miss is served from the run
     assert on.all_booted_seconds < off.all_booted_seconds
     assert calibrate.sim_run_for(testbed, {**run, "prefetch": True}).extra["prefetch"]
     assert "prefetch" not in calibrate.sim_run_for(with_setting, run, prefetch=False).extra
@@ -510,7 +517,7 @@ def test_cli_prefetch_runs_virtman_mode_only(
         "--modes", "paper,virtman", "--hosts", "6", "--vms-per-host", "2",
         "--image-size", "64M", "--working-set", "4M", "--prefetch", "--prefetch-from",
         "primary", "--prefetch-miss", "prefetch", "--prefetch-rate", "500mbit",
-        "--relay", "cut-through", "--json", str(out),
+        "--prefetch-demand", "join", "--relay", "cut-through", "--json", str(out),
     ])
     assert cli.run(args) == 0
     text = capsys.readouterr().out
@@ -524,6 +531,7 @@ def test_cli_prefetch_runs_virtman_mode_only(
     assert "prefetch" not in paper and paper["relay"] == "cut-through"
     assert virtman["prefetch"] is True and virtman["prefetch_from"] == "primary"
     assert virtman["prefetch_miss"] == "prefetch"
+    assert virtman["prefetch_demand"] == "join"
     assert virtman["prefetch_bytes"] > 0
     with pytest.raises(ConfigError):
         cli.run(p.parse_args(["--prefetch", "--prefetch-batch", "64K"]))
@@ -536,6 +544,8 @@ def test_bad_prefetch_settings_are_config_errors() -> None:
         small("virtman", 3, relay="wormhole")
     with pytest.raises(ConfigError, match="prefetch miss"):
         small("virtman", 3, prefetch_miss="ignore")
+    with pytest.raises(ConfigError, match="prefetch demand"):
+        small("virtman", 3, prefetch_demand="later")
     with pytest.raises(ConfigError, match="prefetch from"):
         small("virtman", 3, prefetch_from="nearest")
     with pytest.raises(ConfigError, match="prefetch_batch_bytes"):

@@ -60,6 +60,8 @@ def sim_run_for(
         # The agent's children prefetch through their parents' prefetch export, whose
         # misses are background fetches all the way up: a parent's miss as prefetch.
         prefetch_miss=str(settings.get("prefetch_miss", "prefetch")),
+        # A VM's miss on a chunk of a prefetch run in flight is served from that run.
+        prefetch_demand=str(settings.get("prefetch_demand", "join")),
     )
     result = simulate(cfg).to_run()
     measured = float(run["all_booted_seconds"])

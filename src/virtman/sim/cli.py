@@ -18,6 +18,7 @@ from virtman.sim.model import (
     DEFAULT_RTT,
     MODES,
     NETWORKS,
+    PREFETCH_DEMAND,
     PREFETCH_FROM,
     PREFETCH_MISS,
     RELAYS,
@@ -123,6 +124,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a parent fetches a chunk a child's prefetch asks for and it"
                         " lacks: as a demand read or as prefetch (as the agent's prefetch export)"
                         f" (default {PREFETCH_MISS[0]})")
+    p.add_argument("--prefetch-demand", default=PREFETCH_DEMAND[0], choices=PREFETCH_DEMAND,
+                   help="a VM's miss on a chunk prefetch asked for: sent as demand at once"
+                        " (promote) or waits for the prefetch request (join)"
+                        f" (default {PREFETCH_DEMAND[0]})")
     p.add_argument("--relay", default=RELAYS[0], choices=RELAYS,
                    help="when a parent relays a chunk: once held whole (store-and-forward,"
                         " as the agent does) or as its bytes arrive (cut-through)"
@@ -156,7 +161,8 @@ def _command(args: argparse.Namespace) -> str:
     if args.prefetch:
         words += ["--prefetch", "--prefetch-batch", args.prefetch_batch,
                   "--prefetch-inflight", args.prefetch_inflight,
-                  "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss]
+                  "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss,
+                  "--prefetch-demand", args.prefetch_demand]
         if args.prefetch_rate is not None:
             words += ["--prefetch-rate", args.prefetch_rate]
     if args.relay != RELAYS[0]:
@@ -239,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             "prefetch_bytes_per_second": prefetch_rate or None,
             "prefetch_from": args.prefetch_from,
             "prefetch_miss": args.prefetch_miss,
+            "prefetch_demand": args.prefetch_demand,
         })
         cap = format_rate(prefetch_rate) if prefetch_rate else "no"
         print(
@@ -246,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
             f" order of first read, requests of up to {format_size(batch)},"
             f" {format_size(inflight)} in flight, {cap} rate cap, from"
             f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
-            f" a parent's miss fetched as {args.prefetch_miss}"
+            f" a parent's miss fetched as {args.prefetch_miss}, a VM's miss on a prefetch"
+            f" chunk: {args.prefetch_demand}"
         )
     print(f"relay: {args.relay}")
     print(HEADER, flush=True)
@@ -275,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
                 prefetch_rate=prefetch_rate,
                 prefetch_from=args.prefetch_from,
                 prefetch_miss=args.prefetch_miss,
+                prefetch_demand=args.prefetch_demand,
             )
             result = simulate(cfg).to_run()
             runs.append(result)

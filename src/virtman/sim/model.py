@@ -120,6 +120,8 @@ at most for the one prefetch chunk on the wire (C/B), never for the queue. A dem
 a chunk still queued as prefetch takes it out of the queue and sends it as demand at
 once (``prefetch_promoted``); one still waiting for a parent that lacks it expedites the
 parent's own queued prefetch of it, and is relayed as demand when the parent holds it.
+With ``prefetch_demand="join"`` such a demand read waits for the prefetch instead (as a
+cache that serves a miss from the prefetch run in flight).
 Bytes a host sends count in ``host_bytes_sent`` whichever the class; ``prefetch_bytes``
 is what moved as prefetch, ``prefetched_chunks`` which chunks did. The run ends when
 every host holds its profile (``prefetch_done_seconds``), after the boots.
@@ -177,6 +179,11 @@ PREFETCH_FROM = ("round-robin", "primary")
 #: holds nor fetches: as a demand read, or as prefetch of its own (as the agent's
 #: prefetch export does: its misses are background fetches all the way up).
 PREFETCH_MISS = ("demand", "prefetch")
+#: A demand read for a chunk that prefetch has asked for and not yet received: takes it
+#: out of the prefetch queue and sends it as demand ("promote", demand strictly first),
+#: or waits for the prefetch request it is part of ("join", as a cache that serves it
+#: from the prefetch run in flight).
+PREFETCH_DEMAND = ("promote", "join")
 #: Prefetch request size and bytes in flight per host: the defaults of the agent's
 #: PREFETCH_BATCH_BYTES and PREFETCH_INFLIGHT_BYTES, so model and testbed compare.
 DEFAULT_PREFETCH_BATCH_BYTES = 4 * MiB
@@ -392,6 +399,9 @@ class SimConfig:
     #: One of ``PREFETCH_MISS``: how a parent fetches a chunk a child's prefetch asks
     #: for and it lacks.
     prefetch_miss: str = "demand"
+    #: One of ``PREFETCH_DEMAND``: what a demand read for a chunk prefetch has asked for
+    #: and not received does.
+    prefetch_demand: str = "promote"
     #: One of ``RELAYS``: when a parent may start relaying a chunk it is still receiving.
     relay: str = "store-and-forward"
 
@@ -421,6 +431,11 @@ class SimConfig:
         if self.prefetch_miss not in PREFETCH_MISS:
             raise ConfigError(
                 f"prefetch miss {self.prefetch_miss!r} is not one of {', '.join(PREFETCH_MISS)}"
+            )
+        if self.prefetch_demand not in PREFETCH_DEMAND:
+            raise ConfigError(
+                f"prefetch demand {self.prefetch_demand!r} is not one of"
+                f" {', '.join(PREFETCH_DEMAND)}"
             )
         if self.relay not in RELAYS:
             raise ConfigError(f"relay {self.relay!r} is not one of {', '.join(RELAYS)}")
@@ -560,6 +575,7 @@ class SimResult:
             extra["prefetch_rate"] = cfg.prefetch_rate
             extra["prefetch_from"] = cfg.prefetch_from
             extra["prefetch_miss"] = cfg.prefetch_miss
+            extra["prefetch_demand"] = cfg.prefetch_demand
         if cfg.relay != "store-and-forward":
             extra["relay"] = cfg.relay
         if cfg.mode == "paper":
@@ -702,6 +718,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     rate = cfg.prefetch_rate
     primary_only = cfg.prefetch_from == "primary"
     miss_as_demand = cfg.prefetch_miss == "demand"
+    join = cfg.prefetch_demand == "join"
     pf_pos = [0] * hosts  # next profile index to ask for
     pf_inflight = [0] * hosts  # bytes asked for and not yet received
     pf_rate_next = [0.0] * hosts  # earliest time of the next request under the rate cap
@@ -775,7 +792,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         nonlocal promoted
         key = h * n + c
         p = pf_from.get(key)
-        if p is None:
+        if p is None or join:
             return
         if key in pf_queued:
             promoted += 1
@@ -1012,7 +1029,7 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
                 send(p, child, c, now)
             for child in pf_waiters.pop(key, ()):
                 ckey = child * n + c
-                if ckey in lead_waiting or ckey in waiters:
+                if not join and (ckey in lead_waiting or ckey in waiters):
                     # Demand arrived for it while it waited: it goes as demand.
                     promoted += 1
                     send(p, child, c, now)
