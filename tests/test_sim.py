@@ -11,14 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from virtman.bench import calibrate
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace, parse_trace
 from virtman.results import RUN_KEYS, percentile
 from virtman.sim import cli
 from virtman.sim.model import (
+    NETWORKS,
+    PREFETCH_FROM,
+    RELAYS,
     BootPattern,
     SimConfig,
     pattern_from_trace,
+    profile_of,
     simulate,
     synthetic_pattern,
 )
@@ -299,3 +304,253 @@ def test_cli_prints_a_table_and_writes_json(
         cli.run(p.parse_args(["--modes", "ring"]))
     with pytest.raises(ConfigError):
         cli.run(p.parse_args(["--hosts", "ten"]))
+
+
+# --- boot profiles and prefetch ----------------------------------------------------------
+
+
+def test_profile_is_the_union_in_order_of_first_read() -> None:
+    a = BootPattern(((1.0, (5, 3)), (1.0, (5, 7)), (1.0, ())))
+    b = BootPattern(((0.5, (9,)), (2.0, (3, 1))))
+    assert profile_of(a) == (5, 3, 7)
+    # 9 first read at 0.5, 5 and 3 at 1, 7 at 2, 1 at 2.5 (3 again at 2.5: kept at 1).
+    assert profile_of(a, b) == (9, 5, 3, 7, 1)
+    assert SimConfig(mode="virtman", hosts=1, pattern=a).boot_profile() == (5, 3, 7)
+
+
+def prefetch_by_hand(**kw: object) -> SimConfig:
+    """One host (a root), C/B = 1 s, rtt 0.5 s; the profile is chunks 0..9 in one
+    request; the boot thinks 2.5 s, then reads chunk 9 (the profile's last)."""
+    settings: dict[str, object] = {
+        "hosts": 1, "image_size": 16 * C, "working_set": C, "prefetch": True,
+        "profile": tuple(range(10)), "prefetch_batch_bytes": 10 * C,
+        "prefetch_inflight_bytes": 10 * C, "pattern": BootPattern(((2.5, (9,)),)),
+    }
+    return hand_config(**(settings | kw))
+
+
+def test_a_demand_read_goes_ahead_of_queued_prefetch_by_hand() -> None:
+    """t=0: the host asks the origin for chunks 0..9 (prefetch); the origin's uplink
+    sends 0 [0, 1], 1 [1, 2], 2 [2, 3]. t=2.5: the VM reads chunk 9, still queued
+    behind 3..8: it goes as demand, after the chunk on the wire: [3, 4], held at 4.5,
+    and the boot is done then. FIFO behind the queue it would come at [9, 10] -> 10.5.
+    Prefetch then sends 3..8 ([4, 10]); the host holds the profile at 10.5."""
+    for network in NETWORKS:
+        r = simulate(prefetch_by_hand(network=network))
+        assert r.finish == pytest.approx([4.5], abs=1e-9)
+        assert r.extra["prefetch_promoted"] == 1
+        assert r.prefetched_chunks == frozenset(range(9))  # 9 went as demand
+        assert r.extra["prefetch_bytes"] == 9 * C
+        assert r.origin_bytes_sent == 10 * C
+        assert r.extra["prefetch_done_seconds"] == pytest.approx(10.5, abs=1e-9)
+    # Joining the prefetch request instead, the read waits for chunk 9's turn in the
+    # queue: [9, 10] -> 10.5, with all ten chunks prefetched.
+    joined = simulate(prefetch_by_hand(prefetch_demand="join"))
+    assert joined.finish == pytest.approx([10.5], abs=1e-9)
+    assert joined.prefetched_chunks == frozenset(range(10))
+    assert joined.extra["prefetch_promoted"] == 0
+    # Without prefetch the read finds the link idle: [2.5, 3.5] -> 4.0. Prefetch costs
+    # this demand read at most the one chunk on the wire.
+    off = simulate(prefetch_by_hand(prefetch=False))
+    assert off.finish == pytest.approx([4.0], abs=1e-9)
+
+
+def test_a_rate_cap_spaces_prefetch_requests_by_hand() -> None:
+    """As above with requests of 2 chunks and a cap of 1 chunk/s: requests at 0 (0, 1),
+    2 (2, 3), 4, 6 and 8 s. Chunk 0 [0, 1], 1 [1, 2], 2 [2, 3]. At 2.5 the VM reads
+    chunk 9, not asked for yet: a demand read, after the chunk on the wire, [3, 4] ->
+    4.5, the boot's end. Chunk 3 [4, 5]; 4, 5 [5, 7]; 6, 7 [7, 9]; at 8 s only 8 is
+    left to ask for (9 is held): [9, 10] -> 10.5."""
+    r = simulate(prefetch_by_hand(prefetch_batch_bytes=2 * C, prefetch_rate=float(C)))
+    assert r.finish == pytest.approx([4.5], abs=1e-9)
+    assert r.prefetched_chunks == frozenset(range(9))
+    assert r.extra["prefetch_promoted"] == 0
+    assert r.extra["prefetch_done_seconds"] == pytest.approx(10.5, abs=1e-9)
+    # Uncapped, the same requests queue at the origin: 0..8 back to back but for the
+    # demand read's [3, 4], so the profile is held at 10.5 too, the boot at 4.5.
+    fast = simulate(prefetch_by_hand(prefetch_batch_bytes=2 * C))
+    assert fast.finish == pytest.approx([4.5], abs=1e-9)
+
+
+def test_prefetch_reads_nothing_outside_the_profile() -> None:
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
+    read = profile_of(pattern)
+    unread = 255  # a chunk no boot reads (the image has 256)
+    assert unread not in read
+    profile = (*read[::2], unread)
+    hosts = 14
+    for parents, source in itertools.product((1, 2), PREFETCH_FROM):
+        cfg = small("virtman", hosts, pattern=pattern, prefetch=True, profile=profile,
+                    parents=parents, prefetch_from=source)
+        r = simulate(cfg)
+        assert r.prefetched_chunks <= set(profile)
+        assert unread in r.prefetched_chunks  # the profile is followed, read or not
+        # Every host received each chunk of the boot and of the profile once: the
+        # boot's odd chunks on demand only.
+        union = len(set(read) | set(profile)) * C
+        assert r.origin_bytes_sent + sum(r.host_bytes_sent) == hosts * union
+        assert r.origin_bytes_sent == 2 * union
+
+
+def test_prefetch_keeps_origin_egress_at_one_working_set_per_root() -> None:
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 8 * MiB, 10.0)
+    for hosts, parents, source in itertools.product((1, 2, 14, 100), (1, 2), PREFETCH_FROM):
+        r = simulate(small("virtman", hosts, pattern=pattern, prefetch=True,
+                           parents=parents, prefetch_from=source))
+        roots = min(hosts, 2)
+        assert r.origin_bytes_sent == roots * 8 * MiB, (hosts, parents, source)
+        assert r.origin_bytes_sent + sum(r.host_bytes_sent) == hosts * 8 * MiB
+        assert 0 < r.extra["prefetch_bytes"] <= hosts * 8 * MiB
+
+
+def test_a_child_prefetches_while_its_parent_is_still_filling() -> None:
+    """A chain of 3 hosts, a profile of 32 chunks no VM reads until the end: the leaf
+    holds the profile one chunk and one round trip per level after the root does, not
+    a whole profile later (store and forward per chunk, not per image)."""
+    per_chunk = C / 125e6
+    cfg = small("virtman", 3, fanout=1, parents=1, vms_per_host=1, working_set=C,
+                pattern=BootPattern(((10.0, (0,)),)), prefetch=True,
+                profile=tuple(range(32)))
+    r = simulate(cfg)
+    root, _, leaf = r.extra["prefetch_done_by_level"]
+    assert root == pytest.approx(32 * per_chunk + 0.0004, abs=1e-9)
+    assert leaf == pytest.approx(root + 2 * (per_chunk + 0.0004), abs=1e-9)
+    assert r.parent_misses == 0
+
+
+def paper_setting(hosts: int, **kw: object) -> SimConfig:
+    """1,000 VMs per 100 hosts, 15 GB image, 300 MB working set, 1 GbE, T = 10 s."""
+    pattern = pattern_from_trace(load_trace(None), C, 15 * GiB, 300 * MiB, 10.0)
+    base = SimConfig(mode="virtman", hosts=hosts, vms_per_host=10, pattern=pattern)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_prefetch_is_never_slower_in_the_paper_setting() -> None:
+    for hosts in (1, 2, 6, 14, 30):
+        off = simulate(paper_setting(hosts)).all_booted_seconds
+        assert off > 12.6  # on demand: at least one VM alone's 12.65 s
+        for source in PREFETCH_FROM:
+            on = simulate(paper_setting(hosts, prefetch=True, prefetch_from=source))
+            assert on.all_booted_seconds <= off, (hosts, source)
+            assert on.origin_bytes_sent == min(hosts, 2) * 300 * MiB
+        # From the first parent only, no child outruns a parent, and the boot stays
+        # within a few ms of the floor (T plus one chunk per level).
+        primary = simulate(paper_setting(hosts, prefetch=True, prefetch_from="primary"))
+        assert primary.parent_misses == 0
+        assert primary.all_booted_seconds <= primary.floor_seconds + 0.01
+        # From both parents in turn, a child outruns the slower one; a parent that
+        # fetches those chunks as prefetch, not demand, keeps the VMs' misses first.
+        miss = simulate(paper_setting(hosts, prefetch=True, prefetch_miss="prefetch"))
+        assert miss.all_booted_seconds <= miss.floor_seconds + 0.01
+        assert miss.origin_bytes_sent == min(hosts, 2) * 300 * MiB
+        assert miss.extra["prefetch_promoted"] == 0
+
+
+def test_the_store_and_forward_step_is_one_chunk_per_level() -> None:
+    """A chain (fan-out 1) of depth D, one read at T = 1: store and forward costs
+    (C/B + rtt) per level, cut-through C/B once and rtt per level; both meet their
+    floor exactly, so the step per level is C/B."""
+    per_chunk = C / 125e6
+    steps = []
+    for depth in (1, 2, 5, 13):
+        times = {}
+        for relay in RELAYS:
+            cfg = small("virtman", depth, fanout=1, parents=1, vms_per_host=1,
+                        working_set=C, pattern=BootPattern(((1.0, (0,)),)), relay=relay)
+            r = simulate(cfg)
+            assert r.depth == depth
+            assert r.all_booted_seconds == pytest.approx(r.floor_seconds, abs=1e-9)
+            times[relay] = r.all_booted_seconds
+        assert times["store-and-forward"] == pytest.approx(
+            1.0 + depth * (per_chunk + 0.0004), abs=1e-9)
+        steps.append(times["store-and-forward"] - times["cut-through"])
+    assert steps == pytest.approx([0.0, per_chunk, 4 * per_chunk, 12 * per_chunk], abs=1e-9)
+
+
+def test_the_relay_step_grows_with_depth_in_the_paper_setting() -> None:
+    """Fan-out 2, depth 1 to 5: what store and forward costs over cut-through is one
+    chunk transfer per level below the first, at 1 and 10 GbE, both with prefetch (from
+    the first parent) and on demand with the synthetic pattern (with the trace, on
+    demand, queueing moves the last boot by more than the step, either way)."""
+    for rate, kw in itertools.product(
+        (125e6, 1.25e9), ({"prefetch": True, "prefetch_from": "primary"}, {"pattern": None})
+    ):
+        for depth, hosts in enumerate((2, 6, 14, 30, 62), start=1):
+            sf = simulate(paper_setting(hosts, link_rate=rate, **kw))
+            ct = simulate(paper_setting(hosts, link_rate=rate, relay="cut-through", **kw))
+            assert sf.depth == depth
+            step = sf.all_booted_seconds - ct.all_booted_seconds
+            assert step == pytest.approx((depth - 1) * C / rate, abs=1e-6), (rate, kw, depth)
+
+
+def test_calibration_simulates_prefetch_when_the_testbed_run_prefetched() -> None:
+    """The hook for calibrating with prefetch: a testbed document (or run) that says
+    ``prefetch`` is simulated with it, virtman mode only; one that does not, without."""
+    testbed = {
+        "kind": "testbed",
+        "settings": {"chunk_size": C, "rate": "1gbit", "working_set": 8 * MiB},
+        "runs": [],
+    }
+    run = {"mode": "virtman", "hosts": 6, "vms_per_host": 2, "single_vm_seconds": 10.0,
+           "working_set_bytes": 8 * MiB, "all_booted_seconds": 10.5}
+    off = calibrate.sim_run_for(testbed, run)
+    assert "prefetch" not in off.extra
+    with_setting = {**testbed, "settings": {**testbed["settings"], "prefetch": True}}
+    on = calibrate.sim_run_for(with_setting, run)
+    assert on.extra["prefetch"] is True
+    assert on.extra["prefetch_miss"] == "prefetch"  # as the agent's prefetch export
+    assert on.extra["prefetch_demand"] == "join"  # a miss is served from the run
+    assert on.all_booted_seconds < off.all_booted_seconds
+    assert calibrate.sim_run_for(testbed, {**run, "prefetch": True}).extra["prefetch"]
+    assert "prefetch" not in calibrate.sim_run_for(with_setting, run, prefetch=False).extra
+    paper = calibrate.sim_run_for(with_setting, {**run, "mode": "paper", "attach_delay": 0})
+    assert "prefetch" not in paper.extra
+
+
+def test_cli_prefetch_runs_virtman_mode_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tmp_path / "sim.json"
+    args = p.parse_args([
+        "--modes", "paper,virtman", "--hosts", "6", "--vms-per-host", "2",
+        "--image-size", "64M", "--working-set", "4M", "--prefetch", "--prefetch-from",
+        "primary", "--prefetch-miss", "prefetch", "--prefetch-rate", "500mbit",
+        "--prefetch-demand", "join", "--relay", "cut-through", "--json", str(out),
+    ])
+    assert cli.run(args) == 0
+    text = capsys.readouterr().out
+    assert "prefetch (virtman mode)" in text and "x floor" in text
+    doc = json.loads(out.read_text())
+    assert "--prefetch --prefetch-batch 4M --prefetch-inflight 16M" in doc["command"]
+    assert "--prefetch-rate 500mbit --relay cut-through" in doc["command"]
+    assert doc["settings"]["prefetch"] is True
+    assert doc["settings"]["prefetch_bytes_per_second"] == 62.5e6
+    paper, virtman = doc["runs"]
+    assert "prefetch" not in paper and paper["relay"] == "cut-through"
+    assert virtman["prefetch"] is True and virtman["prefetch_from"] == "primary"
+    assert virtman["prefetch_miss"] == "prefetch"
+    assert virtman["prefetch_demand"] == "join"
+    assert virtman["prefetch_bytes"] > 0
+    with pytest.raises(ConfigError):
+        cli.run(p.parse_args(["--prefetch", "--prefetch-batch", "64K"]))
+
+
+def test_bad_prefetch_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="virtman mode"):
+        small("paper", 3, prefetch=True)
+    with pytest.raises(ConfigError, match="relay"):
+        small("virtman", 3, relay="wormhole")
+    with pytest.raises(ConfigError, match="prefetch miss"):
+        small("virtman", 3, prefetch_miss="ignore")
+    with pytest.raises(ConfigError, match="prefetch demand"):
+        small("virtman", 3, prefetch_demand="later")
+    with pytest.raises(ConfigError, match="prefetch from"):
+        small("virtman", 3, prefetch_from="nearest")
+    with pytest.raises(ConfigError, match="prefetch_batch_bytes"):
+        small("virtman", 3, prefetch_batch_bytes=C - 1)
+    with pytest.raises(ConfigError, match="prefetch rate"):
+        small("virtman", 3, prefetch_rate=-1.0)
+    with pytest.raises(ConfigError, match="profile"):
+        small("virtman", 3, profile=(0, -1))

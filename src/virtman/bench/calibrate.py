@@ -28,8 +28,14 @@ TESTBED_IMAGE_SIZE = 4 * 1024**3
 TESTBED_RTT = 0.0001
 
 
-def sim_run_for(testbed: dict[str, Any], run: dict[str, Any]) -> Run:
+def sim_run_for(
+    testbed: dict[str, Any], run: dict[str, Any], prefetch: bool | None = None
+) -> Run:
+    """The simulation of one testbed run. ``prefetch`` None: as the run did (its own
+    ``prefetch`` key, else the document's setting; absent means off)."""
     settings = testbed["settings"]
+    if prefetch is None:
+        prefetch = bool(run.get("prefetch", settings.get("prefetch", False)))
     chunk = int(settings.get("chunk_size", 256 * 1024))
     trace = load_trace(settings.get("trace"))
     working_set = int(run.get("working_set_bytes") or trace.working_set(chunk))
@@ -50,6 +56,12 @@ def sim_run_for(testbed: dict[str, Any], run: dict[str, Any]) -> Run:
         attach_delay=float(run.get("attach_delay") or 0.0),
         parents=1 if mode == "paper" else 2,
         pattern=pattern,
+        prefetch=prefetch and mode == "virtman",
+        # The agent's children prefetch through their parents' prefetch export, whose
+        # misses are background fetches all the way up: a parent's miss as prefetch.
+        prefetch_miss=str(settings.get("prefetch_miss", "prefetch")),
+        # A VM's miss on a chunk of a prefetch run in flight is served from that run.
+        prefetch_demand=str(settings.get("prefetch_demand", "join")),
     )
     result = simulate(cfg).to_run()
     measured = float(run["all_booted_seconds"])

@@ -8,6 +8,7 @@ from virtman.sim.model import (
     SimConfig,
     SimResult,
     pattern_from_trace,
+    profile_of,
     simulate,
     synthetic_pattern,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "SimConfig",
     "SimResult",
     "pattern_from_trace",
+    "profile_of",
     "simulate",
     "synthetic_pattern",
 ]

@@ -18,6 +18,10 @@ from virtman.sim.model import (
     DEFAULT_RTT,
     MODES,
     NETWORKS,
+    PREFETCH_DEMAND,
+    PREFETCH_FROM,
+    PREFETCH_MISS,
+    RELAYS,
     BootPattern,
     SimConfig,
     pattern_from_trace,
@@ -34,6 +38,9 @@ DEFAULT_WORKING_SET = "300M"
 DEFAULT_LINK = "1gbit"
 DEFAULT_BOOT_SECONDS = 10.0
 DEFAULT_CHUNK_SIZE = "256K"
+#: The model's defaults (the agent's limits), as the command line spells them.
+DEFAULT_PREFETCH_BATCH = "4M"
+DEFAULT_PREFETCH_INFLIGHT = "16M"
 
 def _list(text: str, what: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -97,6 +104,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="link model: switch (each end queues on its own, as through a "
                         "switch) or coupled (a transfer holds both ends' links at once) "
                         "(default switch)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="virtman mode: every host prefetches the boot profile (the chunks"
+                        " the pattern reads, in the order of their first read) from its"
+                        " parents from t = 0, demand reads first")
+    p.add_argument("--prefetch-batch", default=DEFAULT_PREFETCH_BATCH, metavar="SIZE",
+                   help="most bytes one prefetch request asks for, adjacent chunks"
+                        f" (default {DEFAULT_PREFETCH_BATCH})")
+    p.add_argument("--prefetch-inflight", default=DEFAULT_PREFETCH_INFLIGHT, metavar="SIZE",
+                   help="most prefetch bytes a host has asked for and not received"
+                        f" (default {DEFAULT_PREFETCH_INFLIGHT})")
+    p.add_argument("--prefetch-rate", default=None, metavar="RATE",
+                   help="cap on each host's prefetch, in bits per second like --link"
+                        " (default: none)")
+    p.add_argument("--prefetch-from", default=PREFETCH_FROM[0], choices=PREFETCH_FROM,
+                   help="where prefetch requests go: the parents in turn (as demand reads)"
+                        f" or the first parent only (default {PREFETCH_FROM[0]})")
+    p.add_argument("--prefetch-miss", default=PREFETCH_MISS[0], choices=PREFETCH_MISS,
+                   help="how a parent fetches a chunk a child's prefetch asks for and it"
+                        " lacks: as a demand read or as prefetch (as the agent's prefetch export)"
+                        f" (default {PREFETCH_MISS[0]})")
+    p.add_argument("--prefetch-demand", default=PREFETCH_DEMAND[0], choices=PREFETCH_DEMAND,
+                   help="a VM's miss on a chunk prefetch asked for: sent as demand at once"
+                        " (promote) or waits for the prefetch request (join)"
+                        f" (default {PREFETCH_DEMAND[0]})")
+    p.add_argument("--relay", default=RELAYS[0], choices=RELAYS,
+                   help="when a parent relays a chunk: once held whole (store-and-forward,"
+                        " as the agent does) or as its bytes arrive (cut-through)"
+                        f" (default {RELAYS[0]})")
     p.add_argument("--json", metavar="FILE", help="write the results document here")
 
 
@@ -123,6 +158,15 @@ def _command(args: argparse.Namespace) -> str:
     ]
     if args.trace is not None:
         words += ["--trace", args.trace]
+    if args.prefetch:
+        words += ["--prefetch", "--prefetch-batch", args.prefetch_batch,
+                  "--prefetch-inflight", args.prefetch_inflight,
+                  "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss,
+                  "--prefetch-demand", args.prefetch_demand]
+        if args.prefetch_rate is not None:
+            words += ["--prefetch-rate", args.prefetch_rate]
+    if args.relay != RELAYS[0]:
+        words += ["--relay", args.relay]
     if args.json:
         words += ["--json", args.json]
     return shlex.join(words)
@@ -130,7 +174,7 @@ def _command(args: argparse.Namespace) -> str:
 
 HEADER = (
     f"{'mode':<8} {'hosts':>6} {'all booted':>11} {'mean':>9} {'p99':>9} {'floor':>9}"
-    f" {'origin bytes':>13} {'max host sent':>13} {'sim wall':>9}"
+    f" {'x floor':>7} {'origin bytes':>13} {'max host sent':>13} {'sim wall':>9}"
 )
 
 
@@ -138,7 +182,9 @@ def format_row(run: Run) -> str:
     return (
         f"{run.mode:<8} {run.hosts:>6} {run.all_booted_seconds:>10.2f}s"
         f" {run.mean_boot_seconds:>8.2f}s {run.p99_boot_seconds:>8.2f}s"
-        f" {run.extra['floor_seconds']:>8.2f}s {format_size(run.origin_bytes_sent):>13}"
+        f" {run.extra['floor_seconds']:>8.2f}s"
+        f" {run.all_booted_seconds / run.extra['floor_seconds']:>6.3f}x"
+        f" {format_size(run.origin_bytes_sent):>13}"
         f" {format_size(run.max_host_bytes_sent):>13} {run.extra['sim_wall_seconds']:>8.2f}s"
     )
 
@@ -153,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
     if chunk < 1:
         raise ConfigError("--chunk-size must be at least 1 byte")
     pattern = _pattern(args, chunk, image, working_set)
+    batch = parse_size(args.prefetch_batch)
+    inflight = parse_size(args.prefetch_inflight)
+    prefetch_rate = 0.0 if args.prefetch_rate is None else parse_link_rate(args.prefetch_rate)
 
     settings: dict[str, Any] = {
         "modes": modes,
@@ -168,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         "fanout": args.fanout,
         "parents_per_node": args.parents,
         "network": args.network,
+        "relay": args.relay,
+        "prefetch": args.prefetch,
         "pattern": {
             "source": pattern.source,
             "batches": len(pattern.batches),
@@ -187,6 +238,25 @@ def run(args: argparse.Namespace) -> int:
         f" fan-out {args.fanout}, parents {args.parents} (paper: 1),"
         f" attach {args.attach_delay:g} s per level (paper), network {args.network}"
     )
+    if args.prefetch:
+        settings.update({
+            "prefetch_batch_bytes": batch,
+            "prefetch_inflight_bytes": inflight,
+            "prefetch_bytes_per_second": prefetch_rate or None,
+            "prefetch_from": args.prefetch_from,
+            "prefetch_miss": args.prefetch_miss,
+            "prefetch_demand": args.prefetch_demand,
+        })
+        cap = format_rate(prefetch_rate) if prefetch_rate else "no"
+        print(
+            f"prefetch (virtman mode): the profile of {pattern.distinct_chunks} chunks in"
+            f" order of first read, requests of up to {format_size(batch)},"
+            f" {format_size(inflight)} in flight, {cap} rate cap, from"
+            f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
+            f" a parent's miss fetched as {args.prefetch_miss}, a VM's miss on a prefetch"
+            f" chunk: {args.prefetch_demand}"
+        )
+    print(f"relay: {args.relay}")
     print(HEADER, flush=True)
     runs: list[Run] = []
     for mode in modes:
@@ -206,6 +276,14 @@ def run(args: argparse.Namespace) -> int:
                 parents=args.parents,
                 pattern=pattern,
                 network=args.network,
+                relay=args.relay,
+                prefetch=args.prefetch and mode == "virtman",
+                prefetch_batch_bytes=batch,
+                prefetch_inflight_bytes=inflight,
+                prefetch_rate=prefetch_rate,
+                prefetch_from=args.prefetch_from,
+                prefetch_miss=args.prefetch_miss,
+                prefetch_demand=args.prefetch_demand,
             )
             result = simulate(cfg).to_run()
             runs.append(result)

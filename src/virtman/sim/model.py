@@ -75,7 +75,9 @@ and forward latency of the tree:
 
 - tree modes (``paper``, ``virtman``): ``max(T, W/B) + depth*(C/B + rtt)``. The deepest
   host's first chunk crosses ``depth`` links, one chunk and one round trip each, while
-  its VM thinks T in all; so with T >= W/B no host can finish earlier. With W/B > T the
+  its VM thinks T in all; so with T >= W/B no host can finish earlier. With
+  ``relay="cut-through"`` only the first link costs a chunk:
+  ``max(T, W/B) + C/B + depth*rtt``. With W/B > T the
   true bound is C/B lower (the last chunk's own transfer is part of W/B); the origin
   also has to send min(N, d) x W, which at d >= 2 binds before W/B does
   (``egress_floor_seconds``). ``paper`` mode's attach wait (depth x D) is protocol, not
@@ -89,18 +91,56 @@ from the origin: T plus, for every batch that reads j chunks not read before, j 
 parent whose children asked for a chunk first can); the distance from
 ``floor_seconds`` to it is what prefetching could win.
 
+Relaying. ``relay="store-and-forward"`` (the default, as the agent relays today) is the
+above: a parent relays a chunk once it holds it whole. ``relay="cut-through"`` is the
+counterfactual of relaying a chunk as its bytes arrive: a parent may start relaying a
+chunk C/B before it holds it (when its own transfer started, plus the round trip), and
+its child still holds it no earlier than one round trip after the parent does. Each
+level below the first then costs its round trip only; the difference between the two is
+the store-and-forward step, one C/B per level (2.1 ms at 1 GbE, 0.21 ms at 10 GbE for
+256 KiB chunks).
+
+Boot profiles and prefetch (``virtman`` mode, ``prefetch=True``). The profile is the
+union of the chunks boots read, ordered by first read (``profile_of``; by default the
+pattern's own, i.e. a profile recorded from the same boot). From t = 0 every host asks
+for the profile's chunks it neither holds nor fetches, in profile order: a request is a
+run of up to ``prefetch_batch_bytes`` of chunks adjacent in the image and in the
+profile, with at most ``prefetch_inflight_bytes`` asked for and not yet received (a
+request counts until its last chunk arrived) and, if ``prefetch_rate`` is set, requests
+spaced so their bytes do not exceed it. Requests go to the origin (level 1) or to the
+parents (in turn, or the first only: ``prefetch_from``). A parent that neither holds
+nor fetches a chunk asked for fetches it as a demand read or, with
+``prefetch_miss="prefetch"`` (the agent's prefetch export), as a prefetch request of
+its own; a chunk the parent is fetching is relayed when it holds it.
+
+Demand first. A prefetch chunk is queued at its sender (FIFO, in the order the sender
+came to hold it for the request) and sent one chunk at a time, only while the sender's
+uplink and the receiver's downlink are idle, so a demand transfer reserved later waits
+at most for the one prefetch chunk on the wire (C/B), never for the queue. A demand for
+a chunk still queued as prefetch takes it out of the queue and sends it as demand at
+once (``prefetch_promoted``); one still waiting for a parent that lacks it expedites the
+parent's own queued prefetch of it, and is relayed as demand when the parent holds it.
+With ``prefetch_demand="join"`` such a demand read waits for the prefetch instead (as a
+cache that serves a miss from the prefetch run in flight).
+Bytes a host sends count in ``host_bytes_sent`` whichever the class; ``prefetch_bytes``
+is what moved as prefetch, ``prefetched_chunks`` which chunks did. The run ends when
+every host holds its profile (``prefetch_done_seconds``), after the boots.
+
 Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
 limit in the switch fabric, no disk: a cached chunk is read in no time); one round trip per request
 and no request-size limits; VMs of a host in lockstep; caches never evict; no failures
 and no tree repair; the attach delay of ``paper`` mode is a fixed D per level; the
 copy mode is closed form; writes stay local (they go to each VM's overlay) and cost
-nothing.
+nothing; prefetch is ideally prioritised at chunk granularity on every link (a real
+stream may hold more prefetch bytes ahead of a demand reply in socket buffers), and its
+requests cost no CPU.
 """
 
 from __future__ import annotations
 
 import array
 import bisect
+import collections
 import heapq
 import math
 import time
@@ -128,6 +168,29 @@ DEFAULT_LINK_RATE = 125_000_000.0
 DEFAULT_RTT = 0.0004
 #: The paper's iSCSI attach time per tree level.
 DEFAULT_ATTACH_DELAY = 10.0
+
+#: Relay models: "store-and-forward" relays a chunk once it is held whole (as the agent
+#: does); "cut-through" as its bytes arrive (the counterfactual of issue 11, section 3).
+RELAYS = ("store-and-forward", "cut-through")
+#: Where a host sends its prefetch requests: to its parents in turn, as its demand
+#: reads ("round-robin"), or to its first (tree) parent only ("primary").
+PREFETCH_FROM = ("round-robin", "primary")
+#: How a parent fetches a chunk that a child's prefetch asks for and the parent neither
+#: holds nor fetches: as a demand read, or as prefetch of its own (as the agent's
+#: prefetch export does: its misses are background fetches all the way up).
+PREFETCH_MISS = ("demand", "prefetch")
+#: A demand read for a chunk that prefetch has asked for and not yet received: takes it
+#: out of the prefetch queue and sends it as demand ("promote", demand strictly first),
+#: or waits for the prefetch request it is part of ("join", as a cache that serves it
+#: from the prefetch run in flight).
+PREFETCH_DEMAND = ("promote", "join")
+#: Prefetch request size and bytes in flight per host: the defaults of the agent's
+#: PREFETCH_BATCH_BYTES and PREFETCH_INFLIGHT_BYTES, so model and testbed compare.
+DEFAULT_PREFETCH_BATCH_BYTES = 4 * MiB
+DEFAULT_PREFETCH_INFLIGHT_BYTES = 16 * MiB
+#: Queued prefetch transfers a sender looks past to find a receiver whose downlink is
+#: free (a bound on the work of one event; the queue is FIFO otherwise).
+_PREFETCH_SCAN = 32
 
 #: ``have`` value of a chunk a host neither holds nor fetches.
 _ABSENT = math.inf
@@ -167,6 +230,24 @@ class BootPattern:
     @property
     def reads(self) -> int:
         return sum(len(chunks) for _, chunks in self.batches)
+
+
+def profile_of(*patterns: BootPattern) -> tuple[int, ...]:
+    """The boot profile of one or more boots: the union of the chunks they read, each
+    at its earliest first read (time from the boot's start), in that order.
+
+    This is what the agents record (the cache sees every miss, in order) and Volt merges.
+    Ties keep the order of the patterns given, then of the reads.
+    """
+    first: dict[int, float] = {}
+    for pattern in patterns:
+        now = 0.0
+        for gap, chunks in pattern.batches:
+            now += gap
+            for c in chunks:
+                if now < first.get(c, math.inf):
+                    first[c] = now
+    return tuple(sorted(first, key=first.__getitem__))
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -302,6 +383,27 @@ class SimConfig:
     pattern: BootPattern | None = None
     #: One of ``NETWORKS``.
     network: str = "switch"
+    #: ``virtman`` mode only: every host prefetches the boot profile from t = 0.
+    prefetch: bool = False
+    #: The boot profile (chunk indices, in the order of their first read); None for
+    #: ``profile_of(pattern)``. Only read with ``prefetch``.
+    profile: tuple[int, ...] | None = None
+    #: Most bytes one prefetch request asks for (a run of adjacent profile chunks).
+    prefetch_batch_bytes: int = DEFAULT_PREFETCH_BATCH_BYTES
+    #: Most prefetch bytes a host has asked for and not yet received.
+    prefetch_inflight_bytes: int = DEFAULT_PREFETCH_INFLIGHT_BYTES
+    #: Cap on one host's prefetch requests, in bytes per second; 0 for none.
+    prefetch_rate: float = 0.0
+    #: One of ``PREFETCH_FROM``: which parents a host's prefetch requests go to.
+    prefetch_from: str = "round-robin"
+    #: One of ``PREFETCH_MISS``: how a parent fetches a chunk a child's prefetch asks
+    #: for and it lacks.
+    prefetch_miss: str = "demand"
+    #: One of ``PREFETCH_DEMAND``: what a demand read for a chunk prefetch has asked for
+    #: and not received does.
+    prefetch_demand: str = "promote"
+    #: One of ``RELAYS``: when a parent may start relaying a chunk it is still receiving.
+    relay: str = "store-and-forward"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -322,6 +424,35 @@ class SimConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, not {value}")
         if self.working_set > self.image_size:
             raise ConfigError("the working set cannot be larger than the image")
+        if self.prefetch_from not in PREFETCH_FROM:
+            raise ConfigError(
+                f"prefetch from {self.prefetch_from!r} is not one of {', '.join(PREFETCH_FROM)}"
+            )
+        if self.prefetch_miss not in PREFETCH_MISS:
+            raise ConfigError(
+                f"prefetch miss {self.prefetch_miss!r} is not one of {', '.join(PREFETCH_MISS)}"
+            )
+        if self.prefetch_demand not in PREFETCH_DEMAND:
+            raise ConfigError(
+                f"prefetch demand {self.prefetch_demand!r} is not one of"
+                f" {', '.join(PREFETCH_DEMAND)}"
+            )
+        if self.relay not in RELAYS:
+            raise ConfigError(f"relay {self.relay!r} is not one of {', '.join(RELAYS)}")
+        if self.prefetch and self.mode != "virtman":
+            raise ConfigError(f"prefetch is a virtman mode feature, not one of {self.mode} mode")
+        for name in ("prefetch_batch_bytes", "prefetch_inflight_bytes"):
+            if getattr(self, name) < self.chunk_size:
+                raise ConfigError(
+                    f"{name} must be at least one chunk ({self.chunk_size}),"
+                    f" not {getattr(self, name)}"
+                )
+        if not self.prefetch_rate >= 0 or math.isinf(self.prefetch_rate):
+            raise ConfigError(
+                f"prefetch rate must be a finite number >= 0, not {self.prefetch_rate}"
+            )
+        if self.profile is not None and any(c < 0 for c in self.profile):
+            raise ConfigError("profile chunk indices must be >= 0")
 
     @property
     def parents_per_node(self) -> int:
@@ -331,6 +462,11 @@ class SimConfig:
         if self.pattern is not None:
             return self.pattern
         return synthetic_pattern(self.chunk_size, self.working_set, self.boot_seconds)
+
+    def boot_profile(self) -> tuple[int, ...]:
+        if self.profile is not None:
+            return tuple(dict.fromkeys(self.profile))
+        return profile_of(self.boot_pattern())
 
 
 @dataclass
@@ -353,6 +489,8 @@ class SimResult:
     parent_misses: int
     wall_seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Chunks (image indices) that some host received by a prefetch transfer.
+    prefetched_chunks: frozenset[int] = frozenset()
 
     @property
     def all_booted_seconds(self) -> float:
@@ -374,7 +512,11 @@ class SimResult:
         cfg = self.config
         b, t, w = cfg.link_rate, self.single_vm_seconds, self.working_set_bytes
         if cfg.mode in TREE_MODES:
-            return max(t, w / b) + self.depth * (cfg.chunk_size / b + cfg.rtt)
+            # Store and forward: every level waits for the whole chunk; cut-through:
+            # only the first hop does, each further level costs its round trip.
+            if cfg.relay == "store-and-forward":
+                return max(t, w / b) + self.depth * (cfg.chunk_size / b + cfg.rtt)
+            return max(t, w / b) + cfg.chunk_size / b + self.depth * cfg.rtt
         if cfg.mode == "star":
             m, n = cfg.vms_per_host, cfg.hosts
             return max(t + m * cfg.chunk_size / b + cfg.rtt, n * m * w / b + cfg.rtt)
@@ -426,6 +568,16 @@ class SimResult:
             extra["demand_floor_seconds"] = self.demand_floor_seconds
             extra["fanout"] = cfg.fanout
             extra["parents_per_node"] = cfg.parents_per_node
+        if cfg.prefetch:
+            extra["prefetch"] = True
+            extra["prefetch_batch_bytes"] = cfg.prefetch_batch_bytes
+            extra["prefetch_inflight_bytes"] = cfg.prefetch_inflight_bytes
+            extra["prefetch_rate"] = cfg.prefetch_rate
+            extra["prefetch_from"] = cfg.prefetch_from
+            extra["prefetch_miss"] = cfg.prefetch_miss
+            extra["prefetch_demand"] = cfg.prefetch_demand
+        if cfg.relay != "store-and-forward":
+            extra["relay"] = cfg.relay
         if cfg.mode == "paper":
             extra["attach_delay_seconds"] = cfg.attach_delay
             extra["attach_seconds"] = self.depth * cfg.attach_delay
@@ -492,20 +644,39 @@ def _topology(cfg: SimConfig) -> tuple[list[list[int]], list[int], int]:
     return parents, levels, tree.depth
 
 
+def _by_level(values: list[float], levels: list[int]) -> list[float]:
+    """The largest value among the hosts of each level, level 1 first."""
+    out: list[float] = []
+    for value, level in zip(values, levels, strict=True):
+        while len(out) < level:
+            out.append(0.0)
+        out[level - 1] = max(out[level - 1], value)
+    return out
+
+
 def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     """The event loop of the star, paper and virtman modes.
 
-    Two kinds of events, in a heap of (time, tag): tag h < N issues host h's next
-    batch; tag N + key, key = h*n + c, is "host h now holds chunk c" for hosts that
-    wait on it (only pushed when someone waits). A transfer whose sender already holds
-    the chunk is reserved at once; the receiver's arrival time is then known and needs
-    no event, unless someone waits on it.
+    Kinds of events, in a heap of (time, tag): tag h < N issues host h's next batch;
+    tag N + key, key = h*n + c, is "host h now holds chunk c (for relaying)" for hosts
+    that wait on it (only pushed when someone waits). A transfer whose sender already
+    holds the chunk is reserved at once; the receiver's arrival time is then known and
+    needs no event, unless someone waits on it. With prefetch, three more: a sender's
+    uplink picks its next queued prefetch transfer, a host issues prefetch requests
+    (after a rate cap's wait), and a prefetch request's last chunk arrived.
     """
     parents, levels, depth = _topology(cfg)
     hosts = cfg.hosts
     origin = hosts
-    # Chunks renumbered densely 0..n-1 (only equality matters to the model).
-    dense = {c: i for i, c in enumerate(sorted({c for _, cs in pattern.batches for c in cs}))}
+    prefetch = cfg.prefetch
+    profile_chunks = cfg.boot_profile() if prefetch else ()
+    # Chunks renumbered densely 0..n-1 (only equality matters to the model); profile
+    # chunks no boot reads are numbered after the pattern's.
+    pattern_chunks = sorted({c for _, cs in pattern.batches for c in cs})
+    dense = {c: i for i, c in enumerate(pattern_chunks)}
+    for c in profile_chunks:
+        dense.setdefault(c, len(dense))
+    original = list(dense)
     n = max(1, len(dense))
     gaps = [g for g, _ in pattern.batches]
     reads = [tuple(dense[c] for c in dict.fromkeys(cs)) for _, cs in pattern.batches]
@@ -515,7 +686,12 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     duration = size / cfg.link_rate
     rtt = cfg.rtt
     coupled = cfg.network == "coupled"
+    # How long before a parent holds a chunk whole it may start relaying it.
+    lead = duration if cfg.relay == "cut-through" else 0.0
     base = hosts  # tag offset of "holds" events
+    serve_base = base + hosts * n  # a sender's uplink serves its prefetch queue
+    pump_base = serve_base + hosts + 1  # a host issues prefetch requests
+    release_base = pump_base + hosts  # a prefetch request completed
 
     # Per (host, chunk): when the host holds it, or _ABSENT / _PENDING.
     have = array.array("d", [_ABSENT]) * (hosts * n)
@@ -533,6 +709,33 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     push, pop = heapq.heappush, heapq.heappop
     misses = 0
 
+    # Prefetch state (empty when prefetch is off).
+    profile = [dense[c] for c in profile_chunks]
+    adjacent = [i > 0 and profile_chunks[i] == profile_chunks[i - 1] + 1
+                for i in range(len(profile_chunks))]
+    batch_chunks = max(1, cfg.prefetch_batch_bytes // cfg.chunk_size)
+    inflight_limit = cfg.prefetch_inflight_bytes
+    rate = cfg.prefetch_rate
+    primary_only = cfg.prefetch_from == "primary"
+    miss_as_demand = cfg.prefetch_miss == "demand"
+    join = cfg.prefetch_demand == "join"
+    pf_pos = [0] * hosts  # next profile index to ask for
+    pf_inflight = [0] * hosts  # bytes asked for and not yet received
+    pf_rate_next = [0.0] * hosts  # earliest time of the next request under the rate cap
+    pump_at = [-1.0] * hosts  # time of the pump event the rate cap has pushed
+    pf_from: dict[int, int] = {}  # key -> sender, for prefetch chunks not yet sent
+    pf_request_of: dict[int, int] = {}  # key -> prefetch request id
+    pf_requests: dict[int, list[Any]] = {}  # id -> [host, bytes, chunks left, last arrival]
+    pf_waiters: dict[int, list[int]] = {}  # parent key -> children whose prefetch waits
+    pf_queued: set[int] = set()  # keys queued at their sender's uplink
+    pf_out: list[collections.deque[tuple[int, int]]] = [
+        collections.deque() for _ in range(hosts + 1)] if prefetch else []
+    serve_at = [math.inf] * (hosts + 1)
+    pf_received = [0] * hosts  # bytes each host received by prefetch transfers
+    prefetched: set[int] = set()  # dense chunks moved by prefetch transfers
+    promoted = 0
+    next_request = 0
+
     def next_batch(h: int, end: float) -> None:
         i = batch_index[h] + 1
         if i > last_batch:
@@ -541,8 +744,23 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             batch_index[h] = i
             push(heap, (end + gaps[i], h))
 
+    def arrived(y: int, c: int, arrival: float) -> None:
+        """Host y will hold chunk c at ``arrival``: wake whoever waits on it."""
+        key = y * n + c
+        have[key] = arrival
+        # Children waited while y's own fetch was pending.
+        if key in waiters or key in pf_waiters:
+            push(heap, (arrival - lead, base + key))
+        if key in lead_waiting:
+            lead_waiting.discard(key)
+            if arrival > batch_end[y]:
+                batch_end[y] = arrival
+            outstanding[y] -= 1
+            if outstanding[y] == 0:
+                next_batch(y, batch_end[y])
+
     def send(x: int, y: int, c: int, now: float) -> None:
-        """Reserve the transfer of chunk c from x to y, ready now."""
+        """Reserve the (demand) transfer of chunk c from x to y, ready now."""
         start = now
         u = up_free[x]
         if u > start:
@@ -561,18 +779,28 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             end = start + duration
         down_free[y] = end
         sent[x] += size
-        arrival = end + rtt
-        key = y * n + c
-        have[key] = arrival
-        if key in waiters:  # children waited while y's own fetch was pending
-            push(heap, (arrival, base + key))
-        if key in lead_waiting:
-            lead_waiting.discard(key)
-            if arrival > batch_end[y]:
-                batch_end[y] = arrival
-            outstanding[y] -= 1
-            if outstanding[y] == 0:
-                next_batch(y, batch_end[y])
+        arrived(y, c, end + rtt)
+
+    def expedite(h: int, c: int, now: float) -> None:
+        """Demand wants chunk c at h, which prefetch has asked for: it goes first.
+
+        Queued at the sender: taken out of the queue and sent as a demand transfer.
+        Waiting for a parent that has not got it: the parent's own prefetch of it (if
+        queued) is expedited, and the relay to h is sent as demand when it arrives
+        (the "holds" event checks for demand).
+        """
+        nonlocal promoted
+        key = h * n + c
+        p = pf_from.get(key)
+        if p is None or join:
+            return
+        if key in pf_queued:
+            promoted += 1
+            pf_queued.discard(key)
+            send(p, h, c, now)
+            request_done(key)
+        elif p != origin:
+            expedite(p, c, now)
 
     def fetch(h: int, c: int, now: float) -> None:
         """Host h starts fetching chunk c, which it neither holds nor fetches."""
@@ -590,7 +818,10 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             misses += 1
             fetch(p, c, now)
             ready = have[pkey]
-        if ready <= now:
+        elif ready == _PENDING and prefetch:
+            expedite(p, c, now)
+            ready = have[pkey]
+        if ready - lead <= now:
             send(p, h, c, now)
             return
         have[h * n + c] = _PENDING
@@ -598,13 +829,169 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         if ws is None:
             waiters[pkey] = [h]
             if ready < _PENDING:
-                push(heap, (ready, base + pkey))
+                push(heap, (ready - lead, base + pkey))
         else:
             ws.append(h)
+
+    # --- prefetch ----------------------------------------------------------------------
+
+    def request_done(key: int) -> None:
+        """A prefetch chunk was sent (by either class); its request may be complete."""
+        del pf_from[key]
+        rid = pf_request_of.pop(key)
+        request = pf_requests[rid]
+        request[2] -= 1
+        arrival = have[key]
+        if arrival > request[3]:
+            request[3] = arrival
+        if request[2] == 0:
+            push(heap, (request[3], release_base + rid))
+
+    def schedule_serve(p: int, when: float) -> None:
+        if when < serve_at[p]:
+            serve_at[p] = when
+            push(heap, (when, serve_base + p))
+
+    def enqueue(p: int, h: int, c: int, now: float) -> None:
+        """p holds chunk c (for relaying): queue its prefetch transfer to h."""
+        pf_queued.add(h * n + c)
+        pf_out[p].append((h, c))
+        schedule_serve(p, max(now, up_free[p]))
+
+    def serve(p: int, now: float) -> None:
+        """p's uplink is idle at ``now``: send one queued prefetch chunk, if any may go.
+
+        One chunk at a time, and only on idle links (the sender's uplink and the
+        receiver's downlink), so a demand transfer reserved later waits at most for
+        the one prefetch chunk on the wire, never for the queue.
+        """
+        serve_at[p] = math.inf
+        queue = pf_out[p]
+        if up_free[p] > now:
+            if queue:
+                schedule_serve(p, up_free[p])
+            return
+        while queue and queue[0][0] * n + queue[0][1] not in pf_queued:
+            queue.popleft()  # expedited as demand meanwhile
+        pick = -1
+        retry = math.inf
+        for i in range(min(len(queue), _PREFETCH_SCAN)):
+            y, c = queue[i]
+            if y * n + c not in pf_queued:
+                continue
+            if down_free[y] <= now:
+                pick = i
+                break
+            retry = min(retry, down_free[y])
+        if pick < 0:
+            if retry < math.inf:
+                schedule_serve(p, retry)
+            return
+        y, c = queue[pick]
+        del queue[pick]
+        key = y * n + c
+        pf_queued.discard(key)
+        end = now + duration
+        up_free[p] = end
+        down_free[y] = end
+        sent[p] += size
+        pf_received[y] += size
+        prefetched.add(c)
+        arrived(y, c, end + rtt)
+        request_done(key)
+        if queue:
+            schedule_serve(p, end)
+
+    def new_request(h: int, nbytes: int, chunks: int) -> int:
+        nonlocal next_request
+        rid = next_request
+        next_request += 1
+        pf_requests[rid] = [h, nbytes, chunks, 0.0]
+        return rid
+
+    def sender_of(h: int) -> int:
+        """Where h's next prefetch request goes."""
+        ps = parents[h]
+        if not ps:
+            return origin
+        if primary_only:
+            return ps[0]
+        i = turn[h]
+        turn[h] = i + 1
+        return ps[i % len(ps)]
+
+    def prefetch_request(h: int, p: int, c: int, now: float, rid: int) -> None:
+        """h asks p for chunk c as prefetch. A parent that lacks it fetches it as demand
+        (its own parents serve it ahead of prefetch) or, with ``prefetch_miss`` =
+        "prefetch", as prefetch; h's copy comes as prefetch either way."""
+        nonlocal misses
+        key = h * n + c
+        have[key] = _PENDING
+        pf_from[key] = p
+        pf_request_of[key] = rid
+        if p == origin:
+            enqueue(p, h, c, now)
+            return
+        pkey = p * n + c
+        ready = have[pkey]
+        if ready == _ABSENT:
+            misses += 1
+            if miss_as_demand:
+                fetch(p, c, now)
+            else:
+                # The parent asks its own sender for it as prefetch: a request of its
+                # own, outside its window (it is not counted in its bytes in flight).
+                rid2 = new_request(p, 0, 1)
+                prefetch_request(p, sender_of(p), c, now, rid2)
+            ready = have[pkey]
+        if ready - lead <= now:
+            enqueue(p, h, c, now)
+            return
+        ws = pf_waiters.get(pkey)
+        if ws is None:
+            pf_waiters[pkey] = [h]
+            if ready < _PENDING:
+                push(heap, (ready - lead, base + pkey))
+        else:
+            ws.append(h)
+
+    def pump(h: int, now: float) -> None:
+        """Ask for the next profile chunks h lacks, a request of adjacent chunks at a
+        time, while the bytes in flight and the rate cap allow."""
+        row = h * n
+        i = pf_pos[h]
+        end = len(profile)
+        while i < end:
+            if have[row + profile[i]] != _ABSENT:
+                i += 1
+                continue
+            if rate and pf_rate_next[h] > now:
+                if pump_at[h] != pf_rate_next[h]:
+                    pump_at[h] = pf_rate_next[h]
+                    push(heap, (pf_rate_next[h], pump_base + h))
+                break
+            j = i + 1
+            while (j < end and j - i < batch_chunks and adjacent[j]
+                   and have[row + profile[j]] == _ABSENT):
+                j += 1
+            nbytes = (j - i) * cfg.chunk_size
+            if pf_inflight[h] and pf_inflight[h] + nbytes > inflight_limit:
+                break
+            pf_inflight[h] += nbytes
+            if rate:
+                pf_rate_next[h] = max(now, pf_rate_next[h]) + nbytes / rate
+            rid = new_request(h, nbytes, j - i)
+            p = sender_of(h)
+            for k in range(i, j):
+                prefetch_request(h, p, profile[k], now, rid)
+            i = j
+        pf_pos[h] = i
 
     for h in range(hosts):
         start = levels[h] * cfg.attach_delay if cfg.mode == "paper" else 0.0
         push(heap, (start + gaps[0], h))
+        if prefetch:
+            push(heap, (0.0, pump_base + h))
 
     events = 0
     while heap:
@@ -621,6 +1008,9 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
                 if t == _ABSENT:
                     fetch(h, c, now)
                     t = have[key]
+                elif t == _PENDING and prefetch:
+                    expedite(h, c, now)
+                    t = have[key]
                 if t < _PENDING:
                     if t > end:
                         end = t
@@ -632,12 +1022,42 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
                 batch_end[h] = end
             else:
                 next_batch(h, end)
-        else:
+        elif tag < serve_base:
             key = tag - base
             p, c = divmod(key, n)
-            for child in waiters.pop(key):
+            for child in waiters.pop(key, ()):
                 send(p, child, c, now)
+            for child in pf_waiters.pop(key, ()):
+                ckey = child * n + c
+                if not join and (ckey in lead_waiting or ckey in waiters):
+                    # Demand arrived for it while it waited: it goes as demand.
+                    promoted += 1
+                    send(p, child, c, now)
+                    request_done(ckey)
+                else:
+                    enqueue(p, child, c, now)
+        elif tag < pump_base:
+            p = tag - serve_base
+            if serve_at[p] == now:
+                serve(p, now)
+        elif tag < release_base:
+            pump(tag - pump_base, now)
+        else:
+            h, nbytes = pf_requests.pop(tag - release_base)[:2]
+            pf_inflight[h] -= nbytes
+            pump(h, now)
 
+    extra: dict[str, Any] = {}
+    if prefetch:
+        # When each host held its whole profile (the last chunk's arrival).
+        done = [max((have[h * n + c] for c in profile), default=0.0) for h in range(hosts)]
+        extra = {
+            "prefetch_done_seconds": max(done),
+            "prefetch_done_by_level": _by_level(done, levels),
+            "prefetch_bytes": sum(pf_received),
+            "prefetch_promoted": promoted,
+            "profile_chunks": len(profile),
+        }
     return SimResult(
         config=cfg,
         finish=finish,
@@ -646,8 +1066,10 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         depth=depth,
         levels=levels,
         single_vm_seconds=pattern.think_seconds,
-        working_set_bytes=len(dense) * cfg.chunk_size,
+        working_set_bytes=len(pattern_chunks) * cfg.chunk_size,
         events=events,
         parent_misses=misses,
         wall_seconds=0.0,
+        extra=extra,
+        prefetched_chunks=frozenset(original[c] for c in prefetched),
     )
