@@ -95,6 +95,10 @@ def load_plan_trace(plan: Plan) -> Trace:
     return trace
 
 
+#: Error messages a run keeps in its document (the first ones; the count is io_errors).
+ERROR_MESSAGES_KEPT = 10
+
+
 # --- the parent: testbed lifecycle ------------------------------------------------------------
 
 
@@ -292,6 +296,12 @@ async def _one_run(
         extra={
             "attach_delay": attach_delay if mode == "paper" else None,
             "error_vms": sum(1 for _, vm in vms if vm["errors"]),
+            # What went wrong, for the record: the first messages of the first VMs that
+            # saw errors (a VM that could not be created counts every request).
+            "error_messages": [
+                f"{h}/{vm['name']}: {message}"
+                for h, vm in vms if vm["errors"] for message in vm.get("messages", [])[:2]
+            ][:ERROR_MESSAGES_KEPT],
             "io_errors": errors,
             "working_set_bytes": trace.working_set(plan.chunk_size),
             "cpu_busy_share": round(share, 3),
