@@ -295,25 +295,36 @@ class BootRecorder:
         return run_from_reads(self._reads, self.chunk_size) if self._reads else None
 
 
-class RecordingDevice(BlockDevice):
-    """A read-only view of ``base`` that tells ``recorder`` what is read through it.
-    It owns nothing: opening and closing it leave ``base`` as it was."""
+class _View(BlockDevice):
+    """A read-only view of ``base`` that owns nothing: opening and closing it leave
+    ``base`` as it was (the cache is the relay's, shared by every view)."""
 
-    def __init__(self, base: BlockDevice, recorder: BootRecorder) -> None:
+    def __init__(self, base: BlockDevice, what: str) -> None:
         super().__init__()
         self.base = base
-        self.recorder = recorder
+        self.what = what
         self.read_only = True
         self.size = base.size
 
     def describe(self) -> str:
-        return f"recording view of {self.base.describe()}"
+        return f"{self.what} of {self.base.describe()}"
 
     async def open(self) -> None:
         self.size = self.base.size
 
     async def close(self) -> None:
         return None
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.base.read(offset, length)
+
+
+class RecordingDevice(_View):
+    """What a recording VM's overlay reads its base through: tells ``recorder``."""
+
+    def __init__(self, base: BlockDevice, recorder: BootRecorder) -> None:
+        super().__init__(base, "recording view")
+        self.recorder = recorder
 
     async def read(self, offset: int, length: int) -> bytes:
         self.recorder.note(offset, length)
@@ -326,25 +337,14 @@ class RecordingDevice(BlockDevice):
         return await self.base.block_status(offset, length)
 
 
-class BackgroundReads(BlockDevice):
-    """A read-only view of a cache whose misses are fetched as prefetch
-    (``CachedDevice.read_background``): a relay's prefetch export, which its children's
-    prefetchers read, so their prefetch stays background work all the way up the tree."""
+class BackgroundReads(_View):
+    """A cache whose misses are fetched as prefetch (``CachedDevice.read_background``):
+    a relay's prefetch export, which its children's prefetchers read, so their prefetch
+    stays background work all the way up the tree."""
 
     def __init__(self, cache: CachedDevice) -> None:
-        super().__init__()
+        super().__init__(cache, "prefetch view")
         self.cache = cache
-        self.read_only = True
-        self.size = cache.size
-
-    def describe(self) -> str:
-        return f"prefetch view of {self.cache.describe()}"
-
-    async def open(self) -> None:
-        self.size = self.cache.size
-
-    async def close(self) -> None:
-        return None
 
     async def read(self, offset: int, length: int) -> bytes:
         return await self.cache.read_background(offset, length)
