@@ -16,7 +16,7 @@ from agentworld import KiB, World
 from directory import StaticDirectory
 
 from virtman.agent.agent import Agent
-from virtman.agent.images import ImageSpec
+from virtman.agent.images import ImageRelay, ImageSpec
 from virtman.agent.relays import ProfileSettings, RelayManager
 from virtman.auth import Role
 from virtman.blockdev.cached import CachedDevice, FetchGate
@@ -31,7 +31,7 @@ from virtman.blockdev.prefetch import (
     RecordingDevice,
 )
 from virtman.blockdev.remote import RemoteDevice
-from virtman.errors import ApiError, ConfigError
+from virtman.errors import ApiError, ConfigError, NetworkError
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.profile import profile_from_trace, run_from_reads
 from virtman.protocol.nbd.constants import Command
@@ -428,3 +428,36 @@ async def test_a_childs_prefetch_is_background_work_at_its_parent(
         if child is not None:
             await child.stop()
         await root.stop()
+
+
+async def test_a_relays_first_open_waits_for_a_late_origin_within_its_bound(
+    tmp_path: Path
+) -> None:
+    sock = tmp_path / "late.sock"
+    spec = ImageSpec("img", [f"nbd+unix:///img?socket={sock}"], len(IMAGE), CS,
+                     (await compute_manifest(MemoryDevice(data=IMAGE, read_only=True), CS))
+                     .to_json())
+    exports = NbdServer([])
+    # Nobody answers within the bound: the open fails with the upstream's error.
+    hopeless = ImageRelay(spec, str(tmp_path / "a"), exports, "nbd://127.0.0.1:9/img",
+                          open_wait=0.5)
+    with pytest.raises(NetworkError, match="no upstream path"):
+        await hopeless.open()
+    # The origin comes up after a second: the open waits for it instead of failing.
+    device = MemoryDevice(data=IMAGE, read_only=True)
+    origin = NbdServer([Export("img", device)])
+
+    async def late() -> None:
+        await asyncio.sleep(1.0)
+        await origin.listen_unix(str(sock))
+
+    starter = asyncio.create_task(late())
+    relay = ImageRelay(spec, str(tmp_path / "b"), exports, "nbd://127.0.0.1:9/img",
+                       open_wait=20.0)
+    try:
+        await relay.open()
+        assert await relay.cache.read(0, CS) == IMAGE[:CS]
+    finally:
+        await starter
+        await relay.close()
+        await origin.stop()

@@ -80,6 +80,9 @@ RETIRE_GRACE_SECONDS = 1.0
 #: Seconds to wait before reconnecting a failed path (doubles up to the maximum).
 RECONNECT_DELAY_SECONDS = 0.2
 RECONNECT_DELAY_MAX_SECONDS = 5.0
+#: Seconds an agent's first open of an image (its relay) waits for the origin or a
+#: parent to answer before the VM create that asked for it fails.
+RELAY_OPEN_WAIT_SECONDS = 30.0
 #: Rounds over all paths a RemoteDevice tries for one request before it fails it.
 MAX_REQUEST_ROUNDS = 3
 

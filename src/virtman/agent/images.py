@@ -44,7 +44,13 @@ from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
 from virtman.errors import ConfigError, NetworkError
-from virtman.limits import COPY_READ_BYTES, COPY_READS_IN_FLIGHT
+from virtman.limits import (
+    COPY_READ_BYTES,
+    COPY_READS_IN_FLIGHT,
+    RECONNECT_DELAY_MAX_SECONDS,
+    RECONNECT_DELAY_SECONDS,
+    RELAY_OPEN_WAIT_SECONDS,
+)
 from virtman.metrics import ImageFigures
 from virtman.nbd.server import Export, NbdServer
 from virtman.planner.tree import ORIGIN
@@ -110,6 +116,7 @@ class ImageRelay:
         on_fetch: Callable[[float], None] | None = None,
         *,
         tls: TlsFiles | None = None,
+        open_wait: float = RELAY_OPEN_WAIT_SECONDS,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -144,6 +151,8 @@ class ImageRelay:
         #: when a prefetch starts, ``open_prefetch``).
         self.prefetch_remote: RemoteDevice | None = None
         self._tls = tls
+        #: Seconds the first open may wait for an upstream to answer (``_open_base``).
+        self.open_wait = open_wait
 
     async def open(self) -> None:
         if self.mode is DeliveryMode.STAR:
@@ -152,7 +161,7 @@ class ImageRelay:
             self.base = await self._download()
         else:
             self.base = self.cache
-        await self.base.open()
+        await self._open_base()
         if self.base.size != self.spec.size:
             raise ConfigError(
                 f"image {self.name!r}: origin has {self.base.size} bytes, "
@@ -165,6 +174,26 @@ class ImageRelay:
                 prefetch_export(self.name), BackgroundReads(self.cache),
                 f"virtman prefetch relay of {self.name}",
             ))
+
+    async def _open_base(self) -> None:
+        """Open the VMs' device, waiting up to ``open_wait`` seconds for an upstream to
+        answer. A host's first VM of an image must reach the origin (or a parent) once to
+        learn the image; an origin that is briefly slow to answer (a burst of hosts
+        attaching at once on busy cores, a restart) makes the VM's create slower, not
+        failed. Past the wait the error is the last upstream's."""
+        deadline = time.monotonic() + self.open_wait
+        delay = RECONNECT_DELAY_SECONDS
+        while True:
+            try:
+                await self.base.open()
+                return
+            except NetworkError as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("image %r: no upstream answers yet (%s); trying again in %.1f s",
+                            self.name, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
 
     async def _download(self) -> BlockDevice:
         """COPY mode: the whole image from the origin into a local file, then that file."""
