@@ -43,6 +43,7 @@ from virtman.blockdev.prefetch import BackgroundReads, Prefetcher
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import Paths
 from virtman.delivery import DeliveryMode as DeliveryMode  # its users import it from here too
+from virtman.durable import write_atomic
 from virtman.errors import ConfigError, NetworkError
 from virtman.limits import (
     COPY_READ_BYTES,
@@ -74,12 +75,7 @@ class ImageSpec:
         return Manifest.from_json(self.manifest_json, source=f"image {self.name}")
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.__dict__, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.__dict__).encode(), 0o644)
 
     @classmethod
     def load(cls, path: str) -> ImageSpec:

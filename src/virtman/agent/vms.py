@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.store import copy_sparse
-from virtman.durable import fsync_dir
+from virtman.durable import write_atomic
 from virtman.errors import ConfigError, Conflict
 from virtman.hypervisor.qemu import Guest
 from virtman.nbd.server import Export, NbdServer
@@ -151,13 +151,7 @@ class VmRecord:
         return doc
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_doc(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        write_atomic(path, json.dumps(self.to_doc(), indent=1).encode(), 0o644)
 
     @property
     def snapshots(self) -> list[str]:

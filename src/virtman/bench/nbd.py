@@ -523,38 +523,22 @@ def qemu_nbd_argv(file: Path, socket_path: Path) -> list[str]:
     ]
 
 
+def _nbdkit(socket_path: Path, *plugin: str) -> list[str]:
+    """nbdkit serving ``plugin`` (and its filters) read-only on ``socket_path``."""
+    return ["nbdkit", "--readonly", "--foreground", "-U", str(socket_path),
+            "--exportname", EXPORT_NAME, *plugin]
+
+
 def nbdkit_argv(file: Path, socket_path: Path) -> list[str]:
-    return [
-        "nbdkit",
-        "--readonly",
-        "--foreground",
-        "-U",
-        str(socket_path),
-        "--exportname",
-        EXPORT_NAME,
-        "file",
-        f"file={file}",
-    ]
+    return _nbdkit(socket_path, "file", f"file={file}")
 
 
 def nbdkit_relay_argv(origin_socket: Path, socket_path: Path) -> list[str]:
     """nbdkit's nbd plugin reading ``origin_socket`` behind its cache filter, which keeps
     what is read (``cache-on-read``) in a file under ``$TMPDIR`` (nbdkit 1.32 has no
     ``cachedir`` parameter; see ``nbdkit_relay_env``)."""
-    return [
-        "nbdkit",
-        "--readonly",
-        "--foreground",
-        "-U",
-        str(socket_path),
-        "--exportname",
-        EXPORT_NAME,
-        "--filter=cache",
-        "nbd",
-        f"socket={origin_socket}",
-        f"export={EXPORT_NAME}",
-        "cache-on-read=true",
-    ]
+    return _nbdkit(socket_path, "--filter=cache", "nbd", f"socket={origin_socket}",
+                   f"export={EXPORT_NAME}", "cache-on-read=true")
 
 
 def nbdkit_relay_env(cache_dir: Path) -> dict[str, str]:

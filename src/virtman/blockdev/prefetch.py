@@ -138,7 +138,6 @@ class Prefetcher:
         self._rate = _RecentRate(RATE_WINDOW_SECONDS)
         self.bytes_fetched = 0
         self.chunks_planned = sum(n for _, n in self.runs)
-        self.started_at: float | None = None
         self.seconds: float | None = None
 
     def start(self) -> None:
@@ -173,7 +172,7 @@ class Prefetcher:
         }
 
     async def _run(self) -> None:
-        began = self.started_at = self._clock()
+        began = self._clock()
         cs = self.cache.chunk_size
         queue = collections.deque(self.runs)
         pending: set[asyncio.Task[int]] = set()
@@ -273,10 +272,6 @@ class BootRecorder:
         self.started = clock()
         self._seen: set[int] = set()
         self._reads: list[tuple[float, int]] = []
-
-    @property
-    def recording(self) -> bool:
-        return self._clock() - self.started < self.record_seconds
 
     def note(self, offset: int, length: int) -> None:
         if not length:
