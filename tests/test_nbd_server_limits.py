@@ -3,6 +3,7 @@
 - a connection over ``max_connections`` is closed before the greeting, logged (rate
   limited), and clients already connected go on being served;
 - the default limit follows the descriptor limit (a server under ``ulimit -n 128``);
+- the servers of one process share one budget: together they never hold more;
 - idle connections are closed after ``idle_timeout`` only while the server is crowded;
 - a client that never finishes the handshake is still cut (slowloris);
 - 10,000 refused writes cost a bounded number of log lines.
@@ -27,9 +28,10 @@ import pytest
 from conftest import make_image
 
 from virtman.blockdev import FaultyDevice, MemoryDevice
-from virtman.errors import NetworkError
+from virtman.errors import ConfigError, NetworkError
+from virtman.nbd.budget import ConnectionBudget, default_max_connections
 from virtman.nbd.client import NbdClient
-from virtman.nbd.server import NbdServer, default_max_connections
+from virtman.nbd.server import NbdServer
 from virtman.protocol.nbd.constants import (
     IHAVEOPT,
     REQUEST_MAGIC,
@@ -128,6 +130,51 @@ def test_default_limit_follows_the_descriptor_limit() -> None:
     assert default_max_connections(128) == 32
     assert default_max_connections(10) == 1
     assert default_max_connections(1 << 40) < 1 << 40  # an unlimited process is still capped
+
+
+async def test_servers_of_one_process_share_one_budget(device, tmp_path: Path, caplog) -> None:
+    """Two servers, each allowed the whole budget of 3, hold 3 connections together: a
+    relay server full of idle clients leaves the process its descriptors, and once it is
+    crowded its idle clients make room for a VM's QEMU on another server."""
+    caplog.set_level(logging.INFO, logger="virtman.nbd.server")
+    budget = ConnectionBudget(3)
+    relay = NbdServer({"img": device}, budget=budget, idle_timeout=0.2)
+    vm = NbdServer({"img": device}, budget=budget, idle_timeout=None)
+    assert relay.max_connections == vm.max_connections == 3
+    try:
+        await relay.listen_unix(str(tmp_path / "relay.sock"))
+        await vm.listen_unix(str(tmp_path / "vm.sock"))
+        relay_uri = f"nbd+unix:///img?socket={tmp_path}/relay.sock"
+        vm_uri = f"nbd+unix:///img?socket={tmp_path}/vm.sock"
+        busy = await NbdClient.connect(relay_uri)
+        idle = [await NbdClient.connect(relay_uri) for _ in range(2)]
+        assert budget.held == 3 and relay.open_connections == 3
+        # The relay server alone is at 3 of its 3, so the check is on its own limit;
+        # the VM server is empty, so only the shared budget can refuse this one.
+        with pytest.raises(NetworkError):
+            await NbdClient.connect(vm_uri, timeout=5)
+        assert vm.stats.connections_refused == 1
+        assert _log_lines(caplog, "at their limit of 3 connections together: refused")
+        # The process is crowded (3 of 3), so the relay's idle clients are closed...
+        while budget.held >= 2:  # (the busy one keeps reading)
+            assert await busy.read(0, 512) == DATA[:512]
+            await asyncio.sleep(0.05)
+        assert not busy.closed and any(c.closed for c in idle)
+        # ...and the VM's client gets in.
+        qemu = await NbdClient.connect(vm_uri)
+        assert await qemu.read(4096, 4096) == DATA[4096:8192]
+        assert budget.held == relay.open_connections + vm.open_connections
+        for client in [busy, qemu, *idle]:
+            client.abort()
+    finally:
+        await relay.stop()
+        await vm.stop()
+    assert budget.held == 0  # every slot given back, once
+
+
+def test_a_budget_that_admits_no_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="budget of 0 admits no client"):
+        ConnectionBudget(0)
 
 
 async def _read_log(path: Path, fragment: str, timeout: float = 20.0) -> str:

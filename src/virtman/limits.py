@@ -45,9 +45,10 @@ SENDFILE_MIN_BYTES = 64 * KiB
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 #: Connections one NBD server holds at once (in the handshake or past it); a client over
-#: the limit is closed before the handshake. None: derived from the process's descriptor
-#: limit, ``(RLIMIT_NOFILE soft - DESCRIPTOR_HEADROOM) // 2`` (480 under ``ulimit -n
-#: 1024``), so one server full of clients leaves the process half of its descriptors.
+#: the limit is closed before the handshake. None: the whole of the process's connection
+#: budget (``nbd/budget.py``), which all its servers share and which is derived from the
+#: descriptor limit, ``(RLIMIT_NOFILE soft - DESCRIPTOR_HEADROOM) // 2`` (480 under
+#: ``ulimit -n 1024``), so servers full of clients leave the process half its descriptors.
 MAX_CONNECTIONS_PER_SERVER: int | None = None
 #: Descriptors kept out of the derivation above for everything that is not a client
 #: connection: listeners, cache and overlay files, upstream paths, QEMU, the HTTP API.

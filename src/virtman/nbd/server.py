@@ -20,9 +20,11 @@ Limits on clients (all named in ``limits.py``, all constructor arguments):
 
 - ``max_connections``: connections held at once, in the handshake or past it. A client
   over the limit is closed as soon as it is accepted, before the greeting, and logged;
-  clients already connected are served as before. The default is derived from the
-  process's descriptor limit (``default_max_connections``), so idle clients can never
-  use up the descriptors the process needs to accept, open files and reach upstreams.
+  clients already connected are served as before. Every connection is also taken from
+  the process's ``ConnectionBudget`` (``nbd/budget.py``), shared by all the servers of a
+  process and derived from its descriptor limit, so idle clients can never use up the
+  descriptors the process needs to accept, open files and reach upstreams, however many
+  servers it runs. The default per-server limit is the whole budget.
 - ``handshake_timeout``: a client that has not chosen an export by then is closed
   (slowloris).
 - ``idle_timeout``: a connection past its handshake with no request in flight for that
@@ -66,7 +68,6 @@ import enum
 import errno as os_errno
 import logging
 import os
-import resource
 import socket
 import ssl
 import struct
@@ -84,7 +85,6 @@ from virtman.errors import (
     VirtmanError,
 )
 from virtman.limits import (
-    DESCRIPTOR_HEADROOM,
     HANDSHAKE_TIMEOUT_SECONDS,
     IDLE_CLOSE_FROM_FRACTION,
     IDLE_TIMEOUT_SECONDS,
@@ -97,6 +97,7 @@ from virtman.limits import (
     SHUTDOWN_GRACE_SECONDS,
     TLS_HANDSHAKE_TIMEOUT_SECONDS,
 )
+from virtman.nbd.budget import ConnectionBudget, process_budget
 from virtman.nbd.sockets import set_socket_buffers
 from virtman.protocol.nbd import (
     NEED_DATA,
@@ -119,27 +120,6 @@ from virtman.ratelog import RateLimitedLog
 from virtman.tlsconfig import TlsFiles, peer_name, server_context
 
 log = logging.getLogger(__name__)
-
-#: Stands for an unlimited RLIMIT_NOFILE when deriving the connection limit.
-_UNLIMITED_DESCRIPTORS = 1 << 20
-
-
-def default_max_connections(
-    nofile: int | None = None, headroom: int = DESCRIPTOR_HEADROOM
-) -> int:
-    """The connection limit of a server when none is given.
-
-    ``(soft RLIMIT_NOFILE - headroom) // 2``, at least 1: one server full of clients
-    leaves the process half of its descriptors for everything else (an agent runs a relay
-    server and one server per VM, plus cache files, upstream connections and QEMU). Under
-    ``ulimit -n 1024`` that is 480.
-    """
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if nofile == resource.RLIM_INFINITY or nofile < 0:
-        nofile = _UNLIMITED_DESCRIPTORS
-    return max(1, (nofile - headroom) // 2)
-
 
 def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
     """(name for log lines, key for rate limits) of a connection's peer.
@@ -216,8 +196,9 @@ class NbdServer:
 
     ``default_export`` is what a client gets when it asks for the empty name (QEMU and
     ``nbd://host`` URIs without a path do); by default the only export, if there is one.
-    ``max_connections=None`` derives the limit from the descriptor limit
-    (``default_max_connections``); ``idle_timeout=None`` never closes idle connections.
+    ``budget`` is the connection count shared with the process's other servers (None:
+    the process's, ``process_budget()``); ``max_connections=None`` lets this server use
+    all of it. ``idle_timeout=None`` never closes idle connections.
     ``tls`` makes TLS with a client certificate signed by ``tls.ca`` mandatory on every
     listener (ConfigError at once if the files do not load).
     """
@@ -232,6 +213,7 @@ class NbdServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
         shutdown_grace: float = SHUTDOWN_GRACE_SECONDS,
         max_connections: int | None = MAX_CONNECTIONS_PER_SERVER,
+        budget: ConnectionBudget | None = None,
         idle_timeout: float | None = IDLE_TIMEOUT_SECONDS,
         idle_close_from: float = IDLE_CLOSE_FROM_FRACTION,
         log_interval: float = LOG_REPEAT_INTERVAL_SECONDS,
@@ -256,8 +238,9 @@ class NbdServer:
         self.max_inflight = max_inflight
         self.handshake_timeout = handshake_timeout
         self.shutdown_grace = shutdown_grace
+        self.budget = process_budget() if budget is None else budget
         self.max_connections = (
-            default_max_connections() if max_connections is None else max_connections
+            self.budget.limit if max_connections is None else max_connections
         )
         self.idle_timeout = idle_timeout
         self.idle_close_from = idle_close_from
@@ -317,7 +300,13 @@ class NbdServer:
 
     def crowded(self) -> bool:
         """Whether idle connections are closed now (see ``idle_timeout``)."""
-        return len(self._connections) >= self.idle_close_from * self.max_connections
+        # Crowded when this server, or all of the process's servers together, hold at
+        # least the fraction of their limit: idle clients of one server must not keep a
+        # new VM's QEMU from connecting to another.
+        return (
+            len(self._connections) >= self.idle_close_from * self.max_connections
+            or self.budget.held >= self.idle_close_from * self.budget.limit
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -519,6 +508,8 @@ class _Connection(asyncio.Protocol):
         #: Loop time the last request was answered (for ``idle_timeout``; a request in
         #: flight is seen by ``inflight``, so its start needs no timestamp).
         self._active_at = 0.0
+        #: Whether this connection holds a slot of the server's budget.
+        self._holds_slot = False
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -541,6 +532,19 @@ class _Connection(asyncio.Protocol):
             )
             self._refuse()
             return
+        if not server.budget.take():
+            server.stats.connections_refused += 1
+            server.ratelog.warning(
+                self.peer_key,
+                "connection over the process limit",
+                "nbd servers of this process at their limit of %d connections together: "
+                "refused %s",
+                server.budget.limit,
+                self.peer,
+            )
+            self._refuse()
+            return
+        self._holds_slot = True
         server._connections.add(self)
         server.stats.connections += 1
         set_socket_buffers(transport)
@@ -551,6 +555,14 @@ class _Connection(asyncio.Protocol):
         self._handshake_timer = self._loop.call_later(
             server.handshake_timeout, self._handshake_expired
         )
+
+    def _release(self) -> None:
+        """Give this connection's slots back (once: an idle close frees them before the
+        loop reports the connection lost)."""
+        self.server._connections.discard(self)
+        if self._holds_slot:
+            self._holds_slot = False
+            self.server.budget.give_back()
 
     def _refuse(self) -> None:
         assert self.transport is not None
@@ -564,7 +576,7 @@ class _Connection(asyncio.Protocol):
             self._handshake_timer.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self.server._connections.discard(self)
+        self._release()
         if not self.tasks:
             self.finished.set()
 
@@ -630,7 +642,7 @@ class _Connection(asyncio.Protocol):
                 self.drain()
                 # Free the slot now, not when the loop reports the close: another idle
                 # check due in this same turn must see that the server has room again.
-                server._connections.discard(self)
+                self._release()
                 return
         self._idle_timer = self._loop.call_later(wait, self._idle_check)
 
