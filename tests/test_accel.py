@@ -265,27 +265,88 @@ async def test_stop_during_the_kvm_trial_does_not_restart(tmp_path: Path) -> Non
         os.kill(pid, 0)  # the silent process is gone, not orphaned
 
 
-async def test_stop_while_the_probe_runs_stops_the_guest_it_starts(tmp_path: Path) -> None:
+async def test_stop_while_the_probe_runs_ends_the_probe_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
     require(QEMU)
     qemu, calls = script(tmp_path, "hanging", HANGING)
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
-    hv = Hypervisor(HypervisorSettings(qemu=qemu, probe_seconds=2))
+    # A probe that would run for a minute: stop() must not wait for it.
+    hv = Hypervisor(HypervisorSettings(qemu=qemu, probe_seconds=60))
     cfg = GuestConfig(kernel=str(kernel))
     guest = hv.guest("g1", str(tmp_path / "disk.raw"), cfg, str(tmp_path / "c.log"))
     starting = asyncio.ensure_future(guest.start())
     while not calls_of(calls):  # the probe runs
         await asyncio.sleep(0.05)
     assert guest.running and guest.state is GuestState.STARTING
-    await guest.stop()
-    assert guest.state is GuestState.STOPPING
-    await asyncio.wait_for(starting, 10)  # the probe ends (TCG), QEMU starts, is stopped
-    await asyncio.wait_for(guest.wait(), 10)
-    assert guest.state is GuestState.STOPPED and not guest.running
-    # The probe ran under KVM; the guest was then started under TCG (its stand-in may be
-    # stopped before it logs its call, so its command line is read from the guest).
-    assert ["accel=kvm" in c for c in calls_of(calls)][:1] == [True]
-    assert guest.accel is Accel.TCG and "pc,accel=tcg" in guest.argv
+    probe = _pids_running(["sleep", "600"])
+    assert probe, "the probe's stand-in is not running"
+    await asyncio.wait_for(guest.stop(), 10)  # returns once start() has given up
+    assert starting.done()
+    with pytest.raises(Conflict, match="stopped before QEMU started"):
+        await starting
+    assert guest.state is GuestState.STOPPED and not guest.running and guest.proc is None
+    assert [("accel=kvm" in c) for c in calls_of(calls)] == [True]  # no guest ran
+    assert not (set(probe) & set(_pids_running(["sleep", "600"])))  # the probe is killed
+    # No verdict came of it: the next guest probes again.
+    hv2_calls = len(calls_of(calls))
+    quick = Hypervisor(HypervisorSettings(qemu=qemu, probe_seconds=0.3))
+    assert (await quick.choose(str(kernel))).accel is Accel.TCG
+    assert len(calls_of(calls)) == hv2_calls + 1
+
+
+def _pids_running(argv: list[str]) -> list[int]:
+    """Processes whose command line is exactly ``argv``."""
+    want = "\0".join(argv).encode() + b"\0"
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read() == want:
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+PROBER = """
+import asyncio, sys
+from virtman.hypervisor.qemu import Hypervisor, HypervisorSettings
+settings = HypervisorSettings(qemu=sys.argv[1], probe_seconds=300)
+asyncio.run(Hypervisor(settings).choose(sys.argv[2]))
+"""
+
+
+async def test_a_probe_dies_with_the_process_that_probes(tmp_path: Path) -> None:
+    """A SIGKILLed agent must not leave its probe spinning under a broken KVM."""
+    require(QEMU)
+    qemu, _ = script(tmp_path, "hanging", HANGING.replace("sleep 600", "sleep 601"))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    prober = subprocess.Popen(
+        [sys.executable, "-c", PROBER, qemu, str(kernel)], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _pids_running(["sleep", "601"]):
+            assert time.monotonic() < deadline and prober.poll() is None
+            await asyncio.sleep(0.05)
+        probe = _pids_running(["sleep", "601"])
+        prober.kill()
+        prober.wait(10)
+        deadline = time.monotonic() + 10
+        while set(probe) & set(_pids_running(["sleep", "601"])):
+            assert time.monotonic() < deadline, "the probe outlived its prober"
+            await asyncio.sleep(0.05)
+    finally:
+        if prober.poll() is None:
+            prober.kill()
+            prober.wait()
+        for pid in _pids_running(["sleep", "601"]):
+            os.kill(pid, 9)
 
 
 async def test_watcher_error_reaches_the_waiter(

@@ -77,7 +77,7 @@ class ChildProcess:
         """
         path = os.fspath(log_path)
         offset = os.path.getsize(path) if append and os.path.exists(path) else 0
-        preexec = _die_with_parent_hook() if die_with_parent else None
+        preexec = die_with_parent_hook() if die_with_parent else None
         with open(path, "ab" if append else "wb") as out:
             try:
                 proc = subprocess.Popen(
@@ -217,9 +217,12 @@ class ChildProcess:
 _libc: Any = None
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
+def die_with_parent_hook() -> Callable[[], None] | None:
     """A pre-exec hook that sets PR_SET_PDEATHSIG, with prctl resolved here in the
-    parent (looking it up in the forked child would not be safe)."""
+    parent (looking it up in the forked child would not be safe); None off Linux.
+
+    The signal comes when the *thread* that forked the child exits, so fork from the
+    event loop's thread, not from a worker thread that may end first."""
     global _libc
     if not sys.platform.startswith("linux"):
         return None

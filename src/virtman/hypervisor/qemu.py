@@ -29,18 +29,17 @@ import fcntl
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from virtman.childprocess import die_with_parent_hook
 from virtman.errors import ConfigError, Conflict
 from virtman.hypervisor.testimage import find_kernel
 from virtman.limits import (
@@ -132,40 +131,48 @@ def probe_argv(qemu: str, kernel: str) -> list[str]:
     ]  # fmt: skip
 
 
-def probe_kvm(qemu: str, kernel: str, limit: float) -> Verdict:
+async def probe_kvm(qemu: str, kernel: str, limit: float) -> Verdict:
     """Boot ``kernel`` under KVM until its first console line, for at most ``limit`` s.
 
-    Blocking (run it in a thread). The kernel has no root disk, so a working KVM would
-    panic a little later; it is killed as soon as the line is out, or at the limit.
-    Raises ``ConfigError`` if QEMU cannot be run at all.
+    The kernel has no root disk, so a working KVM would panic a little later; it is
+    killed as soon as the line is out, at the limit, or when the caller is cancelled (a
+    guest stopped while its host probes). It dies with this process too (a SIGKILLed
+    agent must not leave a QEMU spinning under a broken KVM). Raises ``ConfigError`` if
+    QEMU cannot be run at all.
     """
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            probe_argv(qemu, kernel),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        proc = await asyncio.create_subprocess_exec(
+            *probe_argv(qemu, kernel),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent_hook(),
         )
     except OSError as error:
         raise ConfigError(f"cannot run {qemu}: {error}") from error
-    assert proc.stdout is not None
+    assert proc.stdout is not None and proc.stderr is not None
     out = b""
     exited = False
+    err = b""
     try:
         while b"\n" not in out:
             left = started + limit - time.monotonic()
-            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            if left <= 0:
                 break
-            data = os.read(proc.stdout.fileno(), 4096)
+            try:
+                data = await asyncio.wait_for(proc.stdout.read(4096), left)
+            except TimeoutError:
+                break
             if not data:
                 exited = True
                 break
             out += data
     finally:
         _kill_group(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
+        # Reaped even when cancelled: the kill is certain, so this wait is short.
+        err = await asyncio.shield(_reap(proc))
     elapsed = time.monotonic() - started
     if b"\n" in out:
         line = out.split(b"\n", 1)[0].decode(errors="replace").strip()
@@ -191,6 +198,14 @@ def probe_kvm(qemu: str, kernel: str, limit: float) -> Verdict:
     )
 
 
+async def _reap(proc: asyncio.subprocess.Process) -> bytes:
+    """Wait for a killed probe and return its stderr."""
+    assert proc.stderr is not None
+    err = await proc.stderr.read()
+    await proc.wait()
+    return err
+
+
 def _file_identity(path: str) -> str:
     st = os.stat(path)
     return f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
@@ -211,7 +226,8 @@ class VerdictCache:
     settings), and the QEMU binary and kernel by path, size and mtime, so replacing
     either probes again. The file is replaced atomically (a crash leaves the old one or
     the new one); an unreadable file counts as empty and is rewritten. Entries of
-    earlier boots are dropped whenever one is added. Blocking: use it in a thread.
+    earlier boots are dropped whenever one is added. Blocking, but for
+    ``locked_async``: use the rest in a thread.
     """
 
     VERSION = 1
@@ -232,6 +248,23 @@ class VerdictCache:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.asynccontextmanager
+    async def locked_async(self, poll: float = 0.05) -> AsyncIterator[None]:
+        """``locked()`` for the event loop: polls the lock without blocking, so a caller
+        cancelled while another process probes leaves no thread behind holding it."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(poll)
             try:
                 yield
             finally:
@@ -315,7 +348,7 @@ class Hypervisor:
         ``ConfigError`` if QEMU is missing.
         """
         async with self._lock:
-            return await asyncio.to_thread(self._choose, kernel)
+            return await self._choose(kernel)
 
     async def distrust_kvm(self, kernel: str | None, reason: str) -> None:
         """A guest of ``kernel`` did not run under KVM after all: AUTO means TCG from now."""
@@ -341,7 +374,7 @@ class Hypervisor:
         )
         return verdict
 
-    def _choose(self, kernel: str | None) -> Verdict:
+    async def _choose(self, kernel: str | None) -> Verdict:
         # No ioctl check of /dev/kvm first: it can pass them all and still not run Linux,
         # and where KVM is missing QEMU says so at once, which the probe reports.
         qemu = self._qemu_path()
@@ -360,23 +393,24 @@ class Hypervisor:
         key = VerdictCache.key(qemu, kernel)
         if key in self._verdicts:
             return self._verdicts[key]
+        limit = self.settings.probe_seconds
         path = self.settings.verdict_cache
         if path is None:
-            fresh = probe_kvm(qemu, kernel, self.settings.probe_seconds)
+            fresh = await probe_kvm(qemu, kernel, limit)
             source = f"probed in {fresh.probe_seconds:.1f} s, not cached"
             return self._remember(key, kernel, fresh, source)
         cache = VerdictCache(path)
         verdict: Verdict | None = None
         try:
-            with cache.locked():
-                cached = cache.get(key)
+            async with cache.locked_async():
+                cached = await asyncio.to_thread(cache.get, key)
                 if cached is not None:
                     return self._remember(key, kernel, cached, f"cached in {path}")
-                verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
-                cache.put(key, verdict)
+                verdict = await probe_kvm(qemu, kernel, limit)
+                await asyncio.to_thread(cache.put, key, verdict)
         except OSError as err:  # an unwritable cache costs a probe per process, no more
             if verdict is None:
-                verdict = probe_kvm(qemu, kernel, self.settings.probe_seconds)
+                verdict = await probe_kvm(qemu, kernel, limit)
             source = f"probed in {verdict.probe_seconds:.1f} s, not cached: {err}"
             return self._remember(key, kernel, verdict, source)
         return self._remember(
@@ -584,6 +618,10 @@ class Guest:
         #: the first console output (a KVM trial and a TCG restart included).
         self.on_console: Callable[[float], None] | None = None
         self._started_at = 0.0
+        #: The accelerator's resolution while ``start()`` waits for it (it may probe).
+        self._resolving: asyncio.Future[Accel] | None = None
+        #: Set when ``start()`` has returned or raised.
+        self._start_done = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -592,23 +630,40 @@ class Guest:
     async def start(self) -> None:
         """Resolve the accelerator (may probe, see ``Hypervisor.choose``) and start QEMU.
 
-        Raises ``Conflict`` if started before, ``ConfigError`` if QEMU is missing.
+        Raises ``Conflict`` if started before, or if ``stop()`` came while the host
+        probed KVM (the guest is then STOPPED and QEMU never ran), ``ConfigError`` if
+        QEMU is missing.
         """
         if self.state is not GuestState.CREATED:
             raise Conflict(f"guest {self.name!r} was started before ({self.state.value})")
         self.state = GuestState.STARTING  # counts as running while a probe runs
         self._started_at = time.monotonic()
         try:
-            accel = await self.hypervisor.resolve(self.requested, self.cfg.kernel)
+            self._resolving = asyncio.ensure_future(
+                self.hypervisor.resolve(self.requested, self.cfg.kernel)
+            )
+            try:
+                accel = await self._resolving
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._stopping and (current is None or current.cancelling() == 0):
+                    # stop() cancelled the probe, not our caller: nothing was started.
+                    raise Conflict(
+                        f"guest {self.name!r} was stopped before QEMU started "
+                        "(while the host probed KVM)"
+                    ) from None
+                raise
             await self._launch(accel)
         except BaseException:
-            self.state = GuestState.EXITED
+            self.state = GuestState.STOPPED if self._stopping else GuestState.EXITED
+            self._start_done.set()
             raise
         self._task = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"guest {self.name}"
         )
         self._task.add_done_callback(self._task_done)
-        if self._stopping:  # stop() came while the probe ran
+        self._start_done.set()
+        if self._stopping:  # stop() came while QEMU was being spawned
             self._signal(signal.SIGTERM)
 
     async def wait(self) -> int:
@@ -620,9 +675,14 @@ class Guest:
     async def stop(self, grace: float | None = None) -> None:
         """SIGTERM, then SIGKILL after ``grace`` s (default: the setting); until it exited."""
         if self._task is None and self.state is GuestState.STARTING:
-            self._stopping = True  # still probing: start() stops QEMU as soon as it runs
+            # Still probing (or spawning): the probe is cancelled and its QEMU killed, so
+            # start() gives up without running the guest; until then a caller that
+            # stops and then closes the VM's disk must not see start() go on.
+            self._stopping = True
             self.state = GuestState.STOPPING
-            return
+            if self._resolving is not None:
+                self._resolving.cancel()
+            await self._start_done.wait()
         if self._task is None or self._task.done():
             return
         grace = self.settings.stop_grace_seconds if grace is None else grace
