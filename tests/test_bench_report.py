@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from virtman.bench.report import _scenarios, add_arguments, load, make_report, run
 from virtman.errors import ConfigError, VirtmanError
+from virtman_bench.report import _scenarios, add_arguments, load, make_report, run
 
 MIB = 1 << 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

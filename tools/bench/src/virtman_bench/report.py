@@ -1,7 +1,7 @@
 """``virtman bench report``: plots and a Markdown page from scale and simulation results.
 
 Reads the JSON documents of ``virtman bench scale`` (kind ``testbed``) and ``virtman bench
-simulate`` (kind ``simulation``), in the format of :mod:`virtman.results`, and writes
+simulate`` (kind ``simulation``), in the format of :mod:`virtman_bench.results`, and writes
 
 * one PNG figure (900 px wide) per scenario, named after its main document's file
   (``scale-debian.json`` -> ``scale-debian.png``). A scenario is one setting: a testbed
