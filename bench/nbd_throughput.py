@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 # Run from a checkout without installing: the product's and the tools' sources.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_ROOT / "src"), str(_ROOT / "tools" / "bench" / "src")]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench" / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from virtman_bench.nbd import main
 
