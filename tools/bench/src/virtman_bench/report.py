@@ -440,13 +440,14 @@ def _spans(values: Sequence[float], decades: float) -> bool:
 
 
 def require_matplotlib() -> None:
-    """Fail with the install command if plotting is not installed (it is an extra)."""
+    """Fail with the install command if plotting is not installed (a dependency of the tools,
+    which an install without dependencies lacks)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as err:
         raise ConfigError(
-            "plotting needs matplotlib, which comes with the 'bench' extra: "
-            "pip install 'virtman[bench]' (scripts/install.sh installs it)"
+            "plotting needs matplotlib, which the tools require: "
+            "pip install ./tools/bench (scripts/install.sh installs it)"
         ) from err
 
 
