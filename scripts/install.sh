@@ -36,6 +36,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# dev: the test tools; bench: plotting for `virtman bench report` (the services need neither)
-.venv/bin/python -m pip install -q -e '.[dev,bench]'
+# dev: the test tools; bench: the benchmarks and the simulator (`virtman bench`, with
+# matplotlib for its plots), the second distribution in tools/bench. The services need
+# neither. One pip call, so the extra's pin on virtman-bench resolves to ./tools/bench.
+.venv/bin/python -m pip install -q -e '.[dev,bench]' -e ./tools/bench
 echo "virtman installed: $(.venv/bin/virtman --version)"

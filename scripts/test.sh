@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/mypy
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench tools
 .venv/bin/pytest -q "$@"

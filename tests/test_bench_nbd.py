@@ -33,7 +33,7 @@ def test_bench_nbd_small_run_writes_results(tmp_path: Path) -> None:
 
 
 def test_with_tls_twins_and_costs() -> None:
-    from virtman.bench.nbd import tls_costs, with_tls_twins
+    from virtman_bench.nbd import tls_costs, with_tls_twins
 
     assert with_tls_twins(["qemu-nbd", "virtman", "virtman-relay"]) == [
         "qemu-nbd", "virtman", "virtman+tls", "virtman-relay", "virtman-relay+tls"]
@@ -66,7 +66,7 @@ def test_bench_nbd_tls_measures_tls_beside_plaintext(tmp_path: Path) -> None:
 
 
 def test_relay_comparison_ratios() -> None:
-    from virtman.bench.nbd import format_relay_comparison, relay_comparison
+    from virtman_bench.nbd import format_relay_comparison, relay_comparison
 
     peer = {"cold_mb_s": 400.0, "seq_mb_s": 1000.0, "iops_4k": 50000.0, "cpu_s_per_gib": 2.0,
             "cpu_s_per_gib_cold": 4.0, "cpu_s_per_gib_warm": 1.0}
@@ -82,7 +82,7 @@ def test_relay_comparison_ratios() -> None:
 
 
 def test_process_cpu_seconds_counts_a_busy_child() -> None:
-    from virtman.bench.nbd import process_cpu_seconds
+    from virtman_bench.nbd import process_cpu_seconds
 
     child = subprocess.Popen([sys.executable, "-c",
                               "import time\nt = time.process_time()\n"

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from virtman.bench.report import _scenarios, add_arguments, load, make_report, run
 from virtman.errors import ConfigError, VirtmanError
+from virtman_bench.report import _scenarios, add_arguments, load, make_report, run
 
 MIB = 1 << 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -305,7 +305,7 @@ def test_lines_of_one_mode_are_told_apart_by_their_options() -> None:
     assert labels == ["virtman (without --speed 2)", "virtman (--speed 2)"]
 
 
-def test_report_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+def test_report_without_matplotlib_says_how_to_install_it(tmp_path: Path) -> None:
     path = _write(tmp_path)[0]
     # matplotlib is made unimportable in a child, as on an install without the extra.
     code = ("import sys; sys.modules['matplotlib'] = None\n"
@@ -321,4 +321,4 @@ def test_report_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     report = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=False)
     assert report.returncode == 2, report.stderr
-    assert "virtman[bench]" in report.stderr and "Traceback" not in report.stderr
+    assert "pip install ./tools/bench" in report.stderr and "Traceback" not in report.stderr

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from virtman.bench import scale
-from virtman.bench.netbed import retransmitted_segments
 from virtman.errors import ConfigError
+from virtman_bench import scale
+from virtman_bench.netbed import retransmitted_segments
 
 CHUNK = 64 * 1024
 

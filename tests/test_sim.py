@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from virtman.bench import calibrate
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace, parse_trace
-from virtman.results import RUN_KEYS, percentile
-from virtman.sim import cli
-from virtman.sim.model import (
+from virtman.sizes import parse_link_rate
+from virtman_bench import calibrate
+from virtman_bench.results import RUN_KEYS, percentile
+from virtman_bench.sim import cli
+from virtman_bench.sim.model import (
     NETWORKS,
     PREFETCH_FROM,
     RELAYS,
@@ -27,7 +28,6 @@ from virtman.sim.model import (
     simulate,
     synthetic_pattern,
 )
-from virtman.sizes import parse_link_rate
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 C = 256 * KiB

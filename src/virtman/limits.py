@@ -190,12 +190,6 @@ MIN_TEST_IMAGE_SIZE = 64 * MiB
 #: Seconds a fleet process (the stand-in VMs of one host) has to load and say it is ready.
 FLEET_READY_TIMEOUT_SECONDS = 60.0
 
-# --- NBD benchmark (``virtman bench nbd``) -----------------------------------------------------
-#: Seconds a benchmarked server has to answer ``nbdinfo`` with the export's size.
-BENCH_SERVER_READY_TIMEOUT_SECONDS = 20.0
-#: Seconds a benchmarked server has after SIGTERM before it is SIGKILLed.
-BENCH_SERVER_STOP_GRACE_SECONDS = 5.0
-
 # --- Child processes of the tools (local cluster, benchmarks, tests) -------------------------
 #: Seconds between readiness checks of a starting child.
 CHILD_READY_POLL_SECONDS = 0.05

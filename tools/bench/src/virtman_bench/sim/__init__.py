@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from virtman.sim.model import (
+from virtman_bench.sim.model import (
     MODES,
     BootPattern,
     SimConfig,

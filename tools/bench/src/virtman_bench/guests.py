@@ -45,8 +45,8 @@ from virtman.errors import ApiError, BenchError, ConfigError
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.hypervisor.qemu import Accel, GuestConfig, Hypervisor, HypervisorSettings
 from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image, find_kernel
-from virtman.results import machine
 from virtman.sizes import format_size, parse_size
+from virtman_bench.results import machine
 
 #: Seconds a test guest may take before the benchmark gives up on it.
 GUEST_TIMEOUT_SECONDS = 600.0

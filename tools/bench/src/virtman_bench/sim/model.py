@@ -151,7 +151,7 @@ from virtman.delivery import MODE_NAMES, DeliveryMode
 from virtman.errors import ConfigError
 from virtman.limits import DEFAULT_CHUNK_SIZE, GiB, MiB
 from virtman.planner.tree import RelayTree, TreeSettings
-from virtman.results import Run
+from virtman_bench.results import Run
 
 if TYPE_CHECKING:
     from virtman.replay.trace import Trace

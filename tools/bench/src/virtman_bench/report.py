@@ -1,7 +1,7 @@
 """``virtman bench report``: plots and a Markdown page from scale and simulation results.
 
 Reads the JSON documents of ``virtman bench scale`` (kind ``testbed``) and ``virtman bench
-simulate`` (kind ``simulation``), in the format of :mod:`virtman.results`, and writes
+simulate`` (kind ``simulation``), in the format of :mod:`virtman_bench.results`, and writes
 
 * one PNG figure (900 px wide) per scenario, named after its main document's file
   (``scale-debian.json`` -> ``scale-debian.png``). A scenario is one setting: a testbed
@@ -440,13 +440,14 @@ def _spans(values: Sequence[float], decades: float) -> bool:
 
 
 def require_matplotlib() -> None:
-    """Fail with the install command if plotting is not installed (it is an extra)."""
+    """Fail with the install command if plotting is not installed (a dependency of the tools,
+    which an install without dependencies lacks)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as err:
         raise ConfigError(
-            "plotting needs matplotlib, which comes with the 'bench' extra: "
-            "pip install 'virtman[bench]' (scripts/install.sh installs it)"
+            "plotting needs matplotlib, which the tools require: "
+            "pip install ./tools/bench (scripts/install.sh installs it)"
         ) from err
 
 

@@ -1,6 +1,6 @@
 """The result documents of boot-at-scale runs: one format for the testbed and the simulator.
 
-It sits below both ``virtman.bench`` (which measures runs) and ``virtman.sim`` (which
+It sits below both ``virtman_bench`` (which measures runs) and ``virtman_bench.sim`` (which
 models them), so neither imports the other to share it.
 
     {"machine": {...}, "kind": "testbed" | "simulation", "command": "virtman bench ...",

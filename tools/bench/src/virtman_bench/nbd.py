@@ -45,7 +45,7 @@ Measurements, per server:
 
 MB/s means 10**6 bytes per second.  Ratios are relative to qemu-nbd measured in the same run.
 
-Run as ``python -m virtman.bench.nbd`` or ``bench/nbd_throughput.py``.  Standard library only.
+Run as ``python -m virtman_bench.nbd`` or ``bench/nbd_throughput.py``.  Standard library only.
 """
 
 from __future__ import annotations
@@ -75,13 +75,12 @@ from typing import Any
 from virtman import sizes
 from virtman.childprocess import ChildProcess
 from virtman.errors import BenchError, ConfigError, ProcessFailed
-from virtman.limits import (
+from virtman.limits import CHILD_LOG_TAIL_CHARS, MiB
+from virtman.protocol.uri import NbdAddress, parse_nbd_uri
+from virtman_bench.limits import (
     BENCH_SERVER_READY_TIMEOUT_SECONDS,
     BENCH_SERVER_STOP_GRACE_SECONDS,
-    CHILD_LOG_TAIL_CHARS,
-    MiB,
 )
-from virtman.protocol.uri import NbdAddress, parse_nbd_uri
 
 ALL_SERVERS: tuple[str, ...] = (
     "qemu-nbd", "nbdkit", "virtman", "virtman-relay", "nbdkit-relay")

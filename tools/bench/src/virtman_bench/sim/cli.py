@@ -1,8 +1,8 @@
 """``virtman bench simulate``: run the discrete-event model over modes and host counts.
 
 Prints one table row per (mode, host count) as it finishes, and with ``--json FILE``
-writes the runs in the format of ``virtman.results`` (kind ``simulation``). The
-model and its simplifications are described in ``virtman.sim.model``.
+writes the runs in the format of ``virtman_bench.results`` (kind ``simulation``). The
+model and its simplifications are described in ``virtman_bench.sim.model``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import shlex
 from typing import Any
 
 from virtman.errors import ConfigError, VirtmanError
-from virtman.results import Run, write_results
-from virtman.sim.model import (
+from virtman.sizes import format_rate, format_size, parse_link_rate, parse_size
+from virtman_bench.results import Run, write_results
+from virtman_bench.sim.model import (
     DEFAULT_ATTACH_DELAY,
     DEFAULT_RTT,
     MODES,
@@ -28,7 +29,6 @@ from virtman.sim.model import (
     simulate,
     synthetic_pattern,
 )
-from virtman.sizes import format_rate, format_size, parse_link_rate, parse_size
 
 DEFAULT_MODES = "paper,virtman"
 DEFAULT_HOSTS = "100,1000,10000"

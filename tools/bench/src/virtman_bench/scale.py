@@ -39,7 +39,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from virtman.bench.netbed import LinkShape, Netbed, check_namespaces_work
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.cluster.up import generate_image, single_vm_seconds
 from virtman.delivery import MODE_NAMES as MODES
@@ -48,8 +47,9 @@ from virtman.limits import HEARTBEAT_INTERVAL_SECONDS, HEARTBEAT_TIMEOUT_SECONDS
 from virtman.planner.profile import profile_from_trace
 from virtman.replay.fleet import FleetProcess, FleetSpec
 from virtman.replay.trace import Trace, format_trace, load_trace
-from virtman.results import Run, percentile, write_results
 from virtman.sizes import format_size, parse_link_rate, parse_size
+from virtman_bench.netbed import LinkShape, Netbed, check_namespaces_work
+from virtman_bench.results import Run, percentile, write_results
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def run_scale(plan: Plan, json_path: str, command: str) -> int:
             *netbed.command_prefix("origin"),
             sys.executable,
             "-m",
-            "virtman.bench.scale",
+            "virtman_bench.scale",
             "--worker",
             plan_path,
         ]

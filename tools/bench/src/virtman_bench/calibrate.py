@@ -18,9 +18,9 @@ from typing import Any
 
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace
-from virtman.results import Run, write_results
-from virtman.sim.model import SimConfig, pattern_from_trace, simulate
 from virtman.sizes import parse_link_rate
+from virtman_bench.results import Run, write_results
+from virtman_bench.sim.model import SimConfig, pattern_from_trace, simulate
 
 #: Image size of the testbed's generated image (the bundled trace reaches 4 GiB).
 TESTBED_IMAGE_SIZE = 4 * 1024**3

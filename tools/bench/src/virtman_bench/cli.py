@@ -1,9 +1,13 @@
-"""``virtman bench``: benchmarks that print figures (see ``bench/`` and docs/benchmarks.md)."""
+"""``virtman bench``: benchmarks that print figures (see ``bench/`` and docs/benchmarks.md).
+
+The ``virtman`` command finds this module through the entry point ``bench`` of the group
+``virtman.commands`` (tools/bench/pyproject.toml) and calls the two functions below.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 def add_parser(sub: Any) -> None:
@@ -15,8 +19,8 @@ def add_parser(sub: Any) -> None:
     nbd.add_argument("rest", nargs="*", help="options of the benchmark (see --help)")
     nbd.set_defaults(run=_run_nbd)
 
-    from virtman.bench import calibrate, guests, report, scale
-    from virtman.sim import cli as simulate
+    from virtman_bench import calibrate, guests, report, scale
+    from virtman_bench.sim import cli as simulate
 
     for name, module, text in (
         ("scale", scale, "boot time vs hosts per mode, on emulated hosts (root)"),
@@ -30,7 +34,24 @@ def add_parser(sub: Any) -> None:
         module.add_arguments(sp)
         sp.set_defaults(run=module.run)
 
+def run_unparsed(argv: list[str]) -> int | None:
+    """``bench nbd`` parses its own options: it gets everything after its name."""
+    if argv[:1] == ["nbd"]:
+        from virtman_bench.nbd import main
+
+        return main(argv[1:])
+    return None
+
+
 def _run_nbd(args: argparse.Namespace) -> int:
-    from virtman.bench.nbd import main
+    from virtman_bench.nbd import main
 
     return main(list(args.rest))
+
+
+if TYPE_CHECKING:
+    # mypy checks that this module is what ``virtman`` expects of its entry point.
+    from virtman.cli.main import Command
+    from virtman_bench import cli as _this
+
+    _AS_COMMAND: Command = _this
