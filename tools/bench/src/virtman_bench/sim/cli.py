@@ -16,6 +16,7 @@ from virtman.sizes import format_rate, format_size, parse_link_rate, parse_size
 from virtman_bench.results import Run, write_results
 from virtman_bench.sim.model import (
     DEFAULT_ATTACH_DELAY,
+    DEFAULT_PREFETCH_MISS,
     DEFAULT_RTT,
     MODES,
     NETWORKS,
@@ -120,10 +121,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-from", default=PREFETCH_FROM[0], choices=PREFETCH_FROM,
                    help="where prefetch requests go: the parents in turn (as demand reads)"
                         f" or the first parent only (default {PREFETCH_FROM[0]})")
-    p.add_argument("--prefetch-miss", default=PREFETCH_MISS[0], choices=PREFETCH_MISS,
+    p.add_argument("--prefetch-miss", default=DEFAULT_PREFETCH_MISS, choices=PREFETCH_MISS,
                    help="how a parent fetches a chunk a child's prefetch asks for and it"
                         " lacks: as a demand read or as prefetch (as the agent's prefetch export)"
-                        f" (default {PREFETCH_MISS[0]})")
+                        f" (default {DEFAULT_PREFETCH_MISS}, what the agent does)")
     p.add_argument("--prefetch-demand", default=PREFETCH_DEMAND[0], choices=PREFETCH_DEMAND,
                    help="a VM's miss on a chunk prefetch asked for: sent as demand at once"
                         " (promote) or waits for the prefetch request (join)"

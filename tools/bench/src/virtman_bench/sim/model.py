@@ -179,6 +179,9 @@ PREFETCH_FROM = ("round-robin", "primary")
 #: holds nor fetches: as a demand read, or as prefetch of its own (as the agent's
 #: prefetch export does: its misses are background fetches all the way up).
 PREFETCH_MISS = ("demand", "prefetch")
+#: What the agent does (a parent's prefetch export fetches what it lacks as prefetch), so
+#: a run without the option models the software; "demand" was the design's first rule.
+DEFAULT_PREFETCH_MISS = "prefetch"
 #: A demand read for a chunk that prefetch has asked for and not yet received: takes it
 #: out of the prefetch queue and sends it as demand ("promote", demand strictly first),
 #: or waits for the prefetch request it is part of ("join", as a cache that serves it
@@ -398,7 +401,7 @@ class SimConfig:
     prefetch_from: str = "round-robin"
     #: One of ``PREFETCH_MISS``: how a parent fetches a chunk a child's prefetch asks
     #: for and it lacks.
-    prefetch_miss: str = "demand"
+    prefetch_miss: str = DEFAULT_PREFETCH_MISS
     #: One of ``PREFETCH_DEMAND``: what a demand read for a chunk prefetch has asked for
     #: and not received does.
     prefetch_demand: str = "promote"
