@@ -18,7 +18,7 @@ from virtman.blockdev import CachedDevice, FaultyDevice, MemoryDevice
 from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.blockdev.cached import CacheSpace
 from virtman.blockdev.manifest import compute_manifest
-from virtman.blockdev.store import HEADER_SIZE, MAGIC, StoreFile
+from virtman.blockdev.store import CHECKSUM, HEADER_SIZE, MAGIC, StoreFile, StoreHeader
 from virtman.errors import DeviceError
 
 CHUNK = 64 * 1024
@@ -228,6 +228,30 @@ async def test_a_reader_giving_up_does_not_stop_the_fetch_for_the_others(
     await cache.close()
     with pytest.raises(DeviceError, match="closed while chunk 5"):
         await slow
+
+
+def test_a_run_of_units_is_stored_with_each_units_own_checksum(tmp_path: Path) -> None:
+    data = image_bytes(SIZE)
+    store = StoreFile.create(str(tmp_path / "s.vmstore"),
+                             StoreHeader("cache", SIZE, CHUNK, {}, CHECKSUM))
+    try:
+        store.fill(14, data[14 * CHUNK :], 3)  # the last of them short
+        assert [store.present[i] for i in range(13, 17)] == [0, 1, 1, 1]
+        for i in range(14, 17):
+            piece = data[i * CHUNK : (i + 1) * CHUNK]
+            assert store.checksum_matches(i, piece)
+            assert not store.checksum_matches(i, bytes([piece[0] ^ 1]) + piece[1:])
+        assert store.pread(14 * CHUNK, SIZE - 14 * CHUNK) == data[14 * CHUNK :]
+        assert store.sync() == 3
+    finally:
+        store.close()
+    reopened = StoreFile.open(str(tmp_path / "s.vmstore"))
+    try:
+        assert reopened.units_present == 3
+        assert all(reopened.checksum_matches(i, data[i * CHUNK : (i + 1) * CHUNK])
+                   for i in range(14, 17))
+    finally:
+        reopened.close()
 
 
 # --- checked at rest ----------------------------------------------------------------------

@@ -672,38 +672,36 @@ class CachedDevice(BlockDevice):
     async def _fetch_run(
         self, store: StoreFile, first: int, futures: list[asyncio.Future[bytes]]
     ) -> None:
-        """Fetch chunks ``first`` .. ``first + len(futures) - 1``, check and store each,
-        then resolve its future: no reader gets a chunk before it is checked and
+        """Fetch chunks ``first`` .. ``first + len(futures) - 1``, check and store them,
+        then resolve their futures: no reader gets a chunk before it is checked and
         stored (or passed through)."""
         try:
             if len(futures) == 1:
-                try:
-                    pieces: list[bytes | None] = [await self._fetch(first)]
-                except Exception as err:  # every reader of the chunk gets it
-                    _fail(futures[0], err)
-                    return
-            else:
-                pieces = await self._fetch_joined(first, len(futures))
-            alone = [(first + k, f) for k, (f, piece) in enumerate(zip(futures, pieces,
-                                                                       strict=True))
-                     if piece is None and not f.done()]
-            for k, future in enumerate(futures):
-                piece = pieces[k]
-                if piece is not None:
-                    self._settle(store, first + k, future, piece)
-            if alone:
-                await asyncio.gather(*(self._fetch_alone(store, i, f) for i, f in alone))
+                await self._fetch_alone(store, first, futures[0])
+                return
+            joined = await self._fetch_joined(first, len(futures))
+            if joined is None:  # each chunk alone: each fails, if it does, on its own
+                await asyncio.gather(*(self._fetch_alone(store, first + k, f)
+                                       for k, f in enumerate(futures)))
+                return
+            data, pieces = joined
+            if self._store is store:  # else closed while fetching
+                self._keep(store, first, data, len(futures))  # one write for the run
+            for future, piece in zip(futures, pieces, strict=True):
+                if not future.done():
+                    future.set_result(piece)
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()
             raise
 
-    async def _fetch_joined(self, first: int, count: int) -> list[bytes | None]:
-        """Chunks ``first``.. as one upstream read. With a manifest, every chunk of it is
-        checked, and a read holding a chunk that fails is taken again from the next path
-        (``read_verified``), up to ``max_digest_retries`` times. When the joined read
-        fails, each of its chunks is None: fetched alone, so each fails, if it does,
-        with its own error, and the others are still served."""
+    async def _fetch_joined(self, first: int, count: int) -> tuple[bytes, list[bytes]] | None:
+        """Chunks ``first``.. as one upstream read: its bytes and each chunk's. With a
+        manifest, every chunk of it is checked, and a read holding a chunk that fails
+        is taken again from the next path (``read_verified``), up to
+        ``max_digest_retries`` times. None when the joined read fails: its chunks are
+        then fetched alone, so each fails, if it does, with its own error, and the
+        others are still served."""
         cs = self.chunk_size
         start = first * cs
         manifest = self.manifest
@@ -712,6 +710,7 @@ class CachedDevice(BlockDevice):
 
         def split(data: bytes) -> bool:
             nonlocal mismatches
+            # The readers' copies; the store writes the run from ``data`` itself.
             pieces[:] = [data[k * cs : (k + 1) * cs] for k in range(count)]
             if manifest is None:
                 return True
@@ -728,13 +727,15 @@ class CachedDevice(BlockDevice):
             began = time.monotonic()
             length = min(count * cs, self.size - start)
             if manifest is None:
-                split(await self.upstream.read(start, length))
+                data = await self.upstream.read(start, length)
+                split(data)
             else:
-                await self.upstream.read_verified(start, length, split, self.max_digest_retries)
+                data = await self.upstream.read_verified(
+                    start, length, split, self.max_digest_retries)
         except (DeviceError, NetworkError, InvalidRequest) as err:
             log.info("read of chunks %d..%d of %s failed (%s); fetching each alone",
                      first, first + count - 1, self.path, err)
-            return [None] * count
+            return None
         finally:
             gate.release()
             if mismatches:
@@ -743,7 +744,7 @@ class CachedDevice(BlockDevice):
             took = time.monotonic() - began
             for _ in range(count):
                 self.on_fetch(took)
-        return list(pieces)
+        return data, pieces
 
     async def _fetch_alone(
         self, store: StoreFile, index: int, future: asyncio.Future[bytes]
@@ -837,25 +838,30 @@ class CachedDevice(BlockDevice):
     def _passing_through(self) -> bool:
         return self.space is not CacheSpace.CACHING and time.monotonic() < self._store_again_at
 
-    def _keep(self, store: StoreFile, index: int, data: bytes) -> None:
-        """Store a fetched chunk, or pass it through when there is no room for it."""
+    def _keep(self, store: StoreFile, index: int, data: bytes, count: int = 1) -> None:
+        """Store fetched chunks (``count`` of them from ``index``, all of ``data``), or
+        pass them through when there is no room for them."""
         if self._passing_through():
-            self._passed(self.space, len(data), None)
+            self._passed(self.space, count, len(data), None)
             return
         gate = self.space_gate
         if gate is not None and not gate.admit(len(data)):
-            self._passed(CacheSpace.AT_CAPACITY, len(data), "the cache group is at capacity")
+            self._passed(CacheSpace.AT_CAPACITY, count, len(data),
+                         "the cache group is at capacity")
             return
         try:
-            store.fill(index, data)
+            store.fill(index, data, count)
         except DeviceError as err:
             full = err.errno == Errno.ENOSPC
-            self._passed(CacheSpace.DISK_FULL if full else CacheSpace.STORE_FAILED, len(data),
-                         str(err))
+            self._passed(CacheSpace.DISK_FULL if full else CacheSpace.STORE_FAILED, count,
+                         len(data), str(err))
             if full and gate is not None:
                 gate.disk_full()
             return
-        self._ready[index] = 1
+        if count == 1:
+            self._ready[index] = 1
+        else:
+            self._ready[index : index + count] = b"\1" * count
         self.stats.bump("fetched_bytes", len(data))
         if self.space is not CacheSpace.CACHING:
             if self._episode_logged:  # a cache flapping at the edge logs once per interval
@@ -865,8 +871,8 @@ class CachedDevice(BlockDevice):
             self.space = CacheSpace.CACHING
             self._passed_this_episode = 0
 
-    def _passed(self, state: CacheSpace, nbytes: int, reason: str | None) -> None:
-        """Count a chunk served without storing it; log the condition, throttled."""
+    def _passed(self, state: CacheSpace, chunks: int, nbytes: int, reason: str | None) -> None:
+        """Count chunks served without storing them; log the condition, throttled."""
         now = time.monotonic()
         if self.space is CacheSpace.CACHING:
             self._space_since = now
@@ -875,9 +881,9 @@ class CachedDevice(BlockDevice):
         if reason is not None:  # a fresh attempt failed: wait before the next one
             self.space = state
             self._store_again_at = now + self.full_retry
-        self.stats.bump("passthrough_chunks")
+        self.stats.bump("passthrough_chunks", chunks)
         self.stats.bump("passthrough_bytes", nbytes)
-        self._passed_this_episode += 1
+        self._passed_this_episode += chunks
         if self._full_log.due(now) is not None:
             self._episode_logged = True
             log.warning("cache %s cannot store chunks (%s: %s); serving uncached reads "
