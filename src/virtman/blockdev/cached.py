@@ -5,8 +5,8 @@ Theory of operation
 The device is cut into chunks (256 KiB by default). A read whose chunks are all *ready*
 (held and checked in this session) is one ``pread`` of the local store, answered
 without waiting. Every other chunk of a read is *loaded* once: concurrent readers of
-one chunk wait on the same load (a task, so one reader giving up does not cancel it
-for the others). Loading a chunk is:
+one chunk wait on the same load (a future, shielded, so one reader giving up does not
+cancel it for the others). Loading a chunk is:
 
 1. If the store holds it from an earlier session, read it and check it: against the
    digest manifest when there is one, otherwise against the checksum the store wrote
@@ -16,7 +16,9 @@ for the others). Loading a chunk is:
 2. Otherwise fetch it whole from upstream. A fetched chunk is checked against the
    manifest when there is one; a chunk that does not match is fetched again (the next
    attempt goes to the next upstream path) and is never served; after
-   ``max_digest_retries`` failures the read fails with EIO.
+   ``max_digest_retries`` failures the read fails with EIO. Misses of one turn of the
+   event loop that are adjacent go upstream as one read (a *run*, see ``_miss``); a run
+   that fails is retried chunk by chunk.
 3. Store it (data and checksum) and mark it present: no reader ever sees a chunk
    before all of its bytes are in place. A chunk that cannot be stored is served anyway
    from memory (see "Full cache" below).
