@@ -15,9 +15,10 @@ from conftest import small_tmpfs
 from devices import crash, image_bytes
 
 from virtman.blockdev import CachedDevice, FaultyDevice, MemoryDevice
+from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.blockdev.cached import CacheSpace
 from virtman.blockdev.manifest import compute_manifest
-from virtman.blockdev.store import HEADER_SIZE, MAGIC, StoreFile
+from virtman.blockdev.store import CHECKSUM, HEADER_SIZE, MAGIC, StoreFile, StoreHeader
 from virtman.errors import DeviceError
 
 CHUNK = 64 * 1024
@@ -29,17 +30,19 @@ def origin() -> MemoryDevice:
 
 
 async def test_concurrent_misses_share_one_fetch(tmp_path: Path) -> None:
-    upstream = FaultyDevice(origin(), delay=0.05)
+    source = origin()
+    upstream = FaultyDevice(source, delay=0.05)
     cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK)
     await cache.open()
-    reads = [cache.read(CHUNK + i * 100, 5000) for i in range(20)]  # all in chunk 1..2
+    reads = [cache.read(CHUNK + i * 100, 5000) for i in range(20)]  # all in chunk 1
     results = await asyncio.gather(*reads)
     data = image_bytes(SIZE)
     for i, got in enumerate(results):
         assert got == data[CHUNK + i * 100 : CHUNK + i * 100 + 5000]
     assert upstream.stats.reads == 1  # 20 readers, one chunk fetched once
     await cache.read(0, SIZE)
-    assert upstream.stats.reads == 17  # each chunk exactly once, the short one included
+    assert source.stats.bytes_read == SIZE  # each chunk exactly once, the short one included
+    assert upstream.stats.reads == 3  # chunk 1, then the runs of misses 0 and 2..16
     assert cache.chunks_present == 17
     await cache.close()
 
@@ -106,7 +109,7 @@ async def test_crash_never_serves_a_torn_chunk(tmp_path: Path) -> None:
     assert cache.is_present(0) and cache.is_present(1)
     assert not cache.is_present(5) and not cache.is_present(6)
     assert await cache.read(0, SIZE) == image_bytes(SIZE)
-    assert upstream.stats.reads == 15       # everything but the two durable chunks
+    assert upstream.stats.bytes_read == SIZE - 2 * CHUNK  # all but the two durable chunks
     await cache.close()
 
 
@@ -132,6 +135,123 @@ async def test_upstream_failure_is_reported_and_retried_later(tmp_path: Path) ->
         await cache.read(0, 10)
     assert await cache.read(0, 10) == image_bytes(SIZE)[:10]
     await cache.close()
+
+
+class FailingChunk(BlockDevice):
+    """Reads of ``inner`` that fail whenever they touch chunk ``bad``."""
+
+    def __init__(self, inner: BlockDevice, bad: int) -> None:
+        super().__init__()
+        self.inner, self.bad = inner, bad
+        self.requests: list[tuple[int, int]] = []
+
+    def describe(self) -> str:
+        return f"chunk {self.bad} failing over {self.inner.describe()}"
+
+    async def open(self) -> None:
+        await self.inner.open()
+        self.size, self.read_only = self.inner.size, True
+        self.state = DeviceState.OPEN
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        await asyncio.sleep(0.01)
+        if offset < (self.bad + 1) * CHUNK and offset + length > self.bad * CHUNK:
+            raise DeviceError(f"injected failure of chunk {self.bad}")
+        return await self.inner.read(offset, length)
+
+
+async def test_adjacent_misses_of_one_turn_go_upstream_as_one_read_per_run(
+        tmp_path: Path) -> None:
+    source = origin()
+    upstream = FaultyDevice(source, delay=0.01)
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK, miss_run_bytes=4 * CHUNK)
+    await cache.open()
+    wanted = [*range(10), 12]  # 0..9 adjacent (runs of at most 4), 12 alone
+    got = await asyncio.gather(*(cache.read(i * CHUNK, CHUNK) for i in wanted))
+    data = image_bytes(SIZE)
+    assert got == [data[i * CHUNK : (i + 1) * CHUNK] for i in wanted]
+    assert upstream.stats.reads == 4  # 0-3, 4-7, 8-9, 12
+    assert source.stats.bytes_read == len(wanted) * CHUNK
+    assert cache.chunks_present == len(wanted)
+    await cache.close()
+
+
+async def test_a_chunk_failing_in_a_joined_read_fails_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="virtman")
+    upstream = FailingChunk(origin(), bad=5)
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK)
+    await cache.open()
+    got = await asyncio.gather(*(cache.read(i * CHUNK, CHUNK) for i in range(3, 8)),
+                               return_exceptions=True)
+    data = image_bytes(SIZE)
+    for i, result in zip(range(3, 8), got, strict=True):
+        if i == 5:
+            assert isinstance(result, DeviceError) and "chunk 5" in str(result)
+        else:
+            assert result == data[i * CHUNK : (i + 1) * CHUNK]
+    assert [cache.is_present(i) for i in range(3, 8)] == [True, True, False, True, True]
+    # One joined read, then each chunk alone.
+    assert upstream.requests[0] == (3 * CHUNK, 5 * CHUNK) and len(upstream.requests) == 6
+    assert "fetching each alone" in caplog.text
+    await cache.close()
+
+
+async def test_a_joined_read_failing_its_digest_is_read_again_and_never_served(
+        tmp_path: Path) -> None:
+    manifest = await compute_manifest(origin(), CHUNK)
+    upstream = FaultyDevice(origin(), corrupt_reads=1)  # corrupts chunk 0 of the first read
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK, manifest=manifest)
+    await cache.open()
+    assert await cache.read(0, 4 * CHUNK) == image_bytes(SIZE)[: 4 * CHUNK]
+    assert cache.stats.extra["digest_mismatches"] == 1
+    assert upstream.stats.reads == 2  # the run, then the run again
+    await cache.close()
+
+
+async def test_a_reader_giving_up_does_not_stop_the_fetch_for_the_others(
+        tmp_path: Path) -> None:
+    upstream = FaultyDevice(origin(), delay=0.05)
+    cache = CachedDevice(upstream, tmp_path, chunk_size=CHUNK)
+    await cache.open()
+    quitter = asyncio.create_task(cache.read(0, 100))
+    stayer = asyncio.create_task(cache.read(0, 2 * CHUNK))
+    await asyncio.sleep(0.01)
+    quitter.cancel()
+    assert await stayer == image_bytes(SIZE)[: 2 * CHUNK]
+    assert quitter.cancelled() and upstream.stats.reads == 1
+    assert cache.is_present(0) and cache.is_present(1)
+    # Closing stops a fetch under way: its readers get an error, not a hang.
+    slow = asyncio.create_task(cache.read(5 * CHUNK, 10))
+    await asyncio.sleep(0.01)
+    await cache.close()
+    with pytest.raises(DeviceError, match="closed while chunk 5"):
+        await slow
+
+
+def test_a_run_of_units_is_stored_with_each_units_own_checksum(tmp_path: Path) -> None:
+    data = image_bytes(SIZE)
+    store = StoreFile.create(str(tmp_path / "s.vmstore"),
+                             StoreHeader("cache", SIZE, CHUNK, {}, CHECKSUM))
+    try:
+        store.fill(14, data[14 * CHUNK :], 3)  # the last of them short
+        assert [store.present[i] for i in range(13, 17)] == [0, 1, 1, 1]
+        for i in range(14, 17):
+            piece = data[i * CHUNK : (i + 1) * CHUNK]
+            assert store.checksum_matches(i, piece)
+            assert not store.checksum_matches(i, bytes([piece[0] ^ 1]) + piece[1:])
+        assert store.pread(14 * CHUNK, SIZE - 14 * CHUNK) == data[14 * CHUNK :]
+        assert store.sync() == 3
+    finally:
+        store.close()
+    reopened = StoreFile.open(str(tmp_path / "s.vmstore"))
+    try:
+        assert reopened.units_present == 3
+        assert all(reopened.checksum_matches(i, data[i * CHUNK : (i + 1) * CHUNK])
+                   for i in range(14, 17))
+    finally:
+        reopened.close()
 
 
 # --- checked at rest ----------------------------------------------------------------------
@@ -216,7 +336,7 @@ async def test_store_without_checksums_is_kept_only_with_a_manifest(
     await cache.open()
     assert cache.chunks_present == 0
     assert await cache.read(0, SIZE) == image_bytes(SIZE)
-    assert upstream.stats.reads == 17
+    assert upstream.stats.bytes_read == SIZE
     await cache.close()
 
 
@@ -254,7 +374,7 @@ async def test_full_disk_passes_through_then_caches_again(
     assert cache.space is CacheSpace.DISK_FULL
     assert cache.chunks_present == 0
     assert cache.stats.extra["passthrough_chunks"] == 3 * 17
-    assert upstream.stats.reads == 3 * 17  # nothing kept: every read went upstream
+    assert upstream.stats.bytes_read == 3 * SIZE  # nothing kept: every read went upstream
     assert caplog.text.count("cannot store chunks") == 1  # once per interval, not per chunk
     assert cache.space_status()["space"] == "disk_full"
     (tiny_fs / "filler").unlink()

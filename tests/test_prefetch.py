@@ -145,6 +145,30 @@ async def test_the_gate_wakes_demand_before_background_and_keeps_a_slot_for_it()
         FetchGate(1, reserve=1)
 
 
+async def test_a_cancelled_demand_waiter_leaves_the_gate_to_background() -> None:
+    gate = FetchGate(2, reserve=0)
+    async with gate.demand():
+        async with gate.demand():  # every slot taken
+            demand = asyncio.create_task(gate.take_demand())
+            await asyncio.sleep(0)
+            assert gate.demand_waiting == 1
+            demand.cancel()
+            background = asyncio.create_task(take_background(gate))
+            await asyncio.sleep(0.01)
+            assert gate.demand_waiting == 0 and not background.done()
+        # A slot is free and no demand waits any more: the background fetch goes.
+        async with asyncio.timeout(1):
+            await background
+    async with asyncio.timeout(1):  # both slots back: a demand fetch takes one at once
+        await gate.take_demand()
+    gate.release()
+
+
+async def take_background(gate: FetchGate) -> None:
+    async with gate.background():
+        pass
+
+
 async def test_prefetch_reads_only_the_profile_and_only_what_is_missing(
     tmp_path: Path, origin: Origin
 ) -> None:

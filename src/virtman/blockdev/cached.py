@@ -5,8 +5,8 @@ Theory of operation
 The device is cut into chunks (256 KiB by default). A read whose chunks are all *ready*
 (held and checked in this session) is one ``pread`` of the local store, answered
 without waiting. Every other chunk of a read is *loaded* once: concurrent readers of
-one chunk wait on the same load (a task, so one reader giving up does not cancel it
-for the others). Loading a chunk is:
+one chunk wait on the same load (a future, shielded, so one reader giving up does not
+cancel it for the others). Loading a chunk is:
 
 1. If the store holds it from an earlier session, read it and check it: against the
    digest manifest when there is one, otherwise against the checksum the store wrote
@@ -16,7 +16,9 @@ for the others). Loading a chunk is:
 2. Otherwise fetch it whole from upstream. A fetched chunk is checked against the
    manifest when there is one; a chunk that does not match is fetched again (the next
    attempt goes to the next upstream path) and is never served; after
-   ``max_digest_retries`` failures the read fails with EIO.
+   ``max_digest_retries`` failures the read fails with EIO. Misses of one turn of the
+   event loop that are adjacent go upstream as one read (a *run*, see ``_miss``); a run
+   that fails is retried chunk by chunk.
 3. Store it (data and checksum) and mark it present: no reader ever sees a chunk
    before all of its bytes are in place. A chunk that cannot be stored is served anyway
    from memory (see "Full cache" below).
@@ -59,12 +61,12 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from virtman.blockdev.base import BlockDevice, DeviceState
 from virtman.blockdev.manifest import Manifest
 from virtman.blockdev.store import CHECKSUM, StoreFile, StoreHeader
-from virtman.errors import ConfigError, DeviceError, NetworkError
+from virtman.errors import ConfigError, DeviceError, InvalidRequest, NetworkError
 from virtman.limits import (
     CACHE_FULL_RETRY_SECONDS,
     CACHE_LOG_INTERVAL_SECONDS,
@@ -72,6 +74,7 @@ from virtman.limits import (
     DEFAULT_CHUNK_SIZE,
     MAX_CONCURRENT_FETCHES,
     MAX_DIGEST_RETRIES,
+    MISS_RUN_BYTES,
 )
 from virtman.protocol.nbd.constants import Errno
 
@@ -99,11 +102,25 @@ class SpaceGate(Protocol):
         """The cache's file system is full (make room if you can)."""
 
 
+class _GateQueue:
+    """One class of fetches waiting at a ``FetchGate``, with a count of those still
+    waiting (neither granted nor cancelled), kept as they come and go."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep  # slots that must stay free after this class takes one
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waiting = 0
+
+
 class FetchGate:
     """Slots for upstream fetches, demand first. A demand fetch (a reader's miss) takes
     any free slot and is woken before any background fetch (prefetch); a background
     fetch takes a slot only while no demand fetch waits and more than ``reserve`` slots
-    are free, so a VM's miss never queues behind prefetch, even when prefetch is busy."""
+    are free, so a VM's miss never queues behind prefetch, even when prefetch is busy.
+
+    Waiters are counted as they queue and leave (not by walking the queues), and a free
+    slot is taken without a context manager (``take_demand``, ``release``): a relay's
+    cold fill passes here once per upstream request."""
 
     def __init__(self, slots: int, reserve: int = 1) -> None:
         if slots < 1 or not 0 <= reserve < slots:
@@ -111,61 +128,75 @@ class FetchGate:
         self.slots = slots
         self.reserve = reserve
         self._free = slots
-        self._demand: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._background: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._demand = _GateQueue(0)
+        self._background = _GateQueue(reserve)
 
     @property
     def demand_waiting(self) -> int:
-        return sum(1 for f in self._demand if not f.done())
+        return self._demand.waiting
 
     @contextlib.asynccontextmanager
     async def demand(self) -> AsyncIterator[None]:
-        await self._acquire(self._demand, 0)
+        await self.take_demand()
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
     @contextlib.asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
-        await self._acquire(self._background, self.reserve)
+        await self._acquire(self._background)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, queue: collections.deque[asyncio.Future[None]], keep: int) -> None:
-        if self._free > keep and not self.demand_waiting and (
-            queue is self._demand or not any(not f.done() for f in self._background)
+    async def take_demand(self) -> None:
+        """Take a slot for a demand fetch, waiting if none is free; give it back with
+        ``release``."""
+        if self._free > 0 and not self._demand.waiting:
+            self._free -= 1
+            return
+        await self._acquire(self._demand)
+
+    async def _acquire(self, queue: _GateQueue) -> None:
+        if self._free > queue.keep and not self._demand.waiting and (
+            queue is self._demand or not self._background.waiting
         ):
             self._free -= 1
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(waiter)
+        queue.waiters.append(waiter)
+        queue.waiting += 1
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # granted as it was cancelled: hand the slot on
+                self.release()  # granted as it was cancelled: hand the slot on
             else:
+                queue.waiting -= 1
                 with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
+                    queue.waiters.remove(waiter)
+                self._wake()  # a background fetch may have queued behind this one
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give back a slot (taken by ``take_demand`` or a context manager)."""
         self._free += 1
         self._wake()
 
     def _wake(self) -> None:
-        for queue, keep in ((self._demand, 0), (self._background, self.reserve)):
-            while queue and self._free > keep:
-                waiter = queue.popleft()
+        for queue in (self._demand, self._background):
+            waiters = queue.waiters
+            while waiters and self._free > queue.keep:
+                waiter = waiters.popleft()
                 if waiter.done():
-                    continue
-                if queue is self._background and self.demand_waiting:
-                    queue.appendleft(waiter)
+                    continue  # cancelled: its task uncounts it
+                if queue is self._background and self._demand.waiting:
+                    waiters.appendleft(waiter)
                     return
                 self._free -= 1
+                queue.waiting -= 1
                 waiter.set_result(None)
 
 
@@ -199,6 +230,7 @@ class CachedDevice(BlockDevice):
         path: str | None = None,
         max_digest_retries: int = MAX_DIGEST_RETRIES,
         max_concurrent_fetches: int = MAX_CONCURRENT_FETCHES,
+        miss_run_bytes: int = MISS_RUN_BYTES,
         sync_interval: float = CACHE_SYNC_INTERVAL_SECONDS,
         full_retry: float = CACHE_FULL_RETRY_SECONDS,
         log_interval: float = CACHE_LOG_INTERVAL_SECONDS,
@@ -233,9 +265,15 @@ class CachedDevice(BlockDevice):
         self._store: StoreFile | None = None
         #: 1 where a chunk is held *and* was checked (or fetched) in this session.
         self._ready = bytearray()
-        self._fetches: dict[int, asyncio.Task[bytes]] = {}
-        #: Upstream reads of several chunks at once (prefetch runs), to stop on close.
-        self._batches: set[asyncio.Task[bytes]] = set()
+        #: Chunks being loaded; every reader of one waits on its future (resolved by a
+        #: run of misses or a prefetch run, once the chunk is checked and stored).
+        self._fetches: dict[int, asyncio.Future[bytes]] = {}
+        #: Upstream reads in flight (miss runs, prefetch runs), to stop on close.
+        self._batches: set[asyncio.Task[Any]] = set()
+        #: Chunks missed in this turn of the event loop, fetched when the turn ends.
+        self._misses: list[int] = []
+        #: Adjacent misses of one turn joined into one upstream read, at most.
+        self.miss_run_chunks = max(1, miss_run_bytes // chunk_size)
         self.gate = FetchGate(max_concurrent_fetches)
         self.space = CacheSpace.CACHING
         self._space_since = 0.0
@@ -337,7 +375,8 @@ class CachedDevice(BlockDevice):
         if rotten:  # the throttled lines may not have named them all
             log.warning("cache %s: %d chunks failed their check this session and were "
                         "fetched again", self.path, rotten)
-        pending = [*self._fetches.values(), *self._batches]
+        pending: list[asyncio.Future[Any]] = [*self._fetches.values(), *self._batches]
+        self._misses.clear()
         for task in pending:
             task.cancel()
         if pending:
@@ -405,8 +444,11 @@ class CachedDevice(BlockDevice):
             todo.append(i)
         if todo:
             self.stats.bump("misses", len(todo))
-            loaded.update(zip(todo, await asyncio.gather(*(self._ensure(i) for i in todo)),
-                              strict=True))
+            # Every missing chunk is asked for before the first wait, so adjacent ones
+            # go upstream as one read (see _miss).
+            loading = [(i, self._fetches.get(i) or self._miss(i)) for i in todo]
+            for i, future in loading:
+                loaded[i] = await self._wait(i, future)
         # Chunks loaded now come from memory (they may not be stored: pass-through);
         # runs of ready chunks between them are one pread each.
         pieces: list[bytes] = []
@@ -560,38 +602,171 @@ class CachedDevice(BlockDevice):
         return piece
 
     async def _ensure(self, index: int) -> bytes:
-        task = self._fetches.get(index)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(index))
-            self._fetches[index] = task
-            task.add_done_callback(functools.partial(self._fetch_done, index))
+        """Chunk ``index``'s bytes, checked; ready (or passed through) on return."""
+        future = self._fetches.get(index)
+        if future is None:
+            store = self._store
+            if store is None:
+                raise DeviceError(f"{self.describe()} is not open", errno=Errno.EIO)
+            if store.present[index]:
+                data = self._held(store, index)
+                if data is not None:
+                    self._ready[index] = 1
+                    return data
+            future = self._miss(index)
+        return await self._wait(index, future)
+
+    async def _wait(self, index: int, future: asyncio.Future[bytes]) -> bytes:
+        """The bytes of a chunk being loaded. Shielded: a reader giving up (its request
+        cancelled) does not stop the load for the others."""
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
-            if task.cancelled():  # the fetch was stopped (cache closing), not this reader
+            if future.cancelled():  # the load was stopped (cache closing), not this reader
                 raise DeviceError(f"cache {self.path} closed while chunk {index} was fetched",
                                   errno=Errno.EIO) from None
             raise
 
-    def _fetch_done(self, index: int, task: asyncio.Task[bytes]) -> None:
-        if self._fetches.get(index) is task:
-            del self._fetches[index]
-        if not task.cancelled():
-            task.exception()  # retrieved here; every waiter re-raises it through shield
+    def _miss(self, index: int) -> asyncio.Future[bytes]:
+        """Start loading chunk ``index`` from upstream; its future, which every reader of
+        it waits on.
 
-    async def _load(self, index: int) -> bytes:
-        """Chunk ``index``'s bytes, checked; ready (or passed through) on return."""
+        Misses are gathered until the current turn of the event loop ends, then adjacent
+        ones go upstream as one read (``miss_run_chunks`` at most): a client reading
+        sequentially with many requests in flight (nbdcopy, a guest's readahead) sends
+        several adjacent reads in one packet, and one upstream request per run, not per
+        chunk, is what a relay's cold fill spends its Python time on."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._fetches[index] = future
+        future.add_done_callback(functools.partial(self._fetch_done, index))
+        if not self._misses:
+            loop.call_soon(self._start_misses)
+        self._misses.append(index)
+        return future
+
+    def _fetch_done(self, index: int, future: asyncio.Future[bytes]) -> None:
+        if self._fetches.get(index) is future:
+            del self._fetches[index]
+        if not future.cancelled():
+            future.exception()  # retrieved here; every waiter re-raises it through shield
+
+    def _start_misses(self) -> None:
+        """Fetch this turn's misses, one upstream read per run of adjacent chunks."""
+        misses, self._misses = sorted(set(self._misses)), []
         store = self._store
-        assert store is not None
-        if store.present[index]:
-            data = self._held(store, index)
-            if data is not None:
-                self._ready[index] = 1
-                return data
-        data = await self._fetch(index)
+        if store is None:
+            return  # closed: close() stopped their futures
+        live: list[int] = []
+        futures: dict[int, asyncio.Future[bytes]] = {}
+        for i in misses:
+            future = self._fetches.get(i)
+            if future is not None and not future.done():
+                live.append(i)
+                futures[i] = future
+        loop = asyncio.get_running_loop()
+        for first, count in _adjacent_runs(live, self.miss_run_chunks):
+            run = [futures[i] for i in range(first, first + count)]
+            task = loop.create_task(self._fetch_run(store, first, run))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _fetch_run(
+        self, store: StoreFile, first: int, futures: list[asyncio.Future[bytes]]
+    ) -> None:
+        """Fetch chunks ``first`` .. ``first + len(futures) - 1``, check and store them,
+        then resolve their futures: no reader gets a chunk before it is checked and
+        stored (or passed through)."""
+        try:
+            if len(futures) == 1:
+                await self._fetch_alone(store, first, futures[0])
+                return
+            joined = await self._fetch_joined(first, len(futures))
+            if joined is None:  # each chunk alone: each fails, if it does, on its own
+                await asyncio.gather(*(self._fetch_alone(store, first + k, f)
+                                       for k, f in enumerate(futures)))
+                return
+            data, pieces = joined
+            if self._store is store:  # else closed while fetching
+                self._keep(store, first, data, len(futures))  # one write for the run
+            for future, piece in zip(futures, pieces, strict=True):
+                if not future.done():
+                    future.set_result(piece)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+
+    async def _fetch_joined(self, first: int, count: int) -> tuple[bytes, list[bytes]] | None:
+        """Chunks ``first``.. as one upstream read: its bytes and each chunk's. With a
+        manifest, every chunk of it is checked, and a read holding a chunk that fails
+        is taken again from the next path (``read_verified``), up to
+        ``max_digest_retries`` times. None when the joined read fails: its chunks are
+        then fetched alone, so each fails, if it does, with its own error, and the
+        others are still served."""
+        cs = self.chunk_size
+        start = first * cs
+        manifest = self.manifest
+        pieces: list[bytes] = []
+        mismatches = 0
+
+        def split(data: bytes) -> bool:
+            nonlocal mismatches
+            # The readers' copies; the store writes the run from ``data`` itself.
+            pieces[:] = [data[k * cs : (k + 1) * cs] for k in range(count)]
+            if manifest is None:
+                return True
+            bad = [first + k for k, piece in enumerate(pieces)
+                   if not manifest.matches(first + k, piece)]
+            for index in bad:
+                log.warning("chunk %d of %s failed its digest; refetching", index, self.path)
+            mismatches += len(bad)
+            return not bad
+
+        gate = self.gate
+        await gate.take_demand()
+        try:
+            began = time.monotonic()
+            length = min(count * cs, self.size - start)
+            if manifest is None:
+                data = await self.upstream.read(start, length)
+                split(data)
+            else:
+                data = await self.upstream.read_verified(
+                    start, length, split, self.max_digest_retries)
+        except (DeviceError, NetworkError, InvalidRequest) as err:
+            log.info("read of chunks %d..%d of %s failed (%s); fetching each alone",
+                     first, first + count - 1, self.path, err)
+            return None
+        finally:
+            gate.release()
+            if mismatches:
+                self.stats.bump("digest_mismatches", mismatches)
+        if self.on_fetch is not None:
+            took = time.monotonic() - began
+            for _ in range(count):
+                self.on_fetch(took)
+        return data, pieces
+
+    async def _fetch_alone(
+        self, store: StoreFile, index: int, future: asyncio.Future[bytes]
+    ) -> None:
+        try:
+            data = await self._fetch(index)
+        except Exception as err:
+            _fail(future, err)
+            return
+        self._settle(store, index, future, data)
+
+    def _settle(
+        self, store: StoreFile, index: int, future: asyncio.Future[bytes], data: bytes
+    ) -> None:
+        """Store a fetched, checked chunk (or pass it through), then hand it to its
+        readers."""
         if self._store is store:  # else closed while fetching
             self._keep(store, index, data)
-        return data
+        if not future.done():
+            future.set_result(data)
 
     def _held(self, store: StoreFile, index: int) -> bytes | None:
         """The stored bytes of a chunk from an earlier session if they pass their check;
@@ -621,9 +796,13 @@ class CachedDevice(BlockDevice):
         return None
 
     async def _fetch(self, index: int) -> bytes:
-        async with self.gate.demand():
+        gate = self.gate
+        await gate.take_demand()
+        try:
             began = time.monotonic()
             data = await self._fetch_checked(index)
+        finally:
+            gate.release()
         if self.on_fetch is not None:
             self.on_fetch(time.monotonic() - began)
         return data
@@ -661,25 +840,30 @@ class CachedDevice(BlockDevice):
     def _passing_through(self) -> bool:
         return self.space is not CacheSpace.CACHING and time.monotonic() < self._store_again_at
 
-    def _keep(self, store: StoreFile, index: int, data: bytes) -> None:
-        """Store a fetched chunk, or pass it through when there is no room for it."""
+    def _keep(self, store: StoreFile, index: int, data: bytes, count: int = 1) -> None:
+        """Store fetched chunks (``count`` of them from ``index``, all of ``data``), or
+        pass them through when there is no room for them."""
         if self._passing_through():
-            self._passed(self.space, len(data), None)
+            self._passed(self.space, count, len(data), None)
             return
         gate = self.space_gate
         if gate is not None and not gate.admit(len(data)):
-            self._passed(CacheSpace.AT_CAPACITY, len(data), "the cache group is at capacity")
+            self._passed(CacheSpace.AT_CAPACITY, count, len(data),
+                         "the cache group is at capacity")
             return
         try:
-            store.fill(index, data)
+            store.fill(index, data, count)
         except DeviceError as err:
             full = err.errno == Errno.ENOSPC
-            self._passed(CacheSpace.DISK_FULL if full else CacheSpace.STORE_FAILED, len(data),
-                         str(err))
+            self._passed(CacheSpace.DISK_FULL if full else CacheSpace.STORE_FAILED, count,
+                         len(data), str(err))
             if full and gate is not None:
                 gate.disk_full()
             return
-        self._ready[index] = 1
+        if count == 1:
+            self._ready[index] = 1
+        else:
+            self._ready[index : index + count] = b"\1" * count
         self.stats.bump("fetched_bytes", len(data))
         if self.space is not CacheSpace.CACHING:
             if self._episode_logged:  # a cache flapping at the edge logs once per interval
@@ -689,8 +873,8 @@ class CachedDevice(BlockDevice):
             self.space = CacheSpace.CACHING
             self._passed_this_episode = 0
 
-    def _passed(self, state: CacheSpace, nbytes: int, reason: str | None) -> None:
-        """Count a chunk served without storing it; log the condition, throttled."""
+    def _passed(self, state: CacheSpace, chunks: int, nbytes: int, reason: str | None) -> None:
+        """Count chunks served without storing them; log the condition, throttled."""
         now = time.monotonic()
         if self.space is CacheSpace.CACHING:
             self._space_since = now
@@ -699,9 +883,9 @@ class CachedDevice(BlockDevice):
         if reason is not None:  # a fresh attempt failed: wait before the next one
             self.space = state
             self._store_again_at = now + self.full_retry
-        self.stats.bump("passthrough_chunks")
+        self.stats.bump("passthrough_chunks", chunks)
         self.stats.bump("passthrough_bytes", nbytes)
-        self._passed_this_episode += 1
+        self._passed_this_episode += chunks
         if self._full_log.due(now) is not None:
             self._episode_logged = True
             log.warning("cache %s cannot store chunks (%s: %s); serving uncached reads "
@@ -717,11 +901,17 @@ class CachedDevice(BlockDevice):
         self.stats.flushes += 1
 
 
-def _adjacent_runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Sorted ``indices`` as (first, count) runs of consecutive numbers."""
+def _fail(future: asyncio.Future[bytes], err: BaseException) -> None:
+    if not future.done():
+        future.set_exception(err)
+
+
+def _adjacent_runs(indices: list[int], longest: int = 0) -> list[tuple[int, int]]:
+    """Sorted ``indices`` as (first, count) runs of consecutive numbers, each at most
+    ``longest`` long when that is given."""
     runs: list[tuple[int, int]] = []
     for i in indices:
-        if runs and runs[-1][0] + runs[-1][1] == i:
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][1] != longest:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((i, 1))

@@ -283,28 +283,40 @@ class StoreFile:
                 self.units_present += 1
                 self.pending.add(i)
 
-    def fill(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Write one whole unit's data (and its checksum) and mark it present.
+    def fill(self, index: int, data: bytes | bytearray | memoryview, count: int = 1) -> None:
+        """Write whole units' data (``count`` adjacent units from ``index``; only the
+        device's last unit may be short) and their checksums, and mark them present.
+        Several units are one write of data and one of checksums (a relay's run of
+        misses), not two per unit.
 
         Raises ``DeviceError`` with errno ENOSPC when the file system is full (the
         space the partial write took is given back), EIO for any other failure; the
-        unit is then not present.
+        units are then not present.
         """
-        start = index * self.header.unit
+        unit = self.header.unit
+        start = index * unit
         try:
             if os.pwrite(self.fd, data, self.data_offset + start) != len(data):
                 raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
             if self.sums is not None:
-                digest = unit_checksum(data)
-                os.pwrite(self.fd, digest, self.header.sums_offset + index * CHECKSUM_BYTES)
-                self.sums[index * CHECKSUM_BYTES : (index + 1) * CHECKSUM_BYTES] = digest
+                if count == 1:
+                    digests = unit_checksum(data)
+                else:
+                    view = memoryview(data)
+                    digests = b"".join(unit_checksum(view[k * unit : (k + 1) * unit])
+                                       for k in range(count))
+                at = index * CHECKSUM_BYTES
+                os.pwrite(self.fd, digests, self.header.sums_offset + at)
+                self.sums[at : at + len(digests)] = digests
         except OSError as err:
             with contextlib.suppress(OSError):
                 punch_hole(self.fd, self.data_offset + start, len(data))
             full = err.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise DeviceError(f"store {self.path} cannot hold unit {index}: {err.strerror}",
+            raise DeviceError(f"store {self.path} cannot hold unit {index}"
+                              f"{f'..{index + count - 1}' if count > 1 else ''}: "
+                              f"{err.strerror}",
                               errno=Errno.ENOSPC if full else Errno.EIO) from err
-        self.mark_present(index, index)
+        self.mark_present(index, index + count - 1)
 
     def checksum_matches(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Whether ``data`` is what unit ``index`` held when it was filled."""
