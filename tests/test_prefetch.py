@@ -116,6 +116,28 @@ async def test_a_demand_read_goes_out_before_queued_prefetch(
     assert prefetcher.state is PrefetchState.DONE
 
 
+async def test_a_miss_on_a_chunk_of_a_run_still_waiting_for_its_slot_goes_as_demand(
+    tmp_path: Path, origin: Origin
+) -> None:
+    """A prefetch run queued at the gate has not claimed its chunks: a VM's miss on one
+    of them is not a priority inversion (waiting for prefetch's slot), it goes out at
+    once, and the run, once it has its slot, reads only what is still missing."""
+    cache = await open_cache(tmp_path, "c", origin.uri, max_concurrent_fetches=2)
+    try:  # two slots, one kept for demand: one prefetch run out at a time
+        first = asyncio.ensure_future(cache.prefetch_run(0, 4))
+        await until(lambda: len(origin.reads) == 1)
+        queued = asyncio.ensure_future(cache.prefetch_run(36, 4))
+        await asyncio.sleep(0.01)  # it waits at the gate: the first run holds the slot
+        assert len(origin.reads) == 1
+        assert await cache.read(38 * CS + 10, 100) == IMAGE[38 * CS + 10 : 38 * CS + 110]
+        await asyncio.gather(first, queued)
+        assert await cache.read(36 * CS, 4 * CS) == IMAGE[36 * CS : 40 * CS]
+    finally:
+        await cache.close()
+    assert origin.reads[:2] == [(0, 4 * CS), (38 * CS, CS)], origin.reads  # demand 2nd
+    assert sorted(origin.chunks_read()) == [0, 1, 2, 3, 36, 37, 38, 39]  # each once
+
+
 async def test_the_gate_wakes_demand_before_background_and_keeps_a_slot_for_it() -> None:
     gate = FetchGate(2, reserve=0)
     order: list[str] = []

@@ -511,7 +511,8 @@ class CachedDevice(BlockDevice):
         instead of fetched. Each fetched chunk is checked (manifest) and stored like a
         miss's; one that fails its check is fetched again alone. Returns the bytes of
         the chunks it brought; raises the first error of a chunk it could not bring.
-        Readers of a chunk in the run wait for the run, not a new fetch."""
+        Readers of a chunk in the run wait for the run once it has a background slot;
+        until then their misses go out as demand (``_prefetch_piece``)."""
         self.check_range(first * self.chunk_size, 0)
         store = self._store
         if store is None or self._passing_through() or count < 1:
@@ -526,17 +527,15 @@ class CachedDevice(BlockDevice):
                 continue
             wanted.append(i)
         fetched = 0
-        loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[bytes]] = []
-        for lo, n in _adjacent_runs(wanted):
-            batch = loop.create_task(self._fetch_range(lo, n))
-            self._batches.add(batch)
-            batch.add_done_callback(self._batches.discard)
-            for i in range(lo, lo + n):
-                task = loop.create_task(self._load_from_run(i, lo, batch))
-                self._fetches[i] = task
-                task.add_done_callback(functools.partial(self._fetch_done, i))
-                tasks.append(task)
+        try:
+            await asyncio.gather(
+                *(self._prefetch_piece(lo, n, tasks) for lo, n in _adjacent_runs(wanted))
+            )
+        except asyncio.CancelledError:
+            for task in tasks:  # a stopped prefetch brings nothing more in
+                task.cancel()
+            raise
         results = await asyncio.gather(*tasks, return_exceptions=True)
         failed: BaseException | None = None
         for result in results:
@@ -565,12 +564,38 @@ class CachedDevice(BlockDevice):
                 await self.prefetch_run(first, count)
         return await self.read(offset, length)
 
+    async def _prefetch_piece(self, lo: int, n: int, tasks: list[asyncio.Task[bytes]]) -> None:
+        """Chunks ``lo``.. of a prefetch run, read upstream once the run has a background
+        slot; the tasks that load each chunk from the reads are added to ``tasks``.
+
+        The chunks are claimed (put in ``_fetches``) only once the slot is held: a
+        reader's miss on one of them while the run still waits for a slot fetches it as
+        demand at once, instead of waiting behind prefetch for that slot. Chunks a
+        reader took meanwhile are left out of the reads."""
+        loop = asyncio.get_running_loop()
+        async with self.gate.background():
+            batches = []
+            for first, count in _adjacent_runs(
+                [i for i in range(lo, lo + n) if self.needs_fetch(i)]
+            ):
+                batch = loop.create_task(self._fetch_range(first, count))
+                self._batches.add(batch)
+                batch.add_done_callback(self._batches.discard)
+                batches.append(batch)
+                for i in range(first, first + count):
+                    task = loop.create_task(self._load_from_run(i, first, batch))
+                    self._fetches[i] = task
+                    task.add_done_callback(functools.partial(self._fetch_done, i))
+                    tasks.append(task)
+            if batches:  # the slot is held while the reads are out (not while stored)
+                await asyncio.wait(batches)
+
     async def _fetch_range(self, first: int, count: int) -> bytes:
+        """One upstream read of a prefetch run; the caller holds a background slot."""
         start = first * self.chunk_size
         # Not timed into on_fetch: that histogram is of single chunks a reader waited for.
         upstream = self.prefetch_upstream or self.upstream
-        async with self.gate.background():
-            data = await upstream.read(start, min(count * self.chunk_size, self.size - start))
+        data = await upstream.read(start, min(count * self.chunk_size, self.size - start))
         self.stats.bump("prefetched_chunks", count)
         self.stats.bump("prefetched_bytes", len(data))
         return data
