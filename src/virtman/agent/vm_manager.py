@@ -400,16 +400,19 @@ class VmManager:
         follower = ConsoleFollower(vm.console_log)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while True:
-            # The state first: a guest that printed and exited is then seen with all it
-            # printed, never as "exited without it".
-            running = vm.guest is not None and vm.guest.running
-            follower.look()
-            matched = pattern is not None and pattern.search(follower.text) is not None
-            waited = loop.time() - started
-            if matched or not running or waited >= timeout:
-                return ConsoleWait(matched, running, waited, follower.size)
-            await asyncio.sleep(min(self.console_poll_seconds, timeout - waited))
+        try:
+            while True:
+                # The state first: a guest that printed and exited is then seen with all
+                # it printed, never as "exited without it".
+                running = vm.guest is not None and vm.guest.running
+                follower.look()
+                matched = pattern is not None and pattern.search(follower.text) is not None
+                waited = loop.time() - started
+                if matched or not running or waited >= timeout:
+                    return ConsoleWait(matched, running, waited, follower.size)
+                await asyncio.sleep(min(self.console_poll_seconds, timeout - waited))
+        finally:
+            follower.close()
 
     def domain_xml(self, name: str) -> str:
         vm = self.get(name)
