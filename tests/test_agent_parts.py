@@ -378,6 +378,7 @@ async def test_console_wait_answers_once_the_pattern_shows_or_the_guest_ends(
             assert not done["matched"] and not done["running"] and done["seconds"] < 5, done
         # Bad questions are refused and named.
         for params, words in (({"pattern": "("}, "not a regular expression"),
+                              ({"pattern": "x" * 1001}, "pattern"),
                               ({"timeout": 61}, "timeout")):
             with pytest.raises(ApiError) as err:
                 await api.get("/vms/g/console/wait", params=params)

@@ -47,7 +47,7 @@ from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
 from virtman.hypervisor.qemu import Accel, GuestConfig
-from virtman.limits import CONSOLE_WAIT_MAX_SECONDS
+from virtman.limits import CONSOLE_PATTERN_MAX_CHARS, CONSOLE_WAIT_MAX_SECONDS
 from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 from virtman.protocol.copystream import CopyStreamError
 
@@ -131,10 +131,6 @@ class ConsoleWaitInfo(BaseModel):
     console_bytes: int
 
 
-#: A console pattern is a short regular expression ("login:"), not a document.
-MAX_CONSOLE_PATTERN_CHARS = 1000
-
-
 def _console_pattern(text: str | None) -> re.Pattern[str] | None:
     if text is None:
         return None
@@ -203,7 +199,7 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
     async def console_wait(
         name: Name,
         pattern: Annotated[str | None, Query(min_length=1,
-                                             max_length=MAX_CONSOLE_PATTERN_CHARS)] = None,
+                                             max_length=CONSOLE_PATTERN_MAX_CHARS)] = None,
         timeout: Annotated[float, Query(gt=0, le=CONSOLE_WAIT_MAX_SECONDS)] = 30.0,
     ) -> ConsoleWaitInfo:
         done = await agent.vms.wait_console(name, _console_pattern(pattern), timeout)
