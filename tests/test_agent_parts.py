@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ from agentworld import KiB, World
 
 from virtman.agent.images import DeliveryMode
 from virtman.agent.relays import RelayManager
-from virtman.agent.vms import Layer, VmRecord, VmState
+from virtman.agent.vms import ConsoleFollower, Layer, VmRecord, VmState
 from virtman.agent.voltlink import LinkState, VoltLink
 from virtman.blockdev.memory import MemoryDevice
 from virtman.coordinator.models import HeartbeatReply
-from virtman.errors import ConfigError, InvalidRequest, NotFound
+from virtman.errors import ApiError, ConfigError, InvalidRequest, NotFound
+from virtman.hypervisor.qemu import Accel, HypervisorSettings
 from virtman.nbd.client import NbdClient
 from virtman.nbd.server import NbdServer
 
@@ -312,3 +314,75 @@ async def test_vm_manager_restart_reopens_vms_keeps_detached_and_skips_a_bad_rec
     messages = [r.message for r in caplog.records]
     assert any("'c' could not be reopened" in m and "vm.json" in m for m in messages), messages
     assert any("removing unfinished import import-x-1234" in m for m in messages), messages
+
+
+# --- Guest consoles ---------------------------------------------------------------------
+
+#: A QEMU stand-in: it prints on the serial file QEMU would, then idles until stopped
+#: (``$FAKE_EXIT`` set: exits at once instead).
+FAKE_QEMU = """#!/bin/sh
+serial=""
+prev=""
+for a in "$@"; do
+  [ "$prev" = "-serial" ] && serial="${a#file:}"
+  prev="$a"
+done
+printf 'booting\\n' > "$serial"
+sleep 0.3
+printf 'h\\303\\251llo login: \\n' >> "$serial"
+exec sleep 60
+"""
+
+
+def test_console_follower_reads_only_what_was_added(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    follower = ConsoleFollower(str(log))
+    assert not follower.look() and follower.text == ""  # QEMU has not made it yet
+    log.write_bytes(b"one\n\xc3")  # a character cut in two by a write
+    assert follower.look() and follower.text == "one\n" and follower.size == 5
+    assert not follower.look()
+    with log.open("ab") as f:
+        f.write(b"\xa9 two\n")
+    assert follower.look() and follower.text == "one\n\u00e9 two\n"
+    log.write_bytes(b"new\n")  # the log truncated and written again
+    assert follower.look() and follower.text == "new\n" and follower.size == 4
+    log.unlink()  # or a new one that grew past the old one before the next look
+    log.write_bytes(b"another log\n")
+    assert follower.look() and follower.text == "another log\n"
+    follower.close()
+
+
+async def test_console_wait_answers_once_the_pattern_shows_or_the_guest_ends(
+    world: World, tmp_path: Path
+) -> None:
+    qemu = tmp_path / "fake-qemu"
+    qemu.write_text(FAKE_QEMU)
+    qemu.chmod(qemu.stat().st_mode | stat.S_IXUSR)
+    agent = await world.agent("h1", hypervisor=HypervisorSettings(qemu=str(qemu),
+                                                                   accel=Accel.TCG))
+    await agent.vms.create("g", "img")
+    await agent.vms.start_guest("g", None, False, None)
+    async with world.api(agent.url) as api:
+        # One request, held until the line shows (after the stand-in's 0.3 s).
+        done = await api.get("/vms/g/console/wait", params={"pattern": "llo login:",
+                                                            "timeout": 10})
+        assert done["matched"] and done["running"], done
+        assert 0.2 < done["seconds"] < 10 and done["console_bytes"] == len("booting\n") + 15
+        # Not there: the answer comes at the timeout, still running.
+        done = await api.get("/vms/g/console/wait", params={"pattern": "never", "timeout": 0.3})
+        assert not done["matched"] and done["running"] and done["seconds"] >= 0.3, done
+        # A guest that is not running answers at once, with or without a pattern.
+        await api.post("/vms/g/stop")
+        for params in ({"pattern": "never", "timeout": 30}, {"timeout": 30}):
+            done = await api.get("/vms/g/console/wait", params=params)
+            assert not done["matched"] and not done["running"] and done["seconds"] < 5, done
+        # Bad questions are refused and named.
+        for params, words in (({"pattern": "("}, "not a regular expression"),
+                              ({"pattern": "x" * 1001}, "pattern"),
+                              ({"timeout": 61}, "timeout")):
+            with pytest.raises(ApiError) as err:
+                await api.get("/vms/g/console/wait", params=params)
+            assert err.value.status == 422 and words in str(err.value), err.value
+        with pytest.raises(ApiError) as err:
+            await api.get("/vms/nope/console/wait")
+        assert err.value.status == 404

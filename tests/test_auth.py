@@ -135,6 +135,7 @@ POLICY: dict[str, dict[tuple[str, str], set[Role]]] = {
         ("POST", "/vms/{name}/start"): OP,
         ("POST", "/vms/{name}/stop"): OP,
         ("GET", "/vms/{name}/console"): OP,
+        ("GET", "/vms/{name}/console/wait"): OP,
         ("GET", "/vms/{name}/xml"): OP,
         ("GET", "/vms/{name}/trace"): OP,
         ("GET", "/vms"): VIEW,

@@ -241,6 +241,12 @@ KVM_SILENCE_SECONDS = 30.0
 GUEST_CONSOLE_POLL_SECONDS = 0.1
 #: Seconds a guest gets to exit after SIGTERM before it is killed.
 GUEST_STOP_GRACE_SECONDS = 5.0
+#: Longest a ``GET /vms/NAME/console/wait`` holds its answer before it says "not yet"
+#: (the client asks again): below every client's HTTP timeout.
+CONSOLE_WAIT_MAX_SECONDS = 60.0
+#: Longest pattern a console wait takes: a short regular expression ("login:"), not a
+#: document.
+CONSOLE_PATTERN_MAX_CHARS = 1000
 
 # --- Images ------------------------------------------------------------------------------
 #: Chunk reads in flight while a manifest is computed.

@@ -12,6 +12,9 @@
                                       accel: auto | kvm | tcg (default: the agent's --accel)}
     POST   /vms/{name}/stop
     GET    /vms/{name}/console, /vms/{name}/xml, /vms/{name}/trace
+    GET    /vms/{name}/console/wait?pattern=REGEX&timeout=S  -> {matched, running, ...}:
+                                     held until the pattern is on the console, the guest
+                                     is not running, or S seconds (<= 60) passed
     GET    /status, /health, /metrics (Prometheus text format)
 
 Errors: 401 no valid credential; 403 a role without the right; 404 unknown VM, image,
@@ -27,6 +30,7 @@ output and paths, which a dashboard does not need.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -43,6 +47,7 @@ from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
 from virtman.hypervisor.qemu import Accel, GuestConfig
+from virtman.limits import CONSOLE_PATTERN_MAX_CHARS, CONSOLE_WAIT_MAX_SECONDS
 from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 from virtman.protocol.copystream import CopyStreamError
 
@@ -119,6 +124,22 @@ class VmInfo(BaseModel):
     recording: bool
 
 
+class ConsoleWaitInfo(BaseModel):
+    matched: bool
+    running: bool
+    seconds: float
+    console_bytes: int
+
+
+def _console_pattern(text: str | None) -> re.Pattern[str] | None:
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise ConfigError(f"pattern {text!r} is not a regular expression: {err}") from None
+
+
 _OPERATOR = Depends(require(Role.OPERATOR))
 _VIEW = Depends(require(Role.VIEWER, Role.OPERATOR))
 
@@ -173,6 +194,17 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
     )
     async def console(name: Name) -> str:
         return agent.vms.console(name)
+
+    @app.get("/vms/{name}/console/wait", responses=errors, dependencies=[_OPERATOR])
+    async def console_wait(
+        name: Name,
+        pattern: Annotated[str | None, Query(min_length=1,
+                                             max_length=CONSOLE_PATTERN_MAX_CHARS)] = None,
+        timeout: Annotated[float, Query(gt=0, le=CONSOLE_WAIT_MAX_SECONDS)] = 30.0,
+    ) -> ConsoleWaitInfo:
+        done = await agent.vms.wait_console(name, _console_pattern(pattern), timeout)
+        return ConsoleWaitInfo(matched=done.matched, running=done.running,
+                               seconds=round(done.seconds, 3), console_bytes=done.console_bytes)
 
     @app.get("/vms/{name}/xml", responses=errors, dependencies=[_OPERATOR])
     async def xml(name: Name) -> Response:

@@ -26,6 +26,7 @@ by another user, not even between its bind and its chmod.
 
 from __future__ import annotations
 
+import codecs
 import enum
 import json
 import logging
@@ -35,7 +36,7 @@ import shutil
 import stat
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cow import CowDevice
@@ -281,6 +282,54 @@ class Vm:
             "recording": self.recorder is not None,
             "phase": self.phase(),
         }
+
+
+class ConsoleFollower:
+    """A guest's console log read as it grows: each look reads only the bytes added
+    since the previous one, so waiting on a console costs a small read per look rather
+    than the whole log (a booted Debian prints ~40 KB). It keeps the log open, so a log
+    that QEMU replaced (a restart, e.g. KVM to TCG, unlinks it) is told apart by its
+    inode, which cannot be reused while held. ``close()`` when done."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.text = ""
+        self._file: BinaryIO | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def size(self) -> int:
+        """Bytes of the log read so far."""
+        return self._file.tell() if self._file is not None else 0
+
+    def look(self) -> bool:
+        """Read what was added since the last look; True when the text grew."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:  # QEMU has not made it yet (or is making a new one)
+            return False
+        if self._file is None or os.fstat(self._file.fileno()).st_ino != current:
+            self.close()
+            try:
+                self._file = open(self.path, "rb")  # held across looks
+            except FileNotFoundError:
+                return False
+            self.text = ""
+            self._decoder.reset()
+        elif os.fstat(self._file.fileno()).st_size < self._file.tell():  # truncated
+            self._file.seek(0)
+            self.text = ""
+            self._decoder.reset()
+        data = self._file.read()
+        if not data:
+            return False
+        self.text += self._decoder.decode(data)
+        return True
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class TraceRecorder:
