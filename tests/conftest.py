@@ -110,3 +110,15 @@ def serve(tmp_path: Path) -> Iterator[object]:
     yield start
     for served in started:
         served.child.kill()
+
+
+#: The start of a QEMU stand-in script: finds the file QEMU's ``-serial file:PATH`` names
+#: and leaves it in ``$serial``, where the stand-in then plays a console.
+QEMU_SERIAL_FROM_ARGV = """#!/bin/sh
+serial=""
+prev=""
+for a in "$@"; do
+  [ "$prev" = "-serial" ] && serial="${a#file:}"
+  prev="$a"
+done
+"""

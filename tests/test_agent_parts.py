@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from agentworld import KiB, World
+from conftest import QEMU_SERIAL_FROM_ARGV
 
 from virtman.agent.images import DeliveryMode
 from virtman.agent.relays import RelayManager
@@ -320,14 +321,7 @@ async def test_vm_manager_restart_reopens_vms_keeps_detached_and_skips_a_bad_rec
 
 #: A QEMU stand-in: it prints on the serial file QEMU would, then idles until stopped
 #: (``$FAKE_EXIT`` set: exits at once instead).
-FAKE_QEMU = """#!/bin/sh
-serial=""
-prev=""
-for a in "$@"; do
-  [ "$prev" = "-serial" ] && serial="${a#file:}"
-  prev="$a"
-done
-printf 'booting\\n' > "$serial"
+FAKE_QEMU = QEMU_SERIAL_FROM_ARGV + """printf 'booting\\n' > "$serial"
 sleep 0.3
 printf 'h\\303\\251llo login: \\n' >> "$serial"
 exec sleep 60

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from agentworld import KiB, World
+from conftest import QEMU_SERIAL_FROM_ARGV
 from prometheus_client.parser import text_string_to_metric_families
 
 from virtman.agent.agent import Agent
@@ -41,14 +42,7 @@ from virtman.tlsconfig import TlsFiles
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 #: QEMU played by a script: prints a console line, then runs until it is stopped.
-FAKE_QEMU = """#!/bin/sh
-serial=""
-prev=""
-for a in "$@"; do
-  [ "$prev" = "-serial" ] && serial="${a#file:}"
-  prev="$a"
-done
-[ -n "$serial" ] && echo "fake guest up" > "$serial"
+FAKE_QEMU = QEMU_SERIAL_FROM_ARGV + """[ -n "$serial" ] && echo "fake guest up" > "$serial"
 exec sleep 60
 """
 
