@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import make_image, require
+from conftest import QEMU_SERIAL_FROM_ARGV, make_image, require
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.errors import ConfigError, Conflict
@@ -70,14 +70,8 @@ esac
 exec {qemu} "$@"
 """
 
-FAKE = """#!/bin/sh
-echo "$*" >> {calls}
-serial=""
-prev=""
-for a in "$@"; do
-  [ "$prev" = "-serial" ] && serial="${{a#file:}}"
-  prev="$a"
-done
+# (the preamble's braces doubled: the template is filled with str.format)
+FAKE = QEMU_SERIAL_FROM_ARGV.replace("{", "{{").replace("}", "}}") + """echo "$*" >> {calls}
 case "$*" in *accel=kvm*) echo "fake: Could not access KVM kernel module" >&2; {on_kvm};; esac
 [ -n "$serial" ] && echo "{line}" > "$serial"
 exit 0
