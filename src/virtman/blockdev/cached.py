@@ -769,7 +769,7 @@ class CachedDevice(BlockDevice):
                 future.cancel()
             raise
 
-    async def _fetch_joined(self, first: int, count: int) -> tuple[bytes, list[Chunk]] | None:
+    async def _fetch_joined(self, first: int, count: int) -> tuple[Chunk, list[Chunk]] | None:
         """Chunks ``first``.. as one upstream read: its bytes and each chunk's. With a
         manifest, every chunk of it is checked, and a read holding a chunk that fails
         is taken again from the next path (``read_verified``), up to
@@ -782,11 +782,12 @@ class CachedDevice(BlockDevice):
         pieces: list[Chunk] = []
         mismatches = 0
 
-        def split(data: bytes) -> bool:
+        def split(data: Chunk) -> bool:
             nonlocal mismatches
-            # Views, not copies (``data`` is immutable bytes): a reader sent from the
-            # store (``read_or_locate``) never touches them, and the store writes the
-            # run from ``data`` itself.
+            # Views, not copies (``data`` is immutable: bytes, or a read-only view of the
+            # array the upstream reply was received into, ``read_buffer``): a reader sent
+            # from the store (``read_or_locate``) never touches them, and the store
+            # writes the run from ``data`` itself.
             view = memoryview(data)
             pieces[:] = [view[k * cs : (k + 1) * cs] for k in range(count)]
             if manifest is None:
@@ -804,7 +805,7 @@ class CachedDevice(BlockDevice):
             began = time.monotonic()
             length = min(count * cs, self.size - start)
             if manifest is None:
-                data = await self.upstream.read(start, length)
+                data = await self.upstream.read_buffer(start, length)
                 split(data)
             else:
                 data = await self.upstream.read_verified(
