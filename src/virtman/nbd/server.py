@@ -39,7 +39,9 @@ Warm reads without Python copies: a READ of at least ``sendfile_min`` bytes (nam
 range lies in a file (``read_location``, see ``virtman.device.FileReads``: a cache whose
 chunks are all ready), is answered with the reply header written to the socket and the
 bytes sent from the file with ``os.sendfile``, so they never pass through a Python
-object. Only when nothing else is queued on the transport (``get_write_buffer_size() ==
+object. A READ whose chunks are not all ready goes the same way once the device has
+loaded and stored them (``read_or_locate``: a relay's cold read); chunks it could not
+store come back as bytes and are sent buffered. Only when nothing else is queued on the transport (``get_write_buffer_size() ==
 0``), since these writes bypass it: replies never interleave. Whatever the socket does
 not take at once is read from the file and queued on the transport as usual. A failure
 once part of a reply is out closes the connection (an error reply would be read as
