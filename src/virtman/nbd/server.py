@@ -41,8 +41,9 @@ chunks are all ready), is answered with the reply header written to the socket a
 bytes sent from the file with ``os.sendfile``, so they never pass through a Python
 object. A READ whose chunks are not all ready goes the same way once the device has
 loaded and stored them (``read_or_locate``: a relay's cold read); chunks it could not
-store come back as bytes and are sent buffered. Only when nothing else is queued on the transport (``get_write_buffer_size() ==
-0``), since these writes bypass it: replies never interleave. Whatever the socket does
+store come back as bytes and are sent buffered. Only when nothing else is queued on the
+transport (``get_write_buffer_size() == 0``), since these writes bypass it: replies
+never interleave. Whatever the socket does
 not take at once is read from the file and queued on the transport as usual. A failure
 once part of a reply is out closes the connection (an error reply would be read as
 payload). TLS connections cannot use sendfile (the bytes are encrypted in the process)
