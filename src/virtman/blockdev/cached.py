@@ -637,17 +637,17 @@ class CachedDevice(BlockDevice):
             if batches:  # the slot is held while the reads are out (not while stored)
                 await asyncio.wait(batches)
 
-    async def _fetch_range(self, first: int, count: int) -> bytes:
+    async def _fetch_range(self, first: int, count: int) -> Chunk:
         """One upstream read of a prefetch run; the caller holds a background slot."""
         start = first * self.chunk_size
         # Not timed into on_fetch: that histogram is of single chunks a reader waited for.
         upstream = self.prefetch_upstream or self.upstream
-        data = await upstream.read(start, min(count * self.chunk_size, self.size - start))
+        data = await upstream.read_buffer(start, min(count * self.chunk_size, self.size - start))
         self.stats.bump("prefetched_chunks", count)
         self.stats.bump("prefetched_bytes", len(data))
         return data
 
-    async def _load_from_run(self, index: int, first: int, batch: asyncio.Task[bytes]) -> Chunk:
+    async def _load_from_run(self, index: int, first: int, batch: asyncio.Task[Chunk]) -> Chunk:
         """Chunk ``index`` of a prefetch run: its slice of the run's bytes once checked,
         else fetched alone (demand priority: a reader may be waiting for it)."""
         store = self._store
@@ -835,7 +835,7 @@ class CachedDevice(BlockDevice):
         self._settle(store, index, future, data)
 
     def _settle(
-        self, store: StoreFile, index: int, future: asyncio.Future[Chunk], data: bytes
+        self, store: StoreFile, index: int, future: asyncio.Future[Chunk], data: Chunk
     ) -> None:
         """Store a fetched, checked chunk (or pass it through), then hand it to its
         readers."""
@@ -871,7 +871,7 @@ class CachedDevice(BlockDevice):
             log.error("%s", err)
         return None
 
-    async def _fetch(self, index: int) -> bytes:
+    async def _fetch(self, index: int) -> Chunk:
         gate = self.gate
         await gate.take_demand()
         try:
@@ -883,11 +883,11 @@ class CachedDevice(BlockDevice):
             self.on_fetch(time.monotonic() - began)
         return data
 
-    async def _fetch_checked(self, index: int) -> bytes:
+    async def _fetch_checked(self, index: int) -> Chunk:
         start = index * self.chunk_size
         length = min(self.chunk_size, self.size - start)
         if self.manifest is None:
-            return await self.upstream.read(start, length)
+            return await self.upstream.read_buffer(start, length)
         manifest = self.manifest
         mismatches = 0
 
