@@ -52,3 +52,9 @@ class FileReads(Protocol):
     read."""
 
     def read_location(self, offset: int, length: int) -> tuple[int, int] | None: ...
+
+    async def read_or_locate(self, offset: int, length: int) -> bytes | tuple[int, int]:
+        """A read that may first have to load the range (a cold cache read), then
+        returns where it lies, as ``read_location`` does, when it is now held in the
+        file (send before yielding), else its bytes; counted as a read either way."""
+        ...

@@ -42,6 +42,11 @@ SOCKET_BUFFER_BYTES = 4 * MiB
 #: copy in the kernel instead of a pread into Python and a write back. Smaller replies
 #: stay on the buffered path, where many of them leave in one writev per loop turn.
 SENDFILE_MIN_BYTES = 64 * KiB
+#: READ reply payloads of at least this many bytes are received by the NBD client into
+#: an array of their own and handed on as a read-only view of it: no copy out of the
+#: receive buffer, and a partly received payload is never moved within it. Smaller
+#: payloads (a VM's 4 KiB reads, several per socket read) are copied out as before.
+DIRECT_RECEIVE_MIN_BYTES = 64 * KiB
 #: Seconds a client has to finish the handshake.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
 #: Connections one NBD server holds at once (in the handshake or past it); a client over

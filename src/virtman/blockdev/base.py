@@ -83,6 +83,12 @@ class BlockDevice(abc.ABC):
     async def read(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes at ``offset``."""
 
+    async def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
+        """``read``, as any immutable buffer: a device that receives its data into
+        buffers of its own (``RemoteDevice``) hands them on without copying them into
+        ``bytes``. A relay's cache stores and checks such a buffer as it is."""
+        return await self.read(offset, length)
+
     async def read_verified(
         self, offset: int, length: int, check: Callable[[bytes], bool], attempts: int
     ) -> bytes:

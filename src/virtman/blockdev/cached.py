@@ -82,6 +82,10 @@ log = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.vmstore"
 
+#: A loaded chunk's bytes as its readers get them: ``bytes``, or a read-only view of the
+#: bytes of the upstream read that brought it (a run of misses, a prefetch run).
+Chunk = bytes | memoryview
+
 
 class CacheSpace(enum.Enum):
     """Whether a cache stores what it fetches."""
@@ -267,7 +271,7 @@ class CachedDevice(BlockDevice):
         self._ready = bytearray()
         #: Chunks being loaded; every reader of one waits on its future (resolved by a
         #: run of misses or a prefetch run, once the chunk is checked and stored).
-        self._fetches: dict[int, asyncio.Future[bytes]] = {}
+        self._fetches: dict[int, asyncio.Future[Chunk]] = {}
         #: Upstream reads in flight (miss runs, prefetch runs), to stop on close.
         self._batches: set[asyncio.Task[Any]] = set()
         #: Chunks missed in this turn of the event loop, fetched when the turn ends.
@@ -414,21 +418,55 @@ class CachedDevice(BlockDevice):
     # --- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        store = self._counted_read(offset, length)
+        if not length:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        if self._ready.find(0, first, last + 1) < 0:
+            self.stats.bump("hits")
+            return store.pread(offset, length)
+        loaded = await self._load(store, first, last)
+        return self._assemble(store, offset, length, loaded)
+
+    async def read_or_locate(self, offset: int, length: int) -> bytes | tuple[int, int]:
+        """A read that, once its chunks are loaded, says where they lie in the store
+        file (as ``read_location``) instead of returning their bytes, when every one of
+        them was stored: the server then sends a cold read with ``sendfile`` as it does
+        a warm one, and the run's bytes never become a reader's ``bytes``. Returns the
+        bytes when a chunk was passed through (not stored) or the cache closed
+        meanwhile. The caller must send from the location before it next yields."""
+        store = self._counted_read(offset, length)
+        if not length:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        ready = self._ready
+        if ready.find(0, first, last + 1) >= 0:
+            loaded = await self._load(store, first, last)
+            if self._store is not store or ready.find(0, first, last + 1) >= 0:
+                return self._assemble(store, offset, length, loaded)
+        else:
+            self.stats.bump("hits")
+        return store.fd, store.data_offset + offset
+
+    def _counted_read(self, offset: int, length: int) -> StoreFile:
         self.check_range(offset, length)
         store = self._store
         if store is None:
             raise DeviceError(f"{self.describe()} is not open", errno=Errno.EIO)
         self.stats.reads += 1
         self.stats.bytes_read += length
-        if not length:
-            return b""
-        cs = self.chunk_size
-        first, last = offset // cs, (offset + length - 1) // cs
+        return store
+
+    async def _load(
+        self, store: StoreFile, first: int, last: int
+    ) -> dict[int, Chunk]:
+        """Load chunks ``first`` .. ``last`` that are not ready: check those held from an
+        earlier session, fetch the rest. Returns the bytes of those loaded now (they
+        may not be stored: pass-through)."""
         ready = self._ready
-        if ready.find(0, first, last + 1) < 0:
-            self.stats.bump("hits")
-            return store.pread(offset, length)
-        loaded: dict[int, bytes] = {}
+        loaded: dict[int, Chunk] = {}
         todo = []
         for i in range(first, last + 1):
             if ready[i]:
@@ -449,9 +487,16 @@ class CachedDevice(BlockDevice):
             loading = [(i, self._fetches.get(i) or self._miss(i)) for i in todo]
             for i, future in loading:
                 loaded[i] = await self._wait(i, future)
-        # Chunks loaded now come from memory (they may not be stored: pass-through);
-        # runs of ready chunks between them are one pread each.
-        pieces: list[bytes] = []
+        return loaded
+
+    def _assemble(
+        self, store: StoreFile, offset: int, length: int, loaded: dict[int, Chunk]
+    ) -> bytes:
+        """A read's bytes: chunks loaded now come from memory (they may not be stored:
+        pass-through); runs of ready chunks between them are one pread each."""
+        cs = self.chunk_size
+        last = (offset + length - 1) // cs
+        pieces: list[Chunk] = []
         end = offset + length
         pos = offset
         while pos < end:
@@ -467,6 +512,8 @@ class CachedDevice(BlockDevice):
                 upto = min(end, run_end * cs)
                 pieces.append(store.pread(pos, upto - pos))
             pos = upto
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
         return b"".join(pieces)
 
     def read_location(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -527,7 +574,7 @@ class CachedDevice(BlockDevice):
                 continue
             wanted.append(i)
         fetched = 0
-        tasks: list[asyncio.Task[bytes]] = []
+        tasks: list[asyncio.Task[Chunk]] = []
         try:
             await asyncio.gather(
                 *(self._prefetch_piece(lo, n, tasks) for lo, n in _adjacent_runs(wanted))
@@ -564,7 +611,7 @@ class CachedDevice(BlockDevice):
                 await self.prefetch_run(first, count)
         return await self.read(offset, length)
 
-    async def _prefetch_piece(self, lo: int, n: int, tasks: list[asyncio.Task[bytes]]) -> None:
+    async def _prefetch_piece(self, lo: int, n: int, tasks: list[asyncio.Task[Chunk]]) -> None:
         """Chunks ``lo``.. of a prefetch run, read upstream once the run has a background
         slot; the tasks that load each chunk from the reads are added to ``tasks``.
 
@@ -590,23 +637,23 @@ class CachedDevice(BlockDevice):
             if batches:  # the slot is held while the reads are out (not while stored)
                 await asyncio.wait(batches)
 
-    async def _fetch_range(self, first: int, count: int) -> bytes:
+    async def _fetch_range(self, first: int, count: int) -> Chunk:
         """One upstream read of a prefetch run; the caller holds a background slot."""
         start = first * self.chunk_size
         # Not timed into on_fetch: that histogram is of single chunks a reader waited for.
         upstream = self.prefetch_upstream or self.upstream
-        data = await upstream.read(start, min(count * self.chunk_size, self.size - start))
+        data = await upstream.read_buffer(start, min(count * self.chunk_size, self.size - start))
         self.stats.bump("prefetched_chunks", count)
         self.stats.bump("prefetched_bytes", len(data))
         return data
 
-    async def _load_from_run(self, index: int, first: int, batch: asyncio.Task[bytes]) -> bytes:
+    async def _load_from_run(self, index: int, first: int, batch: asyncio.Task[Chunk]) -> Chunk:
         """Chunk ``index`` of a prefetch run: its slice of the run's bytes once checked,
         else fetched alone (demand priority: a reader may be waiting for it)."""
         store = self._store
         assert store is not None
         cs = self.chunk_size
-        piece: bytes | None
+        piece: Chunk | None
         try:
             data = await asyncio.shield(batch)
         except (DeviceError, NetworkError) as err:
@@ -614,7 +661,7 @@ class CachedDevice(BlockDevice):
                      first, self.path, err, index)
             piece = None
         else:
-            piece = data[(index - first) * cs : (index - first + 1) * cs]
+            piece = memoryview(data)[(index - first) * cs : (index - first + 1) * cs]
             if self.manifest is not None and not self.manifest.matches(index, piece):
                 self.stats.bump("digest_mismatches")
                 log.warning("chunk %d of %s failed its digest in a prefetch run; refetching",
@@ -626,7 +673,7 @@ class CachedDevice(BlockDevice):
             self._keep(store, index, piece)
         return piece
 
-    async def _ensure(self, index: int) -> bytes:
+    async def _ensure(self, index: int) -> Chunk:
         """Chunk ``index``'s bytes, checked; ready (or passed through) on return."""
         future = self._fetches.get(index)
         if future is None:
@@ -641,7 +688,7 @@ class CachedDevice(BlockDevice):
             future = self._miss(index)
         return await self._wait(index, future)
 
-    async def _wait(self, index: int, future: asyncio.Future[bytes]) -> bytes:
+    async def _wait(self, index: int, future: asyncio.Future[Chunk]) -> Chunk:
         """The bytes of a chunk being loaded. Shielded: a reader giving up (its request
         cancelled) does not stop the load for the others."""
         try:
@@ -652,7 +699,7 @@ class CachedDevice(BlockDevice):
                                   errno=Errno.EIO) from None
             raise
 
-    def _miss(self, index: int) -> asyncio.Future[bytes]:
+    def _miss(self, index: int) -> asyncio.Future[Chunk]:
         """Start loading chunk ``index`` from upstream; its future, which every reader of
         it waits on.
 
@@ -662,7 +709,7 @@ class CachedDevice(BlockDevice):
         several adjacent reads in one packet, and one upstream request per run, not per
         chunk, is what a relay's cold fill spends its Python time on."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[Chunk] = loop.create_future()
         self._fetches[index] = future
         future.add_done_callback(functools.partial(self._fetch_done, index))
         if not self._misses:
@@ -670,7 +717,7 @@ class CachedDevice(BlockDevice):
         self._misses.append(index)
         return future
 
-    def _fetch_done(self, index: int, future: asyncio.Future[bytes]) -> None:
+    def _fetch_done(self, index: int, future: asyncio.Future[Chunk]) -> None:
         if self._fetches.get(index) is future:
             del self._fetches[index]
         if not future.cancelled():
@@ -683,7 +730,7 @@ class CachedDevice(BlockDevice):
         if store is None:
             return  # closed: close() stopped their futures
         live: list[int] = []
-        futures: dict[int, asyncio.Future[bytes]] = {}
+        futures: dict[int, asyncio.Future[Chunk]] = {}
         for i in misses:
             future = self._fetches.get(i)
             if future is not None and not future.done():
@@ -697,7 +744,7 @@ class CachedDevice(BlockDevice):
             task.add_done_callback(self._batches.discard)
 
     async def _fetch_run(
-        self, store: StoreFile, first: int, futures: list[asyncio.Future[bytes]]
+        self, store: StoreFile, first: int, futures: list[asyncio.Future[Chunk]]
     ) -> None:
         """Fetch chunks ``first`` .. ``first + len(futures) - 1``, check and store them,
         then resolve their futures: no reader gets a chunk before it is checked and
@@ -722,7 +769,7 @@ class CachedDevice(BlockDevice):
                 future.cancel()
             raise
 
-    async def _fetch_joined(self, first: int, count: int) -> tuple[bytes, list[bytes]] | None:
+    async def _fetch_joined(self, first: int, count: int) -> tuple[Chunk, list[Chunk]] | None:
         """Chunks ``first``.. as one upstream read: its bytes and each chunk's. With a
         manifest, every chunk of it is checked, and a read holding a chunk that fails
         is taken again from the next path (``read_verified``), up to
@@ -732,13 +779,17 @@ class CachedDevice(BlockDevice):
         cs = self.chunk_size
         start = first * cs
         manifest = self.manifest
-        pieces: list[bytes] = []
+        pieces: list[Chunk] = []
         mismatches = 0
 
-        def split(data: bytes) -> bool:
+        def split(data: Chunk) -> bool:
             nonlocal mismatches
-            # The readers' copies; the store writes the run from ``data`` itself.
-            pieces[:] = [data[k * cs : (k + 1) * cs] for k in range(count)]
+            # Views, not copies (``data`` is immutable: bytes, or a read-only view of the
+            # array the upstream reply was received into, ``read_buffer``): a reader sent
+            # from the store (``read_or_locate``) never touches them, and the store
+            # writes the run from ``data`` itself.
+            view = memoryview(data)
+            pieces[:] = [view[k * cs : (k + 1) * cs] for k in range(count)]
             if manifest is None:
                 return True
             bad = [first + k for k, piece in enumerate(pieces)
@@ -754,7 +805,7 @@ class CachedDevice(BlockDevice):
             began = time.monotonic()
             length = min(count * cs, self.size - start)
             if manifest is None:
-                data = await self.upstream.read(start, length)
+                data = await self.upstream.read_buffer(start, length)
                 split(data)
             else:
                 data = await self.upstream.read_verified(
@@ -774,7 +825,7 @@ class CachedDevice(BlockDevice):
         return data, pieces
 
     async def _fetch_alone(
-        self, store: StoreFile, index: int, future: asyncio.Future[bytes]
+        self, store: StoreFile, index: int, future: asyncio.Future[Chunk]
     ) -> None:
         try:
             data = await self._fetch(index)
@@ -784,7 +835,7 @@ class CachedDevice(BlockDevice):
         self._settle(store, index, future, data)
 
     def _settle(
-        self, store: StoreFile, index: int, future: asyncio.Future[bytes], data: bytes
+        self, store: StoreFile, index: int, future: asyncio.Future[Chunk], data: Chunk
     ) -> None:
         """Store a fetched, checked chunk (or pass it through), then hand it to its
         readers."""
@@ -820,7 +871,7 @@ class CachedDevice(BlockDevice):
             log.error("%s", err)
         return None
 
-    async def _fetch(self, index: int) -> bytes:
+    async def _fetch(self, index: int) -> Chunk:
         gate = self.gate
         await gate.take_demand()
         try:
@@ -832,11 +883,11 @@ class CachedDevice(BlockDevice):
             self.on_fetch(time.monotonic() - began)
         return data
 
-    async def _fetch_checked(self, index: int) -> bytes:
+    async def _fetch_checked(self, index: int) -> Chunk:
         start = index * self.chunk_size
         length = min(self.chunk_size, self.size - start)
         if self.manifest is None:
-            return await self.upstream.read(start, length)
+            return await self.upstream.read_buffer(start, length)
         manifest = self.manifest
         mismatches = 0
 
@@ -865,7 +916,7 @@ class CachedDevice(BlockDevice):
     def _passing_through(self) -> bool:
         return self.space is not CacheSpace.CACHING and time.monotonic() < self._store_again_at
 
-    def _keep(self, store: StoreFile, index: int, data: bytes, count: int = 1) -> None:
+    def _keep(self, store: StoreFile, index: int, data: Chunk, count: int = 1) -> None:
         """Store fetched chunks (``count`` of them from ``index``, all of ``data``), or
         pass them through when there is no room for them."""
         if self._passing_through():
@@ -926,7 +977,7 @@ class CachedDevice(BlockDevice):
         self.stats.flushes += 1
 
 
-def _fail(future: asyncio.Future[bytes], err: BaseException) -> None:
+def _fail(future: asyncio.Future[Chunk], err: BaseException) -> None:
     if not future.done():
         future.set_exception(err)
 

@@ -88,7 +88,7 @@ class Manifest:
             return found
         return zero_digest(min(self.chunk_size, self.size - index * self.chunk_size))
 
-    def matches(self, index: int, data: bytes) -> bool:
+    def matches(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         return hashlib.sha256(data).digest() == self.digest(index)
 
     def fingerprint(self) -> str:

@@ -499,6 +499,15 @@ class RemoteDevice(BlockDevice):
         self.stats.bytes_read += length
         return data
 
+    async def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
+        self.check_range(offset, length)
+        data = await self._call(
+            "READ", offset, length, lambda c: c.read_view(offset, length), received=length
+        )
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return data
+
     async def read_verified(
         self, offset: int, length: int, check: Callable[[bytes], bool], attempts: int
     ) -> bytes:

@@ -413,6 +413,13 @@ class NbdClient:
         ]
 
     async def read(self, offset: int, length: int) -> bytes:
+        data = await self.read_view(offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    async def read_view(self, offset: int, length: int) -> bytes | memoryview:
+        """The bytes of a range without copying a large payload: it was received
+        straight into an array of its own (``DIRECT_RECEIVE_MIN_BYTES``) and comes as a
+        read-only view of it, which nothing else refers to."""
         if length <= self.export.block_sizes.maximum:
             return (await self._request(Command.READ, offset, length)).data
         parts = await asyncio.gather(

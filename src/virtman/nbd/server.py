@@ -39,8 +39,11 @@ Warm reads without Python copies: a READ of at least ``sendfile_min`` bytes (nam
 range lies in a file (``read_location``, see ``virtman.device.FileReads``: a cache whose
 chunks are all ready), is answered with the reply header written to the socket and the
 bytes sent from the file with ``os.sendfile``, so they never pass through a Python
-object. Only when nothing else is queued on the transport (``get_write_buffer_size() ==
-0``), since these writes bypass it: replies never interleave. Whatever the socket does
+object. A READ whose chunks are not all ready goes the same way once the device has
+loaded and stored them (``read_or_locate``: a relay's cold read); chunks it could not
+store come back as bytes and are sent buffered. Only when nothing else is queued on the
+transport (``get_write_buffer_size() == 0``), since these writes bypass it: replies
+never interleave. Whatever the socket does
 not take at once is read from the file and queued on the transport as usual. A failure
 once part of a reply is out closes the connection (an error reply would be read as
 payload). TLS connections cannot use sendfile (the bytes are encrypted in the process)
@@ -844,11 +847,20 @@ class _Connection(asyncio.Protocol):
                 self._sendfile_fd is not None
                 and request.length >= (self.server.sendfile_min or 0)
                 and (locate := getattr(device, "read_location", None)) is not None
-                and self._send_from_file(request, locate)
             ):
-                self._count_read(export.name, request.length)
-                return None, b""
-            data = await device.read(request.offset, request.length)
+                if self._send_from_file(request, locate):
+                    self._count_read(export.name, request.length)
+                    return None, b""
+                load = getattr(device, "read_or_locate", None)
+                if load is not None:
+                    data = await self._load_and_send(request, load)
+                    if data is None:
+                        self._count_read(export.name, request.length)
+                        return None, b""
+                else:
+                    data = await device.read(request.offset, request.length)
+            else:
+                data = await device.read(request.offset, request.length)
             stats = self.server.stats
             stats.bytes_read += len(data)
             stats.bytes_read_by_export[export.name] = stats.bytes_read_by_export.get(
@@ -880,23 +892,55 @@ class _Connection(asyncio.Protocol):
         stats.bytes_read += nbytes
         stats.bytes_read_by_export[export] = stats.bytes_read_by_export.get(export, 0) + nbytes
 
+    def _can_send_from_file(self) -> bool:
+        transport = self.transport
+        # A closing transport may have closed its socket already, and the descriptor's
+        # number may belong to another file by now: never write to it then.
+        return not (
+            transport is None
+            or self._sendfile_fd is None
+            or self._closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()  # queued replies go first
+        )
+
     def _send_from_file(
         self, request: Request, locate: Callable[[int, int], tuple[int, int] | None]
     ) -> bool:
         """Answer a READ from the file holding its bytes (see the module docstring);
         False, with nothing sent, when it cannot be (the caller reads as usual)."""
-        transport = self.transport
-        sock_fd = self._sendfile_fd
-        # A closing transport may have closed its socket already, and the descriptor's
-        # number may belong to another file by now: never write to it then.
-        if transport is None or sock_fd is None or self._closed or transport.is_closing():
-            return False
-        if transport.get_write_buffer_size():  # queued replies go first
+        if not self._can_send_from_file():
             return False
         where = locate(request.offset, request.length)
         if where is None:
             return False
-        fd, pos = where
+        self._send_at(request, *where)
+        return True
+
+    async def _load_and_send(
+        self,
+        request: Request,
+        load: Callable[[int, int], Coroutine[Any, Any, bytes | tuple[int, int]]],
+    ) -> bytes | None:
+        """A READ the device must load first (a cold read of a cache): once loaded, sent
+        from the file it was stored in, like a warm one (None: sent); its bytes when the
+        device kept them only in memory (passed through), or when the connection cannot
+        take a sendfile now (read from the file, before yielding, and sent as usual)."""
+        got = await load(request.offset, request.length)
+        if not isinstance(got, tuple):
+            return got
+        fd, pos = got
+        if self._can_send_from_file():
+            self._send_at(request, fd, pos)
+            return None
+        return _pread_exact(fd, request.length, pos)
+
+    def _send_at(self, request: Request, fd: int, pos: int) -> None:
+        """Send a READ's reply header, then its bytes from ``fd`` at ``pos``; the caller
+        checked ``_can_send_from_file``."""
+        transport = self.transport
+        sock_fd = self._sendfile_fd
+        assert transport is not None and sock_fd is not None
         header = self.codec.read_reply_header(request)
         length = request.length
         try:
@@ -907,7 +951,7 @@ class _Connection(asyncio.Protocol):
             if wrote < len(header):
                 # Queue the rest of the header and the bytes, in order.
                 transport.writelines((header[wrote:], _pread_exact(fd, length, pos)))
-                return True
+                return
             sent = 0
             try:
                 while sent < length:
@@ -934,7 +978,6 @@ class _Connection(asyncio.Protocol):
                 "nbd %s READ offset=%d length=%d: sending from the file failed (%s); "
                 "closing the connection", self.peer, request.offset, length, err)
             transport.abort()
-        return True
 
     def _reply_error(self, request: Request, err: Exception) -> None:
         errno = _errno_of(err)

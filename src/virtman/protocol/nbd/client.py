@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass, field
 
 from virtman.errors import LocalProtocolError, PeerProtocolError
-from virtman.limits import MAX_ERROR_MESSAGE, MAX_OPTION_REPLY
+from virtman.limits import DIRECT_RECEIVE_MIN_BYTES, MAX_ERROR_MESSAGE, MAX_OPTION_REPLY
 from virtman.protocol.nbd.constants import (
     BASE_ALLOCATION,
     DONE_BIT,
@@ -95,11 +95,12 @@ class ExportsListed:
 
 @dataclass(frozen=True, slots=True)
 class ReplyReceived:
-    """A whole reply. ``error`` is 0 on success; ``data`` holds READ bytes."""
+    """A whole reply. ``error`` is 0 on success; ``data`` holds READ bytes (a large
+    payload: a read-only view of an array nothing else holds, see ``_payload``)."""
 
     cookie: int
     error: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
     message: str = ""
     extents: list[tuple[int, int]] = field(default_factory=list)
 
@@ -117,7 +118,7 @@ class _Outstanding:
     command: int
     offset: int
     length: int
-    data: bytes | bytearray | None = None
+    data: bytes | bytearray | memoryview | None = None
     error: int = 0
     message: str = ""
     extents: list[tuple[int, int]] = field(default_factory=list)
@@ -132,6 +133,7 @@ class ClientConnection:
         list_exports: bool = False,
         block_status: bool = False,
         max_option_reply: int = MAX_OPTION_REPLY,
+        direct_receive_min: int = DIRECT_RECEIVE_MIN_BYTES,
         tls: bool = False,
     ) -> None:
         encode_string(export_name)  # validates the length
@@ -139,6 +141,9 @@ class ClientConnection:
         #: Whether the bytes fed in now come out of a TLS session.
         self.tls_active = False
         self.max_option_reply = max_option_reply
+        #: READ payloads of at least this many bytes are received into arrays of their
+        #: own and handed out as read-only views (no copy out of the receive buffer).
+        self.direct_receive_min = direct_receive_min
         self.export_name = export_name
         self._want_structured = structured_replies
         self._want_block_status = block_status and structured_replies
@@ -159,6 +164,8 @@ class ClientConnection:
         self._next_cookie = 1
         self._outstanding: dict[int, _Outstanding] = {}
         self._pending_reply: tuple[str, tuple[int, ...]] | None = None
+        #: The offset of an OFFSET_DATA chunk whose data is still coming in.
+        self._data_offset: int | None = None
 
     # --- bytes in and out -----------------------------------------------------------------
 
@@ -472,9 +479,9 @@ class ClientConnection:
 
     def _simple(self, error: int, cookie: int) -> ClientEvent | NeedData | None:
         out = self._lookup(cookie)
-        data = b""
+        data: bytes | memoryview = b""
         if out.command == Command.READ and error == 0:
-            got = self._buf.take(out.length)
+            got = self._payload(out.length)
             if got is None:
                 return NEED_DATA
             data = got
@@ -491,14 +498,21 @@ class ClientConnection:
         if length > limit:
             raise self._fail(f"reply chunk of {length} bytes for a request of {out.length}")
         if kind == ChunkType.OFFSET_DATA:
-            # The offset and the data are taken apart: the data is copied once, not
-            # taken with its offset and sliced again.
-            if len(self._buf) < length:
-                return NEED_DATA
+            # The offset and the data are taken apart: the data is copied once at most
+            # (``_payload``), not taken with its offset and sliced again.
             if length < 8:
                 raise self._fail("OFFSET_DATA chunk too short")
-            (offset,) = self._buf.unpack(U64) or (0,)
-            self._place(out, offset, self._buf.take(length - 8) or b"", cookie)
+            if self._data_offset is None:
+                got = self._buf.unpack(U64)
+                if got is None:
+                    return NEED_DATA
+                self._data_offset = got[0]
+                self._check_range(out, got[0], length - 8, cookie)
+            data = self._payload(length - 8)
+            if data is None:
+                return NEED_DATA
+            offset, self._data_offset = self._data_offset, None
+            self._place(out, offset, data, cookie)
             return self._chunk_done(flags, out, cookie)
         payload = self._buf.take(length)
         if payload is None:
@@ -532,14 +546,26 @@ class ClientConnection:
             raise self._fail(f"unknown reply chunk type {kind}")
         return self._chunk_done(flags, out, cookie)
 
+    def _payload(self, n: int) -> bytes | memoryview | None:
+        """A READ payload of n bytes, or None until it is all in: a large one is read
+        straight into its own array (``ReceiveBuffer.take_large``)."""
+        if n >= self.direct_receive_min:
+            return self._buf.take_large(n)
+        return self._buf.take(n)
+
     def _chunk_done(self, flags: int, out: _Outstanding, cookie: int) -> ReplyReceived | None:
         """The reply once its last chunk (DONE) is in, else None."""
         if not flags & DONE_BIT:
             return None
         del self._outstanding[cookie]
-        data = b""
+        data: bytes | memoryview = b""
         if out.command == Command.READ and not out.error:
-            data = bytes(out.data) if out.data is not None else bytes(out.length)
+            if out.data is None:
+                data = bytes(out.length)
+            elif isinstance(out.data, bytearray):  # assembled from pieces or holes
+                data = bytes(out.data)
+            else:
+                data = out.data
         return ReplyReceived(cookie, out.error, data, out.message, out.extents)
 
     def _check_range(self, out: _Outstanding, offset: int, size: int, cookie: int) -> None:
@@ -548,7 +574,9 @@ class ClientConnection:
         if offset < out.offset or offset + size > out.offset + out.length:
             raise self._fail(f"chunk {offset}+{size} outside request {out.offset}+{out.length}")
 
-    def _place(self, out: _Outstanding, offset: int, data: bytes, cookie: int) -> None:
+    def _place(
+        self, out: _Outstanding, offset: int, data: bytes | memoryview, cookie: int
+    ) -> None:
         self._check_range(out, offset, len(data), cookie)
         if out.data is None and offset == out.offset and len(data) == out.length:
             out.data = data  # the common case, one chunk holds everything: no copy

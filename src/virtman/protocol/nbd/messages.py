@@ -106,17 +106,27 @@ class ReceiveBuffer:
     parsed, which is the common case, nothing moves), and growing makes a new array.
     """
 
-    __slots__ = ("_buf", "_end", "_pos")
+    __slots__ = ("_buf", "_end", "_filled", "_pos", "_target")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._end = 0
+        #: A large payload being received straight into its own array (``take_large``),
+        #: and how much of it is in.
+        self._target: bytearray | None = None
+        self._filled = 0
 
     def __len__(self) -> int:
         return self._end - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        target = self._target
+        if target is not None:
+            k = min(len(data), len(target) - self._filled)
+            target[self._filled : self._filled + k] = memoryview(data)[:k]
+            self._filled += k
+            data = memoryview(data)[k:]
         n = len(data)
         self._reserve(n)
         self._buf[self._end : self._end + n] = data
@@ -124,12 +134,24 @@ class ReceiveBuffer:
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Writable room after the buffered bytes (at least ``sizehint`` bytes and at
-        least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``."""
+        least ``RECEIVE_ROOM``) to read into; then call ``buffer_updated``. While a
+        large payload is received (``take_large``), the rest of that payload's own array:
+        the bytes land where they are handed out from."""
+        target = self._target
+        if target is not None and self._filled < len(target):
+            return memoryview(target)[self._filled :]
         self._reserve(max(sizehint, RECEIVE_ROOM), grow_to=RECEIVE_CAPACITY)
         return memoryview(self._buf)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were read into the view ``get_buffer`` returned."""
+        target = self._target
+        if target is not None and self._filled < len(target):
+            if nbytes < 0 or self._filled + nbytes > len(target):
+                raise LocalProtocolError(f"{nbytes} bytes read into a payload with "
+                                         f"{len(target) - self._filled} bytes of room")
+            self._filled += nbytes
+            return
         if nbytes < 0 or self._end + nbytes > len(self._buf):
             raise LocalProtocolError(f"{nbytes} bytes read into a receive buffer with "
                                      f"{len(self._buf) - self._end} bytes of room")
@@ -138,7 +160,8 @@ class ReceiveBuffer:
     def release(self) -> None:
         """Give back a buffer grown past one read's room, if nothing is buffered (an idle
         connection should not hold megabytes)."""
-        if self._pos == self._end and len(self._buf) > 2 * RECEIVE_ROOM:
+        if self._pos == self._end and self._target is None and \
+                len(self._buf) > 2 * RECEIVE_ROOM:
             self._buf = bytearray()
             self._pos = self._end = 0
 
@@ -174,6 +197,29 @@ class ReceiveBuffer:
         data = bytes(memoryview(self._buf)[self._pos : self._pos + n])  # one copy
         self._advance(n)
         return data
+
+    def take_large(self, n: int) -> bytes | memoryview | None:
+        """Remove and return exactly n bytes of a large payload, or None until they are
+        all in. What is buffered already is copied once; if that is not all of it, the
+        payload gets an array of its own, the rest is read straight into it
+        (``get_buffer``), and it is handed out as a read-only view of that array, which
+        nothing else holds: no copy out of the receive buffer, and a partly received
+        payload is never moved to the buffer's front."""
+        target = self._target
+        if target is not None:
+            if self._filled < n:
+                return None
+            self._target = None
+            self._filled = 0
+            return memoryview(target).toreadonly()
+        if self._end - self._pos >= n:
+            return self.take(n)
+        live = self._end - self._pos
+        target = bytearray(n)
+        target[:live] = memoryview(self._buf)[self._pos : self._end]
+        self._advance(live)
+        self._target, self._filled = target, live
+        return None
 
     def discard(self, n: int) -> int:
         """Drop up to n bytes; return how many were dropped."""
