@@ -113,6 +113,63 @@ async def test_an_agent_silent_up_to_the_timeout_stays_and_past_it_is_replaced(
     await volt.stop()
 
 
+async def test_most_agents_late_at_once_are_held_in_their_trees_for_a_bounded_time(
+    tmp_path: Path, origin: str
+) -> None:
+    """A boot storm that delays every heartbeat is not five failures: the tree stays as
+    it is while most agents are late, those heard again keep their places, and one
+    really gone is removed once the crowd is back (or the hold ends)."""
+    clock = Clock(T0)
+    volt = await make_volt(tmp_path / "volt.db", origin, clock)
+    for agent in AGENTS:
+        beat(volt, agent)
+    places = {a: volt.tree("img").position(a) for a in AGENTS}
+    gone, back = AGENTS[3], [a for a in AGENTS if a != AGENTS[3]]
+    # Five of seven stay silent past the timeout, two keep beating: 5/7 > one half.
+    for now in (T0 + 2, T0 + 4, T0 + 6, T0 + TIMEOUT + 1, T0 + TIMEOUT + 3):
+        clock.now = now
+        for agent in AGENTS[:2]:
+            beat(volt, agent)
+        assert volt.expire() == []
+    assert volt.mass_silence_since == T0 + TIMEOUT + 1
+    assert {a: volt.tree("img").position(a) for a in AGENTS} == places
+    # The storm is over: all but one are heard again, in their old places.
+    clock.now = T0 + TIMEOUT + 4
+    for agent in back:
+        beat(volt, agent)
+    assert volt.expire() == [gone]
+    assert volt.mass_silence_since is None and volt.repairs == 1
+    assert all(volt.tree("img").position(a) == places[a] for a in back
+               if places[a] < places[gone])  # those before the hole did not move
+
+    # A hold is bounded: if the crowd never comes back, its agents leave after it.
+    t1 = T0 + 1000
+    clock.now = t1
+    for agent in back:
+        beat(volt, agent)
+    clock.now = t1 + TIMEOUT + 1
+    beat(volt, back[0])
+    assert volt.expire() == []  # 5 of 6 late: held
+    clock.now = t1 + TIMEOUT + 1 + volt.mass_silence_hold
+    beat(volt, back[0])
+    assert sorted(volt.expire()) == sorted(back[1:])
+    assert volt.tree("img").hosts == [back[0]]
+    await volt.stop()
+
+
+async def test_a_few_agents_are_no_crowd(tmp_path: Path, origin: str) -> None:
+    """Two of three silent are removed at once: below ``mass_silence_min_agents`` a
+    majority of a few can fail together."""
+    clock = Clock(T0)
+    volt = await make_volt(tmp_path / "volt.db", origin, clock)
+    for agent in AGENTS[:3]:
+        beat(volt, agent)
+    clock.now = T0 + TIMEOUT + 1
+    beat(volt, AGENTS[0])
+    assert sorted(volt.expire()) == AGENTS[1:3]
+    await volt.stop()
+
+
 async def test_a_restarted_volt_gives_known_agents_a_full_timeout(
     tmp_path: Path, origin: str
 ) -> None:

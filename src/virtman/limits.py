@@ -162,6 +162,18 @@ HEARTBEAT_INTERVAL_SECONDS = 2.0
 PARENT_CONNECT_WAIT_SECONDS = 1.0
 #: Seconds of silence after which Volt removes an agent from every tree.
 HEARTBEAT_TIMEOUT_SECONDS = 6.0
+#: When more than this share of the agents is late at once (two heartbeats missed in a
+#: row), Volt removes none of them: so many hosts do not fail together, while a boot
+#: storm that saturates every link (or a stall of Volt's own) delays every heartbeat.
+#: Removing them all reshuffled a 32-host tree mid-boot (28 of 32 removed and rejoined
+#: at new places, the origin sending 3.7 working sets instead of 2). Agents still silent
+#: when the share falls back are removed as usual.
+MASS_SILENCE_SHARE = 0.5
+#: The hold applies from this many agents (below, most of a few is not a crowd: two of
+#: three hosts can fail) and lasts at most this long: hosts that really all died leave
+#: the trees late, not never.
+MASS_SILENCE_MIN_AGENTS = 4
+MASS_SILENCE_HOLD_SECONDS = 60.0
 #: Children per node and parents per node of the relay trees (the paper: binary tree).
 TREE_FANOUT = 2
 TREE_PARENTS_PER_NODE = 2

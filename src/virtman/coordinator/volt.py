@@ -68,6 +68,9 @@ from virtman.limits import (
     CONNECT_TIMEOUT_SECONDS,
     HEARTBEAT_INTERVAL_SECONDS,
     HEARTBEAT_TIMEOUT_SECONDS,
+    MASS_SILENCE_HOLD_SECONDS,
+    MASS_SILENCE_MIN_AGENTS,
+    MASS_SILENCE_SHARE,
     PROFILE_MAX_RUNS,
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
@@ -132,6 +135,9 @@ class Volt:
         parents_per_node: int = TREE_PARENTS_PER_NODE,
         interval: float = HEARTBEAT_INTERVAL_SECONDS,
         timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
+        mass_silence_share: float = MASS_SILENCE_SHARE,
+        mass_silence_min_agents: int = MASS_SILENCE_MIN_AGENTS,
+        mass_silence_hold: float = MASS_SILENCE_HOLD_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         tls: TlsFiles | None = None,
         max_profile_runs: int = PROFILE_MAX_RUNS,
@@ -150,8 +156,15 @@ class Volt:
             self.settings = TreeSettings(fanout, parents_per_node)
         except PlannerError as err:
             raise ConfigError(f"relay tree settings: {err}") from err
+        if not 0 < mass_silence_share <= 1:
+            raise ConfigError(f"mass silence share {mass_silence_share} must be in (0, 1]")
         self.interval = interval
         self.timeout = timeout
+        self.mass_silence_share = mass_silence_share
+        self.mass_silence_min_agents = mass_silence_min_agents
+        self.mass_silence_hold = mass_silence_hold
+        #: Since when expiry is held because most agents are late at once (None: not held).
+        self.mass_silence_since: float | None = None
         self.clock = clock
         self.lifecycle = Lifecycle.NEW
         self._images: dict[str, ImageRecord] = {r.name: r for r in state.images()}
@@ -565,10 +578,43 @@ class Volt:
 
     def expire(self, now: float | None = None) -> list[str]:
         """Remove agents silent for more than ``timeout`` (by ``clock``, or at ``now``)
-        from every tree; return their names."""
+        from every tree; return their names.
+
+        None is removed while more than ``mass_silence_share`` of the agents (of at least
+        ``mass_silence_min_agents``) are late, i.e. missed two heartbeats in a row, for
+        at most ``mass_silence_hold`` s: that many hosts do not fail at once, but a boot
+        storm saturating every link, or a stall of Volt's own, delays every heartbeat,
+        and removing them would reshuffle the trees under booting VMs."""
         self._check_open("expire agents")
         now = self.clock() if now is None else now
         dead = [a for a, seen in self._last_seen.items() if now - seen > self.timeout]
+        late_after = min(2 * self.interval, self.timeout)  # two heartbeats missed
+        late = sum(1 for seen in self._last_seen.values() if now - seen > late_after)
+        crowd = len(self._last_seen) >= self.mass_silence_min_agents
+        if (
+            dead
+            and crowd
+            and late > self.mass_silence_share * len(self._last_seen)
+            and (
+                self.mass_silence_since is None
+                or now - self.mass_silence_since < self.mass_silence_hold
+            )
+        ):
+            if self.mass_silence_since is None:
+                self.mass_silence_since = now
+                log.warning(
+                    "%d of %d agents late at once (%d silent for over %.1f s): holding "
+                    "every removal while most are late (a saturated network or a stall "
+                    "of Volt's, not that many failures)",
+                    late, len(self._last_seen), len(dead), self.timeout,
+                )
+            return []
+        if self.mass_silence_since is not None and (dead or late == 0):
+            log.warning(
+                "mass silence over after %.1f s; %d agents still silent are removed",
+                now - self.mass_silence_since, len(dead),
+            )
+            self.mass_silence_since = None
         for agent in dead:
             images = [i for i, t in self._trees.items() if agent in t]
             log.warning(

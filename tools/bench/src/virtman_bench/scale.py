@@ -102,7 +102,7 @@ ERROR_MESSAGES_KEPT = 10
 # --- the parent: testbed lifecycle ------------------------------------------------------------
 
 
-def run_scale(plan: Plan, json_path: str, command: str) -> int:
+def run_scale(plan: Plan, json_path: str, command: str, keep_workdir: bool = False) -> int:
     bad = [m for m in plan.modes if m not in MODES]
     if bad:
         raise ConfigError(f"--modes: unknown {bad}; choose from {','.join(MODES)}")
@@ -141,7 +141,10 @@ def run_scale(plan: Plan, json_path: str, command: str) -> int:
         left = netbed.leftovers()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        subprocess.run(["rm", "-rf", workdir], check=False)
+        if keep_workdir:
+            print(f"the runs' files and logs are kept in {workdir}", file=sys.stderr)
+        else:
+            subprocess.run(["rm", "-rf", workdir], check=False)
         if left:
             print(f"warning: namespaces left behind: {left}", file=sys.stderr)
     runs = [
@@ -452,6 +455,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "earlier boots), which every host prefetches",
     )
     p.add_argument("--json", default="bench-scale.json", metavar="FILE")
+    p.add_argument("--keep-workdir", action="store_true",
+                   help="keep the runs' files and logs (Volt's, each agent's) for a post-mortem")
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -486,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging("warning" if args.log_level == "info" else args.log_level)
     plan = plan_from_args(args)
     command = "virtman bench scale " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    return run_scale(plan, args.json, command)
+    return run_scale(plan, args.json, command, keep_workdir=args.keep_workdir)
 
 
 if __name__ == "__main__":
