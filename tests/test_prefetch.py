@@ -406,7 +406,7 @@ async def test_the_in_flight_budget_follows_the_measured_rate(
         for t in range(10):  # 1 MB/s: 50 ms of it is less than a chunk
             now[0] = t * 0.1
             prefetcher._rate.add(now[0], 100_000)
-        assert prefetcher._budget() == CS
+        assert prefetcher._budget() == 2 * CS  # the floor: a request per parent
         for t in range(10):  # ~2 GB/s: capped at inflight_bytes
             now[0] = 1.0 + t * 0.01
             prefetcher._rate.add(now[0], 20_000_000)

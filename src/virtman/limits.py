@@ -125,6 +125,12 @@ PREFETCH_INFLIGHT_BYTES = 16 * MiB
 #: Seconds of upstream transfer prefetch may have queued ahead of a VM's miss: replies
 #: leave a parent in order, so this is what a miss can wait behind prefetch, at most.
 PREFETCH_QUEUE_SECONDS = 0.05
+#: The in-flight budget's floor, in chunks: one request per parent (each host has two).
+#: With one chunk in flight a child reads from one parent at a time, and on a slow link,
+#: where each parent's upload is shared by its children, the budget measured from that
+#: rate stays at one chunk: a 32-host testbed's deeper levels prefetched at a fraction of
+#: their downlink and finished a step later per level.
+PREFETCH_MIN_INFLIGHT_CHUNKS = 2
 #: Prefetch rate cap per image and host (bytes/s); None: as fast as the tree gives. The
 #: default leaves a 1 GbE link to demand reads and children only when they need it, as
 #: demand goes first anyway; lower it on links shared with other traffic.

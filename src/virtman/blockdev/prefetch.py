@@ -43,6 +43,7 @@ from virtman.limits import (
     PREFETCH_BATCH_BYTES,
     PREFETCH_INFLIGHT_BYTES,
     PREFETCH_MAX_BYTES_PER_SECOND,
+    PREFETCH_MIN_INFLIGHT_CHUNKS,
     PREFETCH_QUEUE_SECONDS,
     PREFETCH_WINDOW_ENTRIES,
     PROFILE_RECORD_SECONDS,
@@ -87,6 +88,7 @@ class PrefetchLimits:
     batch_bytes: int = PREFETCH_BATCH_BYTES
     inflight_bytes: int = PREFETCH_INFLIGHT_BYTES
     queue_seconds: float = PREFETCH_QUEUE_SECONDS
+    min_inflight_chunks: int = PREFETCH_MIN_INFLIGHT_CHUNKS
     bytes_per_second: float | None = PREFETCH_MAX_BYTES_PER_SECOND
     window_entries: int = PREFETCH_WINDOW_ENTRIES
 
@@ -95,6 +97,10 @@ class PrefetchLimits:
             raise ConfigError(
                 f"prefetch batch {self.batch_bytes} bytes must be >= 1 and at most the "
                 f"{self.inflight_bytes} bytes in flight"
+            )
+        if self.min_inflight_chunks < 1:
+            raise ConfigError(
+                f"prefetch needs at least one chunk in flight, not {self.min_inflight_chunks}"
             )
         if not self.queue_seconds > 0:
             raise ConfigError(f"prefetch queue {self.queue_seconds} s must be > 0")
@@ -241,10 +247,13 @@ class Prefetcher:
         every byte of prefetch queued ahead of a VM's miss delays it: on a slow link
         the budget shrinks to a chunk or two, on a fast one it grows to the cap."""
         limits, cs = self.limits, self.cache.chunk_size
+        # At least a request per parent (``min_inflight_chunks``), within the cap.
+        floor = max(cs, min(limits.inflight_bytes, limits.min_inflight_chunks * cs))
         rate = self._rate.rate(self._clock())
         if rate is None:
-            return max(cs, min(limits.batch_bytes, limits.inflight_bytes, START_BUDGET_CHUNKS * cs))
-        return max(cs, min(limits.inflight_bytes, int(rate * limits.queue_seconds)))
+            return max(floor, min(limits.batch_bytes, limits.inflight_bytes,
+                                  START_BUDGET_CHUNKS * cs))
+        return max(floor, min(limits.inflight_bytes, int(rate * limits.queue_seconds)))
 
     async def _pace(self, began: float, requested: int) -> None:
         rate = self.limits.bytes_per_second
