@@ -491,13 +491,8 @@ class RemoteDevice(BlockDevice):
     # --- the block device interface -------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        self.check_range(offset, length)
-        data = await self._call(
-            "READ", offset, length, lambda c: c.read(offset, length), received=length
-        )
-        self.stats.reads += 1
-        self.stats.bytes_read += length
-        return data
+        data = await self.read_buffer(offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
 
     async def read_buffer(self, offset: int, length: int) -> bytes | memoryview:
         self.check_range(offset, length)

@@ -609,7 +609,7 @@ class Volt:
                     late, len(self._last_seen), len(dead), self.timeout,
                 )
             return []
-        if self.mass_silence_since is not None and (dead or late == 0):
+        if self.mass_silence_since is not None:  # not holding any more
             log.warning(
                 "mass silence over after %.1f s; %d agents still silent are removed",
                 now - self.mass_silence_since, len(dead),

@@ -61,10 +61,6 @@ class ConnectionBudget:
         assert self.held > 0, "a connection slot was given back that was not taken"
         self.held -= 1
 
-    @property
-    def free(self) -> int:
-        return self.limit - self.held
-
 
 _process_budget: ConnectionBudget | None = None
 
