@@ -114,7 +114,12 @@ def hash_token(token: str) -> str:
 
 
 def new_token(nbytes: int = TOKEN_BYTES) -> str:
-    return secrets.token_urlsafe(nbytes)
+    """A random token that never starts with '-': one in 64 did, and a command line
+    then read ``--token -Xyz…`` as a missing value followed by an option."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if not token.startswith("-"):
+            return token
 
 
 # --- the tokens file ----------------------------------------------------------------------
