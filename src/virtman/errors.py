@@ -172,6 +172,20 @@ class ProcessFailed(VirtmanError):
         self.log_tail = log_tail
 
 
+class GuestControlError(VirtmanError):
+    """QEMU refused or failed a QMP command, or its monitor could not be reached.
+
+    ``guest`` names the VM, ``command`` the QMP command (or "connect"), ``detail`` what
+    QEMU (or the socket) said.
+    """
+
+    def __init__(self, guest: str, command: str, detail: str) -> None:
+        super().__init__(f"guest {guest!r}: QMP {command} failed: {detail}")
+        self.guest = guest
+        self.command = command
+        self.detail = detail
+
+
 class BenchError(VirtmanError):
     """A benchmark step failed: a server did not come up, a client command failed."""
 

@@ -264,6 +264,14 @@ KVM_SILENCE_SECONDS = 30.0
 GUEST_CONSOLE_POLL_SECONDS = 0.1
 #: Seconds a guest gets to exit after SIGTERM before it is killed.
 GUEST_STOP_GRACE_SECONDS = 5.0
+#: Seconds a new QEMU gets to open its QMP socket before the monitor gives up.
+QMP_CONNECT_SECONDS = 10.0
+#: Seconds between looks at a migration's progress (``query-migrate``) while a state is
+#: saved or a guest moves. Short: a paused µVM's state is saved in well under a second.
+MIGRATION_POLL_SECONDS = 0.02
+#: Bytes per hot-plugged memory module. Linux onlines hot-added memory in blocks of
+#: 128 MiB on x86-64, so a smaller module would leave memory the guest cannot use.
+MEMORY_HOTPLUG_BLOCK_MIB = 128
 #: Longest a ``GET /vms/NAME/console/wait`` holds its answer before it says "not yet"
 #: (the client asks again): below every client's HTTP timeout.
 CONSOLE_WAIT_MAX_SECONDS = 60.0

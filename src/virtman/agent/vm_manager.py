@@ -165,6 +165,15 @@ class VmManager:
         check_socket_path(path)
         return path
 
+    def qmp_path(self, name: str) -> str:
+        """Where the guest's QEMU listens for its monitor (QMP). Beside the export socket,
+        not in the VM directory: the socket directory is the one closed to all but the
+        hypervisor's user (see ``vms.py``), and it is short enough for a Unix socket
+        path (107 bytes) where a VM directory may not be."""
+        path = os.path.join(self.socket_dir, f"{name}.qmp")
+        check_socket_path(path)
+        return path
+
     async def _open(self, record: VmRecord, *, boots: bool = False) -> Vm:
         """Open a VM's layers and export it. ``boots``: a new VM that boots from the
         image's first block (not a restart, an import or a snapshot's copy): its first
@@ -339,7 +348,8 @@ class VmManager:
         vm.save()
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
-        vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel)
+        vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel,
+                                         qmp_socket=self.qmp_path(name))
         vm.guest.on_console = self.on_booted
         await vm.guest.start()
         self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")

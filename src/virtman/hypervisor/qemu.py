@@ -41,12 +41,14 @@ from xml.sax.saxutils import escape, quoteattr
 
 from virtman.childprocess import die_with_parent_hook
 from virtman.errors import ConfigError, Conflict
+from virtman.hypervisor.qmp import Monitor
 from virtman.hypervisor.testimage import find_kernel
 from virtman.limits import (
     GUEST_CONSOLE_POLL_SECONDS,
     GUEST_STOP_GRACE_SECONDS,
     KVM_PROBE_SECONDS,
     KVM_SILENCE_SECONDS,
+    MEMORY_HOTPLUG_BLOCK_MIB,
 )
 
 log = logging.getLogger(__name__)
@@ -329,10 +331,11 @@ class Hypervisor:
 
     def guest(
         self, name: str, disk_uri: str, cfg: GuestConfig, serial_log: str,
-        accel: Accel | None = None,
+        accel: Accel | None = None, *, qmp_socket: str | None = None, incoming: bool = False,
     ) -> Guest:  # fmt: skip
         """A guest (not started yet); ``accel`` None means this host's setting."""
-        return Guest(name, disk_uri, cfg, serial_log, self, accel)
+        return Guest(name, disk_uri, cfg, serial_log, self, accel,
+                     qmp_socket=qmp_socket, incoming=incoming)
 
     async def resolve(self, accel: Accel | None = None, kernel: str | None = None) -> Accel:
         """KVM or TCG for ``accel`` (None: this host's setting) and a guest of ``kernel``."""
@@ -447,12 +450,26 @@ class GuestConfig:
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
+    #: Room to grow by hot-plug (a µVM is baked small and sized at resume): the most
+    #: CPUs (``-smp …,maxcpus=``) and MiB (``-m …,slots=,maxmem=``) it may reach. None:
+    #: no room beyond ``cpus`` and ``memory_mib``.
+    max_cpus: int | None = None
+    max_memory_mib: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_mib < 16:
             raise ConfigError(f"guest memory {self.memory_mib} MiB is too small")
         if self.cpus < 1:
             raise ConfigError(f"guest cpus {self.cpus} must be at least 1")
+        if self.max_cpus is not None and self.max_cpus < self.cpus:
+            raise ConfigError(f"guest max_cpus {self.max_cpus} is below its {self.cpus} cpus")
+        if self.max_memory_mib is not None:
+            grow = self.max_memory_mib - self.memory_mib
+            if grow < 0 or grow % MEMORY_HOTPLUG_BLOCK_MIB:
+                raise ConfigError(
+                    f"guest max_memory_mib {self.max_memory_mib} must be its memory "
+                    f"({self.memory_mib} MiB) plus a multiple of {MEMORY_HOTPLUG_BLOCK_MIB} MiB"
+                )
         for what, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"guest {what} {path!r} is not a file")
@@ -466,13 +483,34 @@ class GuestConfig:
     def from_dict(cls, doc: dict[str, Any]) -> GuestConfig:
         return cls(**doc)
 
+    @property
+    def memory_slots(self) -> int:
+        """DIMM slots for growing to ``max_memory_mib`` one hot-plug block at a time."""
+        if self.max_memory_mib is None:
+            return 0
+        return (self.max_memory_mib - self.memory_mib) // MEMORY_HOTPLUG_BLOCK_MIB
+
 
 def qemu_argv(
-    name: str, disk_uri: str, cfg: GuestConfig, serial_log: str, accel: Accel, qemu: str = QEMU
-) -> list[str]:
-    """The QEMU command line of a guest booting from its NBD export (or a raw file)."""
+    name: str, disk_uri: str, cfg: GuestConfig, serial_log: str, accel: Accel, qemu: str = QEMU,
+    *, qmp_socket: str | None = None, incoming: bool = False,
+) -> list[str]:  # fmt: skip
+    """The QEMU command line of a guest booting from its NBD export (or a raw file).
+
+    ``qmp_socket``: where QEMU listens for its monitor. ``incoming``: the guest does not
+    boot but waits for its state (``-incoming defer``; the monitor then says from where,
+    see ``Monitor.incoming``). Every guest has a ``vmgenid`` device: a guest resumed from
+    a saved state gets a fresh generation ID, so clones of one state reseed their random
+    number generators (the ID is not part of the migrated state).
+    """
     if accel is Accel.AUTO:
         raise ConfigError("resolve Accel.AUTO to KVM or TCG before building a command line")
+    memory = str(cfg.memory_mib)
+    if cfg.max_memory_mib is not None and cfg.memory_slots:
+        memory += f",slots={cfg.memory_slots},maxmem={cfg.max_memory_mib}M"
+    cpus = str(cfg.cpus)
+    if cfg.max_cpus is not None:
+        cpus += f",maxcpus={cfg.max_cpus}"
     argv = [
         qemu,
         "-name",
@@ -480,10 +518,12 @@ def qemu_argv(
         "-machine",
         f"pc,accel={accel.value}",
         "-m",
-        str(cfg.memory_mib),
+        memory,
         "-smp",
-        str(cfg.cpus),
+        cpus,
         "-nodefaults",
+        "-device",
+        "vmgenid,guid=auto",
         "-display",
         "none",
         "-no-reboot",
@@ -492,6 +532,10 @@ def qemu_argv(
         "-drive",
         f"file={disk_uri},format=raw,if=virtio,cache=none,aio=threads",
     ]
+    if qmp_socket is not None:
+        argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     if accel is Accel.KVM:
         argv += ["-cpu", "host"]
     if cfg.kernel:
@@ -593,8 +637,18 @@ class Guest:
         serial_log: str,
         hypervisor: Hypervisor,
         accel: Accel | None = None,
+        *,
+        qmp_socket: str | None = None,
+        incoming: bool = False,
     ) -> None:
         self.name = name
+        self.qmp_socket = qmp_socket
+        #: QEMU's monitor, when the guest has a QMP socket (connected on first use).
+        self.monitor: Monitor | None = Monitor(name, qmp_socket) if qmp_socket else None
+        #: Started with ``-incoming defer``: it waits for a saved or migrated state
+        #: (``monitor.incoming``) instead of booting, so it is never restarted under
+        #: TCG after a KVM trial: the restarted QEMU would have no state to load.
+        self.incoming = incoming
         self.disk_uri = disk_uri
         self.cfg = cfg
         self.serial_log = serial_log
@@ -706,8 +760,13 @@ class Guest:
             raise ConfigError(f"{qemu} is not installed (apt-get install qemu-system-x86)")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.serial_log)  # its size is how the guest shows life
+        if self.monitor is not None:
+            await self.monitor.close()  # it spoke to the QEMU this one replaces
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.monitor.path)  # so connect() waits for the new QEMU's
         self.accel = accel
-        self.argv = qemu_argv(self.name, self.disk_uri, self.cfg, self.serial_log, accel, qemu)
+        self.argv = qemu_argv(self.name, self.disk_uri, self.cfg, self.serial_log, accel, qemu,
+                              qmp_socket=self.qmp_socket, incoming=self.incoming)
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -785,7 +844,7 @@ class Guest:
 
     async def _supervise(self) -> int:
         try:
-            if self.accel is Accel.KVM:
+            if self.accel is Accel.KVM and not self.incoming:
                 await self._kvm_trial()
             await self._first_sign(None)
             assert self._exit is not None and self.proc is not None
@@ -794,6 +853,9 @@ class Guest:
             self._signal(signal.SIGKILL)  # QEMU must not outlive its watcher
             self.state = GuestState.EXITED
             raise
+        finally:
+            if self.monitor is not None and (self._exit is None or self._exit.done()):
+                await self.monitor.close()
         rc = self.proc.returncode if self.proc.returncode is not None else -1
         self.returncode = rc
         self.stderr = err.decode(errors="replace").strip()

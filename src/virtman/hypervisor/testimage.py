@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from virtman.errors import ConfigError
 
 MARKER = "VIRTMAN-GUEST-OK"
+#: What a looping test guest (``virtman.loop=1``) prints with its counter, each
+#: ``TICK_SECONDS``.
+TICK = "VIRTMAN-TICK"
+TICK_SECONDS = 0.2
 #: Size of the generated root file system.
 TEST_IMAGE_SIZE = "64M"
 BUSYBOX_APPLETS = (
@@ -48,6 +52,21 @@ echo "$name" > /vmname
 /bin/sync
 echo "{MARKER} $name"
 /bin/sync
+case " $(cat /proc/cmdline) " in
+*" virtman.loop=1 "*)
+    # A µVM's life: count on the console for ever, bringing hot-plugged CPUs and
+    # memory online as they come, so a resumed guest shows it went on from where it
+    # was saved and how big it is now.
+    i=0
+    while true; do
+        for f in /sys/devices/system/cpu/cpu*/online /sys/devices/system/memory/memory*/online; do
+            [ -f "$f" ] && [ "$(cat "$f")" = 0 ] && echo 1 > "$f" 2>/dev/null
+        done
+        i=$((i + 1))
+        echo "{TICK} $i cpus=$(cat /sys/devices/system/cpu/online) $(sed -n 1p /proc/meminfo)"
+        sleep {TICK_SECONDS}
+    done;;
+esac
 /bin/poweroff -f
 """
 
@@ -58,9 +77,11 @@ class GuestImage:
     kernel: str
     initrd: str
 
-    def append(self, name: str) -> str:
-        """Kernel command line of a test guest named ``name``."""
-        return f"root=/dev/vda rw console=ttyS0 init=/sbin/init panic=-1 quiet virtman.name={name}"
+    def append(self, name: str, *, loop: bool = False) -> str:
+        """Kernel command line of a test guest named ``name``; ``loop``: it counts on its
+        console for ever instead of powering off."""
+        line = f"root=/dev/vda rw console=ttyS0 init=/sbin/init panic=-1 quiet virtman.name={name}"
+        return line + (" virtman.loop=1" if loop else "")
 
 
 def find_kernel() -> tuple[str, str]:
