@@ -8,6 +8,10 @@
     POST   /vms/{name}/migrate       {destination}
     POST   /vms/import?name=&image=  body: the VM's copy stream (agent to agent; the
                                      format is ``virtman.protocol.copystream``)
+    POST   /vms/incoming             {name, image, source_uri, source_agent, guest, accel}
+    POST   /vms/incoming/{name}/switch   {runs}   (agent to agent: a live migration's
+    POST   /vms/incoming/{name}/confirm           destination, ``agent/livemig.py``)
+    DELETE /vms/incoming/{name}
     POST   /vms/{name}/start         {guest: {memory_mib, cpus, kernel, initrd, append}, record,
                                       accel: auto | kvm | tcg (default: the agent's --accel)}
     POST   /vms/{name}/stop
@@ -110,6 +114,22 @@ class CopyRequest(BaseModel):
     # A name only: the address is Volt's record of that agent, never the caller's word,
     # so a VM's data goes nowhere but to a host of the cluster.
     destination: Name = Field(description="the destination agent's name, as Volt knows it")
+
+
+class IncomingRequest(BaseModel):
+    """A live migration's source asks this agent to receive its running guest."""
+
+    name: Name
+    image: Name
+    source_uri: str = Field(max_length=1024, description="the source's read-only disk export")
+    source_agent: Name
+    guest: dict[str, Any] = Field(description="the guest's GuestConfig, as the source has it")
+    accel: Literal["kvm", "tcg"]
+
+
+class IncomingSwitch(BaseModel):
+    runs: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(gt=0)]]] = Field(
+        description="(offset, length) of every range the source's VM wrote")
 
 
 class VmInfo(BaseModel):
@@ -258,6 +278,30 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
             # The stream is this request's body: its faults are the caller's bad input.
             raise ConfigError(f"copy stream refused: {err}") from err
         return VmInfo.model_validate(vm.info())
+
+    _agent = Depends(require(Role.AGENT))  # a live migration's source agent
+
+    @app.post("/vms/incoming", status_code=201, responses=errors, dependencies=[_agent])
+    async def incoming(body: IncomingRequest) -> dict[str, Any]:
+        try:
+            guest = GuestConfig.from_dict(body.guest)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"guest configuration refused: {err}") from err
+        return await agent.vms.incoming_open(body.name, body.image, body.source_uri,
+                                             body.source_agent, guest, Accel(body.accel))
+
+    @app.post("/vms/incoming/{name}/switch", responses=errors, dependencies=[_agent])
+    async def incoming_switch(name: Name, body: IncomingSwitch) -> dict[str, Any]:
+        return await agent.vms.incoming_switch(name, body.runs)
+
+    @app.post("/vms/incoming/{name}/confirm", responses=errors, dependencies=[_agent])
+    async def incoming_confirm(name: Name) -> dict[str, Any]:
+        return await agent.vms.incoming_confirm(name)
+
+    @app.delete("/vms/incoming/{name}", status_code=204, responses=errors,
+                dependencies=[_agent])
+    async def incoming_abort(name: Name) -> None:
+        await agent.vms.incoming_abort(name)
 
     protect(app, authenticator)  # last: it checks that every route above has a guard
     return app

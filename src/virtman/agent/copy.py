@@ -278,6 +278,24 @@ async def send(
     return doc
 
 
+async def check_destination(
+    url: str, credentials: Credentials, limits: CopyLimits, peer: str
+) -> None:
+    """``_check_peer`` on a client of its own: before a live migration tells the
+    destination where its source's disk is. ``Forbidden``, ``NetworkError``."""
+    try:
+        async with httpx.AsyncClient(
+            base_url=url,
+            timeout=limits.connect_timeout,
+            headers=credentials.headers(),
+            verify=credentials.verify(),
+        ) as client:
+            await _check_peer(client, url, peer)
+    except httpx.HTTPError as err:
+        why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        raise NetworkError(f"destination not reached ({why})", address=url) from err
+
+
 async def _check_peer(client: httpx.AsyncClient, url: str, peer: str) -> None:
     """Raise ``Forbidden`` unless the service at ``url`` proves, by a certificate the CA
     verified, that it is agent ``peer`` (a host name in a certificate only says where)."""

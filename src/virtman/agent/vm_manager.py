@@ -23,11 +23,20 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from virtman.agent.copy import CopyLimits, CopyProgress, WriteTracker, copy_stream, receive, send
+from virtman.agent.copy import (
+    CopyLimits,
+    CopyProgress,
+    WriteTracker,
+    check_destination,
+    copy_stream,
+    receive,
+    send,
+)
+from virtman.agent.livemig import Incoming, MigrationReport, free_port, tcp_uri
 from virtman.agent.relays import RelayManager
 from virtman.agent.vms import (
     ConsoleFollower,
@@ -40,13 +49,16 @@ from virtman.agent.vms import (
     check_socket_path,
     copy_layers,
     layer_file,
+    merge_runs,
     remove_tree,
 )
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.prefetch import RecordingDevice
+from virtman.blockdev.pull import PullDevice, ReadOnlyView
+from virtman.blockdev.remote import RemoteDevice
 from virtman.durable import fsync_dir
-from virtman.errors import ApiError, Conflict, NotFound, VirtmanError
-from virtman.httpapi import Credentials
+from virtman.errors import ApiError, Conflict, GuestControlError, NotFound, VirtmanError
+from virtman.httpapi import ApiClient, Credentials
 from virtman.hypervisor.qemu import (
     Accel,
     Guest,
@@ -55,7 +67,9 @@ from virtman.hypervisor.qemu import (
     HypervisorSettings,
     domain_xml,
 )
-from virtman.limits import GUEST_CONSOLE_POLL_SECONDS, PROFILE_ASK_SECONDS
+from virtman.limits import GUEST_CONSOLE_POLL_SECONDS, MIGRATION_POLL_SECONDS, PROFILE_ASK_SECONDS
+from virtman.nbd.server import Export
+from virtman.protocol.uri import NbdAddress
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +124,8 @@ class VmManager:
         self.vms: dict[str, Vm] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: VMs arriving by live migration, until confirmed (``incoming_*``).
+        self._incoming: dict[str, Incoming] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -130,7 +146,11 @@ class VmManager:
                 log.error("VM %r could not be reopened: %s", name, err)
 
     async def stop(self) -> None:
-        """Close every VM (guests stop, exports finish their requests, overlays flush)."""
+        """Close every VM (guests stop, exports finish their requests, overlays flush).
+        A VM still arriving by live migration stays among the imports: removed at start."""
+        for inc in self._incoming.values():
+            if inc.task is not None:
+                inc.task.cancel()
         for vm in list(self.vms.values()):
             await vm.close()
         for task in list(self._tasks):
@@ -564,3 +584,218 @@ class VmManager:
             raise
         log.info("VM %r imported: %d bytes in %d records", name, nbytes, records)
         return vm
+
+    # --- live migration: the source --------------------------------------------------------
+
+    async def migrate_live(self, name: str, url: str, destination: str,
+                           peer: str | None = None) -> dict[str, Any]:
+        """Move the VM with its running guest to agent ``destination`` at ``url``
+        (``virtman.agent.livemig``). On any failure before the destination confirmed,
+        the guest runs on here and the error is raised."""
+        vm = self.get(name)
+        vm.check_idle()
+        guest = vm.guest
+        if guest is None or not guest.running or guest.monitor is None or guest.accel is None:
+            raise Conflict(f"VM {name!r} has no running guest to migrate live")
+        monitor = guest.monitor
+        vm.operation = f"live migration to {destination}"
+        export = f"migrate-{name}-{uuid.uuid4().hex}"  # only the destination learns it
+        self.relays.server.add_export(
+            Export(export, ReadOnlyView(vm.top), f"VM {name} migrating to {destination}")
+        )
+        source_uri = NbdAddress(export=export, host=self.relays.nbd_host,
+                                port=self.relays.nbd_port, tls=self.relays.tls is not None).uri()
+        report = MigrationReport(name, destination)
+        limits = self.copy_limits
+        started = time.monotonic()
+        log.info("VM %r: live migration to %s (%s) started", name, destination, url)
+        if peer is not None:
+            await check_destination(url, self.credentials, limits, peer)
+        api = self.credentials.api(url, timeout=limits.idle_timeout)
+        incoming = f"/vms/incoming/{name}"
+        try:
+            doc = await api.post("/vms/incoming", json={
+                "name": name, "image": vm.record.image, "source_uri": source_uri,
+                "source_agent": self.agent, "guest": vm.record.guest or {},
+                "accel": guest.accel.value,
+            })
+            last_running = time.monotonic()
+            async with asyncio.timeout(limits.total_timeout):
+                await monitor.execute("migrate", {"uri": str(doc["uri"])})
+                while True:
+                    state = await monitor.execute("query-migrate")
+                    status = state.get("status", "none")
+                    if status == "completed":
+                        break
+                    if status in ("failed", "cancelled"):
+                        raise GuestControlError(name, "migrate", f"migration {status}: "
+                                                f"{state.get('error-desc', '?')}")
+                    if await monitor.status() == "running":
+                        last_running = time.monotonic()
+                    await asyncio.sleep(MIGRATION_POLL_SECONDS)
+            await vm.settle()  # QEMU flushed; let our side of its last requests land
+            switch = await api.post(f"{incoming}/switch", json={"runs": vm.written_runs()})
+            report.measured_pause_seconds = time.monotonic() - last_running
+            confirm = await api.post(f"{incoming}/confirm", timeout=limits.total_timeout)
+        except BaseException as err:
+            await self._migration_undo(vm, api, incoming)
+            await api.close()
+            self.relays.server.remove_export(export)
+            vm.operation = None
+            log.error("VM %r: live migration to %s failed after %.1f s: %s; its guest runs "
+                      "on here", name, destination, time.monotonic() - started,
+                      err if isinstance(err, VirtmanError) else repr(err))
+            if isinstance(err, ApiError) and err.status == 409:
+                raise Conflict(f"destination {destination}: {err.detail}") from err
+            raise
+        await api.close()
+        self.relays.server.remove_export(export)
+        report.downtime_ms = int(state.get("downtime", 0))
+        report.ram_bytes = int(state.get("ram", {}).get("transferred", 0))
+        report.disk_bytes = int(confirm.get("pulled_bytes", 0))
+        report.live_read_bytes = int(confirm.get("live_read_bytes", 0))
+        report.seconds = time.monotonic() - started
+        async with self._lock:
+            vm.operation = None
+            await self._remove(vm)  # its QEMU is paused for good; the VM lives there now
+        await self.relays.evict()
+        log.info("VM %r migrated live to %s: downtime %d ms (QEMU), pause %.3f s (measured), "
+                 "%d bytes of memory, %d of disk, %.1f s; destination guest %s",
+                 name, destination, report.downtime_ms, report.measured_pause_seconds,
+                 report.ram_bytes, report.disk_bytes, report.seconds, switch.get("status"))
+        return report.to_doc()
+
+    async def _migration_undo(self, vm: Vm, api: ApiClient, incoming: str) -> None:
+        """After a failed live migration: the guest runs here again, nothing is left at
+        the destination if it can still be reached. Never raises: each step is logged."""
+        guest = vm.guest
+        if guest is not None and guest.monitor is not None and guest.running:
+            try:
+                await guest.monitor.execute("migrate_cancel")
+                # A failed or cancelled migration resumes the guest itself; one that
+                # completed (the destination failed after) leaves it paused.
+                if await guest.monitor.status() != "running":
+                    await guest.monitor.resume()
+            except VirtmanError as err:
+                log.error("VM %r: guest not resumed after a failed migration: %s", vm.name, err)
+        try:
+            await api.delete(incoming)
+        except VirtmanError as err:
+            log.warning("VM %r: the destination's half-made VM not removed there (%s); a "
+                        "destination that restarts removes it itself", vm.name, err)
+
+    # --- live migration: the destination ---------------------------------------------------
+
+    async def incoming_open(self, name: str, image: str, source_uri: str, source_agent: str,
+                            guest: GuestConfig, accel: Accel) -> dict[str, Any]:
+        """Make VM ``name`` to receive a running guest: its disk pulls the source's
+        blocks, its QEMU waits for its memory. The TCP URI QEMU waits on."""
+        async with self._lock:
+            if name in self.vms:
+                raise Conflict(f"a VM named {name!r} already exists on agent {self.agent!r}")
+            socket_path = self._socket_path(name)
+            qmp = self.qmp_path(name)
+            relay = await self.relays.image(image)
+            relay.users.add(name)
+            tmp = os.path.join(self.imports_dir, f"incoming-{name}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(tmp)
+            # The first layer is the source's disk at the switchover, frozen under a
+            # name that says so; the guest writes to the second.
+            frozen = f"migrated-from-{source_agent}-{time.strftime('%Y%m%dT%H%M%S')}"
+            record = VmRecord(name, image, [Layer(layer_file(1), frozen), Layer(layer_file(2))],
+                              guest=guest.to_dict())
+            vm = Vm(record, tmp, socket_path)
+            vm.operation = f"live migration from {source_agent}"
+            meta = {"vm": name, "image": image}
+            store = CowDevice(relay.base, os.path.join(tmp, layer_file(1)), owns_base=False,
+                              meta=meta)
+            pull = PullDevice(store, RemoteDevice([source_uri], tls=self.relays.tls))
+            top = CowDevice(pull, os.path.join(tmp, layer_file(2)), meta=meta)
+            try:
+                await top.open()
+                vm.devices = [store, top]
+                await vm.export(self.socket_owner)
+                vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel,
+                                                 qmp_socket=qmp, incoming=True)
+                await vm.guest.start()
+                assert vm.guest.monitor is not None
+                uri = tcp_uri(self.relays.nbd_host, free_port(self.relays.nbd_host))
+                await vm.guest.monitor.incoming(uri)
+            except BaseException:
+                await vm.close()
+                if not vm.devices:
+                    await top.close()
+                remove_tree(tmp)
+                relay.users.discard(name)
+                raise
+            self.vms[name] = vm
+            self._incoming[name] = Incoming(vm, pull, tmp, source_agent)
+        self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")
+        log.info("VM %r: live migration from %s: waiting for its memory on %s",
+                 name, source_agent, uri)
+        return {"uri": uri}
+
+    def _incoming_of(self, name: str) -> Incoming:
+        try:
+            return self._incoming[name]
+        except KeyError:
+            raise NotFound(f"no VM {name!r} arriving on agent {self.agent!r}") from None
+
+    async def incoming_switch(self, name: str, runs: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        """The source's guest is paused for good and wrote ``runs``: once the guest runs
+        here, keep what is read from the source and pull the rest in the background."""
+        inc = self._incoming_of(name)
+        guest = inc.vm.guest
+        assert guest is not None and guest.monitor is not None
+        async with asyncio.timeout(self.copy_limits.idle_timeout):
+            await guest.monitor.wait_incoming()
+            status = await guest.monitor.status()
+        if status != "running":
+            await guest.monitor.resume()
+            status = await guest.monitor.status()
+        to_pull = inc.pull.switch(merge_runs([(int(o), int(n)) for o, n in runs]))
+        inc.switched = True
+        inc.task = asyncio.get_running_loop().create_task(
+            inc.pull.pull_all(self.copy_limits.record_bytes), name=f"pull of VM {name!r}")
+        log.info("VM %r: guest runs here (%s); pulling %d bytes its source wrote",
+                 name, status, to_pull)
+        return {"status": status, "to_pull_bytes": to_pull}
+
+    async def incoming_confirm(self, name: str) -> dict[str, Any]:
+        """Until every block the source wrote is here; then the VM is one of this agent's
+        (durable before the answer tells the source it may delete its copy)."""
+        inc = self._incoming_of(name)
+        if inc.task is None:
+            raise Conflict(f"VM {name!r}: confirm before the switchover")
+        async with asyncio.timeout(self.copy_limits.total_timeout):
+            pulled = await asyncio.shield(inc.task)
+        vm = inc.vm
+        await vm.top.flush()
+        async with self._lock:
+            directory = os.path.join(self.vms_dir, name)
+            vm.record.save(os.path.join(inc.directory, "vm.json"))
+            os.rename(inc.directory, directory)
+            fsync_dir(self.vms_dir)
+            vm.directory = directory
+            vm.operation = None
+            del self._incoming[name]
+        log.info("VM %r arrived by live migration from %s: %d bytes pulled, %d read live",
+                 name, inc.source_agent, pulled, inc.pull.live_bytes)
+        return {"pulled_bytes": inc.pull.pulled_bytes, "live_read_bytes": inc.pull.live_bytes}
+
+    async def incoming_abort(self, name: str) -> None:
+        """Give up an arriving VM: its QEMU stops, nothing of it stays."""
+        inc = self._incoming_of(name)
+        del self._incoming[name]
+        if inc.task is not None:
+            inc.task.cancel()
+            await asyncio.gather(inc.task, return_exceptions=True)
+        async with self._lock:
+            await inc.vm.close()
+            self.vms.pop(name, None)
+            relay = self.relays.get(inc.vm.record.image)
+            if relay is not None:
+                relay.users.discard(name)
+            remove_tree(inc.directory)
+        log.warning("VM %r: live migration from %s given up here, nothing kept",
+                    name, inc.source_agent)
