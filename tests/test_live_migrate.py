@@ -104,7 +104,7 @@ async def test_running_guest_moves_and_counts_on(cluster: LocalCluster,
             doc = await api.post("/vms/mover/migrate", json={"destination": "host2"})
         source_ticks = ticks(source_console.read().decode(errors="replace"))
 
-    assert doc["live"] is True
+    assert doc["live"] is True and doc["memory_tls"] is True  # the cluster has TLS
     assert 0 < doc["downtime_ms"] < 5000, doc
     assert 0 < doc["measured_pause_seconds"] < 10, doc
     assert doc["ram_bytes"] > 1_000_000, doc  # a booted kernel's memory, not zeros only

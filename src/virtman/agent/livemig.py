@@ -31,20 +31,27 @@ half-made VM (``DELETE /vms/incoming/NAME``; a dead destination has nothing to r
 and its next start removes its unfinished imports). One case is left: the destination
 confirmed but the answer was lost; the source then keeps its paused guest and says so.
 
-Memory goes over plain TCP: QEMU's ``tls-creds-x509`` wants a directory of PEM files
-named for its role (``ca-cert.pem``, ``server-cert.pem`` …) that the cluster's PKI does
-not lay out yet (docs/guests.md, "Live migration").
+Memory goes over TLS when the cluster has TLS: QEMU's ``tls-creds-x509`` reads a
+directory of PEM files named for their role (``ca-cert.pem``, ``server-cert.pem``,
+``client-key.pem`` …); ``qemu_tls_dir`` lays the agent's own certificate (made for both
+server and client use by ``virtman.pki``) out that way. Each side checks the other's
+certificate against the cluster's CA, and the source checks the destination's for the
+address it migrates to; QEMU reads the files when the credentials object is added.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from virtman.agent.vms import Vm
 from virtman.blockdev.pull import PullDevice
+from virtman.hypervisor.qmp import Monitor
+from virtman.tlsconfig import TlsFiles
 
 
 def free_port(host: str) -> int:
@@ -54,6 +61,45 @@ def free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def qemu_tls_dir(tls: TlsFiles, directory: str) -> str:
+    """A directory laid out for QEMU's ``tls-creds-x509``: the agent's certificate and key
+    under both role names, and the cluster's CA (symbolic links: nothing is copied)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    links = {"ca-cert.pem": tls.ca}
+    for role in ("server", "client"):
+        links[f"{role}-cert.pem"] = tls.cert
+        links[f"{role}-key.pem"] = tls.key
+    for name, target in links.items():
+        path = os.path.join(directory, name)
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.symlink(os.path.abspath(target), path)
+    return directory
+
+
+async def use_tls(monitor: Monitor, directory: str, *, server: bool,
+                  hostname: str | None = None) -> str:
+    """Make QEMU migrate over TLS with the credentials in ``directory``, checking the
+    peer's certificate (and, as a client, that it is valid for ``hostname``). The id of
+    the credentials object, for ``drop_tls``."""
+    ident = f"virtman-tls-{uuid.uuid4().hex[:8]}"
+    await monitor.execute("object-add", {
+        "qom-type": "tls-creds-x509", "id": ident, "dir": directory,
+        "endpoint": "server" if server else "client", "verify-peer": True,
+    })
+    params: dict[str, object] = {"tls-creds": ident}
+    if hostname is not None:
+        params["tls-hostname"] = hostname
+    await monitor.execute("migrate-set-parameters", params)
+    return ident
+
+
+async def drop_tls(monitor: Monitor, ident: str) -> None:
+    """Undo ``use_tls`` on a QEMU that runs on (a source whose migration failed)."""
+    await monitor.execute("migrate-set-parameters", {"tls-creds": "", "tls-hostname": ""})
+    await monitor.execute("object-del", {"id": ident})
 
 
 def tcp_uri(host: str, port: int) -> str:
@@ -92,13 +138,15 @@ class MigrationReport:
     #: Blocks the destination read from the source before the switchover (not kept).
     live_read_bytes: int = 0
     seconds: float = 0.0
-    qemu: dict[str, Any] = field(default_factory=dict)
+    #: The memory went over TLS (the cluster's certificates).
+    tls: bool = False
 
     def to_doc(self) -> dict[str, Any]:
         return {
             "name": self.vm,
             "destination": self.destination,
             "live": True,
+            "memory_tls": self.tls,
             "downtime_ms": self.downtime_ms,
             "measured_pause_seconds": round(self.measured_pause_seconds, 3),
             "ram_bytes": self.ram_bytes,

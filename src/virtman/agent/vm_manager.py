@@ -36,7 +36,15 @@ from virtman.agent.copy import (
     receive,
     send,
 )
-from virtman.agent.livemig import Incoming, MigrationReport, free_port, tcp_uri
+from virtman.agent.livemig import (
+    Incoming,
+    MigrationReport,
+    drop_tls,
+    free_port,
+    qemu_tls_dir,
+    tcp_uri,
+    use_tls,
+)
 from virtman.agent.relays import RelayManager
 from virtman.agent.vms import (
     ConsoleFollower,
@@ -613,15 +621,21 @@ class VmManager:
             await check_destination(url, self.credentials, limits, peer)
         api = self.credentials.api(url, timeout=limits.idle_timeout)
         incoming = f"/vms/incoming/{name}"
+        tls_id: str | None = None
         try:
             doc = await api.post("/vms/incoming", json={
                 "name": name, "image": vm.record.image, "source_uri": source_uri,
                 "source_agent": self.agent, "guest": vm.record.guest or {},
                 "accel": guest.accel.value,
             })
+            uri = str(doc["uri"])
+            if self.relays.tls is not None:
+                host = uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
+                tls_dir = qemu_tls_dir(self.relays.tls, os.path.join(vm.directory, "tls"))
+                tls_id = await use_tls(monitor, tls_dir, server=False, hostname=host)
             last_running = time.monotonic()
             async with asyncio.timeout(limits.total_timeout):
-                await monitor.execute("migrate", {"uri": str(doc["uri"])})
+                await monitor.execute("migrate", {"uri": uri})
                 while True:
                     state = await monitor.execute("query-migrate")
                     status = state.get("status", "none")
@@ -638,7 +652,7 @@ class VmManager:
             report.measured_pause_seconds = time.monotonic() - last_running
             confirm = await api.post(f"{incoming}/confirm", timeout=limits.total_timeout)
         except BaseException as err:
-            await self._migration_undo(vm, api, incoming)
+            await self._migration_undo(vm, api, incoming, tls_id)
             await api.close()
             self.relays.server.remove_export(export)
             vm.operation = None
@@ -655,17 +669,20 @@ class VmManager:
         report.disk_bytes = int(confirm.get("pulled_bytes", 0))
         report.live_read_bytes = int(confirm.get("live_read_bytes", 0))
         report.seconds = time.monotonic() - started
+        report.tls = tls_id is not None
         async with self._lock:
             vm.operation = None
             await self._remove(vm)  # its QEMU is paused for good; the VM lives there now
         await self.relays.evict()
         log.info("VM %r migrated live to %s: downtime %d ms (QEMU), pause %.3f s (measured), "
-                 "%d bytes of memory, %d of disk, %.1f s; destination guest %s",
+                 "%d bytes of memory (%s), %d of disk, %.1f s; destination guest %s",
                  name, destination, report.downtime_ms, report.measured_pause_seconds,
-                 report.ram_bytes, report.disk_bytes, report.seconds, switch.get("status"))
+                 report.ram_bytes, "TLS" if report.tls else "plain TCP", report.disk_bytes,
+                 report.seconds, switch.get("status"))
         return report.to_doc()
 
-    async def _migration_undo(self, vm: Vm, api: ApiClient, incoming: str) -> None:
+    async def _migration_undo(self, vm: Vm, api: ApiClient, incoming: str,
+                              tls_id: str | None) -> None:
         """After a failed live migration: the guest runs here again, nothing is left at
         the destination if it can still be reached. Never raises: each step is logged."""
         guest = vm.guest
@@ -676,6 +693,8 @@ class VmManager:
                 # completed (the destination failed after) leaves it paused.
                 if await guest.monitor.status() != "running":
                     await guest.monitor.resume()
+                if tls_id is not None:
+                    await drop_tls(guest.monitor, tls_id)
             except VirtmanError as err:
                 log.error("VM %r: guest not resumed after a failed migration: %s", vm.name, err)
         try:
@@ -719,6 +738,9 @@ class VmManager:
                                                  qmp_socket=qmp, incoming=True)
                 await vm.guest.start()
                 assert vm.guest.monitor is not None
+                if self.relays.tls is not None:
+                    await use_tls(vm.guest.monitor, qemu_tls_dir(
+                        self.relays.tls, os.path.join(tmp, "tls")), server=True)
                 uri = tcp_uri(self.relays.nbd_host, free_port(self.relays.nbd_host))
                 await vm.guest.monitor.incoming(uri)
             except BaseException:
