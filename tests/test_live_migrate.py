@@ -170,3 +170,27 @@ async def test_destination_dying_midway_leaves_the_guest_at_the_source(
     # The VM is idle again: it can be destroyed.
     async with cluster.api(cluster.agents["host1"].url) as api:
         await api.delete("/vms/stayer")
+
+
+@pytest.mark.timeout(TEST_SECONDS)
+async def test_running_guest_cloned_counts_on_in_both_places(
+        cluster: LocalCluster, test_image: GuestImage) -> None:
+    await start_counting(cluster, "host1", "twin", test_image)
+    async with cluster.api(cluster.agents["host1"].url, timeout=BODY_SECONDS) as api:
+        doc = await api.post("/vms/twin/clone", json={"destination": "host2"})
+        source_info = await api.get("/vms/twin")
+        at_clone = ticks(await api.get_text("/vms/twin/console"))[-1]
+    assert doc["live"] is True and doc["kept"] is True, doc
+    assert doc["snapshot"] in source_info["snapshots"], (doc, source_info)
+    assert source_info["guest_running"], source_info
+
+    # Both go on from the cloned state: the clone's counter starts where the source's
+    # was (not at 1, as a guest that booted would), and the source's keeps counting.
+    clone = await wait_tick(cluster, "host2", "twin", 1)
+    assert 3 < clone[0] <= at_clone + 1, (clone[:3], at_clone)
+    await wait_tick(cluster, "host2", "twin", clone[0] + 5)
+    await wait_tick(cluster, "host1", "twin", at_clone + 5)
+    assert (Path(cluster.workdir) / "host1" / "vms" / "twin").exists()
+    async with cluster.api(cluster.agents["host2"].url) as api:
+        info = await api.get("/vms/twin")
+    assert info["guest_running"] and info["written_bytes"] > 0, info

@@ -228,9 +228,9 @@ class Agent:
         if url == self.url.rstrip("/"):
             raise Conflict(f"VM {name!r} is already on agent {self.name!r}")
         vm = self.vms.get(name)
-        if move and vm.guest is not None and vm.guest.running:
+        if vm.guest is not None and vm.guest.running:
             return await self.vms.migrate_live(
-                name, url, destination, peer=destination if tls else None
+                name, url, destination, peer=destination if tls else None, keep=not move
             )
         return await self.vms.copy_out(
             name, url, move=move, peer=destination if tls else None

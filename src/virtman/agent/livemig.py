@@ -140,12 +140,16 @@ class MigrationReport:
     seconds: float = 0.0
     #: The memory went over TLS (the cluster's certificates).
     tls: bool = False
+    #: A clone: the source's snapshot the clone's disk was pulled from.
+    snapshot: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
         return {
             "name": self.vm,
             "destination": self.destination,
             "live": True,
+            "kept": self.snapshot is not None,
+            "snapshot": self.snapshot,
             "memory_tls": self.tls,
             "downtime_ms": self.downtime_ms,
             "measured_pause_seconds": round(self.measured_pause_seconds, 3),

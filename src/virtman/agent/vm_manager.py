@@ -327,29 +327,34 @@ class VmManager:
         async with self._lock:
             vm = self.get(name)
             vm.check_idle()
-            if snapshot in vm.record.snapshots:
-                raise Conflict(f"VM {name!r} already has a snapshot named {snapshot!r}")
-            await vm.top.flush()
-            new_file = layer_file(len(vm.record.layers) + 1)
-            new = CowDevice(
-                vm.top,
-                os.path.join(vm.directory, new_file),
-                owns_base=True,
-                meta={"vm": name, "image": vm.record.image},
-            )
-            await new.open()
-            vm.record.layers[-1].snapshot = snapshot
-            vm.record.layers.append(Layer(new_file))
-            vm.save()
-            vm.devices.append(new)
-            old = vm.devices[-2]
-            vm.serve_device(new)  # the next request on every connection goes to the new layer
-            # Writes that were in flight landed in the frozen layer: make them durable
-            # too, then freeze it for good.
-            await old.flush()
-            old.read_only = True
-            log.info("VM %r: snapshot %r taken; writes go to %s", name, snapshot, new_file)
+            await self._freeze(vm, snapshot)
             return vm
+
+    async def _freeze(self, vm: Vm, snapshot: str) -> None:
+        """Freeze the VM's top layer as ``snapshot`` under a new top (the lock held)."""
+        name = vm.name
+        if snapshot in vm.record.snapshots:
+            raise Conflict(f"VM {name!r} already has a snapshot named {snapshot!r}")
+        await vm.top.flush()
+        new_file = layer_file(len(vm.record.layers) + 1)
+        new = CowDevice(
+            vm.top,
+            os.path.join(vm.directory, new_file),
+            owns_base=True,
+            meta={"vm": name, "image": vm.record.image},
+        )
+        await new.open()
+        vm.record.layers[-1].snapshot = snapshot
+        vm.record.layers.append(Layer(new_file))
+        vm.save()
+        vm.devices.append(new)
+        old = vm.devices[-2]
+        vm.serve_device(new)  # the next request on every connection goes to the new layer
+        # Writes that were in flight landed in the frozen layer: make them durable
+        # too, then freeze it for good.
+        await old.flush()
+        old.read_only = True
+        log.info("VM %r: snapshot %r taken; writes go to %s", name, snapshot, new_file)
 
     # --- guests -------------------------------------------------------------------------
 
@@ -596,17 +601,21 @@ class VmManager:
     # --- live migration: the source --------------------------------------------------------
 
     async def migrate_live(self, name: str, url: str, destination: str,
-                           peer: str | None = None) -> dict[str, Any]:
+                           peer: str | None = None, *, keep: bool = False) -> dict[str, Any]:
         """Move the VM with its running guest to agent ``destination`` at ``url``
         (``virtman.agent.livemig``). On any failure before the destination confirmed,
-        the guest runs on here and the error is raised."""
+        the guest runs on here and the error is raised.
+
+        ``keep``: a clone. The source's disk is frozen as a snapshot at the switchover
+        (the destination pulls from that snapshot) and its guest resumes here at once."""
         vm = self.get(name)
         vm.check_idle()
         guest = vm.guest
         if guest is None or not guest.running or guest.monitor is None or guest.accel is None:
             raise Conflict(f"VM {name!r} has no running guest to migrate live")
         monitor = guest.monitor
-        vm.operation = f"live migration to {destination}"
+        what = "live clone" if keep else "live migration"
+        vm.operation = f"{what} to {destination}"
         export = f"migrate-{name}-{uuid.uuid4().hex}"  # only the destination learns it
         self.relays.server.add_export(
             Export(export, ReadOnlyView(vm.top), f"VM {name} migrating to {destination}")
@@ -616,7 +625,7 @@ class VmManager:
         report = MigrationReport(name, destination)
         limits = self.copy_limits
         started = time.monotonic()
-        log.info("VM %r: live migration to %s (%s) started", name, destination, url)
+        log.info("VM %r: %s to %s (%s) started", name, what, destination, url)
         if peer is not None:
             await check_destination(url, self.credentials, limits, peer)
         api = self.credentials.api(url, timeout=limits.idle_timeout)
@@ -648,16 +657,26 @@ class VmManager:
                         last_running = time.monotonic()
                     await asyncio.sleep(MIGRATION_POLL_SECONDS)
             await vm.settle()  # QEMU flushed; let our side of its last requests land
-            switch = await api.post(f"{incoming}/switch", json={"runs": vm.written_runs()})
-            report.measured_pause_seconds = time.monotonic() - last_running
+            runs = vm.written_runs()
+            if keep:
+                # The exported layer (the top until now) becomes the clone's frozen
+                # source; the guest here resumes on a new top.
+                report.snapshot = f"clone-to-{destination}-{time.strftime('%Y%m%dT%H%M%S')}"
+                async with self._lock:
+                    await self._freeze(vm, report.snapshot)
+                await monitor.resume()
+                report.measured_pause_seconds = time.monotonic() - last_running
+            switch = await api.post(f"{incoming}/switch", json={"runs": runs})
+            if not keep:
+                report.measured_pause_seconds = time.monotonic() - last_running
             confirm = await api.post(f"{incoming}/confirm", timeout=limits.total_timeout)
         except BaseException as err:
             await self._migration_undo(vm, api, incoming, tls_id)
             await api.close()
             self.relays.server.remove_export(export)
             vm.operation = None
-            log.error("VM %r: live migration to %s failed after %.1f s: %s; its guest runs "
-                      "on here", name, destination, time.monotonic() - started,
+            log.error("VM %r: %s to %s failed after %.1f s: %s; its guest runs "
+                      "on here", name, what, destination, time.monotonic() - started,
                       err if isinstance(err, VirtmanError) else repr(err))
             if isinstance(err, ApiError) and err.status == 409:
                 raise Conflict(f"destination {destination}: {err.detail}") from err
@@ -670,13 +689,17 @@ class VmManager:
         report.live_read_bytes = int(confirm.get("live_read_bytes", 0))
         report.seconds = time.monotonic() - started
         report.tls = tls_id is not None
-        async with self._lock:
+        if keep:
             vm.operation = None
-            await self._remove(vm)  # its QEMU is paused for good; the VM lives there now
-        await self.relays.evict()
-        log.info("VM %r migrated live to %s: downtime %d ms (QEMU), pause %.3f s (measured), "
+        else:
+            async with self._lock:
+                vm.operation = None
+                await self._remove(vm)  # its QEMU is paused for good; the VM lives there
+            await self.relays.evict()
+        log.info("VM %r %s live to %s: downtime %d ms (QEMU), pause %.3f s (measured), "
                  "%d bytes of memory (%s), %d of disk, %.1f s; destination guest %s",
-                 name, destination, report.downtime_ms, report.measured_pause_seconds,
+                 name, "cloned" if keep else "migrated", destination, report.downtime_ms,
+                 report.measured_pause_seconds,
                  report.ram_bytes, "TLS" if report.tls else "plain TCP", report.disk_bytes,
                  report.seconds, switch.get("status"))
         return report.to_doc()
