@@ -269,6 +269,10 @@ QMP_CONNECT_SECONDS = 10.0
 #: Seconds between looks at a migration's progress (``query-migrate``) while a state is
 #: saved or a guest moves. Short: a paused µVM's state is saved in well under a second.
 MIGRATION_POLL_SECONDS = 0.02
+#: Live migration: the pause QEMU aims at for its last memory pass (its
+#: ``downtime-limit``; QEMU's own default is 300 ms). It goes on copying while the memory
+#: left would take longer than this at the rate it measures.
+MIGRATION_DOWNTIME_LIMIT_MS = 100
 #: Bytes per hot-plugged memory module. Linux onlines hot-added memory in blocks of
 #: 128 MiB on x86-64, so a smaller module would leave memory the guest cannot use.
 MEMORY_HOTPLUG_BLOCK_MIB = 128

@@ -52,6 +52,7 @@ from virtman.limits import (
     COPY_LIVE_PASSES,
     COPY_RECORD_BYTES,
     COPY_TOTAL_TIMEOUT_SECONDS,
+    MIGRATION_DOWNTIME_LIMIT_MS,
 )
 from virtman.protocol.copystream import (
     CopyStreamDecoder,
@@ -75,6 +76,8 @@ class CopyLimits:
     total_timeout: float = COPY_TOTAL_TIMEOUT_SECONDS
     live_passes: int = COPY_LIVE_PASSES
     record_bytes: int = COPY_RECORD_BYTES
+    #: A live migration's target pause (QEMU's ``downtime-limit``).
+    downtime_limit_ms: int = MIGRATION_DOWNTIME_LIMIT_MS
 
 
 class WriteTracker(BlockDevice):

@@ -642,6 +642,8 @@ class VmManager:
                 host = uri.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
                 tls_dir = qemu_tls_dir(self.relays.tls, os.path.join(vm.directory, "tls"))
                 tls_id = await use_tls(monitor, tls_dir, server=False, hostname=host)
+            await monitor.execute("migrate-set-parameters",
+                                  {"downtime-limit": limits.downtime_limit_ms})
             last_running = time.monotonic()
             async with asyncio.timeout(limits.total_timeout):
                 await monitor.execute("migrate", {"uri": uri})
