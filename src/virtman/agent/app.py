@@ -27,9 +27,10 @@ stream); 502 a failure further away (Volt, another agent, a copy stream cut or
 stalled). Nothing changes on error.
 
 Who may call (``virtman.auth``): operators everything but ``/vms/import``; viewers the
-status and the VM list; other agents only ``/vms/import`` (a VM they send here) and
-``/health``. Consoles, domain XML and traces are operators': they show a guest's own
-output and paths, which a dashboard does not need.
+status and the VM list; other agents only ``/vms/import`` (a VM they send here),
+``/vms/incoming…`` (a running guest they migrate here) and ``/health``. Consoles, domain
+XML and traces are operators': they show a guest's own output and paths, which a
+dashboard does not need.
 """
 
 from __future__ import annotations

@@ -777,10 +777,21 @@ class VmManager:
                 raise
             self.vms[name] = vm
             self._incoming[name] = Incoming(vm, pull, tmp, source_agent)
-        self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")
+        self._spawn(self._watch_incoming(self._incoming[name]),
+                    f"watcher of VM {name!r}'s arriving guest")
         log.info("VM %r: live migration from %s: waiting for its memory on %s",
                  name, source_agent, uri)
         return {"uri": uri}
+
+    async def _watch_incoming(self, inc: Incoming) -> None:
+        """An arriving guest whose QEMU exits before the VM is confirmed (its memory
+        stream broke: the source gave up or died) is given up here."""
+        assert inc.vm.guest is not None
+        await self._watch_guest(inc.vm, inc.vm.guest)
+        if self._incoming.get(inc.vm.name) is inc:
+            log.warning("VM %r: its arriving guest exited before the migration ended",
+                        inc.vm.name)
+            await self.incoming_abort(inc.vm.name)
 
     def _incoming_of(self, name: str) -> Incoming:
         try:
