@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,6 +50,11 @@ class Monitor:
             return
         deadline = time.monotonic() + limit
         while True:
+            # qemu.qmp logs every failed connect as an ERROR: wait for the socket to
+            # exist first, so a QEMU that is still starting leaves no such lines.
+            if not os.path.exists(self.path) and time.monotonic() < deadline:
+                await asyncio.sleep(_CONNECT_POLL_SECONDS)
+                continue
             client = QMPClient(self.guest)
             try:
                 await client.connect(self.path)
