@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -176,8 +179,20 @@ async def test_destination_dying_midway_leaves_the_guest_at_the_source(
 async def test_running_guest_cloned_counts_on_in_both_places(
         cluster: LocalCluster, test_image: GuestImage) -> None:
     await start_counting(cluster, "host1", "twin", test_image)
-    async with cluster.api(cluster.agents["host1"].url, timeout=BODY_SECONDS) as api:
-        doc = await api.post("/vms/twin/clone", json={"destination": "host2"})
+    # Through the command line, as a user would: the JSON answer, and one line for a
+    # person on stderr.
+    agent = cluster.agents["host1"].url
+    creds = ["--token-file", cluster.token_file("operator"), "--tls-ca", cluster.ca_file]
+    cli = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "virtman", "vm", "clone", "twin", "host2",
+                         "--agent", agent, *creds],
+        capture_output=True, text=True, check=False, timeout=BODY_SECONDS)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    assert re.search(r"twin cloned live to host2: guest paused \d+ ms \(QEMU\), \d+ ms "
+                     r"measured; moved .* of memory over TLS \+ .* of disk in", cli.stderr), \
+        cli.stderr
+    async with cluster.api(agent) as api:
         source_info = await api.get("/vms/twin")
         at_clone = ticks(await api.get_text("/vms/twin/console"))[-1]
     assert doc["live"] is True and doc["kept"] is True, doc

@@ -29,6 +29,7 @@ Every command needs an operator token (``--token-file FILE``, ``--token`` or
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from virtman.cli.common import (
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
                 doc = await api.post(
                     f"/vms/{args.name}/{args.action}", json={"destination": args.destination}
                 )
+                if isinstance(doc, dict) and doc.get("live"):
+                    _print_live(doc)
             else:  # list
                 doc = await api.get("/vms")
                 if not args.json and is_terminal():
@@ -175,6 +178,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     return run_async(call())
+
+
+def _print_live(doc: dict[str, Any]) -> None:
+    """One line for a person (stderr: stdout stays the JSON answer)."""
+    from virtman.sizes import format_size
+
+    what = "cloned" if doc.get("kept") else "migrated"
+    print(
+        f"{doc['name']} {what} live to {doc['destination']}: guest paused "
+        f"{doc['downtime_ms']} ms (QEMU), {doc['measured_pause_seconds'] * 1000:.0f} ms "
+        f"measured; moved {format_size(doc['ram_bytes'])} of memory"
+        f"{' over TLS' if doc.get('memory_tls') else ''} + "
+        f"{format_size(doc['disk_bytes'] + doc['live_read_bytes'])} of disk "
+        f"in {doc['seconds']:.1f} s",
+        file=sys.stderr,
+    )
 
 
 def _print_vms(vms: list[dict[str, Any]]) -> None:
