@@ -83,6 +83,12 @@ async def wait_tick(cluster: LocalCluster, host: str, name: str, at_least: int,
             assert time.monotonic() < deadline, f"{name} on {host} stuck at ticks {seen[-3:]}"
 
 
+def file_in_image(image: Path, path: str) -> str | None:
+    out = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
+                         text=True, check=False, timeout=30)
+    return out.stdout.strip() or None
+
+
 def qemu_pids(socket: str) -> list[int]:
     """The QEMU processes whose command line names ``socket`` (its QMP socket)."""
     pids = []
@@ -98,7 +104,8 @@ def qemu_pids(socket: str) -> list[int]:
 
 @pytest.mark.timeout(TEST_SECONDS)
 async def test_running_guest_moves_and_counts_on(cluster: LocalCluster,
-                                                 test_image: GuestImage) -> None:
+                                                 test_image: GuestImage,
+                                                 tmp_path: Path) -> None:
     await start_counting(cluster, "host1", "mover", test_image)
     source_dir = Path(cluster.workdir) / "host1" / "vms" / "mover"
     # Held open: the source's console is removed with the VM, and its last tick is wanted.
@@ -130,6 +137,19 @@ async def test_running_guest_moves_and_counts_on(cluster: LocalCluster,
     assert info["guest_running"] and info["layers"] == 2
     assert info["snapshots"][0].startswith("migrated-from-host1-")
     assert not list((Path(cluster.workdir) / "host2" / "imports").iterdir())
+
+    # The disk came too: the file the guest wrote at boot on host1 is in the VM's disk
+    # on host2 (pulled from the source; the image itself has no such file).
+    async with cluster.api(cluster.agents["host2"].url) as api:
+        await api.post("/vms/mover/stop")
+    disk = tmp_path / "moved.raw"
+    sock = os.path.join(cluster.socket_root, "host2", "mover.sock")
+    copy = await asyncio.to_thread(subprocess.run, ["nbdcopy", f"nbd+unix:///mover?socket={sock}",
+                                                    str(disk)], capture_output=True, text=True,
+                                   check=False, timeout=60)
+    assert copy.returncode == 0, copy.stderr
+    assert file_in_image(disk, "/vmname") == "mover"
+    assert file_in_image(Path(test_image.image), "/vmname") is None
 
 
 @pytest.mark.timeout(TEST_SECONDS)
