@@ -614,6 +614,10 @@ class VmManager:
         if guest is None or not guest.running or guest.monitor is None or guest.accel is None:
             raise Conflict(f"VM {name!r} has no running guest to migrate live")
         monitor = guest.monitor
+        limits = self.copy_limits
+        if peer is not None:  # nothing is shown to a destination that is not the agent
+            await check_destination(url, self.credentials, limits, peer)
+        vm.check_idle()  # again: the check above waited
         what = "live clone" if keep else "live migration"
         vm.operation = f"{what} to {destination}"
         export = f"migrate-{name}-{uuid.uuid4().hex}"  # only the destination learns it
@@ -623,11 +627,8 @@ class VmManager:
         source_uri = NbdAddress(export=export, host=self.relays.nbd_host,
                                 port=self.relays.nbd_port, tls=self.relays.tls is not None).uri()
         report = MigrationReport(name, destination)
-        limits = self.copy_limits
         started = time.monotonic()
         log.info("VM %r: %s to %s (%s) started", name, what, destination, url)
-        if peer is not None:
-            await check_destination(url, self.credentials, limits, peer)
         api = self.credentials.api(url, timeout=limits.idle_timeout)
         incoming = f"/vms/incoming/{name}"
         tls_id: str | None = None
@@ -692,6 +693,11 @@ class VmManager:
         report.seconds = time.monotonic() - started
         report.tls = tls_id is not None
         if keep:
+            if tls_id is not None:
+                try:
+                    await drop_tls(monitor, tls_id)
+                except VirtmanError as err:  # harmless: the next migration sets its own
+                    log.warning("VM %r: migration TLS settings kept: %s", name, err)
             vm.operation = None
         else:
             async with self._lock:
@@ -815,6 +821,7 @@ class VmManager:
         inc.switched = True
         inc.task = asyncio.get_running_loop().create_task(
             inc.pull.pull_all(self.copy_limits.record_bytes), name=f"pull of VM {name!r}")
+        inc.task.add_done_callback(lambda task: _log_pull_end(name, task))
         log.info("VM %r: guest runs here (%s); pulling %d bytes its source wrote",
                  name, status, to_pull)
         return {"status": status, "to_pull_bytes": to_pull}
@@ -857,3 +864,9 @@ class VmManager:
             remove_tree(inc.directory)
         log.warning("VM %r: live migration from %s given up here, nothing kept",
                     name, inc.source_agent)
+
+
+def _log_pull_end(name: str, task: asyncio.Task[int]) -> None:
+    """A pull that failed is said once here, even if no confirm ever waits for it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("VM %r: pulling its source's blocks failed: %s", name, task.exception())
