@@ -3,14 +3,17 @@ source, what it keeps, and when (virtman.blockdev.pull)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from virtman.blockdev.base import DeviceState
 from virtman.blockdev.cow import CowDevice
+from virtman.blockdev.faults import FaultyDevice
 from virtman.blockdev.memory import MemoryDevice
 from virtman.blockdev.pull import PullDevice, PullState, ReadOnlyView
-from virtman.errors import InvalidRequest, LocalProtocolError
+from virtman.errors import DeviceError, InvalidRequest, LocalProtocolError
 
 BS = 4096
 SIZE = 16 * BS
@@ -80,5 +83,38 @@ async def test_switch_refuses_ranges_outside_the_disk_and_a_second_switch(
             pull.switch([])
         with pytest.raises(InvalidRequest):
             await ReadOnlyView(pull).write(0, b"x")
+    finally:
+        await pull.close()
+
+
+class SlowSource(FaultyDevice):
+    """A source whose reads take a while and fail if it was closed meanwhile, as a
+    remote's would."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await super().read(offset, length)
+        if self.state is DeviceState.CLOSED:
+            raise DeviceError("source closed under a read")
+        return data
+
+
+async def test_the_source_is_let_go_once_complete_but_not_under_a_read(tmp_path: Path) -> None:
+    base = MemoryDevice(data=fill(0xBB, SIZE))
+    source = SlowSource(MemoryDevice(data=fill(0xBB, 4 * BS) + fill(5, 12 * BS)), delay=0.05)
+    store = CowDevice(base, tmp_path / "store.overlay", owns_base=False, block_size=BS)
+    pull = PullDevice(store, source)
+    await pull.open()
+    try:
+        pull.switch([(4 * BS, 12 * BS)])
+        # The guest reads the last block just after the background pull asked for all:
+        # both pull it, the background one ends first, and the source may close only
+        # once the guest's read is done.
+        background = asyncio.create_task(pull.pull_all(piece_bytes=64 * BS))
+        await asyncio.sleep(0.01)
+        assert await pull.read(15 * BS, BS) == fill(5)
+        await background
+        assert pull.pulled_bytes == 13 * BS  # the last block twice
+        assert source.state is DeviceState.CLOSED
+        assert await pull.read(0, SIZE) == fill(0xBB, 4 * BS) + fill(5, 12 * BS)
     finally:
         await pull.close()

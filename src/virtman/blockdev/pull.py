@@ -19,7 +19,9 @@ ranges at that moment and enters ``PULLING``: a read of a range the source wrote
 that is not here yet is fetched from the source in whole blocks and kept in the store;
 every other read comes from the store, whose unallocated blocks are the image cache's.
 ``pull_all`` copies what is still missing in the background, and ``COMPLETE`` then
-means the store holds everything: the source can go.
+means the store holds everything: the source can go. ``pull_all`` lets go of the
+source then, once the reads of it that raced the last pulls have ended (the source
+withdraws its export, and a remote device would otherwise try to reconnect to it).
 
 Only the pulls write to the store, always whole blocks of a disk that no longer
 changes, so two pulls of one block (the guest's read and the background copy) write
@@ -30,6 +32,7 @@ its unfinished imports, which it removes at start (the source still has the VM).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 
@@ -85,6 +88,10 @@ class PullDevice(BlockDevice):
         self.pulled_bytes = 0
         #: Bytes read from the source in LIVE (served, not kept).
         self.live_bytes = 0
+        #: Reads of the source under way, and set when there are none.
+        self._pulls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def describe(self) -> str:
         return f"pull of {self.source.describe()} into {self.store.describe()}"
@@ -140,6 +147,10 @@ class PullDevice(BlockDevice):
             block = self._wanted.find(1, end)
         await self.store.flush()
         self.pull_state = PullState.COMPLETE
+        # The source is no longer read: let go of it once the pulls of guest reads that
+        # raced this one have ended (it would else reconnect to an export that is gone).
+        await self._idle.wait()
+        await self.source.close()
         return self.pulled_bytes - before
 
     async def _pull(self, first: int, end: int) -> None:
@@ -147,10 +158,23 @@ class PullDevice(BlockDevice):
         bs = self.store.block_size
         offset = first * bs
         length = min(end * bs, self.size) - offset
-        data = await self.source.read(offset, length)
-        await self.store.write(offset, data)
+        self._enter()
+        try:
+            data = await self.source.read(offset, length)
+            await self.store.write(offset, data)
+        finally:
+            self._leave()
         self._wanted[first:end] = bytes(end - first)
         self.pulled_bytes += length
+
+    def _enter(self) -> None:
+        self._pulls += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._pulls -= 1
+        if self._pulls == 0:
+            self._idle.set()
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -158,7 +182,11 @@ class PullDevice(BlockDevice):
         self.check_range(offset, length)
         if self.pull_state is PullState.LIVE:
             self.live_bytes += length
-            return await self.source.read(offset, length)
+            self._enter()
+            try:
+                return await self.source.read(offset, length)
+            finally:
+                self._leave()
         if self.pull_state is PullState.COMPLETE or length == 0:
             return await self.store.read(offset, length)
         bs = self.store.block_size
