@@ -19,7 +19,8 @@ import pytest
 from conftest import require
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
-from virtman.errors import VirtmanError
+from virtman.errors import ApiError, VirtmanError
+from virtman.httpapi import Credentials
 from virtman.hypervisor.qmp import Monitor
 from virtman.hypervisor.testimage import TICK, GuestImage, build_test_image
 
@@ -193,6 +194,21 @@ async def test_destination_dying_midway_leaves_the_guest_at_the_source(
     # The VM is idle again: it can be destroyed.
     async with cluster.api(cluster.agents["host1"].url) as api:
         await api.delete("/vms/stayer")
+
+    # An agent may start a migration here only in its own name (the arriving VM's
+    # frozen layer is named after its source), and an operator not at all.
+    body = {"name": "intruder", "image": "guest", "source_uri": "nbd://127.0.0.1:9/x",
+            "source_agent": "host3", "guest": {}, "accel": "tcg"}
+    agent = Credentials(token=cluster.token("host2"), ca=cluster.ca_file)
+    async with agent.api(cluster.agents["host1"].url) as api:
+        with pytest.raises(ApiError) as refused:
+            await api.post("/vms/incoming", json=body)
+    assert refused.value.status == 403 and "may not act as agent" in str(refused.value)
+    async with cluster.api(cluster.agents["host1"].url) as api:
+        with pytest.raises(ApiError) as refused:
+            await api.post("/vms/incoming", json=body)
+        assert refused.value.status == 403
+        assert (await api.get("/vms")) == []
 
 
 @pytest.mark.timeout(TEST_SECONDS)

@@ -47,7 +47,7 @@ from starlette.requests import ClientDisconnect
 
 from virtman import __version__
 from virtman.agent.agent import Agent
-from virtman.auth import ANYONE, Authenticator, Role, protect, require
+from virtman.auth import ANYONE, Authenticator, Principal, Role, check_acting_as, protect, require
 from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
 from virtman.httpapi import ERROR_RESPONSES, install_error_handlers
@@ -57,6 +57,8 @@ from virtman.metrics import CONTENT_TYPE as METRICS_TYPE
 from virtman.protocol.copystream import CopyStreamError
 
 QueryName = Annotated[str, Query(pattern=NAME_PATTERN)]
+#: Another agent (a live migration's source), identified by its credential.
+AgentCaller = Annotated[Principal, Depends(require(Role.AGENT))]
 
 
 class GuestSpec(BaseModel):
@@ -282,8 +284,9 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
 
     _agent = Depends(require(Role.AGENT))  # a live migration's source agent
 
-    @app.post("/vms/incoming", status_code=201, responses=errors, dependencies=[_agent])
-    async def incoming(body: IncomingRequest) -> dict[str, Any]:
+    @app.post("/vms/incoming", status_code=201, responses=errors)
+    async def incoming(body: IncomingRequest, principal: AgentCaller) -> dict[str, Any]:
+        check_acting_as(principal, body.source_agent)  # its snapshot names the source
         try:
             guest = GuestConfig.from_dict(body.guest)
         except (TypeError, ValueError) as err:
