@@ -18,12 +18,14 @@ from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import compute_manifest
 from virtman.blockdev.memory import MemoryDevice
+from virtman.blockdev.pull import PullDevice
 from virtman.blockdev.remote import RemoteDevice
 from virtman.blockdev.store import StoreFile
 from virtman.nbd.server import NbdServer
 
-KINDS = ["memory", "file", "remote", "cached", "cow", "cow-over-cached-remote"]
-WRITABLE = {"memory", "file", "remote", "cow", "cow-over-cached-remote"}
+KINDS = ["memory", "file", "remote", "cached", "cow", "cow-over-cached-remote", "pull",
+         "cow-over-pull"]
+WRITABLE = {"memory", "file", "remote", "cow", "cow-over-cached-remote", "cow-over-pull"}
 #: Kinds whose state lives in files and survives a restart.
 PERSISTENT = {"file", "remote", "cached", "cow", "cow-over-cached-remote"}
 
@@ -136,6 +138,33 @@ async def build(kind: str, tmp: Path, size: int = 1 << 20, *, chunk_size: int = 
             await dev.open()
             return dev
         return Rig(kind, await reopen_stack(), data, True, reopen_stack, cleanups)
+
+    if kind in ("pull", "cow-over-pull"):
+        # A live migration's destination (blockdev/pull.py): the source's disk over NBD,
+        # the image from a local base, switched over with every other 64 KiB written
+        # at the source, so that reads cross pulled, still-wanted and local blocks.
+        server, uri = await _serve(tmp, "source", FileDevice(base_file, read_only=True))
+        cleanups.append(server.stop)
+        cleanups.append(server.exports["source"].device.close)
+        opened = 0
+
+        async def reopen_pull() -> BlockDevice:
+            nonlocal opened
+            opened += 1
+            store = CowDevice(MemoryDevice(data=data, read_only=True),
+                              tmp / f"store-{opened}.overlay", block_size=block_size,
+                              sync_interval=3600)
+            pull = PullDevice(store, RemoteDevice([uri]))
+            await pull.open()
+            pull.switch([(off, 64 << 10) for off in range(0, size, 128 << 10)])
+            dev: BlockDevice = pull
+            if kind == "cow-over-pull":
+                dev = CowDevice(dev, tmp / f"vm-{opened}.overlay", block_size=block_size,
+                                sync_interval=3600)
+                await dev.open()
+            return dev
+        return Rig(kind, await reopen_pull(), data, kind == "cow-over-pull", reopen_pull,
+                   cleanups)
 
     raise ValueError(kind)
 
