@@ -832,11 +832,20 @@ class VmManager:
         inc = self._incoming_of(name)
         if inc.task is None:
             raise Conflict(f"VM {name!r}: confirm before the switchover")
-        async with asyncio.timeout(self.copy_limits.total_timeout):
-            pulled = await asyncio.shield(inc.task)
+        task = inc.task
+        try:
+            async with asyncio.timeout(self.copy_limits.total_timeout):
+                pulled = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled() and self._incoming.get(name) is not inc:
+                # Given up meanwhile (its guest exited): the source must not delete.
+                raise Conflict(f"VM {name!r} was given up here during its pull") from None
+            raise
         vm = inc.vm
         await vm.top.flush()
         async with self._lock:
+            if self._incoming.get(name) is not inc:
+                raise Conflict(f"VM {name!r} was given up here during its pull")
             directory = os.path.join(self.vms_dir, name)
             vm.record.save(os.path.join(inc.directory, "vm.json"))
             os.rename(inc.directory, directory)
