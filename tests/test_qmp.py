@@ -124,3 +124,27 @@ async def test_a_monitor_that_never_comes_says_where_it_looked(tmp_path: Path) -
         await mon.connect(limit=0.2)
     assert not mon.connected
     assert not os.path.exists(tmp_path / "none.qmp")
+
+
+def test_bench_uvm_times_a_resume_against_a_cold_boot(tmp_path: Path) -> None:
+    """``virtman bench uvm`` as a user runs it: it prints its table and writes figures that
+    are measured, not made up (the state file's size is the one QEMU wrote)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "uvm.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "virtman", "bench", "uvm", "--resumes", "1", "--at-once", "2",
+         "--accel", "tcg", "--memory", str(MEMORY_MIB), "--json", str(out),
+         "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume, local state, to running" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["accel"] == "tcg" and doc["memory_mib"] == MEMORY_MIB
+    assert doc["state_bytes"] > 16 * 1024 * 1024  # a booted guest's memory, not a stub
+    assert 0 < doc["resume_running"]["median"] <= doc["resume_ticking"]["median"]
+    assert doc["at_once"] == 2 and doc["at_once_running"]["max"] > 0
+    assert list(tmp_path.glob("virtman-uvm-*")) == []  # its work directory is gone

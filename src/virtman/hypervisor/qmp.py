@@ -67,7 +67,9 @@ class Monitor:
         if client is not None:
             try:
                 await client.disconnect()
-            except (QMPError, OSError) as err:  # QEMU may be gone already: nothing to keep
+            # QEMU may be gone already (the library then reports the EOF it read):
+            # there is nothing to keep.
+            except (QMPError, OSError, EOFError) as err:
                 log.debug("guest %r: QMP disconnect: %s", self.guest, err)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
