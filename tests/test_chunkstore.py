@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
+import json
 import os
 import random
 import shutil
@@ -396,3 +398,28 @@ def test_import_then_read_round_trips(parts: list[int], chunk_size: int,
             distinct = {data[i : i + chunk_size] for i in range(0, len(data), chunk_size)}
             data_chunks = {c for c in distinct if c.count(0) != len(c)}
             assert store.usage().chunks == len(data_chunks)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def test_bench_store_reports_dedup_of_generated_versions(tmp_path: Path) -> None:
+    out = tmp_path / "store.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "virtman", "bench", "store", "--image-size", "2M",
+         "--chunk-size", "64K", "--generate", "4", "--change", "5", "--shifted",
+         "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "total:" in done.stdout and "version3" in done.stdout
+    doc = json.loads(out.read_text())
+    runs = doc["runs"]
+    assert [os.path.basename(r["file"]) for r in runs] == [
+        "base", "version1", "version2", "version3", "base-shifted-16"]
+    assert all(r["verified"] for r in runs)
+    assert doc["total"]["raw_bytes"] == 5 * 2 * 1024 * 1024
+    added = [b["disk_bytes"] - a["disk_bytes"] for a, b in itertools.pairwise(runs)]
+    # A version adds about its 5 % of changed chunks; the shifted copy shares no chunk.
+    assert all(a < 0.15 * runs[0]["disk_bytes"] for a in added[:3])
+    assert added[3] > 0.8 * runs[0]["disk_bytes"]
+    assert os.listdir(tmp_path) == ["store.json"]  # the work directory is removed
