@@ -184,6 +184,9 @@ def decode_digests(raw: bytes) -> dict[int, bytes]:
     return {i: d for i, d in _ENTRY.iter_unpack(raw)}
 
 
+_FANOUT = [f"{i:02x}" for i in range(256)]
+
+
 def blob_name(digest: bytes) -> str:
     """A chunk's blob path relative to the store's root."""
     text = digest.hex()
@@ -261,6 +264,14 @@ class ChunkStore:
         try:
             for sub in ("", "blobs", "tmp"):
                 os.makedirs(os.path.join(root, sub), exist_ok=True)
+            # Every fan-out directory exists from the start, so placing a blob never
+            # creates a directory whose own entry would need syncing too.
+            blobs = os.path.join(root, "blobs")
+            if len(os.listdir(blobs)) < len(_FANOUT):
+                for sub in _FANOUT:
+                    os.makedirs(os.path.join(blobs, sub), exist_ok=True)
+                fsync_dir(blobs)
+                fsync_dir(root)
             lock_path = os.path.join(root, "lock")
             lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
@@ -279,6 +290,7 @@ class ChunkStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
+                fsync_dir(root)  # the index (and its WAL) exist under their names
                 block = os.statvfs(root).f_frsize or 4096
                 store = cls(root, db, lock_fd, capacity, level, batch_bytes, block)
                 store._start()
@@ -289,6 +301,10 @@ class ChunkStore:
             os.close(lock_fd)
             raise ChunkStoreError(f"cannot open the host store's index: {err}",
                                   path=index) from err
+        except OSError as err:
+            os.close(lock_fd)
+            raise ChunkStoreError("cannot open the host store", path=root,
+                                  os_errno=err.errno) from err
         except BaseException:
             os.close(lock_fd)
             raise
@@ -631,7 +647,6 @@ class ChunkStore:
                 tmp = os.path.join(self.root, "tmp", f"{digest.hex()}.{secrets.token_hex(4)}")
                 self._write_file(tmp, frame, digest)
                 try:
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
                     os.rename(tmp, final)
                 except OSError as err:
                     with contextlib.suppress(OSError):
