@@ -30,13 +30,15 @@ from virtman.blockdev.chunkstore import (
     ChunkAbsent,
     ChunkStore,
     ChunkStoreError,
+    RecipeDevice,
     StoreFull,
     blob_name,
     decode_digests,
     encode_digests,
 )
-from virtman.blockdev.manifest import Manifest
+from virtman.blockdev.manifest import Manifest, compute_manifest
 from virtman.errors import Conflict, LifecycleError, NotFound
+from virtman.protocol.nbd.constants import STATE_HOLE, STATE_ZERO, Errno
 
 CS = 4096  # a small chunk keeps these tests fast; the store takes any chunk size
 
@@ -398,6 +400,34 @@ def test_import_then_read_round_trips(parts: list[int], chunk_size: int,
             distinct = {data[i : i + chunk_size] for i in range(0, len(data), chunk_size)}
             data_chunks = {c for c in distinct if c.count(0) != len(c)}
             assert store.usage().chunks == len(data_chunks)
+
+
+# --- as a block device -------------------------------------------------------------------------
+
+
+async def test_a_recipe_device_reports_holes_and_never_serves_rot(tmp_path: Path) -> None:
+    a, b = chunk(1), chunk(2, compressible=True)
+    data = write(tmp_path / "f", [a, bytes(CS), bytes(CS), b, bytes(100)])
+    root = tmp_path / "s"
+    with ChunkStore.open(str(root)) as store:
+        manifest = store.import_file("f", str(tmp_path / "f"), CS)
+        device = RecipeDevice(store, "f")
+        await device.open()
+        assert device.size == len(data) and device.read_only
+        assert await device.block_status(0, device.size) == [
+            (CS, 0), (2 * CS, STATE_HOLE | STATE_ZERO), (CS, 0), (100, STATE_HOLE | STATE_ZERO)]
+        assert await device.block_status(CS + 5, 2 * CS) == [
+            (2 * CS - 5, STATE_HOLE | STATE_ZERO), (5, 0)]
+        # A manifest computed over it reads only the data chunks, and is the recipe's.
+        computed = await compute_manifest(device, CS)
+        assert computed.fingerprint() == manifest.fingerprint()
+        assert device.stats.reads == 2
+        _flip(root / blob_name(manifest.data_digests[3]))
+        assert await device.read(0, CS) == a
+        with pytest.raises(ChunkAbsent) as caught:
+            await device.read(3 * CS, 10)
+        assert caught.value.errno == Errno.EIO
+        await device.close()
 
 
 # --- the benchmark ----------------------------------------------------------------------------

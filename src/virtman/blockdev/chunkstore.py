@@ -64,28 +64,34 @@ committed are pinned, so its own later chunks do not evict them. Capacity counts
 blobs as allocated (each rounded up to the file system's block); the index (tens of
 bytes per chunk) is not counted.
 
-The store is synchronous and not thread-safe: one thread uses it at a time (an event
-loop calls it through ``asyncio.to_thread``). One process opens it at a time (the lock).
+The store is synchronous; its public methods take a lock, so worker threads may call it
+at once (an event loop calls it through ``asyncio.to_thread``; ``RecipeDevice`` does).
+One process opens it at a time (the lock file).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
 import secrets
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Concatenate, ParamSpec, TypeVar
 
 import zstandard
 
+from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.manifest import DIGEST_BYTES, Manifest, zero_digest
 from virtman.durable import fsync_dir
 from virtman.errors import Conflict, DeviceError, LifecycleError, NotFound
@@ -95,7 +101,7 @@ from virtman.limits import (
     STORE_BATCH_BYTES,
     STORE_COMPRESSION_LEVEL,
 )
-from virtman.protocol.nbd.constants import Errno
+from virtman.protocol.nbd.constants import STATE_HOLE, STATE_ZERO, Errno
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +234,22 @@ class StoreStats:
     orphans_removed: int = 0
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate[ChunkStore, _P], _R]
+            ) -> Callable[Concatenate[ChunkStore, _P], _R]:
+    """Run a public method under the store's lock: devices over its recipes read it from
+    worker threads (``asyncio.to_thread``), and SQLite and the accounting want one at a
+    time."""
+    @functools.wraps(method)
+    def wrapper(self: ChunkStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class ChunkStore:
     """A content-addressed host store (see the module's theory). Open with ``open``."""
 
@@ -248,6 +270,7 @@ class ChunkStore:
         self._compressor = zstandard.ZstdCompressor(level=level)
         self._decompressor = zstandard.ZstdDecompressor()
         self._closed = False
+        self._lock = threading.RLock()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -329,6 +352,7 @@ class ChunkStore:
         self._used = sum(self._alloc(n) for (n,) in self._db.execute(
             "SELECT stored_bytes FROM chunks WHERE present = 1"))
 
+    @_locked
     def close(self) -> None:
         """Write back when chunks were last used, mark the store cleanly closed, unlock."""
         if self._closed:
@@ -343,6 +367,7 @@ class ChunkStore:
             self._db.close()
             os.close(self._lock_fd)
 
+    @_locked
     def abandon(self) -> None:
         """Close without any write, as a killed process would (for crash drills)."""
         if not self._closed:
@@ -366,6 +391,7 @@ class ChunkStore:
         """
         return self.put_many([data])[0]
 
+    @_locked
     def put_many(self, chunks: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
         """Store several chunks with one directory sync and one index commit."""
         self._check_open("put")
@@ -383,6 +409,7 @@ class ChunkStore:
             self._add_blobs(new, {d: len(c) for d, c in zip(digests, chunks, strict=True)})
         return digests
 
+    @_locked
     def get(self, digest: bytes) -> bytes | None:
         """A chunk's bytes, checked against its digest; None when the store does not
         hold it (a blob that fails the check is dropped first)."""
@@ -422,16 +449,19 @@ class ChunkStore:
         except zstandard.ZstdError:
             return None
 
+    @_locked
     def pin(self, digests: Iterable[bytes]) -> None:
         """Keep these chunks from eviction until ``unpin`` (counted: pins nest)."""
         self._pins.update(digests)
 
+    @_locked
     def unpin(self, digests: Iterable[bytes]) -> None:
         for digest in digests:
             self._pins[digest] -= 1
             if self._pins[digest] <= 0:
                 del self._pins[digest]
 
+    @_locked
     def collect(self) -> int:
         """Evict every unreferenced chunk now; return how many."""
         self._check_open("collect")
@@ -439,6 +469,7 @@ class ChunkStore:
 
     # --- recipes ---------------------------------------------------------------------------
 
+    @_locked
     def commit(self, name: str, manifest: Manifest, *, replace: bool = False) -> None:
         """Record a recipe: ``name`` reads as the chunks ``manifest`` names. Its chunks
         need not all be held (a cache fills them later); ``missing`` lists those that are
@@ -465,6 +496,7 @@ class ChunkStore:
         log.info("host store %s: recipe %s committed (%d bytes, %d data chunks)",
                  self.root, name, manifest.size, len(manifest.data_digests))
 
+    @_locked
     def remove(self, name: str) -> None:
         """Forget a recipe; its chunks no other recipe names become evictable."""
         self._check_open("remove")
@@ -476,6 +508,7 @@ class ChunkStore:
             db.execute("DELETE FROM recipes WHERE name = ?", (name,))
         log.info("host store %s: recipe %s removed", self.root, name)
 
+    @_locked
     def recipe(self, name: str) -> Manifest:
         self._check_open("read")
         row = self._db.execute("SELECT size, chunk_size, digests FROM recipes WHERE name = ?",
@@ -484,16 +517,19 @@ class ChunkStore:
             raise NotFound(f"host store {self.root} holds no recipe {name!r}")
         return Manifest(row[0], row[1], decode_digests(row[2]))
 
+    @_locked
     def recipes(self) -> list[str]:
         self._check_open("list")
         return [n for (n,) in self._db.execute("SELECT name FROM recipes ORDER BY name")]
 
+    @_locked
     def missing(self, name: str) -> dict[int, bytes]:
         """The chunks of a recipe the store does not hold (index → digest)."""
         manifest = self.recipe(name)
         absent = {d for d in set(manifest.data_digests.values()) if not self._present(d)}
         return {i: d for i, d in manifest.data_digests.items() if d in absent}
 
+    @_locked
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes ``offset`` .. ``offset + length`` of a recipe (to its end when ``length``
         is None). Raises ``ChunkAbsent`` for a chunk the store does not hold (or dropped
@@ -509,6 +545,7 @@ class ChunkStore:
             out += self._chunk_of(name, manifest, index)[start:end]
         return bytes(out)
 
+    @_locked
     def export(self, name: str, path: str) -> None:
         """Write a recipe to a file (zero chunks as holes), fsynced, under a temporary
         name renamed into place: a reader never sees a partial file."""
@@ -570,6 +607,7 @@ class ChunkStore:
 
     # --- accounting ------------------------------------------------------------------------
 
+    @_locked
     def usage(self) -> StoreUsage:
         self._check_open("usage")
         db = self._db
@@ -850,3 +888,50 @@ def _chunk_spans(chunk_size: int, offset: int, length: int) -> Iterator[tuple[in
         stop = min(chunk_size, end - index * chunk_size)
         yield index, start, stop
         pos = index * chunk_size + stop
+
+
+class RecipeDevice(BlockDevice):
+    """A recipe of the store as a read-only block device (one interface per layer): a
+    bake's state or layer kept in the store is exported, cached and read like a file.
+
+    Reads run on worker threads. A chunk the store does not hold (or found rotten on
+    this read) fails the read with ``ChunkAbsent`` (a ``DeviceError``, EIO); the device
+    never serves other bytes. Zero chunks are reported as holes by ``block_status``, so a
+    manifest computed over the device never reads them.
+    """
+
+    def __init__(self, store: ChunkStore, name: str) -> None:
+        super().__init__()
+        self.store = store
+        self.name = name
+        self.read_only = True
+        self._manifest: Manifest | None = None
+
+    async def open(self) -> None:
+        if self._manifest is None:
+            self._manifest = await asyncio.to_thread(self.store.recipe, self.name)
+            self.size = self._manifest.size
+        await super().open()
+
+    def describe(self) -> str:
+        return f"RecipeDevice({self.name})"
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        data = await asyncio.to_thread(self.store.read, self.name, offset, length)
+        self.stats.reads += 1
+        self.stats.bytes_read += length
+        return data
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        self.check_range(offset, length)
+        manifest = self._manifest
+        assert manifest is not None, "block_status before open"
+        extents: list[tuple[int, int]] = []
+        for index, start, end in _chunk_spans(manifest.chunk_size, offset, length):
+            flags = 0 if index in manifest.data_digests else STATE_HOLE | STATE_ZERO
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + end - start, flags)
+            else:
+                extents.append((end - start, flags))
+        return extents
