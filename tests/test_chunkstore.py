@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import small_tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -332,6 +333,29 @@ def test_leftovers_of_a_crash_are_removed_at_open(tmp_path: Path) -> None:
     (root / blob_name(orphan)).write_bytes(b"stray")
     with ChunkStore.open(str(root)) as clean:
         assert clean.stats.orphans_removed == 0
+
+
+def test_a_full_disk_fails_the_import_and_gives_the_space_back(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path, "3m") as disk:
+        root = disk / "s"
+        small = write(tmp_path / "small", [chunk(i) for i in range(64)])  # 256 KiB
+        write(tmp_path / "big", [chunk(1000 + i) for i in range(1024)])  # 4 MiB
+        with ChunkStore.open(str(root)) as store:
+            store.import_file("small", str(tmp_path / "small"), CS)
+            used = allocated(root)
+            with pytest.raises(ChunkStoreError) as caught:
+                store.import_file("big", str(tmp_path / "big"), CS)
+            assert caught.value.os_errno == errno.ENOSPC
+            assert caught.value.errno == Errno.ENOSPC
+            assert store.recipes() == ["small"]
+            assert allocated(root) == used == store.usage().blob_disk_bytes
+            assert os.listdir(root / "tmp") == []
+            assert store.read("small") == small
+            store.put(chunk(5000))  # the space came back: a chunk fits again
+        with ChunkStore.open(str(root)) as again:
+            assert again.stats.orphans_removed == 0
+            assert again.read("small") == small
+            assert again.usage().blob_disk_bytes == allocated(root)
 
 
 # --- errors and lifecycle ---------------------------------------------------------------------

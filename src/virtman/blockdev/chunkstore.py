@@ -41,7 +41,12 @@ A crash between those steps leaves only files the index does not count: partial 
 in ``tmp/`` (always removed at open) and blobs whose row never said present or no
 longer does. The index remembers that it was not closed cleanly, and the next open
 then lists the blob directories and removes every blob without a present row, so
-space accounting stays exact. A crash never leaves a row without its blob.
+space accounting stays exact. A crash never leaves a row without its blob. A failure
+that leaves such files without a crash (an index commit failing with EIO after the
+blobs were placed, an unlink failing) keeps the close "unclean", so the next open
+settles them the same way; a full disk while writing blobs or committing the index
+(SQLITE_FULL: surely not committed) removes the placed blobs at once and fails with
+ENOSPC.
 
 Ordering protects against crashes, not against the disk: a blob can rot at rest or be
 lost by a file system that lied about a flush. So every read checks the frame's
@@ -106,6 +111,8 @@ from virtman.protocol.nbd.constants import STATE_HOLE, STATE_ZERO, Errno
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.sqlite3"
+#: SQLite's result code for a full disk (the sqlite3 module names it from Python 3.11.4).
+SQLITE_FULL = 13
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -271,6 +278,10 @@ class ChunkStore:
         self._decompressor = zstandard.ZstdDecompressor()
         self._closed = False
         self._lock = threading.RLock()
+        #: A blob may be on disk that the index does not count (a commit failed after
+        #: blobs were placed, an unlink failed): the close then stays "unclean", so the
+        #: next open lists the blobs and removes those.
+        self._needs_scan = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -360,7 +371,8 @@ class ChunkStore:
         try:
             with self._tx() as db:
                 self._flush_touched(db)
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 1)")
+                if not self._needs_scan:
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('clean', 1)")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._closed = True
@@ -640,10 +652,14 @@ class ChunkStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) can leave the transaction open: end it,
+                # so the next one can begin.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
         except sqlite3.Error as err:
             raise ChunkStoreError(f"host store index failed: {err}",
                                   path=os.path.join(self.root, INDEX_NAME)) from err
@@ -694,19 +710,39 @@ class ChunkStore:
                 written.append(final)
                 dirs.add(os.path.dirname(final))
             for d in sorted(dirs):
-                fsync_dir(d)
+                try:
+                    fsync_dir(d)
+                except OSError as err:
+                    raise ChunkStoreError("cannot make placed chunks durable", path=d,
+                                          os_errno=err.errno) from err
         except BaseException:
             for path in written:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                self._unlink(path)
             raise
         tick = self._next_tick()
-        with self._tx() as db:
-            self._flush_touched(db)
-            db.executemany(
-                "INSERT INTO chunks VALUES (?1, 0, 1, ?2, ?3, ?4) ON CONFLICT (digest) DO "
-                "UPDATE SET present = 1, raw_bytes = ?2, stored_bytes = ?3, last_used = ?4",
-                [(d, raw[d], len(f), tick) for d, f in frames.items()])
+        # From here a failure leaves placed blobs whose rows may or may not have been
+        # committed; either is consistent, and the next open settles which.
+        previous, self._needs_scan = self._needs_scan, True
+        try:
+            with self._tx() as db:
+                self._flush_touched(db)
+                db.executemany(
+                    "INSERT INTO chunks VALUES (?1, 0, 1, ?2, ?3, ?4) ON CONFLICT (digest) DO "
+                    "UPDATE SET present = 1, raw_bytes = ?2, stored_bytes = ?3, last_used = ?4",
+                    [(d, raw[d], len(f), tick) for d, f in frames.items()])
+        except ChunkStoreError as err:
+            # SQLITE_FULL: the commit surely did not happen, so the space goes back now.
+            # Any other failure (EIO in the commit's fsync) may have committed: the scan.
+            cause = err.__cause__
+            if isinstance(cause, sqlite3.Error) and cause.sqlite_errorcode == SQLITE_FULL:
+                self._needs_scan = previous
+                for path in written:
+                    self._unlink(path)
+                raise ChunkStoreError("host store index full: chunks not stored",
+                                      path=os.path.join(self.root, INDEX_NAME),
+                                      os_errno=errno.ENOSPC, errno=Errno.ENOSPC) from err
+            raise
+        self._needs_scan = previous
         self._used += needed
         self.stats.written += len(frames)
 
@@ -755,8 +791,7 @@ class ChunkStore:
         # Rows first, files second: a crash in between leaves orphans, never a row
         # without its blob.
         for digest in victims:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, blob_name(digest)))
+            self._unlink(os.path.join(self.root, blob_name(digest)))
         self._used -= freed
         self.stats.evicted += len(victims)
         if victims:
@@ -771,13 +806,24 @@ class ChunkStore:
             db.execute("UPDATE chunks SET present = 0, raw_bytes = 0, stored_bytes = 0 "
                        "WHERE digest = ?", (digest,))
             db.execute("DELETE FROM chunks WHERE digest = ? AND refs = 0", (digest,))
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        self._unlink(path)
         if row is not None:
             self._used -= self._alloc(row[0])
         self._touched.pop(digest, None)
         self.stats.rotten += 1
         log.warning("host store: chunk %s at %s %s: dropped", digest.hex(), path, why)
+
+    def _unlink(self, path: str) -> None:
+        """Remove a blob whose row is already gone or absent; one that cannot be removed
+        is left for the next open's scan."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            self._needs_scan = True
+            log.warning("host store: cannot remove %s: %s (removed at the next open)",
+                        path, err.strerror)
 
     def _clear_tmp(self) -> None:
         tmp = os.path.join(self.root, "tmp")
