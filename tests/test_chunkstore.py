@@ -358,6 +358,30 @@ def test_a_full_disk_fails_the_import_and_gives_the_space_back(tmp_path: Path) -
             assert again.usage().blob_disk_bytes == allocated(root)
 
 
+def test_a_full_index_fails_the_import_and_gives_the_blobs_back(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    small = write(tmp_path / "small", [chunk(i) for i in range(4)])
+    big = write(tmp_path / "big", [chunk(1000 + i) for i in range(512)])
+    with ChunkStore.open(str(root)) as store:
+        store.import_file("small", str(tmp_path / "small"), CS)
+        used = allocated(root)
+        # SQLite's own page limit stands in for a full disk under the index: its commit
+        # fails with SQLITE_FULL after the blobs were placed.
+        db = store._db
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(ChunkStoreError) as caught:
+            store.import_file("big", str(tmp_path / "big"), CS)
+        assert caught.value.os_errno == errno.ENOSPC
+        assert allocated(root) == used == store.usage().blob_disk_bytes
+        assert store.recipes() == ["small"] and store.read("small") == small
+        db.execute("PRAGMA max_page_count = 1073741823")
+        store.import_file("big", str(tmp_path / "big"), CS)
+        assert store.read("big") == big
+    with ChunkStore.open(str(root)) as again:
+        assert again.stats.orphans_removed == 0  # closed cleanly: nothing left to settle
+
+
 # --- errors and lifecycle ---------------------------------------------------------------------
 
 
