@@ -152,6 +152,22 @@ def test_capacity_evicts_least_recently_used_unreferenced_chunks(tmp_path: Path)
         assert store.usage().blob_disk_bytes == allocated(root)
 
 
+def test_a_batch_never_evicts_a_chunk_it_found_held(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    with ChunkStore.open(str(root)) as probe:
+        probe.put(chunk(100))
+        per_chunk = probe.usage().blob_disk_bytes
+    shutil.rmtree(root)
+    with ChunkStore.open(str(root), capacity=2 * per_chunk) as store:
+        held = store.put(chunk(0))  # unreferenced: the only evictable chunk
+        write(tmp_path / "f", [chunk(9)])
+        store.import_file("f", str(tmp_path / "f"), CS)
+        with pytest.raises(StoreFull):
+            # chunk 0 is held (deduplicated); room for chunk 1 may not come from it
+            store.put_many([chunk(0), chunk(1)])
+        assert store.get(held) == chunk(0)
+
+
 def test_referenced_chunks_are_never_evicted_and_a_full_store_is_unchanged(
         tmp_path: Path) -> None:
     root = tmp_path / "s"

@@ -418,7 +418,13 @@ class ChunkStore:
             else:
                 new[digest] = self._compressor.compress(data)
         if new:
-            self._add_blobs(new, {d: len(c) for d, c in zip(digests, chunks, strict=True)})
+            # The batch's chunks already held are pinned while room is made for its new
+            # ones: the batch must never evict a chunk it has just been told is held.
+            self.pin(digests)
+            try:
+                self._add_blobs(new, {d: len(c) for d, c in zip(digests, chunks, strict=True)})
+            finally:
+                self.unpin(digests)
         return digests
 
     @_locked
