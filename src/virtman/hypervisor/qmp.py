@@ -73,8 +73,9 @@ class Monitor:
         if client is not None:
             try:
                 await client.disconnect()
-            except (QMPError, OSError, EOFError) as err:  # QEMU may be gone: nothing to keep
-                # (qemu.qmp re-raises its reader's EOFError when QEMU closed the socket)
+            # QEMU may be gone already (the library then reports the EOF it read):
+            # there is nothing to keep.
+            except (QMPError, OSError, EOFError) as err:
                 log.debug("guest %r: QMP disconnect: %s", self.guest, err)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
