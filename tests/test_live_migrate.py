@@ -157,7 +157,7 @@ async def test_running_guest_moves_and_counts_on(cluster: LocalCluster,
 async def test_destination_dying_midway_leaves_the_guest_at_the_source(
         cluster: LocalCluster, test_image: GuestImage) -> None:
     await start_counting(cluster, "host1", "stayer", test_image)
-    # Slow the memory down so that the destination dies while it arrives: ~60 MB of a
+    # Slow the memory down so that the destination dies while it arrives: ~65 MB of a
     # booted guest's memory at 2 MB/s. The agent has not used the monitor yet, so the
     # test may (QEMU takes one monitor client at a time).
     monitor = Monitor("stayer", os.path.join(cluster.socket_root, "host1", "stayer.qmp"))
