@@ -28,8 +28,10 @@ the source, and ``VmManager.incoming_*``, the destination):
 Any failure before the confirmation: the source cancels the migration, resumes its
 guest if it is paused, withdraws its export and asks the destination to remove the
 half-made VM (``DELETE /vms/incoming/NAME``; a dead destination has nothing to remove,
-and its next start removes its unfinished imports). One case is left: the destination
-confirmed but the answer was lost; the source then keeps its paused guest and says so.
+and its next start removes its unfinished imports). One case is left open: the destination
+confirmed but its answer was lost. The source then resumes its guest as after any
+failure and, when the destination cannot be reached to remove its copy, logs that both
+may run (docs/guests.md, "Live migration").
 
 Memory goes over TLS when the cluster has TLS: QEMU's ``tls-creds-x509`` reads a
 directory of PEM files named for their role (``ca-cert.pem``, ``server-cert.pem``,
