@@ -272,6 +272,15 @@ MIGRATION_POLL_SECONDS = 0.02
 #: Bytes per hot-plugged memory module. Linux onlines hot-added memory in blocks of
 #: 128 MiB on x86-64, so a smaller module would leave memory the guest cannot use.
 MEMORY_HOTPLUG_BLOCK_MIB = 128
+#: Longest a bake waits for its guest to be ready (the ready marker on its console, or
+#: ``ready_after``) before it gives up and removes what it made.
+BAKE_READY_MAX_SECONDS = 600.0
+#: Bytes per read while a µVM's saved state is streamed from the host's cache into a
+#: resuming QEMU (one chunk of the state image or less: a read the cache answers whole).
+BAKE_STATE_READ_BYTES = 1024 * 1024
+#: Seconds the CLI and tests give a ``POST /bakes`` (boot, wait, save, and Volt reading
+#: the state and disk once to digest them).
+BAKE_CREATE_TIMEOUT_SECONDS = 3600.0
 #: Longest a ``GET /vms/NAME/console/wait`` holds its answer before it says "not yet"
 #: (the client asks again): below every client's HTTP timeout.
 CONSOLE_WAIT_MAX_SECONDS = 60.0

@@ -67,7 +67,9 @@ class Monitor:
         if client is not None:
             try:
                 await client.disconnect()
-            except (QMPError, OSError) as err:  # QEMU may be gone already: nothing to keep
+            # QEMU may be gone already (EOFError: it went while the library read its
+            # last answer, e.g. a guest stopped after saving its state): nothing to keep.
+            except (QMPError, OSError, EOFError) as err:
                 log.debug("guest %r: QMP disconnect: %s", self.guest, err)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:

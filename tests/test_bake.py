@@ -1,0 +1,149 @@
+"""Prebaked µVMs with real QEMU (TCG): bake a counting guest on one agent, resume clones
+of it on two agents through the relay tree, size them by hot-plug."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import require
+
+from virtman.cluster.local import ClusterSettings, LocalCluster
+from virtman.errors import ApiError
+from virtman.hypervisor.testimage import MARKER, TICK, GuestImage, build_test_image
+from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS
+
+#: Seconds the cluster gets to start (processes, image registration).
+SETUP_SECONDS = 60
+#: Seconds the test body gets: one TCG boot to the third tick (~20 s on two busy
+#: cores), saving ~250 MB of state, Volt digesting it, and two resumes.
+BODY_SECONDS = 300
+TEST_SECONDS = SETUP_SECONDS + BODY_SECONDS + 20
+#: The guest's memory: Debian's initrd does not unpack in 256 MiB.
+MEMORY_MIB = 384
+#: Its room to grow: one more CPU, one hot-plugged memory block.
+MAX_CPUS = 2
+MAX_MEMORY_MIB = MEMORY_MIB + 128
+
+TICK_LINE = re.compile(rf"{TICK} (\d+) cpus=(\S+) MemTotal:\s+(\d+) kB")
+
+
+@pytest.fixture(scope="module")
+def test_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
+    require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
+    return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[LocalCluster]:
+    c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
+        hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=256 * 1024,
+        accel="tcg"))
+    try:
+        async with asyncio.timeout(SETUP_SECONDS):
+            await c.start_origin(test_image.image)
+            await c.start_volt()
+            for host in c.host_names():
+                await c.start_agent(host)
+            await c.register_image("guest")
+        yield c
+    finally:
+        await c.stop()
+
+
+async def console_ticks(c: LocalCluster, host: str, vm: str, pattern: str) -> list[re.Match[str]]:
+    """The guest's ticks once ``pattern`` is on its console (the wait fails otherwise)."""
+    async with c.api(c.agents[host].url, timeout=90) as api:
+        done = await api.get(f"/vms/{vm}/console/wait",
+                             params={"pattern": pattern, "timeout": 60})
+        text = await api.get_text(f"/vms/{vm}/console")
+    assert done["matched"], f"{vm} on {host}: {pattern!r} not seen; console ends {text[-300:]!r}"
+    return list(TICK_LINE.finditer(text))
+
+
+async def resume(c: LocalCluster, host: str, name: str, **size: int) -> dict[str, Any]:
+    async with c.api(c.agents[host].url, timeout=120) as api:
+        doc: dict[str, Any] = await api.post(
+            "/vms", json={"name": name, "from_bake": "uvm", "start": True, **size})
+    return doc
+
+
+@pytest.mark.timeout(TEST_SECONDS)
+async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
+                                              test_image: GuestImage) -> None:
+    c = cluster
+    h0, h1 = c.host_names()
+    async with asyncio.timeout(BODY_SECONDS):
+        async with c.api(c.agents[h0].url, timeout=BAKE_CREATE_TIMEOUT_SECONDS) as api:
+            baked = await api.post("/bakes", json={
+                "name": "uvm", "image": "guest", "accel": "tcg",
+                "ready_marker": rf"{TICK} 3 ",
+                "guest": {"kernel": test_image.kernel, "initrd": test_image.initrd,
+                          "append": test_image.append("uvm", loop=True),
+                          "memory_mib": MEMORY_MIB, "max_cpus": MAX_CPUS,
+                          "max_memory_mib": MAX_MEMORY_MIB}})
+        assert baked["state_bytes"] > 0 and baked["accel"] == "tcg"
+        async with c.api(c.volt_url) as api:
+            record = await api.get("/bakes/uvm")
+            images = {i["name"]: i for i in await api.get("/images")}
+        assert record["agent"] == h0 and record["state_image"] in images
+        assert images[record["state_image"]]["size"] >= record["state_bytes"]
+        assert images[record["disk_image"]]["size"] == images["guest"]["size"]
+
+        # The baking host resumes from its own cache; the other has never seen the bake.
+        local = await resume(c, h0, "a")
+        grown = await resume(c, h1, "b", cpus=MAX_CPUS, memory_mib=MAX_MEMORY_MIB)
+        for doc in (local, grown):
+            assert doc["guest_running"] and 0 < doc["resume_seconds"] < 60
+            assert doc["resumed"]["bake"] == "uvm"
+        assert grown["resumed"]["cpus"] == MAX_CPUS
+        assert grown["resumed"]["memory_mib"] == MAX_MEMORY_MIB
+        # Clones of one bake get fresh generation IDs (vmgenid), so they reseed.
+        assert local["resumed"]["generation_id"] != grown["resumed"]["generation_id"]
+
+        # Each goes on counting from where the bake stopped it: no boot, first tick past 3.
+        ticks_a = await console_ticks(c, h0, "a", rf"{TICK} \d+ ")
+        ticks_b = await console_ticks(c, h1, "b", rf"{TICK} \d+ cpus=0-1 ")
+        for ticks in (ticks_a, ticks_b):
+            assert ticks and int(ticks[0].group(1)) > 3
+            numbers = [int(t.group(1)) for t in ticks]
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        async with c.api(c.agents[h1].url) as api:
+            assert MARKER not in await api.get_text("/vms/b/console")
+        # The hot-plugged CPU came online in the guest; the small clone kept one.
+        assert ticks_a[-1].group(2) == "0"
+        assert ticks_b[-1].group(2) == "0-1"
+        # Beyond the bake's room to grow: refused, and no VM is left behind.
+        async with c.api(c.agents[h0].url, timeout=60) as api:
+            with pytest.raises(ApiError) as too_big:
+                await api.post("/vms", json={"name": "c", "from_bake": "uvm", "start": True,
+                                             "cpus": MAX_CPUS + 1})
+            assert too_big.value.status == 422 and "CPUs" in too_big.value.detail
+            assert "c" not in {vm["name"] for vm in await api.get("/vms")}
+        mem_b = await console_ticks(c, h1, "b", rf"{TICK} \d+ cpus=0-1 MemTotal:\s+\d+")
+        assert int(mem_b[-1].group(3)) > int(ticks_a[0].group(3))
+
+
+@pytest.mark.timeout(TEST_SECONDS)
+async def test_resume_refuses_bad_input(cluster: LocalCluster) -> None:
+    c = cluster
+    h0 = c.host_names()[0]
+    async with c.api(c.agents[h0].url, timeout=60) as api:
+        with pytest.raises(ApiError) as unknown:
+            await api.post("/vms", json={"name": "x", "from_bake": "nope", "start": True})
+        assert unknown.value.status == 404 and "nope" in unknown.value.detail
+        with pytest.raises(ApiError) as no_start:
+            await api.post("/vms", json={"name": "x", "from_bake": "nope"})
+        assert no_start.value.status == 422 and "start" in no_start.value.detail
+        with pytest.raises(ApiError) as two:
+            await api.post("/bakes", json={"name": "b", "image": "guest", "ready_after": 1,
+                                           "ready_marker": "x"})
+        assert two.value.status == 422 and "ready_marker" in two.value.detail
+        with pytest.raises(ApiError) as no_image:
+            await api.post("/bakes", json={"name": "b", "image": "none", "ready_after": 1})
+        assert no_image.value.status == 404
+        assert await api.get("/vms") == [] and await api.get("/bakes") == []
