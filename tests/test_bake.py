@@ -4,7 +4,9 @@ of it on two agents through the relay tree, size them by hot-plug."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,17 @@ async def console_ticks(c: LocalCluster, host: str, vm: str, pattern: str) -> li
     return list(TICK_LINE.finditer(text))
 
 
+async def virtman(c: LocalCluster, *args: str) -> str:
+    """Run the CLI as an operator; its standard output (it must succeed)."""
+    creds = ["--token-file", c.token_file("operator"), "--tls-ca", c.ca_file]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "virtman", *args, *creds,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, f"virtman {' '.join(args)}: {err.decode()[-500:]}"
+    return out.decode()
+
+
 async def resume(c: LocalCluster, host: str, name: str, **size: int) -> dict[str, Any]:
     async with c.api(c.agents[host].url, timeout=120) as api:
         doc: dict[str, Any] = await api.post(
@@ -96,7 +109,13 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
 
         # The baking host resumes from its own cache; the other has never seen the bake.
         local = await resume(c, h0, "a")
-        grown = await resume(c, h1, "b", cpus=MAX_CPUS, memory_mib=MAX_MEMORY_MIB)
+        # The other through the CLI, which prints the resume time.
+        out = await virtman(c, "vm", "create", "b", "--from-bake", "uvm", "--start",
+                            "--cpus", str(MAX_CPUS), "--memory", str(MAX_MEMORY_MIB),
+                            "--agent", c.agents[h1].url)
+        assert re.search(r"^resume_seconds \d+\.\d+$", out, re.M), out
+        async with c.api(c.agents[h1].url) as api:
+            grown = await api.get("/vms/b")
         for doc in (local, grown):
             assert doc["guest_running"] and 0 < doc["resume_seconds"] < 60
             assert doc["resumed"]["bake"] == "uvm"
@@ -126,6 +145,20 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
             assert "c" not in {vm["name"] for vm in await api.get("/vms")}
         mem_b = await console_ticks(c, h1, "b", rf"{TICK} \d+ cpus=0-1 MemTotal:\s+\d+")
         assert int(mem_b[-1].group(3)) > int(ticks_a[0].group(3))
+
+        # Removed once its clones are gone: from Volt (with its images) and its agent.
+        for host, vm in ((h0, "a"), (h1, "b")):
+            async with c.api(c.agents[host].url) as api:
+                await api.delete(f"/vms/{vm}")
+        listed = json.loads(await virtman(c, "bake", "list", "--json", "--volt", c.volt_url))
+        assert [b["name"] for b in listed] == ["uvm"]
+        await virtman(c, "bake", "remove", "uvm", "--volt", c.volt_url)
+        async with c.api(c.volt_url) as api:
+            assert await api.get("/bakes") == []
+            assert {i["name"] for i in await api.get("/images")} == {"guest"}
+        async with c.api(c.agents[h0].url) as api:
+            assert await api.get("/bakes") == []
+            assert await api.get("/vms") == []  # the bake's own VM went with it
 
 
 @pytest.mark.timeout(TEST_SECONDS)
