@@ -278,6 +278,9 @@ BAKE_READY_MAX_SECONDS = 600.0
 #: Bytes per read while a µVM's saved state is streamed from the host's cache into a
 #: resuming QEMU (one chunk of the state image or less: a read the cache answers whole).
 BAKE_STATE_READ_BYTES = 1024 * 1024
+#: Reads of a µVM's state in flight while it is fed to QEMU: a cold host fetches several
+#: chunks from its parents at once instead of one round trip after another.
+BAKE_STATE_READS_IN_FLIGHT = 8
 #: Seconds the CLI and tests give a ``POST /bakes`` (boot, wait, save, and Volt reading
 #: the state and disk once to digest them).
 BAKE_CREATE_TIMEOUT_SECONDS = 3600.0

@@ -38,6 +38,7 @@ one bake reseed their random number generators.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -64,6 +65,7 @@ from virtman.limits import (
     BAKE_CREATE_TIMEOUT_SECONDS,
     BAKE_READY_MAX_SECONDS,
     BAKE_STATE_READ_BYTES,
+    BAKE_STATE_READS_IN_FLIGHT,
     QMP_CONNECT_SECONDS,
 )
 from virtman.nbd.server import Export
@@ -159,6 +161,7 @@ class BakeManager:
         agent: str,
         ready_max_seconds: float = BAKE_READY_MAX_SECONDS,
         state_read_bytes: int = BAKE_STATE_READ_BYTES,
+        reads_in_flight: int = BAKE_STATE_READS_IN_FLIGHT,
         register_timeout: float = BAKE_CREATE_TIMEOUT_SECONDS,
         reader_wait: float = QMP_CONNECT_SECONDS,
     ) -> None:
@@ -169,6 +172,7 @@ class BakeManager:
         self.directory = directory
         self.ready_max_seconds = ready_max_seconds
         self.state_read_bytes = state_read_bytes
+        self.reads_in_flight = reads_in_flight
         self.register_timeout = register_timeout
         #: Seconds a resuming QEMU gets to open the FIFO its state comes through.
         self.reader_wait = reader_wait
@@ -525,11 +529,24 @@ class BakeManager:
     async def _feed(self, source: BlockDevice, length: int, fd: int) -> None:
         """Write the state into ``fd`` and close it: QEMU 7.2 loads the stream in its
         main loop and finishes only at the end of its input, not at the stream's own
-        end marker (its monitor does not answer meanwhile)."""
+        end marker (its monitor does not answer meanwhile). Up to ``reads_in_flight``
+        reads run ahead of the writes, in order."""
+        step = self.state_read_bytes
+        offsets = iter(range(0, length, step))
+        ahead: collections.deque[asyncio.Future[bytes]] = collections.deque()
         offset = 0
+
+        def read_next() -> None:
+            at = next(offsets, None)
+            if at is not None:
+                ahead.append(asyncio.ensure_future(source.read(at, min(step, length - at))))
+
         try:
-            while offset < length:
-                piece = await source.read(offset, min(self.state_read_bytes, length - offset))
+            for _ in range(self.reads_in_flight):
+                read_next()
+            while ahead:
+                piece = await ahead.popleft()
+                read_next()
                 view = memoryview(piece)
                 while view:
                     written = await asyncio.to_thread(os.write, fd, view)
@@ -539,4 +556,7 @@ class BakeManager:
             raise GuestControlError("resume", "migrate-incoming",
                                     f"QEMU stopped reading its state at byte {offset}") from err
         finally:
+            for read in ahead:
+                read.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
             os.close(fd)
