@@ -7,11 +7,12 @@ relay like any VM) whose guest is booted small with room to grow (``max_cpus``,
 ``max_memory_mib``), waited on until it is ready (a marker on its console, or a number
 of seconds), then paused. While it is paused, nothing it does reaches its disk: the VM's
 snapshot (``VmManager.snapshot``) freezes the disk layer at that instant, and QEMU's
-migration writes the device and memory state to a file the agent opened and handed
-over by file descriptor (``fd:``; no shell command line). The state is written under a
-temporary name, fsynced and renamed into ``<data>/bakes/NAME/``, whose ``bake.json`` is
-written last: a crash at any point leaves either no bake or a whole one (``start``
-removes the rest). Then the guest is stopped.
+migration writes the device and memory state to a file (``exec:cat > PATH``, the path
+the agent's own and quoted: QEMU 7.2 has no ``file:`` URI, and handing QEMU an fd needs
+the socket beneath qemu.qmp, which uvloop does not expose). The state is written into
+a dot-directory, fsynced, given ``bake.json`` and renamed to ``<data>/bakes/NAME/``: a
+crash at any point leaves either no bake or a whole one (``start`` removes the rest).
+Then the guest is stopped.
 
 **Through the tree.** The agent exports two read-only devices on its relay NBD server
 (the cluster's TLS when it has one): ``NAME@bake-state`` (the state file) and
@@ -26,13 +27,15 @@ chunks beside the base's (deduplication is the host store's work, issue 12 §4).
 
 **Resume.** A new VM gets a copy-on-write layer over the bake's disk image (as any VM
 over any image). Its QEMU starts with the bake's configuration and ``-incoming defer``;
-the agent hands it the read end of a pipe and feeds the pipe from the state image's
-relay, chunk by chunk, so the state comes through this host's cache (and, on a host
-that never saw the bake, through its tree). Once QEMU has loaded it, the guest is
-continued and CPUs and memory are hot-plugged up to the request. ``resume_seconds`` is
-measured from the request to the guest running (``cont`` answered); the hot-plug after
-it is ``sized_seconds``. Each resumed QEMU has a fresh ``vmgenid`` GUID, so clones of
-one bake reseed their random number generators.
+the agent makes a FIFO in the VM's directory, has QEMU read it (``exec:cat FIFO``) and
+feeds it from the state image's relay, reads running ahead of the writes, so the state
+comes through this host's cache (and, on a host that never saw the bake, through its
+tree). The FIFO is closed at the state's end: QEMU 7.2 finishes loading only at the end
+of its input. Once QEMU has loaded it, the guest is continued and CPUs and memory are
+hot-plugged up to the request. ``resume_seconds`` is measured from the request to the
+guest running (``cont`` answered); the hot-plug after it is ``sized_seconds``. Each
+resumed QEMU has a fresh ``vmgenid`` GUID, so clones of one bake reseed their random
+number generators.
 """
 
 from __future__ import annotations
