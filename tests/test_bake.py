@@ -107,6 +107,13 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         assert images[record["state_image"]]["size"] >= record["state_bytes"]
         assert images[record["disk_image"]]["size"] == images["guest"]["size"]
 
+        # A baking agent killed and restarted serves its bake again (bake.json was
+        # durable before Volt was told): both resumes below read through its exports.
+        c.kill_agent(h0)
+        await c.start_agent(h0)
+        async with c.api(c.agents[h0].url) as api:
+            assert [b["name"] for b in await api.get("/bakes")] == ["uvm"]
+
         # The baking host resumes from its own cache; the other has never seen the bake.
         local = await resume(c, h0, "a")
         # The other through the CLI, which prints the resume time.
@@ -143,8 +150,14 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
                                              "cpus": MAX_CPUS + 1})
             assert too_big.value.status == 422 and "CPUs" in too_big.value.detail
             assert "c" not in {vm["name"] for vm in await api.get("/vms")}
-        mem_b = await console_ticks(c, h1, "b", rf"{TICK} \d+ cpus=0-1 MemTotal:\s+\d+")
-        assert int(mem_b[-1].group(3)) > int(ticks_a[0].group(3))
+        # The hot-plugged memory too, once the guest's loop onlined it (a tick later).
+        baked_kb = int(ticks_a[0].group(3))
+        for _ in range(60):
+            mem_b = await console_ticks(c, h1, "b", rf"{TICK} \d+ ")
+            if int(mem_b[-1].group(3)) > baked_kb:
+                break
+            await asyncio.sleep(0.5)
+        assert int(mem_b[-1].group(3)) >= baked_kb + 100 * 1024, mem_b[-1].group(0)
 
         # Removed once its clones are gone: from Volt (with its images) and its agent.
         for host, vm in ((h0, "a"), (h1, "b")):
