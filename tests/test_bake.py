@@ -14,10 +14,15 @@ from typing import Any
 import pytest
 from conftest import require
 
+from virtman.blockdev import MemoryDevice
 from virtman.cluster.local import ClusterSettings, LocalCluster
-from virtman.errors import ApiError
+from virtman.coordinator.models import BakeCreate
+from virtman.coordinator.state import VoltState
+from virtman.coordinator.volt import Volt
+from virtman.errors import ApiError, ConfigError, Conflict, NotFound
 from virtman.hypervisor.testimage import MARKER, TICK, GuestImage, build_test_image
 from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS
+from virtman.nbd.server import NbdServer
 
 #: Seconds the cluster gets to start (processes, image registration).
 SETUP_SECONDS = 60
@@ -193,3 +198,60 @@ async def test_resume_refuses_bad_input(cluster: LocalCluster) -> None:
             await api.post("/bakes", json={"name": "b", "image": "none", "ready_after": 1})
         assert no_image.value.status == 404
         assert await api.get("/vms") == [] and await api.get("/bakes") == []
+
+
+# --- Volt's bake records (no QEMU) -----------------------------------------------------------
+
+
+@pytest.fixture
+async def exports(tmp_path: Path) -> AsyncIterator[str]:
+    """An NBD server standing in for a baking agent: a state and a disk export."""
+    server = NbdServer({"uvm@bake-state": MemoryDevice(data=b"S" * 8192),
+                        "uvm@bake-disk": MemoryDevice(data=bytes(range(256)) * 64)})
+    sock = tmp_path / "agent.sock"
+    await server.listen_unix(str(sock))
+    yield str(sock)
+    await server.stop()
+
+
+def bake_request(sock: str, *, state_bytes: int = 8000, disk: str = "uvm@bake-disk",
+                 ) -> BakeCreate:
+    return BakeCreate(
+        name="uvm", agent="host1", image="guest", state_bytes=state_bytes, chunk_size=4096,
+        state_origin=f"nbd+unix:///uvm@bake-state?socket={sock}",
+        disk_origin=f"nbd+unix:///{disk}?socket={sock}",
+        guest={"memory_mib": 384, "cpus": 1}, accel="tcg")
+
+
+async def test_volt_keeps_a_bake_with_its_two_images(tmp_path: Path, exports: str) -> None:
+    db = str(tmp_path / "volt.db")
+    volt = Volt(VoltState(db))
+    bake = await volt.add_bake(bake_request(exports))
+    assert (bake.state_image, bake.disk_image) == ("uvm.state", "uvm.disk")
+    assert bake.disk_bytes == 256 * 64 and bake.state_bytes == 8000
+    assert {i.name: i.size for i in volt.images()} == {"uvm.state": 8192, "uvm.disk": 16384}
+    with pytest.raises(Conflict):
+        await volt.add_bake(bake_request(exports))
+    with pytest.raises(Conflict, match="belongs to bake 'uvm'"):
+        volt.remove_image("uvm.disk")
+    await volt.stop()
+
+    volt = Volt(VoltState(db))  # a restarted Volt has it, from SQLite
+    assert volt.bake("uvm") == bake
+    volt.remove_bake("uvm")
+    assert volt.bakes() == [] and volt.images() == []
+    with pytest.raises(NotFound):
+        volt.bake("uvm")
+    await volt.stop()
+
+
+async def test_volt_keeps_nothing_of_a_bake_it_refuses(tmp_path: Path, exports: str) -> None:
+    volt = Volt(VoltState(str(tmp_path / "volt.db")))
+    # The state export is shorter than the state it claims to hold.
+    with pytest.raises(ConfigError, match="less than the 9000"):
+        await volt.add_bake(bake_request(exports, state_bytes=9000))
+    # The disk export does not exist: the state image registered first is removed again.
+    with pytest.raises(ConfigError, match=r"uvm\.disk"):
+        await volt.add_bake(bake_request(exports, disk="nothing"))
+    assert volt.bakes() == [] and volt.images() == []
+    await volt.stop()
