@@ -119,6 +119,11 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         async with c.api(c.agents[h0].url) as api:
             assert [b["name"] for b in await api.get("/bakes")] == ["uvm"]
 
+            # The bake's own VM is held as it was baked while the bake is served.
+            with pytest.raises(ApiError) as held:
+                await api.delete("/vms/uvm.bake")
+            assert held.value.status == 409 and "serving bake" in held.value.detail
+
         # The baking host resumes from its own cache; the other has never seen the bake.
         local = await resume(c, h0, "a")
         # The other through the CLI, which prints the resume time.
@@ -194,6 +199,10 @@ async def test_resume_refuses_bad_input(cluster: LocalCluster) -> None:
             await api.post("/bakes", json={"name": "b", "image": "guest", "ready_after": 1,
                                            "ready_marker": "x"})
         assert two.value.status == 422 and "ready_marker" in two.value.detail
+        with pytest.raises(ApiError) as too_long:
+            await api.post("/bakes", json={"name": "b" * 60, "image": "guest",
+                                           "ready_after": 1})
+        assert too_long.value.status == 422 and "too long" in too_long.value.detail
         with pytest.raises(ApiError) as no_image:
             await api.post("/bakes", json={"name": "b", "image": "none", "ready_after": 1})
         assert no_image.value.status == 404

@@ -115,7 +115,7 @@ class VmCreate(BaseModel):
     def _one_source(self) -> VmCreate:
         sources = [self.image, self.from_snapshot, self.from_bake]
         if sum(source is not None for source in sources) != 1:
-            raise ValueError("give one of image, from_snapshot and from_bake")
+            raise ValueError("give image or from_snapshot or from_bake (one of them)")
         if self.from_bake is not None:
             if not self.start:
                 raise ValueError("from_bake resumes a guest: give start: true")

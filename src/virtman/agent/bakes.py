@@ -69,6 +69,7 @@ from virtman.limits import (
     BAKE_READY_MAX_SECONDS,
     BAKE_STATE_READ_BYTES,
     BAKE_STATE_READS_IN_FLIGHT,
+    MAX_NAME_LENGTH,
     QMP_CONNECT_SECONDS,
 )
 from virtman.nbd.server import Export
@@ -219,6 +220,10 @@ class BakeManager:
         return os.path.join(self._bake_dir(name), "state")
 
     @staticmethod
+    def _vm_name(name: str) -> str:
+        return f"{name}.bake"
+
+    @staticmethod
     def _exports(name: str) -> tuple[str, str]:
         # '@' is in no image name, so these never collide with a relay export.
         return f"{name}@bake-state", f"{name}@bake-disk"
@@ -240,6 +245,9 @@ class BakeManager:
     async def _export(self, record: BakeRecord) -> None:
         state_export, disk_export = self._exports(record.name)
         disk = self._frozen_layer(record)
+        # Its VM stays as it is while the bake is served: a destroy, a snapshot, a guest
+        # or a copy of it are refused (``Vm.check_idle``) until the bake is removed.
+        self.vms.get(record.vm).operation = f"serving bake {record.name!r}"
         state = FileDevice(self._state_path(record.name), read_only=True)
         await state.open()
         self._states[record.name] = state
@@ -282,6 +290,13 @@ class BakeManager:
         ``GuestControlError`` when QEMU fails to pause or save. Nothing is kept on error.
         """
         name = request.name
+        longest = max((*bake_images(name), self._vm_name(name)), key=len)
+        if len(longest) > MAX_NAME_LENGTH:
+            raise ConfigError(f"bake name {name!r} is too long: {longest!r} must fit in "
+                              f"{MAX_NAME_LENGTH} characters")
+        if request.ready_after is not None and request.ready_after > self.ready_max_seconds:
+            raise ConfigError(f"ready_after {request.ready_after:g} s is over the agent's "
+                              f"limit of {self.ready_max_seconds:g} s")
         if name in self.bakes or name in self._baking:
             raise Conflict(f"a bake named {name!r} already exists on agent {self.agent!r}")
         if request.guest.max_cpus is None and request.guest.max_memory_mib is None:
@@ -295,7 +310,7 @@ class BakeManager:
     async def _bake(self, request: BakeRequest) -> dict[str, Any]:
         name = request.name
         began = time.monotonic()
-        vm_name = f"{name}.bake"
+        vm_name = self._vm_name(name)
         tmp = os.path.join(self.dir, f".{name}-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
         vm: Vm | None = None
@@ -337,6 +352,7 @@ class BakeManager:
             except BaseException:
                 await self._unexport(name)
                 del self.bakes[name]
+                vm.operation = None  # destroyed below
                 raise
         except BaseException as err:
             if vm is not None:
@@ -356,9 +372,6 @@ class BakeManager:
     async def _wait_ready(self, vm: Vm, request: BakeRequest) -> str:
         limit = self.ready_max_seconds
         if request.ready_after is not None:
-            if request.ready_after > limit:
-                raise ConfigError(f"ready_after {request.ready_after:g} s is over the "
-                                  f"agent's limit of {limit:g} s")
             await asyncio.sleep(request.ready_after)
             if vm.guest is None or not vm.guest.running:
                 raise ConfigError(f"bake guest of image {request.image!r} exited before "
@@ -405,6 +418,7 @@ class BakeManager:
         await self._unexport(name)
         del self.bakes[name]
         with contextlib.suppress(NotFound):
+            self.vms.get(record.vm).operation = None
             await self.vms.destroy(record.vm)
         remove_tree(self._bake_dir(name))
         fsync_dir(self.dir)
