@@ -278,6 +278,10 @@ BAKE_READY_MAX_SECONDS = 600.0
 #: Bytes per read while a µVM's saved state is streamed from the host's cache into a
 #: resuming QEMU (one chunk of the state image or less: a read the cache answers whole).
 BAKE_STATE_READ_BYTES = 1024 * 1024
+#: Chunk size of a bake's state image (its disk image keeps its base image's): the state
+#: is read whole and in order at every resume, so large chunks mean few round trips
+#: through the tree and few cache entries, and no read of it is wasted.
+BAKE_STATE_CHUNK_BYTES = 1024 * 1024
 #: Reads of a µVM's state in flight while it is fed to QEMU: a cold host fetches several
 #: chunks from its parents at once instead of one round trip after another.
 BAKE_STATE_READS_IN_FLIGHT = 8

@@ -67,6 +67,7 @@ from virtman.hypervisor.qmp import Monitor
 from virtman.limits import (
     BAKE_CREATE_TIMEOUT_SECONDS,
     BAKE_READY_MAX_SECONDS,
+    BAKE_STATE_CHUNK_BYTES,
     BAKE_STATE_READ_BYTES,
     BAKE_STATE_READS_IN_FLIGHT,
     MAX_NAME_LENGTH,
@@ -166,6 +167,7 @@ class BakeManager:
         ready_max_seconds: float = BAKE_READY_MAX_SECONDS,
         state_read_bytes: int = BAKE_STATE_READ_BYTES,
         reads_in_flight: int = BAKE_STATE_READS_IN_FLIGHT,
+        state_chunk_bytes: int = BAKE_STATE_CHUNK_BYTES,
         register_timeout: float = BAKE_CREATE_TIMEOUT_SECONDS,
         reader_wait: float = QMP_CONNECT_SECONDS,
     ) -> None:
@@ -177,6 +179,7 @@ class BakeManager:
         self.ready_max_seconds = ready_max_seconds
         self.state_read_bytes = state_read_bytes
         self.reads_in_flight = reads_in_flight
+        self.state_chunk_bytes = state_chunk_bytes
         self.register_timeout = register_timeout
         #: Seconds a resuming QEMU gets to open the FIFO its state comes through.
         self.reader_wait = reader_wait
@@ -344,6 +347,7 @@ class BakeManager:
                         "state_origin": doc["state_uri"], "disk_origin": doc["disk_uri"],
                         "state_bytes": state_bytes,
                         "chunk_size": self.relays.relays[request.image].spec.chunk_size,
+                        "state_chunk_size": self.state_chunk_bytes,
                         "guest": record.guest, "accel": accel, "ready": ready,
                         "bake_seconds": record.bake_seconds,
                     },

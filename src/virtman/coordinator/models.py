@@ -139,10 +139,20 @@ class BakeCreate(BaseModel):
     disk_origin: NbdUri
     state_bytes: int = Field(ge=1, description="length of QEMU's migration stream")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=4096, le=64 * 1024 * 1024)
+    state_chunk_size: int | None = Field(
+        None, ge=4096, le=64 * 1024 * 1024,
+        description="the state image's chunks (default chunk_size): it is read whole, in order")
     guest: dict[str, Any] = Field(description="the guest's configuration (GuestConfig)")
     accel: str = Field(pattern="^(kvm|tcg)$", description="what the guest ran under")
     ready: str = Field("", description="how readiness was decided, for people")
     bake_seconds: float = 0.0
+
+    @field_validator("chunk_size", "state_chunk_size")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError(f"chunk size {v} is not a power of two")
+        return v
 
 
 class Bake(BaseModel):

@@ -474,7 +474,8 @@ class Volt:
         self._baking.add(name)
         try:
             state = await self.add_image(ImageCreate(
-                name=state_image, origins=[request.state_origin], chunk_size=request.chunk_size))
+                name=state_image, origins=[request.state_origin],
+                chunk_size=request.state_chunk_size or request.chunk_size))
             try:
                 if state.size < request.state_bytes:
                     raise ConfigError(
