@@ -14,6 +14,7 @@ from pathlib import Path
 
 from virtman.blockdev.base import BlockDevice
 from virtman.blockdev.cached import CachedDevice
+from virtman.blockdev.chunkstore import ChunkStore, RecipeDevice
 from virtman.blockdev.cow import CowDevice
 from virtman.blockdev.file import FileDevice
 from virtman.blockdev.manifest import compute_manifest
@@ -22,10 +23,10 @@ from virtman.blockdev.remote import RemoteDevice
 from virtman.blockdev.store import StoreFile
 from virtman.nbd.server import NbdServer
 
-KINDS = ["memory", "file", "remote", "cached", "cow", "cow-over-cached-remote"]
+KINDS = ["memory", "file", "remote", "cached", "cow", "cow-over-cached-remote", "recipe"]
 WRITABLE = {"memory", "file", "remote", "cow", "cow-over-cached-remote"}
 #: Kinds whose state lives in files and survives a restart.
-PERSISTENT = {"file", "remote", "cached", "cow", "cow-over-cached-remote"}
+PERSISTENT = {"file", "remote", "cached", "cow", "cow-over-cached-remote", "recipe"}
 
 
 @dataclass
@@ -136,6 +137,25 @@ async def build(kind: str, tmp: Path, size: int = 1 << 20, *, chunk_size: int = 
             await dev.open()
             return dev
         return Rig(kind, await reopen_stack(), data, True, reopen_stack, cleanups)
+
+    if kind == "recipe":
+        # The file imported into a host store; a restart reopens the store as well.
+        with ChunkStore.open(str(tmp / "store")) as imported:
+            imported.import_file("base", str(base_file), chunk_size)
+        held: list[ChunkStore] = []
+
+        async def close_store() -> None:
+            if held:
+                held.pop().close()
+
+        async def reopen_recipe() -> BlockDevice:
+            await close_store()
+            held.append(ChunkStore.open(str(tmp / "store")))
+            dev = RecipeDevice(held[-1], "base")
+            await dev.open()
+            return dev
+        cleanups.append(close_store)
+        return Rig(kind, await reopen_recipe(), data, False, reopen_recipe, cleanups)
 
     raise ValueError(kind)
 

@@ -203,6 +203,15 @@ COPY_LIVE_PASSES = 3
 #: Default capacity of an agent's cache group.
 DEFAULT_CACHE_CAPACITY = 64 * GiB
 
+# --- Host store (``blockdev/chunkstore.py``) -------------------------------------------------
+#: zstd level of the host store's chunks. Level 3 (zstd's default) compresses a 256 KiB
+#: chunk in about 1 ms on this project's machines; higher levels cost several times that
+#: for a few percent of space (docs/data-plane.md, "The deduplicated host store").
+STORE_COMPRESSION_LEVEL = 3
+#: Bytes of new chunks a store writer gathers before it makes them durable together: one
+#: directory sync and one index commit per batch instead of per chunk.
+STORE_BATCH_BYTES = 32 * MiB
+
 # --- Local cluster (``virtman up``, the scale benchmark, the tests) ---------------------------
 #: Seconds a started Volt or agent process has to say where it serves.
 SERVICE_START_TIMEOUT_SECONDS = 30.0

@@ -742,6 +742,8 @@ class Guest:
         grace = self.settings.stop_grace_seconds if grace is None else grace
         self._stopping = True
         self.state = GuestState.STOPPING
+        if self.monitor is not None:
+            await self.monitor.close()  # before QEMU goes, not as a broken connection
         self._signal(signal.SIGTERM)
         done, _ = await asyncio.wait({self._task}, timeout=grace)
         while not done:  # a TCG restart may have begun meanwhile: kill whatever runs now

@@ -67,8 +67,8 @@ class Monitor:
         if client is not None:
             try:
                 await client.disconnect()
-            # QEMU may be gone already (EOFError: it went while the library read its
-            # last answer, e.g. a guest stopped after saving its state): nothing to keep.
+            # QEMU may be gone already (the library then reports the EOF it read):
+            # there is nothing to keep.
             except (QMPError, OSError, EOFError) as err:
                 log.debug("guest %r: QMP disconnect: %s", self.guest, err)
 

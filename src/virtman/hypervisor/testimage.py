@@ -79,9 +79,14 @@ class GuestImage:
 
     def append(self, name: str, *, loop: bool = False) -> str:
         """Kernel command line of a test guest named ``name``; ``loop``: it counts on its
-        console for ever instead of powering off."""
+        console for ever instead of powering off, as a µVM to save and resume.
+
+        A looping guest's kernel zeroes the pages it frees (``init_on_free=1``): the
+        unpacked initrd it dropped is then zero pages, which a saved state records as
+        flags, not bytes (measured: 242 MB of state without it, 68 MB with it).
+        """
         line = f"root=/dev/vda rw console=ttyS0 init=/sbin/init panic=-1 quiet virtman.name={name}"
-        return line + (" virtman.loop=1" if loop else "")
+        return line + (" virtman.loop=1 init_on_free=1" if loop else "")
 
 
 def find_kernel() -> tuple[str, str]:

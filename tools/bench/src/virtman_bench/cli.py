@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
     nbd.add_argument("rest", nargs="*", help="options of the benchmark (see --help)")
     nbd.set_defaults(run=_run_nbd)
 
-    from virtman_bench import calibrate, guests, report, scale
+    from virtman_bench import calibrate, guests, report, scale, store, uvm
     from virtman_bench.sim import cli as simulate
 
     for name, module, text in (
@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
         ("calibrate", calibrate, "the simulator against a testbed result"),
         ("guests", guests, "real QEMU guests: local raw file vs virtman"),
         ("report", report, "plots and a Markdown page from benchmark results"),
+        ("uvm", uvm, "prebaked µVMs: resume against cold boot"),
+        ("store", store, "bytes on disk of the deduplicated host store"),
     ):
         sp = kinds.add_parser(name, help=text, description=module.__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
