@@ -285,6 +285,22 @@ MIGRATION_DOWNTIME_LIMIT_MS = 100
 #: Bytes per hot-plugged memory module. Linux onlines hot-added memory in blocks of
 #: 128 MiB on x86-64, so a smaller module would leave memory the guest cannot use.
 MEMORY_HOTPLUG_BLOCK_MIB = 128
+#: Longest a bake waits for its guest to be ready (the ready marker on its console, or
+#: ``ready_after``) before it gives up and removes what it made.
+BAKE_READY_MAX_SECONDS = 600.0
+#: Bytes per read while a µVM's saved state is streamed from the host's cache into a
+#: resuming QEMU (one chunk of the state image or less: a read the cache answers whole).
+BAKE_STATE_READ_BYTES = 1024 * 1024
+#: Chunk size of a bake's state image (its disk image keeps its base image's): the state
+#: is read whole and in order at every resume, so large chunks mean few round trips
+#: through the tree and few cache entries, and no read of it is wasted.
+BAKE_STATE_CHUNK_BYTES = 1024 * 1024
+#: Reads of a µVM's state in flight while it is fed to QEMU: a cold host fetches several
+#: chunks from its parents at once instead of one round trip after another.
+BAKE_STATE_READS_IN_FLIGHT = 8
+#: Seconds the CLI and tests give a ``POST /bakes`` (boot, wait, save, and Volt reading
+#: the state and disk once to digest them).
+BAKE_CREATE_TIMEOUT_SECONDS = 3600.0
 #: Longest a ``GET /vms/NAME/console/wait`` holds its answer before it says "not yet"
 #: (the client asks again): below every client's HTTP timeout.
 CONSOLE_WAIT_MAX_SECONDS = 60.0

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+from virtman.agent.bakes import BakeManager
 from virtman.agent.copy import CopyLimits
 from virtman.agent.images import DeliveryMode
 from virtman.agent.relays import ProfileSettings, RelayManager
@@ -126,6 +127,8 @@ class Agent:
             on_created=creates.observe,
             on_booted=boots.observe,
         )
+        #: µVMs baked here (served through the tree) and resumes from any bake.
+        self.bakes = BakeManager(self.data_dir, self.vms, self.relays, self.link, agent=name)
         # Registered last: the registry collects once now, to check the names are unique.
         self.metrics.collect_with(self._metric_families)
 
@@ -147,6 +150,7 @@ class Agent:
         try:
             await self.relays.start()
             await self.vms.start()
+            await self.bakes.start()
         except BaseException:
             await self._stop_parts()
             self.state = AgentState.STOPPED
@@ -172,6 +176,7 @@ class Agent:
 
     async def _stop_parts(self) -> None:
         await self.link.stop()
+        await self.bakes.stop()
         await self.vms.stop()
         await self.relays.stop()
 

@@ -1,6 +1,13 @@
 """The agent's HTTP + JSON API: the VM operations of the paper's Table 2.
 
     POST   /vms                      {name, image | from_snapshot}  -> the VM and its NBD URI
+                                     {name, from_bake, start: true, cpus, memory_mib}: a
+                                     guest resumed from a bake (``agent.bakes``), its
+                                     ``resume_seconds`` in the answer
+    POST   /bakes                    {name, image, guest, ready_marker | ready_after, accel}
+                                     -> the bake, served here and registered with Volt
+    GET    /bakes, /bakes/{name};  DELETE /bakes/{name} (here only: Volt's record is
+                                     removed by the operator, ``virtman bake remove``)
     GET    /vms, /vms/{name}
     DELETE /vms/{name}[?instance_only=true]
     POST   /vms/{name}/snapshots     {name}
@@ -36,6 +43,7 @@ dashboard does not need.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -47,6 +55,7 @@ from starlette.requests import ClientDisconnect
 
 from virtman import __version__
 from virtman.agent.agent import Agent
+from virtman.agent.bakes import BakeRequest, ResumeRequest
 from virtman.auth import ANYONE, Authenticator, Principal, Role, check_acting_as, protect, require
 from virtman.coordinator.models import NAME_PATTERN, Name
 from virtman.errors import ConfigError, NetworkError
@@ -69,6 +78,9 @@ class GuestSpec(BaseModel):
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
+    #: Room to grow by hot-plug (a bake's guest): the most CPUs and MiB it may reach.
+    max_cpus: int | None = Field(None, ge=1, le=512)
+    max_memory_mib: int | None = Field(None, ge=16, le=1024 * 1024)
 
     def config(self) -> GuestConfig:
         return GuestConfig(**self.model_dump())
@@ -96,6 +108,10 @@ class VmCreate(BaseModel):
         pattern=NAME_PATTERN.rstrip("$") + "/" + NAME_PATTERN.lstrip("^"),
         description="VM/SNAPSHOT on this agent",
     )
+    from_bake: Name | None = Field(None, description="a bake Volt knows: resume it here")
+    cpus: int | None = Field(None, ge=1, le=512, description="from_bake: CPUs to hot-plug up to")
+    memory_mib: int | None = Field(None, ge=16, le=1024 * 1024,
+                                   description="from_bake: MiB to hot-plug up to")
 
     start: bool = Field(False, description="boot a QEMU guest on it at once")
     guest: GuestSpec | None = None
@@ -104,8 +120,17 @@ class VmCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> VmCreate:
-        if self.image is None and self.from_snapshot is None:
-            raise ValueError("give image or from_snapshot")
+        sources = [self.image, self.from_snapshot, self.from_bake]
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give image or from_snapshot or from_bake (one of them)")
+        if self.from_bake is not None:
+            if not self.start:
+                raise ValueError("from_bake resumes a guest: give start: true")
+            if self.guest is not None or self.record:
+                raise ValueError("from_bake takes the bake's guest: give cpus and memory_mib")
+        elif self.cpus is not None or self.memory_mib is not None:
+            raise ValueError("cpus and memory_mib size a guest resumed from_bake; "
+                             "a booted guest takes them in guest")
         return self
 
 
@@ -145,6 +170,25 @@ class VmInfo(BaseModel):
     written_bytes: int
     guest_running: bool
     recording: bool
+    resumed: dict[str, Any] | None = None
+    resume_seconds: float | None = Field(
+        None, description="from_bake: seconds from the request to the guest running")
+
+
+class BakeCreate(BaseModel):
+    name: Name
+    image: Name
+    guest: GuestSpec | None = None
+    ready_marker: str | None = Field(None, min_length=1, max_length=CONSOLE_PATTERN_MAX_CHARS,
+                                     description="a regular expression on the console")
+    ready_after: float | None = Field(None, gt=0, description="seconds after QEMU starts")
+    accel: AccelName | None = ACCEL_FIELD
+
+    @model_validator(mode="after")
+    def _one_readiness(self) -> BakeCreate:
+        if (self.ready_marker is None) == (self.ready_after is None):
+            raise ValueError("give one of ready_marker and ready_after")
+        return self
 
 
 class ConsoleWaitInfo(BaseModel):
@@ -193,6 +237,10 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
 
     @app.post("/vms", status_code=201, responses=errors, dependencies=[_OPERATOR])
     async def create(body: VmCreate) -> VmInfo:
+        if body.from_bake is not None:
+            began = time.monotonic()
+            request = ResumeRequest(body.name, body.from_bake, body.cpus, body.memory_mib)
+            return VmInfo.model_validate((await agent.bakes.resume(request, began=began)).info())
         guest = body.guest.config() if body.guest else None  # checked before anything is made
         vm = await agent.vms.create(body.name, body.image, body.from_snapshot)
         if body.start:
@@ -306,6 +354,25 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
                 dependencies=[_agent])
     async def incoming_abort(name: Name) -> None:
         await agent.vms.incoming_abort(name)
+
+    @app.post("/bakes", status_code=201, responses=errors, dependencies=[_OPERATOR])
+    async def bake(body: BakeCreate) -> dict[str, Any]:
+        guest = body.guest.config() if body.guest else GuestConfig()
+        return await agent.bakes.bake(BakeRequest(
+            body.name, body.image, guest, body.ready_marker, body.ready_after,
+            _accel(body.accel)))
+
+    @app.get("/bakes", dependencies=[_VIEW])
+    async def list_bakes() -> list[dict[str, Any]]:
+        return [agent.bakes.info(record) for record in agent.bakes.bakes.values()]
+
+    @app.get("/bakes/{name}", responses=errors, dependencies=[_VIEW])
+    async def get_bake(name: Name) -> dict[str, Any]:
+        return agent.bakes.info(agent.bakes.get(name))
+
+    @app.delete("/bakes/{name}", status_code=204, responses=errors, dependencies=[_OPERATOR])
+    async def remove_bake(name: Name) -> None:
+        await agent.bakes.remove(name)
 
     protect(app, authenticator)  # last: it checks that every route above has a guard
     return app

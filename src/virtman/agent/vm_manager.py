@@ -364,8 +364,11 @@ class VmManager:
         guest: GuestConfig | None = None,
         record: bool = False,
         accel: Accel | None = None,
+        *,
+        incoming: bool = False,
     ) -> Vm:
-        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting).
+        """Boot a QEMU guest on the VM's export (``accel`` None: the agent's setting);
+        ``incoming``: it does not boot but waits for a saved state (``agent.bakes``).
 
         Raises ``Conflict`` while the VM is cloned or migrated: a migrate refuses the
         writes it holds at its end, which a guest would see as I/O errors."""
@@ -382,7 +385,7 @@ class VmManager:
         vm.recorder = TraceRecorder() if record else None
         vm.server.recorder = vm.recorder.record if vm.recorder else None
         vm.guest = self.hypervisor.guest(name, vm.uri, guest, vm.console_log, accel,
-                                         qmp_socket=self.qmp_path(name))
+                                         qmp_socket=self.qmp_path(name), incoming=incoming)
         vm.guest.on_console = self.on_booted
         await vm.guest.start()
         self._spawn(self._watch_guest(vm, vm.guest), f"watcher of VM {name!r}'s guest")

@@ -172,6 +172,9 @@ class Vm:
         self.recorder: TraceRecorder | None = None
         #: The copy (clone/migrate) under way, which nothing else may disturb; None: idle.
         self.operation: str | None = None
+        #: How its guest was resumed from a bake (``agent.bakes.Resumed``); None: it
+        #: was not.
+        self.resumed: dict[str, object] | None = None
 
     @property
     def console_log(self) -> str:
@@ -281,6 +284,8 @@ class Vm:
             "guest_running": self.guest is not None and self.guest.running,
             "recording": self.recorder is not None,
             "phase": self.phase(),
+            "resumed": self.resumed,
+            "resume_seconds": self.resumed["resume_seconds"] if self.resumed else None,
         }
 
 

@@ -77,7 +77,8 @@ class VoltLink:
         self._report = report
         self._on_reply = on_reply
         # Volt knows this agent by its certificate or its agent token.
-        self._api = (credentials or Credentials()).api(volt_url, timeout=timeout)
+        self._credentials = credentials or Credentials()
+        self._api = self._credentials.api(volt_url, timeout=timeout)
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
         self._last_error: str | None = None
@@ -228,6 +229,27 @@ class VoltLink:
     async def leave(self, image: str) -> None:
         """Leave the image's tree (its relay export is gone)."""
         await self._api.delete(f"/images/{image}/members/{self.agent}")
+
+    async def bake(self, name: str) -> dict[str, Any]:
+        """Volt's record of a bake (``coordinator.models.Bake``); ``NotFound`` if none."""
+        try:
+            doc = await self._api.get(f"/bakes/{name}")
+        except ApiError as err:
+            if err.status == 404:
+                raise NotFound(f"no bake named {name!r} (volt: {err.detail})") from err
+            raise
+        if not isinstance(doc, dict):
+            raise PeerProtocolError(f"volt's record of bake {name!r} is malformed")
+        return doc
+
+    async def add_bake(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Register a bake this agent serves; Volt reads its state and disk once to digest
+        them, so this call may take ``timeout`` seconds, far beyond a heartbeat's."""
+        async with self._credentials.api(self.volt_url, timeout=timeout) as api:
+            answer = await api.post("/bakes", json=doc)
+        if not isinstance(answer, dict):
+            raise PeerProtocolError("volt's answer to a bake is malformed")
+        return answer
 
     async def agent_url(self, name: str) -> str:
         """Another agent's HTTP URL; ``NotFound`` when Volt knows no such agent."""

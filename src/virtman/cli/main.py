@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
         help="logging threshold",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    from virtman.cli import agent, ca, digest, image, replay, serve, token, up, vm, volt
+    from virtman.cli import agent, bake, ca, digest, image, replay, serve, token, up, vm, volt
 
     serve.add_parser(sub)
     digest.add_parser(sub)
@@ -66,6 +66,7 @@ def build_parser() -> ArgumentParser:
     image.add_parser(sub)
     agent.add_parser(sub)
     vm.add_parser(sub)
+    bake.add_parser(sub)
     up.add_parser(sub)
     replay.add_parser(sub)
     for name in OPTIONAL_COMMANDS:

@@ -1,6 +1,7 @@
 """``virtman vm``: the VM API of an agent (the paper's Table 2).
 
     virtman vm create NAME --image IMG | --from-snapshot VM/SNAP   [--agent URL]
+    virtman vm create NAME --from-bake BAKE --start [--cpus N] [--memory MIB]
     virtman vm destroy NAME [--instance-only]                      [--agent URL]
     virtman vm snapshot NAME SNAP                                  [--agent URL]
     virtman vm clone NAME DEST_AGENT                               [--agent URL]
@@ -17,6 +18,9 @@ prints a libvirt domain for ``virsh define``. ``--record`` keeps every disk requ
 the guest as a boot trace (``trace`` prints it once the guest has exited).
 
 ``create`` prints the VM's NBD URI (give it to QEMU: ``-drive file=URI,format=raw``).
+``create --from-bake`` resumes the bake's guest (``virtman bake``) instead of booting
+one, hot-plugged up to ``--cpus`` and ``--memory``, and prints ``resume_seconds`` (the
+request to the guest running) after the URI.
 ``list`` prints a table on a terminal; piped, or with ``--json``, the JSON document.
 DEST_AGENT is an agent's name: the source agent looks its address up in Volt and
 sends the VM only there (never to a URL given here).
@@ -55,6 +59,7 @@ def add_parser(sub: Any) -> None:
     source = create.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", metavar="IMG")
     source.add_argument("--from-snapshot", metavar="VM/SNAP")
+    source.add_argument("--from-bake", metavar="BAKE", help="resume a bake (with --start)")
     create.add_argument("--start", action="store_true", help="boot a QEMU guest on it at once")
     _guest_options(create)
     start = actions.add_parser("start", help="boot a QEMU guest on the VM's disk")
@@ -130,6 +135,15 @@ def run(args: argparse.Namespace) -> int:
                 body = {"name": args.name}
                 if args.image:
                     body["image"] = args.image
+                elif args.from_bake:
+                    body.update(from_bake=args.from_bake, start=args.start)
+                    for key, value in (("cpus", args.cpus), ("memory_mib", args.memory)):
+                        if value is not None:
+                            body[key] = value
+                    doc = await api.post("/vms", json=body)
+                    print(doc["uri"])
+                    print(f"resume_seconds {doc['resume_seconds']}")
+                    return 0
                 else:
                     body["from_snapshot"] = args.from_snapshot
                 if args.start:

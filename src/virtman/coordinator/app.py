@@ -24,6 +24,8 @@ from virtman import __version__
 from virtman.auth import ANYONE, Authenticator, Principal, Role, check_acting_as, protect, require
 from virtman.coordinator.models import (
     AgentInfo,
+    Bake,
+    BakeCreate,
     Heartbeat,
     HeartbeatReply,
     Image,
@@ -173,6 +175,25 @@ def create_app(
     )
     async def leave(name: Name, agent: Name) -> None:
         volt.leave(name, agent)
+
+    # Bakes (prebaked µVMs): an agent registers the one it made and serves; anyone reads
+    # them (agents resume from them); operators remove them.
+    @app.post("/bakes", status_code=201, responses=_ERRORS)
+    async def add_bake(body: BakeCreate, principal: AgentCaller) -> Bake:
+        check_acting_as(principal, body.agent)
+        return await volt.add_bake(body)
+
+    @app.get("/bakes", dependencies=[_READ])
+    async def list_bakes() -> list[Bake]:
+        return volt.bakes()
+
+    @app.get("/bakes/{name}", responses=_ERRORS, dependencies=[_READ])
+    async def get_bake(name: Name) -> Bake:
+        return volt.bake(name)
+
+    @app.delete("/bakes/{name}", status_code=204, responses=_ERRORS, dependencies=[_OPERATOR])
+    async def remove_bake(name: Name) -> None:
+        volt.remove_bake(name)
 
     @app.post(
         "/agents/{name}/heartbeat",

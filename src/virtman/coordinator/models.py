@@ -125,3 +125,51 @@ class AgentInfo(BaseModel):
     url: str
     seconds_since_heartbeat: float
     images: list[str]
+
+
+class BakeCreate(BaseModel):
+    """A bake an agent made and serves (``POST /bakes``, by that agent): Volt registers
+    its saved state and its disk at the bake's instant as two images whose origin is
+    the agent's NBD export of each, then keeps the record."""
+
+    name: Name
+    agent: Name = Field(description="the baking agent, whose exports are the origins")
+    image: Name = Field(description="the image the guest was baked from")
+    state_origin: NbdUri
+    disk_origin: NbdUri
+    state_bytes: int = Field(ge=1, description="length of QEMU's migration stream")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=4096, le=64 * 1024 * 1024)
+    state_chunk_size: int | None = Field(
+        None, ge=4096, le=64 * 1024 * 1024,
+        description="the state image's chunks (default chunk_size): it is read whole, in order")
+    guest: dict[str, Any] = Field(description="the guest's configuration (GuestConfig)")
+    accel: str = Field(pattern="^(kvm|tcg)$", description="what the guest ran under")
+    ready: str = Field("", description="how readiness was decided, for people")
+    bake_seconds: float = 0.0
+
+    @field_validator("chunk_size", "state_chunk_size")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError(f"chunk size {v} is not a power of two")
+        return v
+
+
+class Bake(BaseModel):
+    name: str
+    agent: str
+    image: str
+    state_image: str = Field(description="the image holding QEMU's saved state")
+    disk_image: str = Field(description="the image holding the disk at the bake's instant")
+    state_bytes: int
+    disk_bytes: int
+    guest: dict[str, Any]
+    accel: str
+    ready: str
+    bake_seconds: float
+    created: float
+
+
+def bake_images(name: str) -> tuple[str, str]:
+    """The names of a bake's state and disk images."""
+    return f"{name}.state", f"{name}.disk"

@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS members (
     PRIMARY KEY (image, agent),
     UNIQUE (image, position)
 );
+CREATE TABLE IF NOT EXISTS bakes (
+    name TEXT PRIMARY KEY,
+    doc TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS profiles (
     image TEXT PRIMARY KEY REFERENCES images(name) ON DELETE CASCADE,
     doc TEXT NOT NULL
@@ -142,6 +146,23 @@ class VoltState:
         """Every image's boot profile document (JSON), by image."""
         with self._failing("read the boot profiles"):
             rows = self._db.execute("SELECT image, doc FROM profiles").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # --- bakes --------------------------------------------------------------------------------
+
+    def add_bake(self, name: str, doc_json: str) -> None:
+        """Keep a bake's record (its JSON document): its images are added before it."""
+        with self._failing(f"add bake {name!r}"), self._db:
+            self._db.execute("INSERT INTO bakes VALUES (?, ?)", (name, doc_json))
+
+    def remove_bake(self, name: str) -> None:
+        with self._failing(f"remove bake {name!r}"), self._db:
+            self._db.execute("DELETE FROM bakes WHERE name = ?", (name,))
+
+    def bakes(self) -> dict[str, str]:
+        """Every bake's record (JSON), by name."""
+        with self._failing("read the bakes"):
+            rows = self._db.execute("SELECT name, doc FROM bakes ORDER BY name").fetchall()
         return {r[0]: r[1] for r in rows}
 
     # --- agents -------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from virtman.blockdev.manifest import ManifestProgress, compute_manifest
 from virtman.blockdev.remote import RemoteDevice
 from virtman.coordinator.models import (
     AgentInfo,
+    Bake,
+    BakeCreate,
     Heartbeat,
     HeartbeatReply,
     Image,
@@ -53,6 +55,7 @@ from virtman.coordinator.models import (
     Paths,
     TreeNode,
     TreeView,
+    bake_images,
 )
 from virtman.coordinator.state import ImageRecord, VoltState
 from virtman.errors import (
@@ -71,6 +74,7 @@ from virtman.limits import (
     MASS_SILENCE_HOLD_SECONDS,
     MASS_SILENCE_MIN_AGENTS,
     MASS_SILENCE_SHARE,
+    MAX_NAME_LENGTH,
     PROFILE_MAX_RUNS,
     TREE_FANOUT,
     TREE_PARENTS_PER_NODE,
@@ -189,6 +193,14 @@ class Volt:
                 raise ConfigError(f"{state.path}: the tree of image {name!r}: {err}") from err
             self._trees[name] = tree
             self._relays[name] = {m.agent: m.relay_uri for m in members}
+        self._bakes: dict[str, Bake] = {}
+        for name, doc in state.bakes().items():
+            try:
+                self._bakes[name] = Bake.model_validate_json(doc)
+            except ValueError as err:  # never written so: a damaged file
+                log.error("bake %r: stored record dropped: %s", name, err)
+        #: Bakes whose images are being registered (their origins read once).
+        self._baking: set[str] = set()
         self._agent_urls = state.agents()
         now = clock()
         # Known agents get a full timeout after a restart before they count as silent.
@@ -419,6 +431,9 @@ class Volt:
     def remove_image(self, name: str) -> None:
         self._check_open("remove an image")
         self.image(name)
+        for bake in self._bakes.values():
+            if name in (bake.state_image, bake.disk_image):
+                raise Conflict(f"image {name!r} belongs to bake {bake.name!r}: remove the bake")
         self.state.remove_image(name)
         del self._images[name], self._trees[name], self._relays[name]
         self._profiles.pop(name, None)
@@ -430,6 +445,81 @@ class Volt:
                 self._leaves.remove(name, reason.value)
         log.info("image %r removed", name)
         self._changed(ChangeKind.IMAGES, f"image {name} removed")
+
+    # --- bakes (prebaked µVMs) ----------------------------------------------------------------
+
+    def bake(self, name: str) -> Bake:
+        try:
+            return self._bakes[name]
+        except KeyError:
+            raise NotFound(f"no bake named {name!r}") from None
+
+    def bakes(self) -> list[Bake]:
+        return list(self._bakes.values())
+
+    async def add_bake(self, request: BakeCreate) -> Bake:
+        """Register a bake: its state and its disk become two images (``NAME.state``,
+        ``NAME.disk``) read once from the baking agent's exports, so they travel through
+        relay trees like any image; then its record is kept. Nothing is kept on error."""
+        self._check_open("add a bake")
+        name = request.name
+        if name in self._bakes or name in self._baking:
+            raise Conflict(f"a bake named {name!r} already exists")
+        state_image, disk_image = bake_images(name)
+        if len(disk_image) > MAX_NAME_LENGTH or len(state_image) > MAX_NAME_LENGTH:
+            raise ConfigError(
+                f"bake name {name!r} is too long: its images {state_image!r} and "
+                f"{disk_image!r} must fit in {MAX_NAME_LENGTH} characters"
+            )
+        self._baking.add(name)
+        try:
+            state = await self.add_image(ImageCreate(
+                name=state_image, origins=[request.state_origin],
+                chunk_size=request.state_chunk_size or request.chunk_size))
+            try:
+                if state.size < request.state_bytes:
+                    raise ConfigError(
+                        f"bake {name!r}: its state export holds {state.size} bytes, "
+                        f"less than the {request.state_bytes} of its state"
+                    )
+                disk = await self.add_image(ImageCreate(
+                    name=disk_image, origins=[request.disk_origin],
+                    chunk_size=request.chunk_size))
+            except BaseException:
+                self.remove_image(state_image)
+                raise
+            bake = Bake(
+                name=name, agent=request.agent, image=request.image, state_image=state_image,
+                disk_image=disk_image, state_bytes=request.state_bytes, disk_bytes=disk.size,
+                guest=request.guest, accel=request.accel, ready=request.ready,
+                bake_seconds=request.bake_seconds, created=time.time(),
+            )
+            try:
+                self.state.add_bake(name, bake.model_dump_json())
+            except BaseException:
+                self.remove_image(disk_image)
+                self.remove_image(state_image)
+                raise
+            self._bakes[name] = bake
+        finally:
+            self._baking.discard(name)
+        log.info("bake %r of image %r registered from agent %r: state %d bytes, disk %d bytes",
+                 name, request.image, request.agent, bake.state_bytes, bake.disk_bytes)
+        self._changed(ChangeKind.IMAGES, f"bake {name} registered")
+        return bake
+
+    def remove_bake(self, name: str) -> Bake:
+        """Forget a bake and its two images (agents evict their copies when unused)."""
+        self._check_open("remove a bake")
+        bake = self.bake(name)
+        self.state.remove_bake(name)
+        del self._bakes[name]
+        for image in (bake.state_image, bake.disk_image):
+            if image in self._images:
+                self.remove_image(image)
+        log.info("bake %r removed", name)
+        self._changed(ChangeKind.IMAGES, f"bake {name} removed")
+        return bake
 
     # --- trees ----------------------------------------------------------------------------------
 
