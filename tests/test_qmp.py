@@ -135,15 +135,16 @@ def test_bench_uvm_times_a_resume_against_a_cold_boot(tmp_path: Path) -> None:
 
     out = tmp_path / "uvm.json"
     done = subprocess.run(
-        [sys.executable, "-m", "virtman", "bench", "uvm", "--resumes", "1", "--at-once", "2",
-         "--accel", "tcg", "--memory", str(MEMORY_MIB), "--json", str(out),
-         "--tmpdir", str(tmp_path)],
+        [sys.executable, "-m", "virtman", "bench", "uvm", "--no-cluster", "--host-level",
+         "--resumes", "1", "--at-once", "2", "--accel", "tcg", "--memory", str(MEMORY_MIB),
+         "--json", str(out), "--tmpdir", str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resume, local state, to running" in done.stdout
+    assert "host level: resume from a file, to running" in done.stdout
     doc = json.loads(out.read_text())
-    assert doc["accel"] == "tcg" and doc["memory_mib"] == MEMORY_MIB
+    assert doc["accel"] == "tcg" and doc["memory_mib"] == MEMORY_MIB and "cluster" not in doc
+    doc = doc["host"]
     assert doc["state_bytes"] > 16 * 1024 * 1024  # a booted guest's memory, not a stub
     assert 0 < doc["resume_running"]["median"] <= doc["resume_ticking"]["median"]
     assert doc["at_once"] == 2 and doc["at_once_running"]["max"] > 0

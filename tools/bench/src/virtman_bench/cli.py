@@ -28,7 +28,7 @@ def add_parser(sub: Any) -> None:
         ("calibrate", calibrate, "the simulator against a testbed result"),
         ("guests", guests, "real QEMU guests: local raw file vs virtman"),
         ("report", report, "plots and a Markdown page from benchmark results"),
-        ("uvm", uvm, "prebaked µVMs: resume against cold boot"),
+        ("uvm", uvm, "prebaked µVMs and live migration: issue 12's targets"),
         ("store", store, "bytes on disk of the deduplicated host store"),
     ):
         sp = kinds.add_parser(name, help=text, description=module.__doc__,
