@@ -82,6 +82,8 @@ BAKE = "uvm"
 CACHED_RESUME_LIMIT = 1.0
 COLD_TREE_RESUME_LIMIT = 2.0
 DOWNTIME_LIMIT = 0.5
+#: ...and the host store's: four bakes' bytes over one bake's (``virtman bench store``).
+STORE_LIMIT = 1.2
 
 
 @dataclass
@@ -365,12 +367,15 @@ async def _cluster_run(args: argparse.Namespace, c: LocalCluster,
 # --- the table ----------------------------------------------------------------------------------
 
 
-def _verdict(ok: bool) -> str:
+def _verdict(ok: bool | None) -> str:
+    if ok is None:
+        return "measured"
     return "met" if ok else "NOT met"
 
 
 def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 12's targets this run measured: each with its figure and whether it is met."""
+    """Issue 12's targets: each with its figure and whether it is met (None: a figure
+    the issue sets no limit for, or one another benchmark measures)."""
     out: list[dict[str, Any]] = []
     cl = doc.get("cluster")
     if cl:
@@ -394,10 +399,27 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             exact = all(m["bytes_moved"] == m["ram_bytes"] + m["disk_bytes"]
                         + m["live_read_bytes"] and m["disk_bytes"] <= m["written_bytes"]
                         for m in moves)
-            worst_moved = max(m["bytes_moved"] for m in moves)
+            big = max(moves, key=lambda m: m["bytes_moved"])
             out.append({"target": "live migration moves memory + written blocks only",
-                        "figure": f"at most {format_size(worst_moved)} a move",
+                        "figure": f"largest move {format_size(big['bytes_moved'])} = "
+                                  f"{format_size(big['ram_bytes'])} memory + "
+                                  f"{format_size(big['disk_bytes'])} of the "
+                                  f"{format_size(big['written_bytes'])} the VM wrote + "
+                                  f"{big['live_read_bytes']} B read live",
                         "met": exact})
+        if "at_once" in cl:
+            a = cl["at_once"]
+            out.append({"target": f"{a['vms']} µVMs resumed at once on two agents (no limit)",
+                        "figure": f"median {a['median']:.3f} s, max {a['max']:.3f} s per VM",
+                        "met": None})
+        if "cold_boot_seconds" in cl:
+            boot = cl["cold_boot_seconds"]
+            out.append({"target": "cold boot of the same guest, beside the resumes (no limit)",
+                        "figure": f"{boot:.2f} s, {boot / med:.0f}x the cached resume",
+                        "met": None})
+    out.append({"target": f"host store: four bakes of one image <= {STORE_LIMIT:g}x one "
+                          "bake's bytes", "figure": "not measured here",
+                "met": None, "verdict": "see 'virtman bench store'"})
     return out
 
 
@@ -461,7 +483,8 @@ def format_table(doc: dict[str, Any]) -> str:
     lines = [f"{'':<{width}}  {'median':>9}  range / detail"]
     lines += [f"{label:<{width}}  {value:>9}  {detail}" for label, value, detail in rows]
     for t in doc.get("targets", []):
-        lines.append(f"target: {t['target']}: {_verdict(t['met'])} ({t['figure']})")
+        verdict = t.get("verdict") or _verdict(t["met"])
+        lines.append(f"target: {t['target']}: {verdict} ({t['figure']})")
     return "\n".join(lines)
 
 
