@@ -449,7 +449,7 @@ def format_table(doc: dict[str, Any]) -> str:
         if "at_once" in cl:
             a = cl["at_once"]
             spread(f"{a['vms']} resumed at once on {' and '.join(a['hosts'])}", a)
-            rows.append(("  until all of them answered (hot-plug included)",
+            rows.append(("  until all of them answered",
                          f"{a['all_answered_seconds']:.3f} s", ""))
         if "cold_boot_seconds" in cl:
             rows.append(("cold boot of the same guest to its first tick",
