@@ -722,6 +722,7 @@ def test_calibration_of_a_uvm_run() -> None:
     assert sim.extra["cores"] == 1.0  # two cores shared by two hosts
     assert sim.extra["resume_wall_seconds"] == pytest.approx(0.4 * 5)
     assert sim.extra["testbed_all_booted_seconds"] == 2.0
+    assert sim.extra["prefetch_demand"] == "join"  # as the agent, and as for boots
     error = 100 * (sim.all_booted_seconds - 2.0) / 2.0
     assert sim.extra["error_percent"] == round(error, 1)
     # The same through the function the lead can call with measured figures.

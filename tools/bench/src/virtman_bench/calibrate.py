@@ -57,6 +57,10 @@ class UvmMeasurement:
     fanout: int = 2
     parents: int = 2
     rtt: float = TESTBED_RTT
+    #: As for boots (``sim_run_for``): the agent serves a read of a chunk that a
+    #: prefetch run is fetching from that run, and a parent's miss as prefetch.
+    prefetch_demand: str = "join"
+    prefetch_miss: str = "prefetch"
 
 
 def sim_uvm_run(m: UvmMeasurement) -> Run:
@@ -67,6 +71,7 @@ def sim_uvm_run(m: UvmMeasurement) -> Run:
         chunk_size=m.chunk_size, link_rate=m.link_rate, rtt=m.rtt, fanout=m.fanout,
         parents=m.parents, state_bytes=m.state_bytes, layer_bytes=m.layer_bytes,
         resume_seconds=m.resume_seconds, cores=m.cores,
+        prefetch_demand=m.prefetch_demand, prefetch_miss=m.prefetch_miss,
     )
     result = simulate(cfg).to_run()
     measured = m.all_running_seconds
@@ -102,6 +107,8 @@ def uvm_measurement(testbed: dict[str, Any], run: dict[str, Any]) -> UvmMeasurem
         all_running_seconds=float(run["all_booted_seconds"]),
         cores=float(get("cores", machine_cores / hosts)),
         chunk_size=int(settings.get("chunk_size", 256 * 1024)),
+        prefetch_demand=str(settings.get("prefetch_demand", "join")),
+        prefetch_miss=str(settings.get("prefetch_miss", "prefetch")),
     )
 
 

@@ -197,8 +197,10 @@ def _command(args: argparse.Namespace) -> str:
     ]
     if args.trace is not None:
         words += ["--trace", args.trace]
-    if args.prefetch:
-        words += ["--prefetch", "--prefetch-batch", args.prefetch_batch,
+    # uvm mode prefetches its bake with these settings, with or without --prefetch.
+    if args.prefetch or UVM_MODE in _list(args.modes, "--modes"):
+        words += ["--prefetch"] if args.prefetch else []
+        words += ["--prefetch-batch", args.prefetch_batch,
                   "--prefetch-inflight", args.prefetch_inflight,
                   "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss,
                   "--prefetch-demand", args.prefetch_demand]
@@ -322,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         f" fan-out {args.fanout}, parents {args.parents} (paper: 1),"
         f" attach {args.attach_delay:g} s per level (paper), network {args.network}"
     )
-    if args.prefetch:
+    if args.prefetch or UVM_MODE in modes:
         settings.update({
             "prefetch_batch_bytes": batch,
             "prefetch_inflight_bytes": inflight,
@@ -331,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
             "prefetch_miss": args.prefetch_miss,
             "prefetch_demand": args.prefetch_demand,
         })
+    if args.prefetch:
         cap = format_rate(prefetch_rate) if prefetch_rate else "no"
         print(
             f"prefetch (virtman mode): the profile of {pattern.distinct_chunks} chunks in"
@@ -354,7 +357,11 @@ def run(args: argparse.Namespace) -> int:
             f" prefetched by every host (state first), each VM resumes in"
             f" {args.resume_seconds:g} s on a core of its own ({args.cores:g} cores per host),"
             f" then reads its layer and {format_size(base_reads)} of the base;"
-            f" 'all booted' is all running"
+            f" 'all booted' is all running. Bake prefetch: requests of up to"
+            f" {format_size(batch)}, {format_size(inflight)} in flight, from"
+            f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
+            f" a parent's miss fetched as {args.prefetch_miss}, QEMU's read of a chunk"
+            f" on its way: {args.prefetch_demand}"
         )
     print(f"relay: {args.relay}")
     print(HEADER, flush=True)

@@ -1,9 +1,11 @@
-"""A discrete-event model of many hosts booting VMs from one image (pure: no I/O).
+"""A discrete-event model of many hosts booting VMs from one image, or resuming them from
+one bake (pure: no I/O).
 
 Theory of operation
 -------------------
 The model answers one question: when has every VM booted, for N hosts with M VMs each,
-when the image reaches the hosts in one of four ways (``mode``):
+when the image reaches the hosts in one of four ways (``mode``), or, in a fifth mode
+(``uvm``, below), when is every VM running that was resumed from one bake:
 
 - ``virtman``: hosts sit in the relay tree of the real planner
   (``RelayTree(TreeSettings(d, k))``, hosts joined in order ``host0..hostN-1``). A host
@@ -125,6 +127,33 @@ cache that serves a miss from the prefetch run in flight).
 Bytes a host sends count in ``host_bytes_sent`` whichever the class; ``prefetch_bytes``
 is what moved as prefetch, ``prefetched_chunks`` which chunks did. The run ends when
 every host holds its profile (``prefetch_done_seconds``), after the boots.
+
+µVMs (``uvm`` mode, issue 12). VMs start from one bake instead of booting: its saved
+state (the migration stream, S = ``state_bytes``) and its disk layer (L =
+``layer_bytes``) are chunks like the image's (numbered after them), in the tree of
+virtman mode (k parents, origin fallback). Every host prefetches the whole bake from
+t = 0, state first (the profile is the bake: every host needs all of it), with the
+prefetch settings above, so it is pipelined down the tree chunk by chunk. The lead VM
+is QEMU with ``-incoming``: it reads the state in order, one chunk after the other, as a
+demand read (which finds its chunk held, or on its way by prefetch, or fetches it); the
+VM can run only once the state is whole. Then it resumes: CPU-bound, R =
+``resume_seconds`` on a core of its own; the host's M VMs resume at once and share its
+``cores``, so each takes R x max(1, M/cores) (processor sharing: they end together).
+Then it reads its layer (already prefetched, so usually held) and
+``base_read_bytes`` of the base image (the boot profile's first chunks, fetched as
+virtman mode fetches them, prefetched after the bake with ``prefetch``); it is running
+when it holds them. Its "boot time" is that moment; ``single_vm_seconds`` is R. The
+floor is the later of the state's arrival plus the resume and the bake's arrival, where
+X bytes arrive no earlier than max(roots x X/B + rtt, X/B + depth x rtt + (depth-1) x
+C/B) (the origin sends X to every root; store and forward adds a chunk per level).
+``uvm_budget`` searches for the largest R and the largest bake that meet a goal.
+What uvm mode ignores: resume work overlapping the state's arrival (QEMU loads pages as
+they come; the whole R is added after the last byte, so it errs long); any compression
+or deduplication of the bake on the wire (S and L are the bytes that move); disk reads
+of the state from the host's cache (in R, as measured from a cached state); the VMs'
+work after they run (reads beyond ``base_read_bytes``, writes); memory hot-plug and the
+generation ID (in R); and cores in the boot modes (their T is measured with the VMs
+booting together, and each boot is think time, not CPU).
 
 Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
 limit in the switch fabric, no disk: a cached chunk is read in no time); one round trip per request
@@ -683,8 +712,10 @@ class SimResult:
             extra["demand_floor_seconds"] = self.demand_floor_seconds
             extra["fanout"] = cfg.fanout
             extra["parents_per_node"] = cfg.parents_per_node
-        if cfg.prefetch:
-            extra["prefetch"] = True
+        if cfg.prefetch or cfg.mode == UVM_MODE:
+            # uvm mode always prefetches its bake; ``prefetch`` says whether its base
+            # reads are prefetched too.
+            extra["prefetch"] = cfg.prefetch
             extra["prefetch_batch_bytes"] = cfg.prefetch_batch_bytes
             extra["prefetch_inflight_bytes"] = cfg.prefetch_inflight_bytes
             extra["prefetch_rate"] = cfg.prefetch_rate
