@@ -27,6 +27,7 @@ from virtman_bench.sim.model import (
     profile_of,
     simulate,
     synthetic_pattern,
+    uvm_budget,
 )
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -554,3 +555,195 @@ def test_bad_prefetch_settings_are_config_errors() -> None:
         small("virtman", 3, prefetch_rate=-1.0)
     with pytest.raises(ConfigError, match="profile"):
         small("virtman", 3, profile=(0, -1))
+
+
+# --- µVMs: resumed from one bake (issue 12, section 6) ---------------------------------
+
+
+def uvm_by_hand(**kw: object) -> SimConfig:
+    """One host, C/B = 1 s, rtt 0.5 s, two VMs; the bake is a state of 2 chunks and a
+    layer of 1; each VM resumes in 1 s on a core of its own."""
+    settings: dict[str, object] = {
+        "mode": "uvm", "hosts": 1, "vms_per_host": 2, "state_bytes": 2 * C,
+        "layer_bytes": C, "resume_seconds": 1.0, "cores": 1.0, "pattern": None,
+    }
+    return hand_config(**(settings | kw))
+
+
+def test_uvm_resume_by_hand() -> None:
+    """t=0: QEMU reads state chunk 0, a miss: origin [0, 1], held at 1.5. Prefetch
+    asks for the rest of the bake (state 1, layer 0): [1, 2] -> 2.5 and [2, 3] -> 3.5.
+    At 1.5 QEMU reads state chunk 1, already on its way: the state is held at 2.5. The
+    two VMs share one core: each resume takes 2 x 1 s, to 4.5; the layer has been held
+    since 3.5, so both run at 4.5, the floor: 2 chunks + rtt + 2 s. With two cores the
+    resume takes 1 s, and the layer (3.5) is what the VMs wait for."""
+    for network in NETWORKS:
+        r = simulate(uvm_by_hand(network=network))
+        assert r.finish == pytest.approx([4.5], abs=1e-9)
+        assert r.extra["state_done_seconds"] == pytest.approx(2.5, abs=1e-9)
+        assert r.extra["bake_done_seconds"] == pytest.approx(3.5, abs=1e-9)
+        assert r.origin_bytes_sent == 3 * C
+        assert r.floor_seconds == pytest.approx(4.5, abs=1e-9)
+        run = r.to_run()
+        assert run.single_vm_seconds == 1.0  # one µVM alone: R
+        assert run.extra["resume_wall_seconds"] == 2.0
+        assert run.extra["bake_bytes"] == 3 * C
+    two_cores = simulate(uvm_by_hand(cores=2.0))
+    assert two_cores.finish == pytest.approx([3.5], abs=1e-9)
+    # The bake's chunks are numbered after the image's, never a base chunk.
+    state, layer = uvm_by_hand().bake_chunks()
+    assert list(state) == [4, 5] and list(layer) == [6]
+    assert two_cores.prefetched_chunks == frozenset({5, 6})  # 4 went as demand
+
+
+def test_uvm_origin_sends_the_bake_once_per_root() -> None:
+    """Every host receives every chunk of the bake once, from the origin (the roots)
+    or a parent; the origin sends it once per root, whatever the host count."""
+    bake = 8 * MiB + 2 * MiB
+    for hosts, parents, source in itertools.product((1, 2, 14, 100), (1, 2), PREFETCH_FROM):
+        r = simulate(small("uvm", hosts, state_bytes=8 * MiB, layer_bytes=2 * MiB,
+                           parents=parents, prefetch_from=source))
+        roots = min(hosts, 2)
+        assert r.origin_bytes_sent == roots * bake, (hosts, parents, source)
+        assert r.origin_bytes_sent + sum(r.host_bytes_sent) == hosts * bake
+        assert r.to_run().extra["bake_bytes"] == bake
+    # Reads of the base after resume come through the tree as in virtman mode: one
+    # copy of them per root more, prefetched or not.
+    for prefetch in (False, True):
+        r = simulate(small("uvm", 14, state_bytes=8 * MiB, layer_bytes=2 * MiB,
+                           base_read_bytes=4 * MiB, prefetch=prefetch))
+        assert r.origin_bytes_sent == 2 * (bake + 4 * MiB)
+        assert r.origin_bytes_sent + sum(r.host_bytes_sent) == 14 * (bake + 4 * MiB)
+
+
+def test_uvm_time_grows_with_the_state_size() -> None:
+    times = []
+    for state in (1, 4, 16, 64):
+        r = simulate(small("uvm", 30, state_bytes=state * MiB, layer_bytes=MiB))
+        assert r.all_booted_seconds >= r.floor_seconds - 1e-9
+        times.append(r.all_booted_seconds)
+    assert all(b > a for a, b in itertools.pairwise(times)), times
+    # The tree streams the state at the origin's rate over the two roots: each extra
+    # MiB costs about 2 MiB / B.
+    per_mib = (times[-1] - times[-2]) / 48
+    assert per_mib == pytest.approx(2 * MiB / 125e6, rel=0.05)
+
+
+def test_uvm_is_no_later_than_a_boot_when_the_bake_and_resume_are_smaller() -> None:
+    """Same tree, link and VMs; the bake (state + layer) smaller than the boot's working
+    set and the resume shorter than the local boot: the VMs run no later than booted
+    VMs do, on demand or with prefetch. (Not a theorem: a resume starts only once the
+    state is whole, while a boot overlaps its reads with its think time; the settings
+    here are the regime of a µVM, a bake a fraction of the working set.)"""
+    pattern = pattern_from_trace(load_trace(None), C, 64 * MiB, 16 * MiB, 10.0)
+    for hosts, (state, layer), resume in itertools.product(
+        (1, 6, 30), ((4 * MiB, MiB), (8 * MiB, 4 * MiB)), (0.5, 2.0, 5.0)
+    ):
+        assert state + layer < 16 * MiB and resume < 10.0
+        uvm = simulate(small("uvm", hosts, working_set=16 * MiB, state_bytes=state,
+                             layer_bytes=layer, resume_seconds=resume, cores=4.0))
+        for prefetch in (False, True):
+            boot = simulate(small("virtman", hosts, working_set=16 * MiB, pattern=pattern,
+                                  prefetch=prefetch))
+            assert uvm.depth == boot.depth
+            assert uvm.all_booted_seconds <= boot.all_booted_seconds, (
+                hosts, state, layer, resume, prefetch)
+
+
+def test_uvm_budget_brackets_the_goal() -> None:
+    """The budget's resume and bake meet the goal; a little more of either misses it."""
+    cfg = small("uvm", 14, vms_per_host=10, state_bytes=16 * MiB, layer_bytes=4 * MiB,
+                resume_seconds=0.5, cores=8.0)
+    goal = 2.0
+    b = uvm_budget(cfg, goal)
+    assert b.all_running_seconds == simulate(cfg).all_booted_seconds < goal
+    assert b.resume_check_seconds < goal and b.bake_check_seconds < goal
+    assert simulate(replace(cfg, resume_seconds=b.max_resume_seconds)).all_booted_seconds < goal
+    assert simulate(replace(cfg, resume_seconds=b.max_resume_seconds * 1.02)
+                    ).all_booted_seconds >= goal
+    scale = b.max_bake_bytes / (20 * MiB)
+    assert scale > 1
+    more = replace(cfg, state_bytes=int(16 * MiB * scale * 1.03),
+                   layer_bytes=int(4 * MiB * scale * 1.03))
+    assert simulate(more).all_booted_seconds >= goal
+    # A resume longer than the goal leaves no bake that meets it.
+    assert uvm_budget(replace(cfg, resume_seconds=2.0), goal).max_bake_bytes == 0
+    with pytest.raises(ConfigError):
+        uvm_budget(replace(cfg, mode="virtman"))
+
+
+def test_cli_prints_the_uvm_row_beside_the_boot_modes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = tmp_path / "sim.json"
+    args = p.parse_args([
+        "--modes", "paper,virtman,uvm", "--hosts", "6", "--vms-per-host", "10",
+        "--image-size", "64M", "--working-set", "8M", "--state-size", "4M",
+        "--layer-size", "1M", "--resume-seconds", "0.25", "--cores", "4",
+        "--goal-seconds", "1", "--uvm-budget", "--json", str(out),
+    ])
+    assert cli.run(args) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if not line.startswith(" ")]
+    # One table: a row per mode, the uvm row with the boot modes' columns.
+    table = [r for r in rows if len(r) > 2 and r[1] == "6"]
+    assert [r[0] for r in table] == ["paper", "virtman", "uvm"]
+    assert len({len(r) for r in table}) == 1
+    assert "uvm goal: 60 VMs on 6 hosts all running in" in text
+    assert "uvm budget for < 1 s: resume <=" in text
+    doc = json.loads(out.read_text())
+    assert "--state-size 4M --layer-size 1M --resume-seconds 0.25 --cores 4" in doc["command"]
+    assert doc["settings"]["state_bytes"] == 4 * MiB
+    uvm = doc["runs"][2]
+    assert uvm["mode"] == "uvm" and uvm["state_bytes"] == 4 * MiB
+    assert uvm["resume_wall_seconds"] == 0.25 * 10 / 4
+    assert uvm["origin_bytes_sent"] == 2 * 5 * MiB
+    assert uvm["goal_met"] is (uvm["all_booted_seconds"] < 1)
+    assert uvm["budget_max_bake_bytes"] > 0
+    assert all(key in uvm for key in RUN_KEYS)
+    with pytest.raises(ConfigError):
+        cli.run(p.parse_args(["--modes", "uvm", "--hosts", "2", "--goal-seconds", "0"]))
+
+
+def test_calibration_of_a_uvm_run() -> None:
+    """A testbed uvm run is simulated from its measured inputs, with its error."""
+    testbed = {
+        "kind": "testbed", "machine": {"cores": 2},
+        "settings": {"chunk_size": C, "rate": "1gbit", "state_bytes": 8 * MiB,
+                     "layer_bytes": 2 * MiB},
+        "runs": [],
+    }
+    run = {"mode": "uvm", "hosts": 2, "vms_per_host": 5, "resume_seconds": 0.4,
+           "single_vm_seconds": 0.4, "all_booted_seconds": 2.0}
+    sim = calibrate.sim_run_for(testbed, run)
+    assert sim.mode == "uvm" and sim.extra["bake_bytes"] == 10 * MiB
+    assert sim.extra["cores"] == 1.0  # two cores shared by two hosts
+    assert sim.extra["resume_wall_seconds"] == pytest.approx(0.4 * 5)
+    assert sim.extra["testbed_all_booted_seconds"] == 2.0
+    assert sim.extra["prefetch_demand"] == "join"  # as the agent, and as for boots
+    error = 100 * (sim.all_booted_seconds - 2.0) / 2.0
+    assert sim.extra["error_percent"] == round(error, 1)
+    # The same through the function the lead can call with measured figures.
+    m = calibrate.UvmMeasurement(hosts=2, vms_per_host=5, state_bytes=8 * MiB,
+                                 layer_bytes=2 * MiB, resume_seconds=0.4, link_rate=125e6,
+                                 all_running_seconds=2.0, cores=1.0)
+    assert calibrate.sim_uvm_run(m).all_booted_seconds == sim.all_booted_seconds
+    with pytest.raises(ConfigError, match="state_bytes"):
+        calibrate.sim_run_for({**testbed, "settings": {"rate": "1gbit"}}, run)
+
+
+def test_bad_uvm_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="state_bytes"):
+        small("uvm", 3, state_bytes=0)
+    with pytest.raises(ConfigError, match="layer_bytes"):
+        small("uvm", 3, layer_bytes=-1)
+    with pytest.raises(ConfigError, match="resume_seconds"):
+        small("uvm", 3, resume_seconds=math.inf)
+    with pytest.raises(ConfigError, match="cores"):
+        small("uvm", 3, cores=0.0)
+    with pytest.raises(ConfigError, match="base_read_bytes"):
+        small("uvm", 3, base_read_bytes=9 * MiB)
+    with pytest.raises(ConfigError, match="virtman mode"):
+        small("star", 3, prefetch=True)

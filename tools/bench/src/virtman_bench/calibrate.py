@@ -6,6 +6,11 @@ measured one-VM boot time as T and the paper's attach delay, and its time until 
 VMs booted is compared with the measured one. The error of each run and the mean
 absolute error per mode are printed and written as a simulation result document whose
 runs carry ``testbed_all_booted_seconds`` and ``error_percent``.
+
+A run of mode ``uvm`` (µVMs resumed from one bake; its ``all_booted_seconds`` is the time
+all were running) is simulated in the simulator's uvm mode from the measured inputs:
+state and layer bytes, one VM's resume time, hosts, VMs per host, link rate, cores
+(``uvm_measurement``, ``sim_uvm_run``, which the lead can also call directly).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from virtman.errors import ConfigError
 from virtman.replay.trace import load_trace
 from virtman.sizes import parse_link_rate
 from virtman_bench.results import Run, write_results
-from virtman_bench.sim.model import SimConfig, pattern_from_trace, simulate
+from virtman_bench.sim.model import UVM_MODE, SimConfig, pattern_from_trace, simulate
 
 #: Image size of the testbed's generated image (the bundled trace reaches 4 GiB).
 TESTBED_IMAGE_SIZE = 4 * 1024**3
@@ -28,11 +34,92 @@ TESTBED_IMAGE_SIZE = 4 * 1024**3
 TESTBED_RTT = 0.0001
 
 
+@dataclass(frozen=True)
+class UvmMeasurement:
+    """A testbed run of µVMs: the inputs the simulator's uvm mode needs, and the time
+    measured until every VM was running."""
+
+    hosts: int
+    vms_per_host: int
+    #: The bake's state as it streamed (bytes of the migration stream) and its layer.
+    state_bytes: int
+    layer_bytes: int
+    #: One VM's resume from a locally cached state (the median ``virtman bench uvm``
+    #: prints), on an otherwise idle host.
+    resume_seconds: float
+    #: Every link's rate, bytes per second.
+    link_rate: float
+    all_running_seconds: float
+    #: Cores per host the resuming VMs share. The testbed's hosts share one machine,
+    #: so ``uvm_measurement`` divides its cores by the hosts.
+    cores: float = 1.0
+    chunk_size: int = 256 * 1024
+    fanout: int = 2
+    parents: int = 2
+    rtt: float = TESTBED_RTT
+    #: As for boots (``sim_run_for``): the agent serves a read of a chunk that a
+    #: prefetch run is fetching from that run, and a parent's miss as prefetch.
+    prefetch_demand: str = "join"
+    prefetch_miss: str = "prefetch"
+
+
+def sim_uvm_run(m: UvmMeasurement) -> Run:
+    """The simulator's uvm mode at a measured run's inputs, with the error per run
+    (``error_percent``: simulated over measured, less one, in percent)."""
+    cfg = SimConfig(
+        mode=UVM_MODE, hosts=m.hosts, vms_per_host=m.vms_per_host,
+        chunk_size=m.chunk_size, link_rate=m.link_rate, rtt=m.rtt, fanout=m.fanout,
+        parents=m.parents, state_bytes=m.state_bytes, layer_bytes=m.layer_bytes,
+        resume_seconds=m.resume_seconds, cores=m.cores,
+        prefetch_demand=m.prefetch_demand, prefetch_miss=m.prefetch_miss,
+    )
+    result = simulate(cfg).to_run()
+    measured = m.all_running_seconds
+    result.extra.update({
+        "testbed_all_booted_seconds": measured,
+        "error_percent": round(100 * (result.all_booted_seconds - measured) / measured, 1),
+    })
+    return result
+
+
+def uvm_measurement(testbed: dict[str, Any], run: dict[str, Any]) -> UvmMeasurement:
+    """The inputs of a testbed uvm run: each key from the run, else from the document's
+    settings. Needs ``state_bytes``, ``layer_bytes`` and ``resume_seconds`` (else the
+    run's ``single_vm_seconds``: one µVM alone); ``cores`` defaults to the machine's
+    cores over the hosts."""
+    settings = testbed.get("settings", {})
+
+    def get(key: str, default: Any = None) -> Any:
+        value = run.get(key, settings.get(key, default))
+        if value is None:
+            raise ConfigError(f"testbed uvm run at {run.get('hosts')} hosts has no {key!r}")
+        return value
+
+    hosts = int(run["hosts"])
+    machine_cores = testbed.get("machine", {}).get("cores") or 1
+    return UvmMeasurement(
+        hosts=hosts,
+        vms_per_host=int(run["vms_per_host"]),
+        state_bytes=int(get("state_bytes")),
+        layer_bytes=int(get("layer_bytes")),
+        resume_seconds=float(get("resume_seconds", run.get("single_vm_seconds"))),
+        link_rate=parse_link_rate(str(settings.get("rate", "1gbit"))),
+        all_running_seconds=float(run["all_booted_seconds"]),
+        cores=float(get("cores", machine_cores / hosts)),
+        chunk_size=int(settings.get("chunk_size", 256 * 1024)),
+        prefetch_demand=str(settings.get("prefetch_demand", "join")),
+        prefetch_miss=str(settings.get("prefetch_miss", "prefetch")),
+    )
+
+
 def sim_run_for(
     testbed: dict[str, Any], run: dict[str, Any], prefetch: bool | None = None
 ) -> Run:
     """The simulation of one testbed run. ``prefetch`` None: as the run did (its own
-    ``prefetch`` key, else the document's setting; absent means off)."""
+    ``prefetch`` key, else the document's setting; absent means off). A uvm run is
+    simulated in uvm mode (``sim_uvm_run``; its bake is always prefetched)."""
+    if run["mode"] == UVM_MODE:
+        return sim_uvm_run(uvm_measurement(testbed, run))
     settings = testbed["settings"]
     if prefetch is None:
         prefetch = bool(run.get("prefetch", settings.get("prefetch", False)))

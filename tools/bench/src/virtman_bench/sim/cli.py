@@ -3,6 +3,11 @@
 Prints one table row per (mode, host count) as it finishes, and with ``--json FILE``
 writes the runs in the format of ``virtman_bench.results`` (kind ``simulation``). The
 model and its simplifications are described in ``virtman_bench.sim.model``.
+
+The ``uvm`` mode (VMs resumed from one bake) prints in the same table: its "all booted"
+is the time every VM is running. Under each uvm row a goal line says whether every VM
+runs before ``--goal-seconds``; with ``--uvm-budget`` it also gives the largest resume
+time and bake that still meet the goal (``model.uvm_budget``, more simulations).
 """
 
 from __future__ import annotations
@@ -16,19 +21,25 @@ from virtman.sizes import format_rate, format_size, parse_link_rate, parse_size
 from virtman_bench.results import Run, write_results
 from virtman_bench.sim.model import (
     DEFAULT_ATTACH_DELAY,
+    DEFAULT_CORES,
     DEFAULT_PREFETCH_MISS,
     DEFAULT_RTT,
+    DEFAULT_UVM_GOAL_SECONDS,
+    DEFAULT_UVM_RESUME_SECONDS,
     MODES,
     NETWORKS,
     PREFETCH_DEMAND,
     PREFETCH_FROM,
     PREFETCH_MISS,
     RELAYS,
+    UVM_MODE,
     BootPattern,
     SimConfig,
+    SimResult,
     pattern_from_trace,
     simulate,
     synthetic_pattern,
+    uvm_budget,
 )
 
 DEFAULT_MODES = "paper,virtman"
@@ -42,6 +53,9 @@ DEFAULT_CHUNK_SIZE = "256K"
 #: The model's defaults (the agent's limits), as the command line spells them.
 DEFAULT_PREFETCH_BATCH = "4M"
 DEFAULT_PREFETCH_INFLIGHT = "16M"
+#: uvm mode's bake sizes as the command line spells them (model.DEFAULT_UVM_*_BYTES).
+DEFAULT_STATE_SIZE = "64M"
+DEFAULT_LAYER_SIZE = "8M"
 
 def _list(text: str, what: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -133,6 +147,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="when a parent relays a chunk: once held whole (store-and-forward,"
                         " as the agent does) or as its bytes arrive (cut-through)"
                         f" (default {RELAYS[0]})")
+    p.add_argument("--state-size", default=DEFAULT_STATE_SIZE, metavar="SIZE",
+                   help="uvm mode: the bake's saved device and memory state, as it streams"
+                        f" (default {DEFAULT_STATE_SIZE})")
+    p.add_argument("--layer-size", default=DEFAULT_LAYER_SIZE, metavar="SIZE",
+                   help="uvm mode: the bake's disk layer (what the guest wrote before it"
+                        f" was baked) (default {DEFAULT_LAYER_SIZE})")
+    p.add_argument("--resume-seconds", type=float, default=DEFAULT_UVM_RESUME_SECONDS,
+                   metavar="R",
+                   help="uvm mode: one VM's resume from a locally held state, CPU-bound"
+                        f" (default {DEFAULT_UVM_RESUME_SECONDS:g})")
+    p.add_argument("--cores", type=float, default=DEFAULT_CORES,
+                   help="uvm mode: cores per host, shared by its resuming VMs"
+                        f" (default {DEFAULT_CORES:g})")
+    p.add_argument("--base-reads", default="0", metavar="SIZE",
+                   help="uvm mode: base-image bytes each VM reads right after it resumed"
+                        " (the boot profile's first chunks; prefetched with --prefetch)"
+                        " (default 0)")
+    p.add_argument("--goal-seconds", type=float, default=DEFAULT_UVM_GOAL_SECONDS,
+                   metavar="SECONDS",
+                   help="uvm mode: the goal every VM must be running by"
+                        f" (default {DEFAULT_UVM_GOAL_SECONDS:g})")
+    p.add_argument("--uvm-budget", action="store_true",
+                   help="uvm mode: also find the largest resume time and bake that meet"
+                        " the goal (about ten more simulations per uvm row)")
     p.add_argument("--json", metavar="FILE", help="write the results document here")
 
 
@@ -159,8 +197,10 @@ def _command(args: argparse.Namespace) -> str:
     ]
     if args.trace is not None:
         words += ["--trace", args.trace]
-    if args.prefetch:
-        words += ["--prefetch", "--prefetch-batch", args.prefetch_batch,
+    # uvm mode prefetches its bake with these settings, with or without --prefetch.
+    if args.prefetch or UVM_MODE in _list(args.modes, "--modes"):
+        words += ["--prefetch"] if args.prefetch else []
+        words += ["--prefetch-batch", args.prefetch_batch,
                   "--prefetch-inflight", args.prefetch_inflight,
                   "--prefetch-from", args.prefetch_from, "--prefetch-miss", args.prefetch_miss,
                   "--prefetch-demand", args.prefetch_demand]
@@ -168,6 +208,12 @@ def _command(args: argparse.Namespace) -> str:
             words += ["--prefetch-rate", args.prefetch_rate]
     if args.relay != RELAYS[0]:
         words += ["--relay", args.relay]
+    if UVM_MODE in _list(args.modes, "--modes"):
+        words += ["--state-size", args.state_size, "--layer-size", args.layer_size,
+                  "--resume-seconds", f"{args.resume_seconds:g}", "--cores", f"{args.cores:g}",
+                  "--base-reads", args.base_reads, "--goal-seconds", f"{args.goal_seconds:g}"]
+        if args.uvm_budget:
+            words.append("--uvm-budget")
     if args.json:
         words += ["--json", args.json]
     return shlex.join(words)
@@ -190,6 +236,40 @@ def format_row(run: Run) -> str:
     )
 
 
+def goal_line(result: SimResult, goal_seconds: float) -> str:
+    """Whether every VM of a uvm run is running before the goal, with the inputs."""
+    cfg = result.config
+    t = result.all_booted_seconds
+    share = max(1.0, cfg.vms_per_host / cfg.cores)
+    return (
+        f"  uvm goal: {cfg.hosts * cfg.vms_per_host:,} VMs on {cfg.hosts:,} hosts all running"
+        f" in {t:.2f} s: {'met' if t < goal_seconds else 'NOT met'} (< {goal_seconds:g} s;"
+        f" one bake: state {format_size(cfg.state_bytes)} + layer"
+        f" {format_size(cfg.layer_bytes)}, resume {cfg.resume_seconds:g} s x {share:g}"
+        f" ({cfg.vms_per_host} VMs on {cfg.cores:g} cores), link {format_rate(cfg.link_rate)})"
+    )
+
+
+def budget_line(result: SimResult, goal_seconds: float) -> tuple[str, dict[str, Any]]:
+    """The largest resume time and bake that meet the goal (simulated), and as keys."""
+    cfg = result.config
+    b = uvm_budget(cfg, goal_seconds, result)
+    line = (
+        f"  uvm budget for < {goal_seconds:g} s: resume <= {b.max_resume_seconds:.2f} s per VM"
+        f" at this bake ({b.resume_check_seconds:.2f} s simulated there); bake (state +"
+        f" layer) <= {format_size(b.max_bake_bytes)} at resume {cfg.resume_seconds:g} s"
+        f" ({b.bake_check_seconds:.2f} s simulated there; {b.runs} simulations)"
+    )
+    keys = {
+        "goal_seconds": goal_seconds,
+        "budget_max_resume_seconds": b.max_resume_seconds,
+        "budget_resume_check_seconds": b.resume_check_seconds,
+        "budget_max_bake_bytes": b.max_bake_bytes,
+        "budget_bake_check_seconds": b.bake_check_seconds,
+    }
+    return line, keys
+
+
 def run(args: argparse.Namespace) -> int:
     modes = _modes(args.modes)
     host_counts = _host_counts(args.hosts)
@@ -203,6 +283,11 @@ def run(args: argparse.Namespace) -> int:
     batch = parse_size(args.prefetch_batch)
     inflight = parse_size(args.prefetch_inflight)
     prefetch_rate = 0.0 if args.prefetch_rate is None else parse_link_rate(args.prefetch_rate)
+    state_size = parse_size(args.state_size)
+    layer_size = parse_size(args.layer_size)
+    base_reads = parse_size(args.base_reads)
+    if not args.goal_seconds > 0:
+        raise ConfigError(f"--goal-seconds must be positive, not {args.goal_seconds:g}")
 
     settings: dict[str, Any] = {
         "modes": modes,
@@ -239,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         f" fan-out {args.fanout}, parents {args.parents} (paper: 1),"
         f" attach {args.attach_delay:g} s per level (paper), network {args.network}"
     )
-    if args.prefetch:
+    if args.prefetch or UVM_MODE in modes:
         settings.update({
             "prefetch_batch_bytes": batch,
             "prefetch_inflight_bytes": inflight,
@@ -248,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
             "prefetch_miss": args.prefetch_miss,
             "prefetch_demand": args.prefetch_demand,
         })
+    if args.prefetch:
         cap = format_rate(prefetch_rate) if prefetch_rate else "no"
         print(
             f"prefetch (virtman mode): the profile of {pattern.distinct_chunks} chunks in"
@@ -256,6 +342,26 @@ def run(args: argparse.Namespace) -> int:
             f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
             f" a parent's miss fetched as {args.prefetch_miss}, a VM's miss on a prefetch"
             f" chunk: {args.prefetch_demand}"
+        )
+    if UVM_MODE in modes:
+        settings.update({
+            "state_bytes": state_size,
+            "layer_bytes": layer_size,
+            "resume_seconds": args.resume_seconds,
+            "cores": args.cores,
+            "base_read_bytes": base_reads,
+            "goal_seconds": args.goal_seconds,
+        })
+        print(
+            f"uvm: one bake, state {format_size(state_size)} + layer {format_size(layer_size)}"
+            f" prefetched by every host (state first), each VM resumes in"
+            f" {args.resume_seconds:g} s on a core of its own ({args.cores:g} cores per host),"
+            f" then reads its layer and {format_size(base_reads)} of the base;"
+            f" 'all booted' is all running. Bake prefetch: requests of up to"
+            f" {format_size(batch)}, {format_size(inflight)} in flight, from"
+            f" {'the first parent' if args.prefetch_from == 'primary' else 'the parents in turn'},"
+            f" a parent's miss fetched as {args.prefetch_miss}, QEMU's read of a chunk"
+            f" on its way: {args.prefetch_demand}"
         )
     print(f"relay: {args.relay}")
     print(HEADER, flush=True)
@@ -278,17 +384,30 @@ def run(args: argparse.Namespace) -> int:
                 pattern=pattern,
                 network=args.network,
                 relay=args.relay,
-                prefetch=args.prefetch and mode == "virtman",
+                prefetch=args.prefetch and mode in ("virtman", UVM_MODE),
                 prefetch_batch_bytes=batch,
                 prefetch_inflight_bytes=inflight,
                 prefetch_rate=prefetch_rate,
                 prefetch_from=args.prefetch_from,
                 prefetch_miss=args.prefetch_miss,
                 prefetch_demand=args.prefetch_demand,
+                state_bytes=state_size,
+                layer_bytes=layer_size,
+                resume_seconds=args.resume_seconds,
+                cores=args.cores,
+                base_read_bytes=base_reads if mode == UVM_MODE else 0,
             )
-            result = simulate(cfg).to_run()
+            sim = simulate(cfg)
+            result = sim.to_run()
             runs.append(result)
             print(format_row(result), flush=True)
+            if mode == UVM_MODE:
+                print(goal_line(sim, args.goal_seconds), flush=True)
+                result.extra["goal_met"] = sim.all_booted_seconds < args.goal_seconds
+                if args.uvm_budget:
+                    line, keys = budget_line(sim, args.goal_seconds)
+                    result.extra.update(keys)
+                    print(line, flush=True)
     if args.json:
         try:
             write_results(args.json, "simulation", _command(args), settings, runs)

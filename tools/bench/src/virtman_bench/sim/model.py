@@ -1,9 +1,11 @@
-"""A discrete-event model of many hosts booting VMs from one image (pure: no I/O).
+"""A discrete-event model of many hosts booting VMs from one image, or resuming them from
+one bake (pure: no I/O).
 
 Theory of operation
 -------------------
 The model answers one question: when has every VM booted, for N hosts with M VMs each,
-when the image reaches the hosts in one of four ways (``mode``):
+when the image reaches the hosts in one of four ways (``mode``), or, in a fifth mode
+(``uvm``, below), when is every VM running that was resumed from one bake:
 
 - ``virtman``: hosts sit in the relay tree of the real planner
   (``RelayTree(TreeSettings(d, k))``, hosts joined in order ``host0..hostN-1``). A host
@@ -126,6 +128,33 @@ Bytes a host sends count in ``host_bytes_sent`` whichever the class; ``prefetch_
 is what moved as prefetch, ``prefetched_chunks`` which chunks did. The run ends when
 every host holds its profile (``prefetch_done_seconds``), after the boots.
 
+µVMs (``uvm`` mode, issue 12). VMs start from one bake instead of booting: its saved
+state (the migration stream, S = ``state_bytes``) and its disk layer (L =
+``layer_bytes``) are chunks like the image's (numbered after them), in the tree of
+virtman mode (k parents, origin fallback). Every host prefetches the whole bake from
+t = 0, state first (the profile is the bake: every host needs all of it), with the
+prefetch settings above, so it is pipelined down the tree chunk by chunk. The lead VM
+is QEMU with ``-incoming``: it reads the state in order, one chunk after the other, as a
+demand read (which finds its chunk held, or on its way by prefetch, or fetches it); the
+VM can run only once the state is whole. Then it resumes: CPU-bound, R =
+``resume_seconds`` on a core of its own; the host's M VMs resume at once and share its
+``cores``, so each takes R x max(1, M/cores) (processor sharing: they end together).
+Then it reads its layer (already prefetched, so usually held) and
+``base_read_bytes`` of the base image (the boot profile's first chunks, fetched as
+virtman mode fetches them, prefetched after the bake with ``prefetch``); it is running
+when it holds them. Its "boot time" is that moment; ``single_vm_seconds`` is R. The
+floor is the later of the state's arrival plus the resume and the bake's arrival, where
+X bytes arrive no earlier than max(roots x X/B + rtt, X/B + depth x rtt + (depth-1) x
+C/B) (the origin sends X to every root; store and forward adds a chunk per level).
+``uvm_budget`` searches for the largest R and the largest bake that meet a goal.
+What uvm mode ignores: resume work overlapping the state's arrival (QEMU loads pages as
+they come; the whole R is added after the last byte, so it errs long); any compression
+or deduplication of the bake on the wire (S and L are the bytes that move); disk reads
+of the state from the host's cache (in R, as measured from a cached state); the VMs'
+work after they run (reads beyond ``base_read_bytes``, writes); memory hot-plug and the
+generation ID (in R); and cores in the boot modes (their T is measured with the VMs
+booting together, and each boot is think time, not CPU).
+
 Simplifications, in one list: links are FIFO servers at a fixed rate (no TCP, no
 limit in the switch fabric, no disk: a cached chunk is read in no time); one round trip per request
 and no request-size limits; VMs of a host in lockstep; caches never evict; no failures
@@ -144,7 +173,7 @@ import collections
 import heapq
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from virtman.delivery import MODE_NAMES, DeliveryMode
@@ -156,8 +185,12 @@ from virtman_bench.results import Run
 if TYPE_CHECKING:
     from virtman.replay.trace import Trace
 
-MODES = MODE_NAMES
-TREE_MODES = tuple(m.value for m in DeliveryMode if m.in_tree)
+#: The simulator's own mode: VMs resumed from one bake (a µVM) instead of booted. It
+#: is not a ``DeliveryMode`` (the agent delivers a bake as it delivers an image); it
+#: names a way of starting VMs that the model compares with the boot modes.
+UVM_MODE = "uvm"
+MODES = (*MODE_NAMES, UVM_MODE)
+TREE_MODES = (*(m.value for m in DeliveryMode if m.in_tree), UVM_MODE)
 #: Link models: "coupled" reserves both ends of a transfer together (the default);
 #: "switch" queues each end on its own (see the module docstring).
 NETWORKS = ("coupled", "switch")
@@ -168,6 +201,24 @@ DEFAULT_LINK_RATE = 125_000_000.0
 DEFAULT_RTT = 0.0004
 #: The paper's iSCSI attach time per tree level.
 DEFAULT_ATTACH_DELAY = 10.0
+
+#: µVM mode defaults (docs/scaling.md, "µVMs in the simulator", says why; the lead
+#: replaces them with measured figures). The saved state of a minimal 256 MiB guest:
+#: QEMU sends a zero page as a flag, so the stream holds the pages the guest touched,
+#: about its kernel and the page cache of what its boot read (the bundled Debian trace
+#: reads a 48 MiB working set), not its memory size.
+DEFAULT_UVM_STATE_BYTES = 64 * MiB
+#: The bake's disk layer: the blocks the guest wrote until it was baked (the Debian
+#: trace writes 4.4 MiB during boot), rounded up.
+DEFAULT_UVM_LAYER_BYTES = 8 * MiB
+#: One VM's resume from a locally held state, CPU-bound (the paper: under 1 s on a
+#: standard file system; issue 12's TCG target: under 1.0 s).
+DEFAULT_UVM_RESUME_SECONDS = 0.5
+#: Cores per host that the resuming VMs of a host share.
+DEFAULT_CORES = 8.0
+#: The µVM goal of issue 12: every VM running in under 4 s (DADI's 10,000 containers
+#: on 1,000 hosts).
+DEFAULT_UVM_GOAL_SECONDS = 4.0
 
 #: Relay models: "store-and-forward" relays a chunk once it is held whole (as the agent
 #: does); "cut-through" as its bytes arrive (the counterfactual of issue 11, section 3).
@@ -407,6 +458,17 @@ class SimConfig:
     prefetch_demand: str = "promote"
     #: One of ``RELAYS``: when a parent may start relaying a chunk it is still receiving.
     relay: str = "store-and-forward"
+    #: ``uvm`` mode: the bake's saved device and memory state (the migration stream).
+    state_bytes: int = DEFAULT_UVM_STATE_BYTES
+    #: ``uvm`` mode: the bake's disk layer (what the guest wrote until it was baked).
+    layer_bytes: int = DEFAULT_UVM_LAYER_BYTES
+    #: ``uvm`` mode: one VM's resume from a locally held state, on a core of its own.
+    resume_seconds: float = DEFAULT_UVM_RESUME_SECONDS
+    #: ``uvm`` mode: cores per host; the host's resuming VMs share them.
+    cores: float = DEFAULT_CORES
+    #: ``uvm`` mode: base-image bytes each VM reads right after it resumed, the first
+    #: chunks of the boot profile, fetched as virtman mode fetches them (0: none).
+    base_read_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -442,8 +504,24 @@ class SimConfig:
             )
         if self.relay not in RELAYS:
             raise ConfigError(f"relay {self.relay!r} is not one of {', '.join(RELAYS)}")
-        if self.prefetch and self.mode != "virtman":
+        if self.prefetch and self.mode not in ("virtman", UVM_MODE):
             raise ConfigError(f"prefetch is a virtman mode feature, not one of {self.mode} mode")
+        if self.state_bytes < 1:
+            raise ConfigError(f"state_bytes must be at least 1, not {self.state_bytes}")
+        for name in ("layer_bytes", "base_read_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
+        if not self.resume_seconds >= 0 or math.isinf(self.resume_seconds):
+            raise ConfigError(
+                f"resume_seconds must be a finite number >= 0, not {self.resume_seconds}"
+            )
+        if not self.cores > 0 or math.isinf(self.cores):
+            raise ConfigError(f"cores must be a positive number, not {self.cores}")
+        if self.base_read_bytes > self.working_set:
+            raise ConfigError(
+                f"base_read_bytes ({self.base_read_bytes}) cannot exceed the working set"
+                f" ({self.working_set}): the reads after resume are the boot's"
+            )
         for name in ("prefetch_batch_bytes", "prefetch_inflight_bytes"):
             if getattr(self, name) < self.chunk_size:
                 raise ConfigError(
@@ -470,6 +548,49 @@ class SimConfig:
         if self.profile is not None:
             return tuple(dict.fromkeys(self.profile))
         return profile_of(self.boot_pattern())
+
+    # --- uvm mode ------------------------------------------------------------------
+
+    @property
+    def resume_wall_seconds(self) -> float:
+        """One host's resume: its M VMs resume at once and share its cores, so each
+        takes R x max(1, M / cores) (processor sharing of equal jobs)."""
+        return self.resume_seconds * max(1.0, self.vms_per_host / self.cores)
+
+    def bake_chunks(self) -> tuple[range, range]:
+        """The chunk indices of the bake's state and of its layer: numbered after the
+        image's, so they never coincide with a base chunk."""
+        first = chunk_count(self.image_size, self.chunk_size)
+        state = chunk_count(self.state_bytes, self.chunk_size)
+        layer = chunk_count(self.layer_bytes, self.chunk_size)
+        return range(first, first + state), range(first + state, first + state + layer)
+
+    def base_reads(self) -> tuple[int, ...]:
+        """The base chunks a resumed VM reads: the boot profile's first ones."""
+        if not self.base_read_bytes:
+            return ()
+        return self.boot_profile()[:chunk_count(self.base_read_bytes, self.chunk_size)]
+
+    def uvm_pattern(self) -> BootPattern:
+        """A µVM's start as a read pattern: QEMU reads the state in order, one chunk
+        after the other (it cannot run before the last byte), the VM resumes (the
+        host's share of R), then it reads its disk layer and the base reads."""
+        state, layer = self.bake_chunks()
+        batches: list[Batch] = [(0.0, (c,)) for c in state]
+        batches.append((self.resume_wall_seconds, (*layer, *self.base_reads())))
+        return BootPattern(tuple(batches), "uvm")
+
+    def vm_pattern(self) -> BootPattern:
+        """What one VM of this mode does: resume from the bake or boot the image."""
+        return self.uvm_pattern() if self.mode == UVM_MODE else self.boot_pattern()
+
+    def prefetch_profile(self) -> tuple[int, ...]:
+        """What every host prefetches. In uvm mode the whole bake, state first (every
+        host needs all of it), and with ``prefetch`` also the base reads."""
+        if self.mode != UVM_MODE:
+            return self.boot_profile()
+        state, layer = self.bake_chunks()
+        return (*state, *layer, *(self.base_reads() if self.prefetch else ()))
 
 
 @dataclass
@@ -514,6 +635,8 @@ class SimResult:
     def floor_seconds(self) -> float:
         cfg = self.config
         b, t, w = cfg.link_rate, self.single_vm_seconds, self.working_set_bytes
+        if cfg.mode == UVM_MODE:
+            return self._uvm_floor_seconds
         if cfg.mode in TREE_MODES:
             # Store and forward: every level waits for the whole chunk; cut-through:
             # only the first hop does, each further level costs its round trip.
@@ -526,10 +649,28 @@ class SimResult:
         return cfg.hosts * cfg.image_size / b + cfg.rtt + t
 
     @property
+    def _uvm_floor_seconds(self) -> float:
+        """No host resumes before it holds the whole state, and none is running before
+        it holds the bake (and its base reads). A host holds X bytes no earlier than
+        X/B plus a round trip and a store-and-forward chunk per level below the first,
+        nor before the origin sent the roots theirs (roots x X / B, plus one round
+        trip: the last root's copy ends then)."""
+        cfg = self.config
+        b, rtt, depth = cfg.link_rate, cfg.rtt, self.depth
+        roots = min(cfg.hosts, cfg.fanout)
+        hop = cfg.chunk_size / b if cfg.relay == "store-and-forward" else 0.0
+
+        def held(nbytes: int) -> float:
+            return max(roots * nbytes / b + rtt, nbytes / b + depth * rtt + (depth - 1) * hop)
+
+        state = len(cfg.bake_chunks()[0]) * cfg.chunk_size
+        return max(held(state) + cfg.resume_wall_seconds, held(self.working_set_bytes))
+
+    @property
     def demand_floor_seconds(self) -> float:
         """T plus, per batch reading new chunks, their transfer and one round trip."""
         cfg = self.config
-        pattern = cfg.boot_pattern()
+        pattern = cfg.vm_pattern()
         per_chunk = cfg.chunk_size / cfg.link_rate
         seen: set[int] = set()
         wait = 0.0
@@ -571,8 +712,10 @@ class SimResult:
             extra["demand_floor_seconds"] = self.demand_floor_seconds
             extra["fanout"] = cfg.fanout
             extra["parents_per_node"] = cfg.parents_per_node
-        if cfg.prefetch:
-            extra["prefetch"] = True
+        if cfg.prefetch or cfg.mode == UVM_MODE:
+            # uvm mode always prefetches its bake; ``prefetch`` says whether its base
+            # reads are prefetched too.
+            extra["prefetch"] = cfg.prefetch
             extra["prefetch_batch_bytes"] = cfg.prefetch_batch_bytes
             extra["prefetch_inflight_bytes"] = cfg.prefetch_inflight_bytes
             extra["prefetch_rate"] = cfg.prefetch_rate
@@ -584,6 +727,18 @@ class SimResult:
         if cfg.mode == "paper":
             extra["attach_delay_seconds"] = cfg.attach_delay
             extra["attach_seconds"] = self.depth * cfg.attach_delay
+        if cfg.mode == UVM_MODE:
+            state, layer = cfg.bake_chunks()
+            extra.update({
+                "state_bytes": cfg.state_bytes,
+                "layer_bytes": cfg.layer_bytes,
+                "bake_bytes": (len(state) + len(layer)) * cfg.chunk_size,
+                "base_read_bytes": len(cfg.base_reads()) * cfg.chunk_size,
+                "resume_seconds": cfg.resume_seconds,
+                "resume_wall_seconds": cfg.resume_wall_seconds,
+                "cores": cfg.cores,
+                "all_running_seconds": self.all_booted_seconds,
+            })
         extra.update(self.extra)
         return Run(
             mode=cfg.mode,
@@ -602,7 +757,7 @@ class SimResult:
 def simulate(cfg: SimConfig) -> SimResult:
     """Run one configuration to the end (every VM booted)."""
     started = time.perf_counter()
-    pattern = cfg.boot_pattern()
+    pattern = cfg.vm_pattern()
     if cfg.mode == "copy":
         result = _simulate_copy(cfg, pattern)
     else:
@@ -671,8 +826,10 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
     parents, levels, depth = _topology(cfg)
     hosts = cfg.hosts
     origin = hosts
-    prefetch = cfg.prefetch
-    profile_chunks = cfg.boot_profile() if prefetch else ()
+    uvm = cfg.mode == UVM_MODE
+    # A µVM's bake is always prefetched: every host needs all of it.
+    prefetch = cfg.prefetch or uvm
+    profile_chunks = cfg.prefetch_profile() if prefetch else ()
     # Chunks renumbered densely 0..n-1 (only equality matters to the model); profile
     # chunks no boot reads are numbered after the pattern's.
     pattern_chunks = sorted({c for _, cs in pattern.batches for c in cs})
@@ -1061,6 +1218,17 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
             "prefetch_promoted": promoted,
             "profile_chunks": len(profile),
         }
+    if uvm:
+        # When each host held the whole state (its VMs then resume) and the whole bake.
+        state, layer = cfg.bake_chunks()
+        state_done = [max(have[h * n + dense[c]] for c in state) for h in range(hosts)]
+        bake_done = [max(have[h * n + dense[c]] for c in (*state, *layer))
+                     for h in range(hosts)]
+        extra.update({
+            "state_done_seconds": max(state_done),
+            "state_done_by_level": _by_level(state_done, levels),
+            "bake_done_seconds": max(bake_done),
+        })
     return SimResult(
         config=cfg,
         finish=finish,
@@ -1068,11 +1236,127 @@ def _simulate_fetches(cfg: SimConfig, pattern: BootPattern) -> SimResult:
         origin_bytes_sent=sent[origin],
         depth=depth,
         levels=levels,
-        single_vm_seconds=pattern.think_seconds,
+        # One µVM alone resumes in R (its state local, a core to itself).
+        single_vm_seconds=cfg.resume_seconds if uvm else pattern.think_seconds,
         working_set_bytes=len(pattern_chunks) * cfg.chunk_size,
         events=events,
         parent_misses=misses,
         wall_seconds=0.0,
         extra=extra,
         prefetched_chunks=frozenset(original[c] for c in prefetched),
+    )
+
+
+@dataclass(frozen=True)
+class UvmBudget:
+    """What a uvm configuration may spend and still have every VM running before
+    ``goal_seconds``: found by simulating it (``uvm_budget``)."""
+
+    goal_seconds: float
+    #: The configuration as given.
+    all_running_seconds: float
+    #: Largest R (one VM's resume, on a core of its own) that meets the goal at the
+    #: given bake, and the simulated time at it. 0 if the bake alone misses the goal.
+    max_resume_seconds: float
+    resume_check_seconds: float
+    #: Largest bake (state plus layer, in the given proportion, whole chunks) that
+    #: meets the goal at the given R, and the simulated time at it. 0 if none does.
+    max_bake_bytes: int
+    bake_check_seconds: float
+    #: Simulations run to find them.
+    runs: int
+
+
+#: The bake search stops when it has bracketed the largest bake to this fraction.
+_BUDGET_TOLERANCE = 0.01
+#: ... or after this many simulations.
+_BUDGET_RUNS = 10
+
+
+def uvm_budget(
+    cfg: SimConfig, goal_seconds: float = DEFAULT_UVM_GOAL_SECONDS,
+    result: SimResult | None = None,
+) -> UvmBudget:
+    """The largest resume time and the largest bake with which every VM of ``cfg`` (a
+    uvm configuration) still runs before ``goal_seconds``; ``result`` is ``cfg``'s
+    own simulation, if already run.
+
+    Resume: the network does not wait for the VMs (the bake is prefetched), so a host
+    runs at (state held) + R x max(1, M/cores), or later if its layer or base reads
+    arrive later still; R's budget is the goal less the last state arrival, checked by
+    one more simulation (and cut by 1 % until it meets the goal, if a later layer
+    makes it miss). Bake: the all-running time grows with the bake about linearly (the
+    tree streams it at the origin's rate over the roots), so the search steps by
+    secant inside a bracket [meets, misses] until the bracket is within 1 %.
+    """
+    if cfg.mode != UVM_MODE:
+        raise ConfigError(f"a uvm budget is for uvm mode, not {cfg.mode} mode")
+    if not goal_seconds > 0:
+        raise ConfigError(f"the goal must be a positive time, not {goal_seconds}")
+    runs = 0
+
+    def run(c: SimConfig) -> SimResult:
+        nonlocal runs
+        runs += 1
+        return simulate(c)
+
+    base = result if result is not None else run(cfg)
+    share = max(1.0, cfg.vms_per_host / cfg.cores)
+
+    # --- resume ---
+    max_resume, resume_check = 0.0, math.inf
+    headroom = goal_seconds - base.extra["state_done_seconds"]
+    candidate = headroom / share * (1 - 1e-9)
+    for _ in range(5):
+        if candidate <= 0:
+            break
+        check = run(replace(cfg, resume_seconds=candidate)).all_booted_seconds
+        if check < goal_seconds:
+            max_resume, resume_check = candidate, check
+            break
+        candidate *= 0.99
+
+    # --- bake ---
+    def at(scale: float) -> SimConfig:
+        return replace(cfg, state_bytes=max(1, int(cfg.state_bytes * scale)),
+                       layer_bytes=int(cfg.layer_bytes * scale))
+
+    def bake_of(scale: float) -> int:
+        state, layer = at(scale).bake_chunks()
+        return (len(state) + len(layer)) * cfg.chunk_size
+
+    lo, lo_t = 0.0, math.inf  # the largest scale known to meet the goal (0: none)
+    hi = math.inf  # the smallest known to miss it
+    # Without a bake a run would take about the resume (and a round trip per level).
+    prev, prev_t = 0.0, cfg.resume_wall_seconds + base.depth * cfg.rtt
+    scale, t = 1.0, base.all_booted_seconds
+    while True:
+        if t < goal_seconds:
+            lo, lo_t = scale, t
+        else:
+            hi = scale
+        if runs >= _BUDGET_RUNS or (
+            hi < math.inf and bake_of(hi) - bake_of(lo) <= max(
+                cfg.chunk_size, _BUDGET_TOLERANCE * bake_of(hi))
+        ):
+            break
+        slope = (t - prev_t) / (scale - prev)
+        guess = scale + (goal_seconds - t) / slope if slope > 0 else 2 * scale
+        if hi < math.inf:
+            # A secant step, kept off the bracket's ends so that it shrinks each time.
+            width = hi - lo
+            guess = min(max(guess, lo + 0.05 * width), hi - 0.05 * width)
+        if guess <= 0:
+            break
+        prev, prev_t = scale, t
+        scale = guess
+        t = run(at(scale)).all_booted_seconds
+    return UvmBudget(
+        goal_seconds=goal_seconds,
+        all_running_seconds=base.all_booted_seconds,
+        max_resume_seconds=max_resume,
+        resume_check_seconds=resume_check,
+        max_bake_bytes=bake_of(lo) if lo > 0 else 0,
+        bake_check_seconds=lo_t,
+        runs=runs,
     )
