@@ -2,7 +2,8 @@
 
 The figures must be measured, not made up: the state's bytes are the ones the agent
 saved and every hop of the tree counted, the resuming host really sits two levels down,
-and a live migration's bytes add up to its parts.
+a live migration's bytes add up to its parts, and the simulator ran at the measured
+inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import require
+
+from virtman.limits import BAKE_STATE_CHUNK_BYTES
+from virtman_bench.calibrate import UvmMeasurement, sim_uvm_run
 
 #: Seconds the run may take on two busy cores: a TCG boot to the bake's third tick and
 #: a cold boot (~20 s each), the state digested by Volt, a few resumes, one migration.
@@ -60,6 +64,21 @@ def test_bench_uvm_prints_every_target_from_measured_figures(tmp_path: Path) -> 
     assert tree["depth"] == 2
     assert [(n["agent"], n["level"]) for n in tree["nodes"]] == [("host2", 1), ("host3", 2)]
     assert 0 < cold["resume_seconds"] <= cold["sized_seconds"]
+    assert cold["all_running_seconds"] == max(cold["resume_seconds"],
+                                              cold["level1_resume_seconds"])
+
+    # The simulator ran at this run's measured inputs: the same call gives its figure.
+    (sim,) = doc["calibration"]
+    again = sim_uvm_run(UvmMeasurement(
+        hosts=2, vms_per_host=1, state_bytes=state,
+        layer_bytes=max(cold["layer_bytes_received"], 1),
+        resume_seconds=cl["cached"]["median"], link_rate=sim["link_rate"],
+        all_running_seconds=cold["all_running_seconds"], cores=sim["cores"],
+        chunk_size=BAKE_STATE_CHUNK_BYTES, fanout=1, parents=1))
+    assert sim["simulated_seconds"] == round(again.all_booted_seconds, 3) > 0
+    assert sim["measured_seconds"] == cold["all_running_seconds"]
+    assert sim["error_percent"] == again.extra["error_percent"]
+    assert "simulated vs measured, cold pair" in done.stdout
 
     assert len(cl["cached"]["resume_seconds"]) == 2 and cl["cached"]["min"] > 0
     assert cl["at_once"]["hosts"] == ["host2", "host3"]

@@ -7,11 +7,13 @@ the test image in its counting mode ``virtman.loop=1``, ``--accel`` tcg by defau
 2. *cold through a two-level tree*: Volt's planner fills each image's tree breadth first
    in the order agents join it (``planner/tree.py``), so with a fan-out of 1 the tree is
    a chain. host2 joins the bake's two images first (a VM over each, never started:
-   it joins with an empty cache), then host3 resumes the bake: host3 is at level 2, its
-   parent host2 at level 1 under the origin, the baking host's exports, and every chunk
-   of the state passes cold through host2. The trees (Volt's ``GET /images/NAME/tree``)
-   and the bytes host2 relayed and host3 received are printed; the level is checked,
-   not assumed.
+   it joins with an empty cache), then host2 and host3 both resume the bake at once:
+   host3 is at level 2, its parent host2 at level 1 under the origin (the baking host's
+   exports), and every chunk of the state reaches host3 cold through host2. The trees
+   (Volt's ``GET /images/NAME/tree``) and the bytes host2 relayed and host3 received
+   are printed; the level is checked, not assumed. The simulator's uvm mode is run at
+   this pair's measured inputs (state bytes, disk bytes read, the cached resume time,
+   two hosts chained, ``--sim-link``) and its error against the time both ran printed.
 3. *cached*: host3 resumes the bake ``--resumes`` more times (10), one after another,
    each destroyed before the next: the state comes from its cache. The figure is the
    agent's ``resume_seconds`` (request to guest running).
@@ -52,8 +54,9 @@ from virtman.errors import BenchError
 from virtman.hypervisor.options import add_hypervisor_options, hypervisor_settings
 from virtman.hypervisor.qemu import Guest, GuestConfig, Hypervisor
 from virtman.hypervisor.testimage import TICK, TICK_SECONDS, GuestImage, build_test_image
-from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS
-from virtman.sizes import format_size
+from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS, BAKE_STATE_CHUNK_BYTES
+from virtman.sizes import format_size, parse_link_rate
+from virtman_bench.calibrate import UvmMeasurement, sim_uvm_run
 from virtman_bench.results import machine
 
 #: The test guest's RAM: Debian's initrd (31 MB, unpacked in RAM) does not fit in 256.
@@ -84,6 +87,8 @@ COLD_TREE_RESUME_LIMIT = 2.0
 DOWNTIME_LIMIT = 0.5
 #: ...and the host store's: four bakes' bytes over one bake's (``virtman bench store``).
 STORE_LIMIT = 1.2
+#: The link rate the simulator is given for loopback: issue 12's 1 GbE.
+SIM_LINK = "1gbit"
 
 
 @dataclass
@@ -298,11 +303,16 @@ async def _cluster_run(args: argparse.Namespace, c: LocalCluster,
     async with c.api(c.agents[relay].url, timeout=API_SECONDS) as api:
         for what, img in (("state", state_image), ("disk", disk_image)):
             await api.post("/vms", json={"name": f"hold-{what}", "image": img})
-    cold = await _resume_on(c, resumer, "cold", 2)
+    # Both resume at once, cold: host2 at level 1 (from the origin), host3 at level 2
+    # (through host2). Every host of the tree resumes, as in the simulator's uvm mode.
+    first, cold = await asyncio.gather(_resume_on(c, relay, "cold-1", 2),
+                                       _resume_on(c, resumer, "cold-2", 2))
     trees = [await _tree(c, img) for img in (state_image, disk_image)]
     mine = await _image_status(c, resumer, state_image)
     relayed = await _image_status(c, relay, state_image)
-    await _destroy(c, resumer, "cold")
+    layer = [sum((await _image_status(c, h, disk_image))["bytes_received"].values())
+             for h in (relay, resumer)]
+    await asyncio.gather(_destroy(c, relay, "cold-1"), _destroy(c, resumer, "cold-2"))
     if mine["level"] != COLD_LEVEL or mine["parents"] != [relay]:
         raise BenchError(f"{resumer} is at level {mine['level']} of {state_image}'s tree "
                          f"under {mine['parents']}, not at level {COLD_LEVEL} under {relay}")
@@ -320,6 +330,10 @@ async def _cluster_run(args: argparse.Namespace, c: LocalCluster,
             "bytes_received": mine["bytes_received"],
             "relay_bytes_received": relayed["bytes_received"],
             "relay_bytes_sent": relayed["relay_bytes_sent"],
+            "level1_host": relay, "level1_resume_seconds": first["resume_seconds"],
+            "all_running_seconds": max(first["resume_seconds"], cold["resume_seconds"]),
+            # What a host read of the bake's disk image (on demand, for its VM).
+            "layer_bytes_received": max(layer),
             "trees": trees,
         },
     }
@@ -423,6 +437,22 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def calibration(cl: dict[str, Any], link_rate: float, cores: float) -> dict[str, Any]:
+    """The simulator's uvm mode at the cold pair's measured inputs (two hosts chained,
+    one µVM each, the state streaming from the origin), against the time both ran."""
+    cold = cl["cold_tree"]
+    run = sim_uvm_run(UvmMeasurement(
+        hosts=2, vms_per_host=1, state_bytes=cl["bake"]["state_image_bytes"],
+        layer_bytes=max(cold["layer_bytes_received"], 1),
+        resume_seconds=cl["cached"]["median"], link_rate=link_rate,
+        all_running_seconds=cold["all_running_seconds"], cores=cores,
+        chunk_size=BAKE_STATE_CHUNK_BYTES, fanout=CLUSTER_FANOUT, parents=1))
+    return {"run": "cold pair: 2 hosts chained, 1 µVM each", "link_rate": link_rate,
+            "cores": cores, "simulated_seconds": round(run.all_booted_seconds, 3),
+            "measured_seconds": cold["all_running_seconds"],
+            "error_percent": run.extra["error_percent"]}
+
+
 def _by_source(received: dict[str, int]) -> str:
     return ", ".join(f"{format_size(n)} from {src}" for src, n in sorted(received.items()))
 
@@ -444,6 +474,8 @@ def format_table(doc: dict[str, Any]) -> str:
                      f"received {_by_source(cold['bytes_received'])}; its parent received "
                      f"{_by_source(cold['relay_bytes_received'])}, sent "
                      f"{format_size(cold['relay_bytes_sent'])}"))
+        rows.append((f"  at the same time, cold one level down ({cold['level1_host']})",
+                     f"{cold['level1_resume_seconds']:.3f} s", ""))
         spread(f"resume, cached state ({cl['cached']['host']}, "
                f"{len(cl['cached']['resume_seconds'])} one after another)", cl["cached"])
         if "at_once" in cl:
@@ -482,6 +514,11 @@ def format_table(doc: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'median':>9}  range / detail"]
     lines += [f"{label:<{width}}  {value:>9}  {detail}" for label, value, detail in rows]
+    for sim in doc.get("calibration", []):
+        lines.append(f"simulated vs measured, {sim['run']} (links "
+                     f"{sim['link_rate'] * 8 / 1e9:g} Gbit/s, {sim['cores']:g} cores a host): "
+                     f"{sim['simulated_seconds']:.3f} s vs {sim['measured_seconds']:.3f} s, "
+                     f"error {sim['error_percent']:+.1f} %")
     for t in doc.get("targets", []):
         verdict = t.get("verdict") or _verdict(t["met"])
         lines.append(f"target: {t['target']}: {verdict} ({t['figure']})")
@@ -507,6 +544,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the base image's chunk size (default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--insecure", action="store_true",
                    help="the cluster without TLS (plain HTTP, NBD and memory)")
+    p.add_argument("--sim-link", default=SIM_LINK,
+                   help=f"the link rate the simulator's calibration assumes (default "
+                        f"{SIM_LINK}; loopback has none of its own)")
     p.add_argument("--json", default="bench-uvm.json", help="write results here")
     p.add_argument("--tmpdir", default=None, help="where to make the work directory")
     add_hypervisor_options(p)
@@ -535,6 +575,11 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.qemu} is not installed (apt-get install qemu-system-x86)")
     with tempfile.TemporaryDirectory(prefix="virtman-uvm-", dir=args.tmpdir) as tmp:
         doc = asyncio.run(measure(args, Path(tmp)))
+    if "cluster" in doc:
+        # The testbed's hosts share this machine: each resuming host gets its share.
+        cores = (os.cpu_count() or 1) / 2
+        doc["calibration"] = [calibration(doc["cluster"], parse_link_rate(args.sim_link),
+                                          cores)]
     doc["targets"] = targets(doc)
     doc["machine"] = machine()
     with open(args.json, "w", encoding="utf-8") as f:  # first: the figures are kept
