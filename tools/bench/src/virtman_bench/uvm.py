@@ -516,7 +516,7 @@ def format_table(doc: dict[str, Any]) -> str:
     lines += [f"{label:<{width}}  {value:>9}  {detail}" for label, value, detail in rows]
     for sim in doc.get("calibration", []):
         lines.append(f"simulated vs measured, {sim['run']} (links "
-                     f"{sim['link_rate'] * 8 / 1e9:g} Gbit/s, {sim['cores']:g} cores a host): "
+                     f"{sim['link_rate'] * 8 / 1e9:g} Gbit/s, cores a host {sim['cores']:g}): "
                      f"{sim['simulated_seconds']:.3f} s vs {sim['measured_seconds']:.3f} s, "
                      f"error {sim['error_percent']:+.1f} %")
     for t in doc.get("targets", []):
