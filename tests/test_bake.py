@@ -62,6 +62,12 @@ async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[Local
         await c.stop()
 
 
+def disk_bytes(root: Path) -> tuple[int, int]:
+    """Files under ``root`` and the bytes they take on disk (allocated blocks)."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_blocks * 512 for p in files)
+
+
 async def console_ticks(c: LocalCluster, host: str, vm: str, pattern: str) -> list[re.Match[str]]:
     """The guest's ticks once ``pattern`` is on its console (the wait fails otherwise)."""
     async with c.api(c.agents[host].url, timeout=90) as api:
@@ -111,6 +117,13 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         assert record["agent"] == h0 and record["state_image"] in images
         assert images[record["state_image"]]["size"] >= record["state_bytes"]
         assert images[record["disk_image"]]["size"] == images["guest"]["size"]
+
+        # The state's bytes on disk are the host store's, compressed: no raw file is
+        # kept in the bake's directory, and the store's blobs take less than the state.
+        data0 = Path(c.workdir) / h0
+        assert sorted(p.name for p in (data0 / "bakes" / "uvm").iterdir()) == ["bake.json"]
+        blobs, stored = disk_bytes(data0 / "store" / "blobs")
+        assert blobs > 0 and 0 < stored < baked["state_bytes"] * 0.9, (blobs, stored)
 
         # A baking agent killed and restarted serves its bake again (bake.json was
         # durable before Volt was told): both resumes below read through its exports.
@@ -182,6 +195,8 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         async with c.api(c.agents[h0].url) as api:
             assert await api.get("/bakes") == []
             assert await api.get("/vms") == []  # the bake's own VM went with it
+        # And its state's bytes left the disk with it.
+        assert disk_bytes(data0 / "store" / "blobs") == (0, 0)
 
 
 @pytest.mark.timeout(TEST_SECONDS)
