@@ -10,8 +10,9 @@ snapshot (``VmManager.snapshot``) freezes the disk layer at that instant, and QE
 migration writes the device and memory state to a file (``exec:cat > PATH``, the path
 the agent's own and quoted: QEMU 7.2 has no ``file:`` URI, and handing QEMU an fd needs
 the socket beneath qemu.qmp, which uvloop does not expose). The state is written into
-a dot-directory, fsynced, given ``bake.json`` and renamed to ``<data>/bakes/NAME/``: a
-crash at any point leaves either no bake or a whole one (``start`` removes the rest).
+a dot-directory, imported into the host store (below), given ``bake.json`` and renamed
+to ``<data>/bakes/NAME/``: a crash at any point leaves either no bake or a whole one
+(``start`` removes the rest).
 Then the guest is stopped.
 
 **In the host store.** The saved state does not stay a file: before the bake's

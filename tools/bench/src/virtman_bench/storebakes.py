@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -82,11 +83,17 @@ async def _make_all(work: str, image: GuestImage, memories: list[int], cpus: lis
                     ) -> tuple[list[BakeFile], list[ResumeCheck]]:
     files: list[BakeFile] = []
     checks: list[ResumeCheck] = []
-    for memory in memories:
-        made = await _bake_one_boot(work, image, memory, cpus, fmt)
-        files += made
-        if check_resume and fmt == "ramfile":
-            checks.append(await _resume(work, image, memory, made[0], made[1]))
+    # QMP sockets in a short directory of their own: a unix socket's path has at most
+    # 107 bytes, and ``work`` may be deep.
+    socks = tempfile.mkdtemp(prefix="virtman-qmp-")
+    try:
+        for memory in memories:
+            made = await _bake_one_boot(work, socks, image, memory, cpus, fmt)
+            files += made
+            if check_resume and fmt == "ramfile":
+                checks.append(await _resume(work, socks, image, memory, made[0], made[1]))
+    finally:
+        shutil.rmtree(socks, ignore_errors=True)
     return files, checks
 
 
@@ -138,14 +145,14 @@ async def _until_tick(log: str, after: int, limit: float) -> int:
         await asyncio.sleep(0.2)
 
 
-async def _bake_one_boot(work: str, image: GuestImage, memory: int, cpus: list[int],
+async def _bake_one_boot(work: str, socks: str, image: GuestImage, memory: int, cpus: list[int],
                          fmt: str) -> list[BakeFile]:
     tag = f"m{memory}"
     disk = os.path.join(work, f"{tag}.disk")
     shutil.copyfile(image.image, disk)
     cfg = GuestConfig(memory_mib=memory, kernel=image.kernel, initrd=image.initrd,
                       append=image.append(tag, loop=True), max_cpus=max(cpus))
-    log, sock = os.path.join(work, f"{tag}.log"), os.path.join(work, f"{tag}.qmp")
+    log, sock = os.path.join(work, f"{tag}.log"), os.path.join(socks, f"{tag}.qmp")
     ram = os.path.join(work, f"{tag}.ram")
     argv = qemu_argv(tag, disk, cfg, log, Accel.TCG, QEMU, qmp_socket=sock)
     if fmt == "ramfile":
@@ -178,7 +185,7 @@ async def _bake_one_boot(work: str, image: GuestImage, memory: int, cpus: list[i
     return files
 
 
-async def _resume(work: str, image: GuestImage, memory: int, device: BakeFile,
+async def _resume(work: str, socks: str, image: GuestImage, memory: int, device: BakeFile,
                   ram_file: BakeFile) -> ResumeCheck:
     """The boot's first bake (its CPUs as booted: no hot-plugged CPU to recreate)
     resumed with its RAM a private mapping of a copy of its RAM file."""
@@ -189,7 +196,7 @@ async def _resume(work: str, image: GuestImage, memory: int, device: BakeFile,
     # The configuration the bake's QEMU was started with.
     cfg = GuestConfig(memory_mib=memory, kernel=image.kernel, initrd=image.initrd,
                       append=image.append(f"m{memory}", loop=True), max_cpus=device.max_cpus)
-    log, sock = os.path.join(work, f"{tag}.log"), os.path.join(work, f"{tag}.qmp")
+    log, sock = os.path.join(work, f"{tag}.log"), os.path.join(socks, f"{tag}.qmp")
     argv = qemu_argv(tag, disk, cfg, log, Accel.TCG, QEMU, qmp_socket=sock, incoming=True)
     argv += _ram_args(ram, memory, share=False)
     proc, monitor = await _launch(argv, tag, sock)
