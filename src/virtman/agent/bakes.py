@@ -74,7 +74,7 @@ from virtman.agent.relays import RelayManager
 from virtman.agent.vm_manager import VmManager
 from virtman.agent.vms import Vm, remove_tree
 from virtman.blockdev.base import BlockDevice
-from virtman.blockdev.chunkstore import ChunkStore, RecipeDevice, StoreUsage
+from virtman.blockdev.chunkstore import ChunkStore, RecipeDevice
 from virtman.coordinator.models import bake_images
 from virtman.durable import fsync_dir, write_atomic
 from virtman.errors import ConfigError, Conflict, GuestControlError, NotFound, VirtmanError
@@ -265,10 +265,6 @@ class BakeManager:
         if self._store is None:
             raise ConfigError(f"agent {self.agent!r}: bakes used before start")
         return self._store
-
-    def store_usage(self) -> StoreUsage:
-        """The host store's recipes and bytes (on disk, compressed, logical)."""
-        return self.store.usage()
 
     # --- names and exports --------------------------------------------------------------
 
