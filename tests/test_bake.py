@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -14,7 +16,12 @@ from typing import Any
 import pytest
 from conftest import require
 
+from virtman.agent.bakes import BakeManager, BakeRecord
+from virtman.agent.relays import RelayManager
+from virtman.agent.vm_manager import VmManager
+from virtman.agent.voltlink import VoltLink
 from virtman.blockdev import MemoryDevice
+from virtman.blockdev.chunkstore import ChunkStore
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.coordinator.models import BakeCreate
 from virtman.coordinator.state import VoltState
@@ -60,6 +67,12 @@ async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[Local
         yield c
     finally:
         await c.stop()
+
+
+def disk_bytes(root: Path) -> tuple[int, int]:
+    """Files under ``root`` and the bytes they take on disk (allocated blocks)."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_blocks * 512 for p in files)
 
 
 async def console_ticks(c: LocalCluster, host: str, vm: str, pattern: str) -> list[re.Match[str]]:
@@ -111,6 +124,13 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         assert record["agent"] == h0 and record["state_image"] in images
         assert images[record["state_image"]]["size"] >= record["state_bytes"]
         assert images[record["disk_image"]]["size"] == images["guest"]["size"]
+
+        # The state's bytes on disk are the host store's, compressed: no raw file is
+        # kept in the bake's directory, and the store's blobs take less than the state.
+        data0 = Path(c.workdir) / h0
+        assert sorted(p.name for p in (data0 / "bakes" / "uvm").iterdir()) == ["bake.json"]
+        blobs, stored = disk_bytes(data0 / "store" / "blobs")
+        assert blobs > 0 and 0 < stored < baked["state_bytes"] * 0.9, (blobs, stored)
 
         # A baking agent killed and restarted serves its bake again (bake.json was
         # durable before Volt was told): both resumes below read through its exports.
@@ -182,6 +202,8 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
         async with c.api(c.agents[h0].url) as api:
             assert await api.get("/bakes") == []
             assert await api.get("/vms") == []  # the bake's own VM went with it
+        # And its state's bytes left the disk with it.
+        assert disk_bytes(data0 / "store" / "blobs") == (0, 0)
 
 
 @pytest.mark.timeout(TEST_SECONDS)
@@ -264,3 +286,58 @@ async def test_volt_keeps_nothing_of_a_bake_it_refuses(tmp_path: Path, exports: 
         await volt.add_bake(bake_request(exports, disk="nothing"))
     assert volt.bakes() == [] and volt.images() == []
     await volt.stop()
+
+
+# --- The agent's host store of bake states (no QEMU) -----------------------------------------
+
+
+async def test_bake_store_settles_what_a_crash_or_an_older_agent_left(tmp_path: Path) -> None:
+    """At start: a recipe whose bake never reached its directory (a crash between the
+    import and the rename) is removed with its bytes; a bake's recipe is kept; a state
+    file an older agent kept is imported and deleted; other recipes are not touched."""
+    data = tmp_path / "agent"
+    rng = random.Random(7)
+    states = {n: rng.randbytes(256 * 1024) * 2 + bytes(256 * 1024) for n in ("ghost", "kept")}
+    with ChunkStore.open(str(data / "store")) as store:
+        for name, state in states.items():
+            with store.writer(f"bake/{name}/state") as w:
+                w.write(state)
+                w.commit()
+        with store.writer("image/other") as w:
+            w.write(rng.randbytes(256 * 1024))
+            w.commit()
+    for name in ("kept", "old"):
+        (data / "bakes" / name).mkdir(parents=True)
+        BakeRecord(name, "guest", f"{name}.bake", {}, "tcg", 1000, "after 1 s", 1.0).save(
+            str(data / "bakes" / name / "bake.json"))
+    old_state = rng.randbytes(256 * 1024)
+    (data / "bakes" / "old" / "state").write_bytes(old_state)
+    (data / "bakes" / ".unfinished-1234").mkdir()
+    blobs_before = disk_bytes(data / "store" / "blobs")
+
+    async def no_reply(_reply: Any) -> None:
+        return None
+
+    # Never started: nothing is registered, no heartbeat is sent.
+    link = VoltLink("a", "http://127.0.0.1:9", report=dict, on_reply=no_reply)
+    relays = RelayManager(str(data / "cache"), link)
+    manager = BakeManager(str(data), VmManager("a", str(data), str(tmp_path / "s"), relays),
+                          relays, link, agent="a")
+    await manager.start()
+    try:
+        # Their VMs are gone, so neither is served; both are kept for the operator.
+        assert manager.bakes == {}
+        assert sorted(os.listdir(data / "bakes")) == ["kept", "old"]
+        assert not (data / "bakes" / "old" / "state").exists()
+        store = manager.store
+        assert store.recipes() == ["bake/kept/state", "bake/old/state", "image/other"]
+        assert store.read("bake/old/state") == old_state
+        assert store.read("bake/kept/state") == states["kept"]
+        # The ghost's one distinct chunk (its data chunk twice, a zero chunk) went; the
+        # old bake's one came.
+        assert blobs_before[0] == 3
+        files, _ = disk_bytes(data / "store" / "blobs")
+        assert files == 3 - 1 + 1
+        assert store.missing("bake/kept/state") == {}
+    finally:
+        await manager.stop()

@@ -128,7 +128,8 @@ class Agent:
             on_booted=boots.observe,
         )
         #: µVMs baked here (served through the tree) and resumes from any bake.
-        self.bakes = BakeManager(self.data_dir, self.vms, self.relays, self.link, agent=name)
+        self.bakes = BakeManager(self.data_dir, self.vms, self.relays, self.link, agent=name,
+                                 store_capacity=cache_capacity)
         # Registered last: the registry collects once now, to check the names are unique.
         self.metrics.collect_with(self._metric_families)
 

@@ -10,9 +10,25 @@ snapshot (``VmManager.snapshot``) freezes the disk layer at that instant, and QE
 migration writes the device and memory state to a file (``exec:cat > PATH``, the path
 the agent's own and quoted: QEMU 7.2 has no ``file:`` URI, and handing QEMU an fd needs
 the socket beneath qemu.qmp, which uvloop does not expose). The state is written into
-a dot-directory, fsynced, given ``bake.json`` and renamed to ``<data>/bakes/NAME/``: a
-crash at any point leaves either no bake or a whole one (``start`` removes the rest).
+a dot-directory, imported into the host store (below), given ``bake.json`` and renamed
+to ``<data>/bakes/NAME/``: a crash at any point leaves either no bake or a whole one
+(``start`` removes the rest).
 Then the guest is stopped.
+
+**In the host store.** The saved state does not stay a file: before the bake's
+directory is renamed into place, the state is imported into the agent's host store
+(``ChunkStore`` in ``<data>/store``, one per agent, capacity the agent's cache
+capacity) as recipe ``bake/NAME/state``, chunked at ``store_chunk_bytes``, compressed and
+deduplicated against every other bake's state there, and the raw file is deleted. The
+recipe is committed (durable) before the rename, so a bake directory on disk always has
+its recipe; a crash before the rename leaves a recipe without a directory, which
+``start`` removes (with every recipe under ``bake/`` that no bake directory names).
+Removing a bake removes its recipe and collects the store's unreferenced chunks, so its
+bytes leave the disk with it. A bake made before the store (a ``state`` file in its
+directory) is imported at the next start. The disk is not stored: it is the frozen
+copy-on-write layer of the bake's VM over the image's relay (only what the guest wrote,
+sparse), already held once; storing it would mean reading the whole disk through that
+layer into the store, for bytes the image's cache holds already.
 
 **Through the tree.** The agent exports two read-only devices on its relay NBD server
 (the cluster's TLS when it has one): ``NAME@bake-state`` (the state file) and
@@ -58,7 +74,7 @@ from virtman.agent.relays import RelayManager
 from virtman.agent.vm_manager import VmManager
 from virtman.agent.vms import Vm, remove_tree
 from virtman.blockdev.base import BlockDevice
-from virtman.blockdev.file import FileDevice
+from virtman.blockdev.chunkstore import ChunkStore, RecipeDevice
 from virtman.coordinator.models import bake_images
 from virtman.durable import fsync_dir, write_atomic
 from virtman.errors import ConfigError, Conflict, GuestControlError, NotFound, VirtmanError
@@ -70,6 +86,8 @@ from virtman.limits import (
     BAKE_STATE_CHUNK_BYTES,
     BAKE_STATE_READ_BYTES,
     BAKE_STATE_READS_IN_FLIGHT,
+    DEFAULT_CACHE_CAPACITY,
+    DEFAULT_CHUNK_SIZE,
     MAX_NAME_LENGTH,
     QMP_CONNECT_SECONDS,
 )
@@ -85,6 +103,8 @@ _FIFO_POLL_SECONDS = 0.005
 #: The state file is padded to a multiple of this, so its export has whole sectors;
 #: the record keeps the stream's true length, and only that much is ever fed back.
 _STATE_ALIGN = 4096
+#: The host store's recipes of bakes are named under this prefix.
+_RECIPE_PREFIX = "bake/"
 
 
 class BakeDirectory(Protocol):
@@ -170,9 +190,16 @@ class BakeManager:
         state_chunk_bytes: int = BAKE_STATE_CHUNK_BYTES,
         register_timeout: float = BAKE_CREATE_TIMEOUT_SECONDS,
         reader_wait: float = QMP_CONNECT_SECONDS,
+        store_capacity: int = DEFAULT_CACHE_CAPACITY,
+        store_chunk_bytes: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.agent = agent
         self.dir = os.path.join(data_dir, "bakes")
+        #: The host store holding the bakes' states (opened by ``start``).
+        self.store_dir = os.path.join(data_dir, "store")
+        self.store_capacity = store_capacity
+        self.store_chunk_bytes = store_chunk_bytes
+        self._store: ChunkStore | None = None
         self.vms = vms
         self.relays = relays
         self.directory = directory
@@ -184,8 +211,8 @@ class BakeManager:
         #: Seconds a resuming QEMU gets to open the FIFO its state comes through.
         self.reader_wait = reader_wait
         self.bakes: dict[str, BakeRecord] = {}
-        #: The open state files of the bakes served.
-        self._states: dict[str, FileDevice] = {}
+        #: The open state devices (recipes of the store) of the bakes served.
+        self._states: dict[str, RecipeDevice] = {}
         #: Bakes under way (not yet in ``bakes``): their names are taken.
         self._baking: set[str] = set()
 
@@ -194,6 +221,9 @@ class BakeManager:
     async def start(self) -> None:
         """Serve every bake made before (after ``VmManager.start`` reopened their VMs)."""
         os.makedirs(self.dir, exist_ok=True)
+        self._store = await asyncio.to_thread(ChunkStore.open, self.store_dir,
+                                              capacity=self.store_capacity)
+        kept: set[str] = set()
         for entry in sorted(os.listdir(self.dir)):
             path = os.path.join(self.dir, entry)
             record_path = os.path.join(path, "bake.json")
@@ -201,18 +231,40 @@ class BakeManager:
                 log.warning("removing unfinished bake %s", entry)
                 remove_tree(path)
                 continue
+            kept.add(entry)
             try:
                 record = BakeRecord.load(record_path)
+                if os.path.exists(self._state_path(entry)):  # made before the store
+                    await self._store_state(entry, self._state_path(entry))
+                    fsync_dir(path)
                 await self._export(record)
             except (VirtmanError, OSError) as err:
                 log.error("bake %r could not be served again: %s", entry, err)
                 continue
             self.bakes[record.name] = record
+        # A crash between a state's import and its directory's rename left a recipe
+        # that no bake names: nothing acknowledged it, so it goes.
+        orphans = [r for r in await asyncio.to_thread(self._store.recipes)
+                   if r.startswith(_RECIPE_PREFIX) and self._bake_of(r) not in kept]
+        for recipe in orphans:
+            log.warning("removing host store recipe %s of no bake", recipe)
+            await asyncio.to_thread(self._store.remove, recipe)
+        if orphans:
+            await asyncio.to_thread(self._store.collect)
 
     async def stop(self) -> None:
-        """Stop serving the bakes (before the VMs under them close)."""
+        """Stop serving the bakes (before the VMs under them close), close the store."""
         for name in list(self.bakes):
             await self._unexport(name)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.close)
+            self._store = None
+
+    @property
+    def store(self) -> ChunkStore:
+        if self._store is None:
+            raise ConfigError(f"agent {self.agent!r}: bakes used before start")
+        return self._store
 
     # --- names and exports --------------------------------------------------------------
 
@@ -220,7 +272,26 @@ class BakeManager:
         return os.path.join(self.dir, name)
 
     def _state_path(self, name: str) -> str:
+        """A state file as older agents kept it (imported into the store at start)."""
         return os.path.join(self._bake_dir(name), "state")
+
+    @staticmethod
+    def _recipe(name: str) -> str:
+        return f"{_RECIPE_PREFIX}{name}/state"
+
+    @staticmethod
+    def _bake_of(recipe: str) -> str:
+        return recipe[len(_RECIPE_PREFIX):].split("/", 1)[0]
+
+    async def _store_state(self, name: str, path: str) -> None:
+        """Import a saved state file as the bake's recipe (durable when this returns),
+        then delete the file. A recipe left by a crashed bake of the same name is
+        replaced: nothing acknowledged it."""
+        manifest = await asyncio.to_thread(self.store.import_file, self._recipe(name), path,
+                                           self.store_chunk_bytes, replace=True)
+        os.unlink(path)
+        log.info("bake %r: state of %d bytes stored as %d chunks in the host store", name,
+                 manifest.size, len(manifest.data_digests))
 
     @staticmethod
     def _vm_name(name: str) -> str:
@@ -251,7 +322,7 @@ class BakeManager:
         # Its VM stays as it is while the bake is served: a destroy, a snapshot, a guest
         # or a copy of it are refused (``Vm.check_idle``) until the bake is removed.
         self.vms.get(record.vm).operation = f"serving bake {record.name!r}"
-        state = FileDevice(self._state_path(record.name), read_only=True)
+        state = RecipeDevice(self.store, self._recipe(record.name))
         await state.open()
         self._states[record.name] = state
         self.relays.server.add_export(Export(state_export, state,
@@ -318,6 +389,7 @@ class BakeManager:
         os.makedirs(tmp)
         vm: Vm | None = None
         record: BakeRecord | None = None
+        stored = False
         try:
             vm = await self.vms.create(vm_name, request.image)
             vm = await self.vms.start_guest(vm_name, request.guest, accel=request.accel)
@@ -330,6 +402,8 @@ class BakeManager:
             # disk the saved memory expects.
             await self.vms.snapshot(vm_name, BAKED_SNAPSHOT)
             state_bytes = await self._save_state(monitor, os.path.join(tmp, "state"))
+            stored = True
+            await self._store_state(name, os.path.join(tmp, "state"))
             accel = guest.accel.value if guest.accel is not None else "tcg"
             await self.vms.stop_guest(vm_name)
             record = BakeRecord(name, request.image, vm_name, request.guest.to_dict(), accel,
@@ -365,6 +439,8 @@ class BakeManager:
             remove_tree(tmp)
             if record is not None:
                 remove_tree(self._bake_dir(name))
+            if stored:
+                await self._forget_state(name)
             log.warning("bake %r failed after %.1f s, nothing kept: %s", name,
                         time.monotonic() - began,
                         err if isinstance(err, VirtmanError) else repr(err))
@@ -399,7 +475,8 @@ class BakeManager:
         return "console ends " + repr(text.strip()[-200:])
 
     async def _save_state(self, monitor: Monitor, path: str) -> int:
-        """QEMU's state into ``path`` (fsynced, padded to whole sectors); its length."""
+        """QEMU's state into ``path`` (padded to whole sectors); its length. Not fsynced:
+        the file only lives until it is imported into the store, which makes it durable."""
         # exec: and a path of the agent's own data directory, quoted: QEMU 7.2 has no
         # file: URI, and passing an fd over QMP needs the socket beneath qemu.qmp.
         done = await monitor.migrate(f"exec:cat > {shlex.quote(path)}")
@@ -409,7 +486,6 @@ class BakeManager:
             if length == 0:
                 raise GuestControlError(monitor.guest, "migrate", f"no state written: {done}")
             os.ftruncate(fd, -(-length // _STATE_ALIGN) * _STATE_ALIGN)
-            os.fsync(fd)
         finally:
             os.close(fd)
         return length
@@ -426,7 +502,15 @@ class BakeManager:
             await self.vms.destroy(record.vm)
         remove_tree(self._bake_dir(name))
         fsync_dir(self.dir)
+        await self._forget_state(name)
         log.info("bake %r removed", name)
+
+    async def _forget_state(self, name: str) -> None:
+        """Remove a bake's recipe and give its chunks' space back at once: the store
+        holds bakes only, and an operator removing a bake expects its bytes to go."""
+        with contextlib.suppress(NotFound):
+            await asyncio.to_thread(self.store.remove, self._recipe(name))
+        await asyncio.to_thread(self.store.collect)
 
     # --- resume -------------------------------------------------------------------------
 

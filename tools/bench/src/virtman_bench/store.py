@@ -9,11 +9,17 @@ bake's bytes). Every file is then read back from the store and compared.
 
     virtman bench store STATE-1CPU STATE-2CPU STATE-4CPU        # real files
     virtman bench store --generate 4 --image-size 64M --change 3 # no inputs
+    virtman bench store --bakes --bake-cpus 1,2,4 --bake-memory 384,512 [--format ramfile]
 
 Without files it generates its own: a base image (a quarter zero chunks, the rest
 compressible text-like or incompressible data) and versions of it that each change
 ``--change`` percent of its chunks; ``--shifted`` adds a copy of the base with 16 bytes
 inserted at its start, which shows what fixed-size chunking cannot deduplicate.
+
+``--bakes`` makes the files with real QEMU (``storebakes``): bakes of the test guest at
+each CPU count (one boot per memory size, CPUs hot-plugged between bakes), saved as the
+agent saves them (``--format stream``) or with RAM page-aligned in a file
+(``--format ramfile``: device state and RAM file are imported as two recipes per bake).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Any
 
 from virtman.blockdev.chunkstore import ChunkStore
@@ -35,6 +42,7 @@ from virtman.errors import ConfigError
 from virtman.limits import DEFAULT_CHUNK_SIZE, STORE_COMPRESSION_LEVEL
 from virtman.sizes import format_size, parse_size
 from virtman_bench.results import machine
+from virtman_bench.storebakes import make_bakes
 
 #: Share of a generated image's chunks that are zeros, compressible, incompressible.
 ZERO_SHARE = 0.25
@@ -57,6 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shifted", action="store_true",
                    help="also generate the base shifted by 16 bytes")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--bakes", action="store_true",
+                   help="make the files: bakes of the test guest with QEMU (TCG)")
+    p.add_argument("--bake-cpus", default="1,2,4", metavar="N,N,...",
+                   help="with --bakes: one bake per CPU count, from one boot (default %(default)s)")
+    p.add_argument("--bake-memory", default="384", metavar="MIB,MIB,...",
+                   help="with --bakes: one boot per memory size in MiB (default %(default)s)")
+    p.add_argument("--format", default="stream", choices=("stream", "ramfile"),
+                   help="with --bakes: the migration stream as the agent saves it, or RAM "
+                        "page-aligned in a file plus the device state (default %(default)s)")
+    p.add_argument("--check-resume", action="store_true",
+                   help="with --bakes --format ramfile: resume each boot's last bake from "
+                        "a private mapping of its RAM file and check the guest counts on")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="where the store (and generated files) go; removed afterwards")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures here")
@@ -72,25 +92,61 @@ def run(args: argparse.Namespace) -> int:
         for path in files:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path} is not a file")
-        if not files:
+        checks: list[Any] = []
+        ends: dict[tuple[int, int], int] = {}
+        if args.bakes:
+            if files:
+                raise ConfigError("--bakes makes its own files: give none")
+            made, checks = make_bakes(work, _ints(args.bake_memory, "--bake-memory"),
+                                      _ints(args.bake_cpus, "--bake-cpus"), args.format,
+                                      args.check_resume)
+            files = [b.path for b in made]
+            # A ramfile bake is two files: the figures per bake are after its last one.
+            ends = {(b.memory_mib, b.cpus): i for i, b in enumerate(made)}
+        elif not files:
             files = generate(work, parse_size(args.image_size), chunk_size, args.generate,
                              args.change, args.shifted, args.seed)
         doc = measure(os.path.join(work, "store"), files, chunk_size, args.level)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc["command"] = shlex.join(["virtman", "bench", "store", *sys.argv[3:]])
-    doc["settings"]["generated"] = not args.files
-    if not args.files:
+    doc["settings"]["generated"] = not args.files and not args.bakes
+    if args.bakes:
+        doc["settings"].update(bakes=args.format, bake_cpus=args.bake_cpus,
+                               bake_memory=args.bake_memory)
+        doc["resume_checks"] = [asdict(c) for c in checks]
+        doc["bakes"] = [{"memory_mib": m, "cpus": n,
+                         "disk_bytes": doc["runs"][i]["disk_bytes"]}
+                        for (m, n), i in sorted(ends.items(), key=lambda kv: kv[1])]
+    elif not args.files:
         doc["settings"].update(image_size=parse_size(args.image_size), change_percent=args.change,
                                seed=args.seed)
     print_table(doc)
+    if doc.get("bakes"):
+        first = doc["bakes"][0]["disk_bytes"]
+        for n, b in enumerate(doc["bakes"], 1):
+            print(f"after bake {n} ({b['memory_mib']} MiB, {b['cpus']} CPUs): "
+                  f"{format_size(b['disk_bytes'])} on disk, {b['disk_bytes'] / first:.2f}x "
+                  f"one bake")
+    for c in checks:
+        print(f"resume of the {c.memory_mib} MiB, {c.cpus}-CPU bake from a private mapping "
+              f"of its RAM file: last baked tick {c.last_baked_tick}, first resumed tick "
+              f"{c.first_resumed_tick}: {'goes on' if c.ok else 'FAILED ' + c.error}")
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=2)
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
-    return 0 if all(r["verified"] for r in doc["runs"]) else 1
+    ok = all(r["verified"] for r in doc["runs"]) and all(c.ok for c in checks)
+    return 0 if ok else 1
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: numbers separated by commas") from None
 
 
 def measure(root: str, files: list[str], chunk_size: int, level: int) -> dict[str, Any]:
