@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require
+from guestworld import guest_cluster, make_guest_image
 
 from virtman.agent.bakes import BakeManager, BakeRecord
 from virtman.agent.relays import RelayManager
@@ -27,7 +27,7 @@ from virtman.coordinator.models import BakeCreate
 from virtman.coordinator.state import VoltState
 from virtman.coordinator.volt import Volt
 from virtman.errors import ApiError, ConfigError, Conflict, NotFound
-from virtman.hypervisor.testimage import MARKER, TICK, GuestImage, build_test_image
+from virtman.hypervisor.testimage import MARKER, TICK, GuestImage
 from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS
 from virtman.nbd.server import NbdServer
 
@@ -48,25 +48,15 @@ TICK_LINE = re.compile(rf"{TICK} (\d+) cpus=(\S+) MemTotal:\s+(\d+) kB")
 
 @pytest.fixture(scope="module")
 def test_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
-    require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
-    return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
+    return make_guest_image(tmp_path_factory)
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
+    async with guest_cluster(tmp_path / "cluster", test_image, ClusterSettings(
         hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=256 * 1024,
-        accel="tcg"))
-    try:
-        async with asyncio.timeout(SETUP_SECONDS):
-            await c.start_origin(test_image.image)
-            await c.start_volt()
-            for host in c.host_names():
-                await c.start_agent(host)
-            await c.register_image("guest")
+        accel="tcg")) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def disk_bytes(root: Path) -> tuple[int, int]:

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import require
+from guestworld import guest_cluster, make_guest_image
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
-from virtman.hypervisor.testimage import MARKER, GuestImage, build_test_image
+from virtman.hypervisor.testimage import MARKER, GuestImage
 from virtman.replay.trace import parse_trace
 
 #: Seconds the cluster gets to start (processes, image registration).
@@ -44,27 +44,17 @@ class Budget:
 
 @pytest.fixture(scope="module")
 def test_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
-    require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
-    return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
+    return make_guest_image(tmp_path_factory)
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[LocalCluster]:
     # --accel auto (the default): the agents probe the real QEMU with the guests' kernel,
     # keeping the verdict in this test's own directory.
-    c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
+    async with guest_cluster(tmp_path / "cluster", test_image, ClusterSettings(
         hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=64 * 1024,
-        accel_cache=str(tmp_path / "accel.json")))
-    try:
-        async with asyncio.timeout(SETUP_SECONDS):
-            await c.start_origin(test_image.image)
-            await c.start_volt()
-            for host in c.host_names():
-                await c.start_agent(host)
-            await c.register_image("guest")
+        accel_cache=str(tmp_path / "accel.json"))) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 async def wait_guests_done(cluster: LocalCluster, vms: dict[str, str], budget: Budget) -> None:

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import require
+from guestworld import guest_cluster, make_guest_image
 
 from virtman.cluster.local import ClusterSettings, LocalCluster
 from virtman.errors import ApiError, VirtmanError
 from virtman.httpapi import Credentials
 from virtman.hypervisor.qmp import Monitor
-from virtman.hypervisor.testimage import TICK, GuestImage, build_test_image
+from virtman.hypervisor.testimage import TICK, GuestImage
 
 SETUP_SECONDS = 60
 #: Two TCG guests booting and counting on two busy cores, one migration each.
@@ -35,25 +35,15 @@ TICK_RE = re.compile(rf"{TICK} (\d+)")
 
 @pytest.fixture(scope="module")
 def test_image(tmp_path_factory: pytest.TempPathFactory) -> GuestImage:
-    require("qemu-system-x86_64", "mkfs.ext4", "debugfs", "nbdcopy")
-    return build_test_image(str(tmp_path_factory.mktemp("guest-image")))
+    return make_guest_image(tmp_path_factory)
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path, test_image: GuestImage) -> AsyncIterator[LocalCluster]:
-    c = LocalCluster(str(tmp_path / "cluster"), ClusterSettings(
+    async with guest_cluster(tmp_path / "cluster", test_image, ClusterSettings(
         hosts=2, heartbeat_interval=0.5, heartbeat_timeout=2.0, chunk_size=64 * 1024,
-        accel="tcg"))
-    try:
-        async with asyncio.timeout(SETUP_SECONDS):
-            await c.start_origin(test_image.image)
-            await c.start_volt()
-            for host in c.host_names():
-                await c.start_agent(host)
-            await c.register_image("guest")
+        accel="tcg")) as c:
         yield c
-    finally:
-        await c.stop()
 
 
 def ticks(text: str) -> list[int]:
