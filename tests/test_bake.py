@@ -28,7 +28,6 @@ from virtman.coordinator.state import VoltState
 from virtman.coordinator.volt import Volt
 from virtman.errors import ApiError, ConfigError, Conflict, NotFound
 from virtman.hypervisor.testimage import MARKER, TICK, GuestImage
-from virtman.limits import BAKE_CREATE_TIMEOUT_SECONDS
 from virtman.nbd.server import NbdServer
 
 #: Seconds the cluster gets to start (processes, image registration).
@@ -99,14 +98,13 @@ async def test_bake_then_resume_on_two_agents(cluster: LocalCluster,
     c = cluster
     h0, h1 = c.host_names()
     async with asyncio.timeout(BODY_SECONDS):
-        async with c.api(c.agents[h0].url, timeout=BAKE_CREATE_TIMEOUT_SECONDS) as api:
-            baked = await api.post("/bakes", json={
-                "name": "uvm", "image": "guest", "accel": "tcg",
-                "ready_marker": rf"{TICK} 3 ",
-                "guest": {"kernel": test_image.kernel, "initrd": test_image.initrd,
-                          "append": test_image.append("uvm", loop=True),
-                          "memory_mib": MEMORY_MIB, "max_cpus": MAX_CPUS,
-                          "max_memory_mib": MAX_MEMORY_MIB}})
+        # Through the CLI, as the README shows it.
+        baked = json.loads(await virtman(
+            c, "bake", "create", "uvm", "--image", "guest", "--accel", "tcg",
+            "--ready-marker", rf"{TICK} 3 ", "--kernel", test_image.kernel,
+            "--initrd", test_image.initrd, "--append", test_image.append("uvm", loop=True),
+            "--memory", str(MEMORY_MIB), "--max-cpus", str(MAX_CPUS),
+            "--max-memory", str(MAX_MEMORY_MIB), "--agent", c.agents[h0].url))
         assert baked["state_bytes"] > 0 and baked["accel"] == "tcg"
         async with c.api(c.volt_url) as api:
             record = await api.get("/bakes/uvm")
