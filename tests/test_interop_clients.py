@@ -347,3 +347,31 @@ def test_flushed_writes_survive_sigkill_of_the_overlay_server(serve, tmp_path: P
     ov.stop(signal.SIGKILL)  # no clean shutdown: only what FLUSH made durable counts
     ov2 = serve("serve", "--base", base.uri, "--overlay", str(overlay_file), export="vm")
     assert nbdcopy(ov2.uri, tmp_path / "after.img") == _apply(base_data, flushed)
+
+
+async def test_an_unlisted_export_is_served_but_not_listed(tmp_path: Path) -> None:
+    """A migrating VM's disk is exported under a name only its destination is told:
+    ``NBD_OPT_LIST`` must not give that name away, and the name must still open it."""
+    import asyncio
+
+    from virtman.blockdev import MemoryDevice
+    from virtman.nbd.server import Export, NbdServer
+
+    public, secret = MemoryDevice(data=b"p" * 65536), MemoryDevice(data=b"s" * 65536)
+    for device in (public, secret):
+        await device.open()
+    server = NbdServer([Export("public", public), Export("migrate-vm-1f2e", secret,
+                                                         listed=False)])
+    sock = tmp_path / "x.sock"
+    await server.listen_unix(str(sock))
+    try:
+        listing = await asyncio.to_thread(run, "nbdinfo", "--list", f"nbd+unix://?socket={sock}")
+        assert 'export="public"' in listing
+        assert "migrate-vm-1f2e" not in listing
+        info = json.loads(await asyncio.to_thread(
+            run, "nbdinfo", "--json", f"nbd+unix:///migrate-vm-1f2e?socket={sock}"))
+        assert info["exports"][0]["export-size"] == 65536
+    finally:
+        await server.stop()
+        for device in (public, secret):
+            await device.close()

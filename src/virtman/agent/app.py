@@ -330,8 +330,6 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
             raise ConfigError(f"copy stream refused: {err}") from err
         return VmInfo.model_validate(vm.info())
 
-    _agent = Depends(require(Role.AGENT))  # a live migration's source agent
-
     @app.post("/vms/incoming", status_code=201, responses=errors)
     async def incoming(body: IncomingRequest, principal: AgentCaller) -> dict[str, Any]:
         check_acting_as(principal, body.source_agent)  # its snapshot names the source
@@ -342,17 +340,27 @@ def create_app(agent: Agent, *, authenticator: Authenticator) -> FastAPI:
         return await agent.vms.incoming_open(body.name, body.image, body.source_uri,
                                              body.source_agent, guest, Accel(body.accel))
 
-    @app.post("/vms/incoming/{name}/switch", responses=errors, dependencies=[_agent])
-    async def incoming_switch(name: Name, body: IncomingSwitch) -> dict[str, Any]:
+    def from_its_source(name: str, principal: Principal) -> None:
+        """Only the agent a VM arrives from may switch, confirm or give up its arrival:
+        another agent could otherwise hand the running guest a wrong disk."""
+        source = agent.vms.incoming_source(name)
+        if source is not None:
+            check_acting_as(principal, source)
+
+    @app.post("/vms/incoming/{name}/switch", responses=errors)
+    async def incoming_switch(name: Name, body: IncomingSwitch,
+                              principal: AgentCaller) -> dict[str, Any]:
+        from_its_source(name, principal)
         return await agent.vms.incoming_switch(name, body.runs)
 
-    @app.post("/vms/incoming/{name}/confirm", responses=errors, dependencies=[_agent])
-    async def incoming_confirm(name: Name) -> dict[str, Any]:
+    @app.post("/vms/incoming/{name}/confirm", responses=errors)
+    async def incoming_confirm(name: Name, principal: AgentCaller) -> dict[str, Any]:
+        from_its_source(name, principal)
         return await agent.vms.incoming_confirm(name)
 
-    @app.delete("/vms/incoming/{name}", status_code=204, responses=errors,
-                dependencies=[_agent])
-    async def incoming_abort(name: Name) -> None:
+    @app.delete("/vms/incoming/{name}", status_code=204, responses=errors)
+    async def incoming_abort(name: Name, principal: AgentCaller) -> None:
+        from_its_source(name, principal)
         await agent.vms.incoming_abort(name)
 
     @app.post("/bakes", status_code=201, responses=errors, dependencies=[_OPERATOR])

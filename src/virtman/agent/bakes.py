@@ -220,7 +220,7 @@ class BakeManager:
 
     async def start(self) -> None:
         """Serve every bake made before (after ``VmManager.start`` reopened their VMs)."""
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)  # bakes hold guests' memory
         self._store = await asyncio.to_thread(ChunkStore.open, self.store_dir,
                                               capacity=self.store_capacity)
         kept: set[str] = set()
@@ -386,7 +386,7 @@ class BakeManager:
         began = time.monotonic()
         vm_name = self._vm_name(name)
         tmp = os.path.join(self.dir, f".{name}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp)
+        os.makedirs(tmp, mode=0o700)  # it will hold a guest's memory
         vm: Vm | None = None
         record: BakeRecord | None = None
         stored = False
@@ -479,6 +479,9 @@ class BakeManager:
         the file only lives until it is imported into the store, which makes it durable."""
         # exec: and a path of the agent's own data directory, quoted: QEMU 7.2 has no
         # file: URI, and passing an fd over QMP needs the socket beneath qemu.qmp.
+        # The file holds the guest's memory: it is made 0600 before QEMU writes it
+        # (``cat >`` truncates it and keeps its mode, whatever the umask).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         done = await monitor.migrate(f"exec:cat > {shlex.quote(path)}")
         fd = os.open(path, os.O_WRONLY)
         try:

@@ -65,7 +65,14 @@ from virtman.blockdev.prefetch import RecordingDevice
 from virtman.blockdev.pull import PullDevice, ReadOnlyView
 from virtman.blockdev.remote import RemoteDevice
 from virtman.durable import fsync_dir
-from virtman.errors import ApiError, Conflict, GuestControlError, NotFound, VirtmanError
+from virtman.errors import (
+    ApiError,
+    ConfigError,
+    Conflict,
+    GuestControlError,
+    NotFound,
+    VirtmanError,
+)
 from virtman.httpapi import ApiClient, Credentials
 from virtman.hypervisor.qemu import (
     Accel,
@@ -77,7 +84,7 @@ from virtman.hypervisor.qemu import (
 )
 from virtman.limits import GUEST_CONSOLE_POLL_SECONDS, MIGRATION_POLL_SECONDS, PROFILE_ASK_SECONDS
 from virtman.nbd.server import Export
-from virtman.protocol.uri import NbdAddress
+from virtman.protocol.uri import NbdAddress, parse_nbd_uri
 
 log = logging.getLogger(__name__)
 
@@ -625,7 +632,8 @@ class VmManager:
         vm.operation = f"{what} to {destination}"
         export = f"migrate-{name}-{uuid.uuid4().hex}"  # only the destination learns it
         self.relays.server.add_export(
-            Export(export, ReadOnlyView(vm.top), f"VM {name} migrating to {destination}")
+            Export(export, ReadOnlyView(vm.top), f"VM {name} migrating to {destination}",
+                   listed=False)
         )
         source_uri = NbdAddress(export=export, host=self.relays.nbd_host,
                                 port=self.relays.nbd_port, tls=self.relays.tls is not None).uri()
@@ -635,6 +643,7 @@ class VmManager:
         api = self.credentials.api(url, timeout=limits.idle_timeout)
         incoming = f"/vms/incoming/{name}"
         tls_id: str | None = None
+        switched = False
         try:
             doc = await api.post("/vms/incoming", json={
                 "name": name, "image": vm.record.image, "source_uri": source_uri,
@@ -673,10 +682,24 @@ class VmManager:
                 await monitor.resume()
                 report.measured_pause_seconds = time.monotonic() - last_running
             switch = await api.post(f"{incoming}/switch", json={"runs": runs})
+            switched = True
             if not keep:
                 report.measured_pause_seconds = time.monotonic() - last_running
             confirm = await api.post(f"{incoming}/confirm", timeout=limits.total_timeout)
         except BaseException as err:
+            if switched and not keep:
+                # The guest runs at the destination now, pulling from this export: the
+                # copy here must neither run again (two guests on two disks) nor stop
+                # serving. It stays paused, exported, for an operator to settle.
+                await api.close()
+                vm.operation = None
+                log.critical("VM %r: moved to %s, which runs it, but did not confirm (%s); "
+                             "the paused copy here and its export %r are kept: destroy "
+                             "this VM once %s holds all of it", name, destination,
+                             err if isinstance(err, VirtmanError) else repr(err), export,
+                             destination)
+                raise Conflict(f"VM {name!r} runs at {destination} but its move was not "
+                               f"confirmed ({err}); the paused copy here is kept") from err
             await self._migration_undo(vm, api, incoming, tls_id)
             await api.close()
             self.relays.server.remove_export(export)
@@ -742,7 +765,18 @@ class VmManager:
     async def incoming_open(self, name: str, image: str, source_uri: str, source_agent: str,
                             guest: GuestConfig, accel: Accel) -> dict[str, Any]:
         """Make VM ``name`` to receive a running guest: its disk pulls the source's
-        blocks, its QEMU waits for its memory. The TCP URI QEMU waits on."""
+        blocks, its QEMU waits for its memory. The TCP URI QEMU waits on.
+
+        ``source_uri`` must be a source agent's TCP export of a migrating disk: this
+        agent opens it with its own credentials, so a caller must not make it read one
+        of its own sockets or exports (``ConfigError`` otherwise)."""
+        source = parse_nbd_uri(source_uri)
+        if source.is_unix or not source.export.startswith("migrate-"):
+            raise ConfigError(f"source_uri {source_uri!r} is not a migrating disk's export "
+                              "on another agent (nbd[s]://HOST:PORT/migrate-…)")
+        if source.tls != (self.relays.tls is not None):
+            raise ConfigError(f"source_uri {source_uri!r}: this cluster "
+                              f"{'uses' if self.relays.tls else 'does not use'} TLS")
         async with self._lock:
             if name in self.vms:
                 raise Conflict(f"a VM named {name!r} already exists on agent {self.agent!r}")
@@ -802,6 +836,11 @@ class VmManager:
                         inc.vm.name)
             await self.incoming_abort(inc.vm.name)
 
+    def incoming_source(self, name: str) -> str | None:
+        """The agent VM ``name`` arrives from; None when nothing arrives by that name."""
+        inc = self._incoming.get(name)
+        return inc.source_agent if inc is not None else None
+
     def _incoming_of(self, name: str) -> Incoming:
         try:
             return self._incoming[name]
@@ -816,12 +855,15 @@ class VmManager:
         assert guest is not None and guest.monitor is not None
         async with asyncio.timeout(self.copy_limits.idle_timeout):
             await guest.monitor.wait_incoming()
-            status = await guest.monitor.status()
-        if status != "running":
-            await guest.monitor.resume()
-            status = await guest.monitor.status()
+        if self._incoming.get(name) is not inc:  # given up while the state loaded
+            raise Conflict(f"VM {name!r}: its arrival was given up during the switchover")
+        # The disk learns what the source wrote before the guest runs here (QEMU waits
+        # paused, -S, until this cont): its first reads already know what to pull.
         to_pull = inc.pull.switch(merge_runs([(int(o), int(n)) for o, n in runs]))
         inc.switched = True
+        if await guest.monitor.status() != "running":
+            await guest.monitor.resume()
+        status = await guest.monitor.status()
         inc.task = asyncio.get_running_loop().create_task(
             inc.pull.pull_all(self.copy_limits.record_bytes), name=f"pull of VM {name!r}")
         inc.task.add_done_callback(lambda task: _log_pull_end(name, task))

@@ -404,8 +404,11 @@ class ChunkStore:
         return self.put_many([data])[0]
 
     @_locked
-    def put_many(self, chunks: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
-        """Store several chunks with one directory sync and one index commit."""
+    def put_many(self, chunks: Sequence[bytes | bytearray | memoryview], *,
+                 pin: bool = False) -> list[bytes]:
+        """Store several chunks with one directory sync and one index commit. ``pin``:
+        also pin them (see ``pin``) before the lock is let go, so no eviction in
+        between can take one that was found already held."""
         self._check_open("put")
         digests = [hashlib.sha256(c).digest() for c in chunks]
         new: dict[bytes, bytes] = {}
@@ -425,6 +428,8 @@ class ChunkStore:
                 self._add_blobs(new, {d: len(c) for d, c in zip(digests, chunks, strict=True)})
             finally:
                 self.unpin(digests)
+        if pin:
+            self.pin(digests)
         return digests
 
     @_locked
@@ -893,11 +898,10 @@ class RecipeWriter:
 
     def _flush(self) -> None:
         if self._batch:
-            digests = self.store.put_many(self._batch)
+            digests = self.store.put_many(self._batch, pin=True)
             self._batch.clear()
             self._digests += digests
             self._pinned += digests
-            self.store.pin(digests)
 
     def commit(self) -> Manifest:
         """Make the last chunks durable and record the recipe; return its manifest."""

@@ -499,9 +499,10 @@ def qemu_argv(
 
     ``qmp_socket``: where QEMU listens for its monitor. ``incoming``: the guest does not
     boot but waits for its state (``-incoming defer``; the monitor then says from where,
-    see ``Monitor.incoming``). Every guest has a ``vmgenid`` device: a guest resumed from
-    a saved state gets a fresh generation ID, so clones of one state reseed their random
-    number generators (the ID is not part of the migrated state).
+    see ``Monitor.incoming``), and stays paused once it is loaded until ``cont``. Every
+    guest has a ``vmgenid`` device: a guest resumed from a saved state gets a fresh
+    generation ID, so clones of one state reseed their random number generators (the ID
+    is not part of the migrated state).
     """
     if accel is Accel.AUTO:
         raise ConfigError("resolve Accel.AUTO to KVM or TCG before building a command line")
@@ -535,7 +536,10 @@ def qemu_argv(
     if qmp_socket is not None:
         argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
     if incoming:
-        argv += ["-incoming", "defer"]
+        # -S: stay paused once the state is loaded. Whoever loads it decides when the
+        # guest runs: a live migration's destination only after the source has handed
+        # over (its switchover), or two copies of one guest could run.
+        argv += ["-incoming", "defer", "-S"]
     if accel is Accel.KVM:
         argv += ["-cpu", "host"]
     if cfg.kernel:

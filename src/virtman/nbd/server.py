@@ -159,6 +159,10 @@ class Export:
     name: str
     device: Device
     description: str = ""
+    #: Shown by ``NBD_OPT_LIST``. False for an export whose name is its only secret
+    #: among clients the server admits (a migrating VM's disk: only its destination
+    #: is told the name).
+    listed: bool = True
 
     def info(self, max_payload: int) -> ExportInfo:
         flags = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
@@ -287,7 +291,7 @@ class NbdServer:
         return export.info(self.max_payload)
 
     def _names(self) -> list[str]:
-        return sorted(self.exports)
+        return sorted(name for name, export in self.exports.items() if export.listed)
 
     # --- connections ----------------------------------------------------------------------
 
