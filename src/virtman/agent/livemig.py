@@ -17,8 +17,8 @@ the source, and ``VmManager.incoming_*``, the destination):
    ``downtime``). QEMU flushes the guest's disk before it completes, so from then on
    the source's disk is final.
 3. The source sends its written ranges (``POST /vms/incoming/NAME/switch``): the
-   destination, whose guest already runs, from now on keeps what it reads from the
-   source and pulls the rest in the background. The source measures its own pause:
+   destination learns what to pull, starts its guest (waiting paused until now), from
+   now on keeps what it reads from the source and pulls the rest in the background. The source measures its own pause:
    from the last poll that saw its guest running to the destination's answer.
 4. ``POST /vms/incoming/NAME/confirm`` returns once every written block is at the
    destination and its VM is one of its VMs (flushed, renamed out of its imports). Only
@@ -28,10 +28,10 @@ the source, and ``VmManager.incoming_*``, the destination):
 Any failure before the confirmation: the source cancels the migration, resumes its
 guest if it is paused, withdraws its export and asks the destination to remove the
 half-made VM (``DELETE /vms/incoming/NAME``; a dead destination has nothing to remove,
-and its next start removes its unfinished imports). One case is left open: the destination
-confirmed but its answer was lost. The source then resumes its guest as after any
-failure and, when the destination cannot be reached to remove its copy, logs that both
-may run (docs/guests.md, "Live migration").
+and its next start removes its unfinished imports). After the switchover the guest runs at
+the destination (its QEMU waited paused, ``-S``, until then), so a source whose
+confirmation fails from then on keeps its copy paused and its export up, and never runs
+it again: no failure makes two copies run (docs/guests.md, "Live migration").
 
 Memory goes over TLS when the cluster has TLS: QEMU's ``tls-creds-x509`` reads a
 directory of PEM files named for their role (``ca-cert.pem``, ``server-cert.pem``,
