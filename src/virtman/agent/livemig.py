@@ -18,8 +18,9 @@ the source, and ``VmManager.incoming_*``, the destination):
    the source's disk is final.
 3. The source sends its written ranges (``POST /vms/incoming/NAME/switch``): the
    destination learns what to pull, starts its guest (waiting paused until now), from
-   now on keeps what it reads from the source and pulls the rest in the background. The source measures its own pause:
-   from the last poll that saw its guest running to the destination's answer.
+   now on keeps what it reads from the source and pulls the rest in the background.
+   The source measures its own pause: from the last poll that saw its guest running
+   to the destination's answer.
 4. ``POST /vms/incoming/NAME/confirm`` returns once every written block is at the
    destination and its VM is one of its VMs (flushed, renamed out of its imports). Only
    then does the source remove its VM: the source keeps serving until the destination
